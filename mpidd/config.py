@@ -1,0 +1,115 @@
+"""Command line and config file of mpidd.train. No MPI.
+
+Every option is a flag; `--config FILE` (TOML, or the JSON config.json of an earlier run)
+supplies the same keys (hyphens or underscores). Command line beats file beats defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+
+DEMO_DATA = "data/fashion_mnist.h5"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def hidden_sizes(text) -> tuple[int, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(int(h) for h in text)
+    text = str(text).strip()
+    return tuple(int(h) for h in text.split(",") if h.strip()) if text not in ("", "none") else ()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mpidd.train",
+        description="Two-level CNN-DNN training by domain decomposition on MPI: one local CNN per "
+                    "subimage (one rank each, no communication), an MPI Gatherv of the local class "
+                    "probabilities, and a coarse DNN on rank 0. Launch with "
+                    "`mpirun -n P python -m mpidd.train ...`, P <= number of subdomains.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="TOML (or config.json) file with the same keys as these flags")
+    g = p.add_argument_group("data and decomposition")
+    g.add_argument("--data", default=DEMO_DATA, help="HDF5 file in the mpidd layout (data_prep writes it)")
+    g.add_argument("--grid", default="2x2", help="subdomain grid AxB (AxBxC for volumes)")
+    g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
+    g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", choices=("twolevel", "global", "both"), default="both",
+                   help="twolevel: local CNNs + combiners; global: the global CNN baseline on whole "
+                        "images (on rank 0); both: twolevel, then the global CNN for comparison")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
+    g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
+    g = p.add_argument_group("CNN family (VGG-type)")
+    g.add_argument("--width", type=int, default=32, help="channels of the first block of the global CNN")
+    g.add_argument("--depth", type=int, default=2, help="number of conv blocks (each ends in a max-pool)")
+    g.add_argument("--convs-per-block", type=int, default=2, help="3x3 conv layers per block")
+    g.add_argument("--hidden", type=int, default=128, help="dense layer width of the global CNN head")
+    g.add_argument("--head-pool", type=int, default=3, help="adaptive pool size before the dense head")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    g.add_argument("--width-factor", type=float, default=None,
+                   help="width factor of the local CNNs (default: chosen so a local CNN has about "
+                        "1/N of the global CNN's parameters)")
+    g = p.add_argument_group("optimisation (local and global CNNs)")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
+                   help="learning rate schedule, per step")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size of inference and evaluation")
+    g = p.add_argument_group("coarse DNN (rank 0)")
+    g.add_argument("--coarse-hidden", default="64,64", help="hidden layer widths, comma separated")
+    g.add_argument("--coarse-dropout", type=float, default=0.0)
+    g.add_argument("--coarse-epochs", type=int, default=10, help="epochs; the best on val is kept")
+    g.add_argument("--coarse-lr", type=float, default=3e-3)
+    g.add_argument("--coarse-batch-size", type=int, default=512)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: cores on the node / ranks on the node)")
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="progress line every this many batches of the global CNN (0: per epoch)")
+    return p
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            data = json.load(f) if path.endswith(".json") else tomllib.load(f)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Defaults < config file < command line."""
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = load_config_file(pre.config)
+        known = {a.dest for a in parser._actions} - {"help", "config"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.coarse_hidden = hidden_sizes(args.coarse_hidden)
+    for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block",
+                 "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.width_factor is not None and not 0 < args.width_factor <= 4:
+        raise ConfigError(f"--width-factor must be in (0, 4], got {args.width_factor}")
+    return args

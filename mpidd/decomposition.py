@@ -1,0 +1,122 @@
+"""Pure geometry of the image decomposition: no MPI, no torch.
+
+A grid "AxB" (or "AxBxC" for volumes) cuts every image into N = A*B subimages.
+Subdomain i has grid coordinates in C order (row-major: the last axis varies fastest),
+so for 2x2 the subdomains are 0=(top, left), 1=(top, right), 2=(bottom, left), 3=(bottom, right).
+
+Border rule (all subimages have the same shape): along an axis of length L cut into A parts,
+every box has length  s = ceil(L / A) + 2 * overlap  (or L when A == 1, where no overlap is
+added). Box a nominally starts at round(a * L / A) - overlap and is shifted inwards until it
+lies inside the image, so boxes at the border reach `2 * overlap` further into the interior
+instead of sticking out. Without overlap and with A dividing L the boxes tile the image.
+A grid or overlap is refused when s > L; the largest overlap is (L - ceil(L / A)) // 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class DecompositionError(ValueError):
+    """A grid or overlap that does not fit the image."""
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    """'2x2' -> (2, 2); '4x4x2' -> (4, 4, 2)."""
+    try:
+        grid = tuple(int(p) for p in str(text).lower().split("x"))
+    except ValueError:
+        raise DecompositionError(f"grid {text!r} is not of the form AxB (e.g. 2x2, 4x4)") from None
+    if not grid or any(g < 1 for g in grid):
+        raise DecompositionError(f"grid {text!r}: every factor must be a positive integer")
+    return grid
+
+
+def format_grid(grid) -> str:
+    return "x".join(str(g) for g in grid)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Subdomain boxes of a grid over images of spatial shape `shape` (H, W) or (D, H, W)."""
+
+    shape: tuple[int, ...]
+    grid: tuple[int, ...]
+    overlap: int = 0
+
+    def __post_init__(self):
+        shape, grid, delta = tuple(self.shape), tuple(self.grid), int(self.overlap)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "grid", grid)
+        if len(grid) != len(shape):
+            raise DecompositionError(
+                f"grid {format_grid(grid)} has {len(grid)} factors but the images have "
+                f"{len(shape)} spatial axes {format_grid(shape)}: give one factor per axis")
+        if delta < 0:
+            raise DecompositionError(f"overlap must be >= 0, got {delta}")
+        for axis, (length, parts) in enumerate(zip(shape, grid)):
+            if parts > length:
+                raise DecompositionError(
+                    f"grid {format_grid(grid)} does not fit images of shape {format_grid(shape)}: "
+                    f"axis {axis} has {length} pixels, so at most {length} parts")
+            if parts > 1 and math.ceil(length / parts) + 2 * delta > length:
+                limit = (length - math.ceil(length / parts)) // 2
+                raise DecompositionError(
+                    f"overlap {delta} too large for grid {format_grid(grid)} on images "
+                    f"{format_grid(shape)}: at most {limit} along axis {axis}")
+
+    @property
+    def num_subdomains(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def subimage_shape(self) -> tuple[int, ...]:
+        return tuple(_box_length(L, A, self.overlap) for L, A in zip(self.shape, self.grid))
+
+    def coords(self, index: int) -> tuple[int, ...]:
+        """Grid coordinates of subdomain `index` (C order)."""
+        if not 0 <= index < self.num_subdomains:
+            raise IndexError(f"subdomain {index} out of range 0..{self.num_subdomains - 1}")
+        out = []
+        for parts in reversed(self.grid):
+            out.append(index % parts)
+            index //= parts
+        return tuple(reversed(out))
+
+    def box(self, index: int) -> tuple[tuple[int, int], ...]:
+        """Half-open pixel ranges ((y0, y1), (x0, x1)) of subdomain `index`, overlap included."""
+        return tuple(_box_range(L, A, a, self.overlap)
+                     for L, A, a in zip(self.shape, self.grid, self.coords(index)))
+
+    def slices(self, index: int) -> tuple[slice, ...]:
+        return tuple(slice(lo, hi) for lo, hi in self.box(index))
+
+    def boxes(self) -> list[tuple[tuple[int, int], ...]]:
+        return [self.box(i) for i in range(self.num_subdomains)]
+
+
+def _box_length(length: int, parts: int, delta: int) -> int:
+    return length if parts == 1 else math.ceil(length / parts) + 2 * delta
+
+
+def _box_range(length: int, parts: int, a: int, delta: int) -> tuple[int, int]:
+    size = _box_length(length, parts, delta)
+    if parts == 1:
+        return (0, length)
+    start = round(a * length / parts) - delta
+    start = min(max(start, 0), length - size)
+    return (start, start + size)
+
+
+def subdomains_of_rank(rank: int, size: int, num_subdomains: int) -> list[int]:
+    """Subdomains owned by `rank` of `size` ranks: round robin, rank r takes r, r+P, r+2P, ..."""
+    if size > num_subdomains:
+        raise DecompositionError(
+            f"{size} ranks but only {num_subdomains} subdomains: run with at most "
+            f"{num_subdomains} ranks (mpirun -n {num_subdomains}) or use a finer grid")
+    return list(range(rank, num_subdomains, size))
+
+
+def rank_of_subdomain(index: int, size: int) -> int:
+    return index % size

@@ -1,0 +1,86 @@
+"""The run directory: atomic writes of JSON, checkpoints and metrics. No MPI.
+
+    config.json      resolved configuration (reusable with --config)
+    results.json     accuracies, parameter counts, timings, decomposition, versions
+    metrics.csv      one row per epoch of every model
+    checkpoints/     local_<i>.pt (one per subdomain), coarse_dnn.pt, global.pt
+    logs/rank<r>.log per-rank log
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+
+import torch
+
+METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
+
+
+def atomic_write(path: str, write):
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+RUN_FILES = ("config.json", "results.json", "metrics.csv")
+RUN_DIRS = ("checkpoints", "logs")
+
+
+def prepare(out: str):
+    """Create the run directory; in a reused one (--overwrite) remove what an earlier run wrote,
+    and only that, so no stale checkpoint or result can be mistaken for this run's."""
+    import shutil
+    os.makedirs(out, exist_ok=True)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for name in RUN_DIRS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str, data):
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2, default=_jsonable) + "\n").encode()))
+
+
+def save_checkpoint(path: str, **state):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_metrics(path: str, rows):
+    def write(f):
+        import io
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mpidd",
+    version="0.1.0",
+    description="Domain-decomposition training of image classifiers on MPI (two-level CNN-DNN)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpidd", "mpidd.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "mpi4py>=4.0",
+        "mpich",  # MPI from pip; see README for a site MPI instead
+        "h5py>=3.8",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-mpi>=0.6"]},
+)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny synthetic data sets in the mpidd layout (written by the tests)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mpidd.data import write_dataset  # noqa: E402
+
+
+def make_tiny_dataset(path, n=(192, 64, 64), size=16, num_classes=4, channels=1, dtype="uint8",
+                      seed=0, classes=True, spatial=2):
+    """Class k = a fixed random template plus noise, so every subimage carries class information."""
+    rng = np.random.default_rng(seed)
+    shape = (channels,) + (size,) * spatial
+    templates = rng.random((num_classes,) + shape)
+    splits = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = rng.integers(0, num_classes, count)
+        images = 0.7 * templates[labels] + 0.3 * rng.random((count,) + shape)
+        images = (images * 255).astype(np.uint8) if dtype == "uint8" else images.astype(np.float32)
+        splits[split] = (images, labels)
+    names = [f"class{k}" for k in range(num_classes)] if classes else None
+    return write_dataset(str(path), splits, classes=names)
+
+
+@pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.h5")

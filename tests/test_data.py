@@ -1,0 +1,155 @@
+import gzip
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_tiny_dataset
+from data_prep.fashion_mnist import IDXError, convert, read_idx
+from mpidd.data import DataError, inspect, load_split, read_box, write_dataset
+from mpidd.decomposition import Decomposition
+
+
+class RecordingDataset:
+    """Stands in for an h5py Dataset and records every selection that is read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+def inside(key, box_slices):
+    return all(k.start >= b.start and k.stop <= b.stop for k, b in zip(key[2:], box_slices))
+
+
+@pytest.mark.parametrize("grid,overlap", [((2, 2), 0), ((4, 4), 1), ((1, 4), 2), ((3, 2), 1)])
+def test_read_box_reads_only_the_box_in_blocks(grid, overlap):
+    images = np.random.default_rng(0).integers(0, 255, (1000, 1, 28, 28), dtype=np.uint8)
+    dec = Decomposition((28, 28), grid, overlap)
+    for i in range(dec.num_subdomains):
+        ds = RecordingDataset(images)
+        box = dec.slices(i)
+        out, nbytes = read_box(ds, box, block=300)
+        assert np.array_equal(out, images[(slice(None), slice(None)) + box])
+        assert nbytes == out.nbytes == 1000 * np.prod(dec.subimage_shape)
+        assert len(ds.reads) == 4  # 300 + 300 + 300 + 100 samples
+        assert all(k[0].stop - k[0].start <= 300 for k in ds.reads)
+        assert all(inside(k, box) for k in ds.reads)
+
+
+def test_read_box_refuses_nan(tmp_path):
+    images = np.zeros((10, 1, 8, 8), dtype=np.float32)
+    images[7, 0, 6, 6] = np.nan
+    out, _ = read_box(images, (slice(0, 4), slice(0, 4)))  # the NaN is outside this box
+    assert out.shape == (10, 1, 4, 4)
+    with pytest.raises(DataError, match="image 7 holds NaN"):
+        read_box(images, (slice(4, 8), slice(4, 8)), block=3)
+    images[7, 0, 6, 6] = np.inf
+    with pytest.raises(DataError, match="NaN or inf"):
+        read_box(images, (slice(4, 8), slice(4, 8)))
+
+
+def test_layout_written_and_inspected(tmp_path):
+    path = make_tiny_dataset(tmp_path / "t.h5", n=(20, 8, 8), size=12, num_classes=3)
+    info = inspect(path)
+    assert info.image_shape == (1, 12, 12) and info.num_classes == 3 and info.dtype == "uint8"
+    assert info.sizes == {"train": 20, "val": 8, "test": 8}
+    assert info.classes == ["class0", "class1", "class2"]
+    with h5py.File(path) as f:
+        assert f["train/images"].chunks[2:] == (8, 8)
+        assert f["train/labels"].dtype == np.int64
+        assert f.attrs["layout"] == "NCHW"
+    x, y, nbytes = load_split(path, "val", (slice(0, 6), slice(6, 12)))
+    assert x.shape == (8, 1, 6, 6) and y.shape == (8,) and nbytes == x.nbytes + y.nbytes
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def _rewrite(path, split, name, data):
+    with h5py.File(path, "a") as f:
+        del f[split][name]
+        f[split][name] = data
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: os.remove(p), "does not exist"),
+    (lambda p: open(p, "w").write("not hdf5"), "not a readable HDF5"),
+    (lambda p: h5py.File(p, "a").__delitem__("val"), "group /val is missing"),
+    (lambda p: h5py.File(p, "a")["test"].__delitem__("labels"), "/test/labels is missing"),
+    (lambda p: _rewrite(p, "train", "images", np.zeros((20, 12, 12), np.uint8)), "expected \\(n, C, H, W\\)"),
+    (lambda p: _rewrite(p, "val", "images", np.zeros((8, 1, 10, 10), np.uint8)), "same image shape"),
+    (lambda p: _rewrite(p, "train", "labels", np.full(20, 3, np.int64)), "labels out of range.*3 classes"),
+    (lambda p: _rewrite(p, "train", "labels", np.full(20, -1, np.int64)), "labels out of range"),
+    (lambda p: _rewrite(p, "train", "labels", np.zeros(19, np.int64)), "one label per image"),
+    (lambda p: _rewrite(p, "train", "images", np.zeros((20, 1, 12, 12), np.int32)), "dtype int32"),
+])
+def test_inspect_refuses_bad_files(tmp_path, damage, message):
+    path = make_tiny_dataset(tmp_path / "t.h5", n=(20, 8, 8), size=12, num_classes=3)
+    damage(path)
+    with pytest.raises(DataError, match=message):
+        inspect(path)
+
+
+def test_classes_inferred_from_labels_without_names(tmp_path):
+    path = make_tiny_dataset(tmp_path / "t.h5", n=(50, 8, 8), num_classes=5, classes=False)
+    assert inspect(path).num_classes == 5
+
+
+def write_idx(path, array, gz=True, truncate=0):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    raw = raw[:len(raw) - truncate]
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def fake_idx_dir(d, n_train=30, n_test=10, gz=True):
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    write_idx(d / f"train-images-idx3-ubyte{ext}", rng.integers(0, 255, (n_train, 28, 28)), gz)
+    write_idx(d / f"train-labels-idx1-ubyte{ext}", rng.integers(0, 10, n_train), gz)
+    write_idx(d / f"t10k-images-idx3-ubyte{ext}", rng.integers(0, 255, (n_test, 28, 28)), gz)
+    write_idx(d / f"t10k-labels-idx1-ubyte{ext}", rng.integers(0, 10, n_test), gz)
+    return d
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_conversion(tmp_path, gz):
+    src = fake_idx_dir(tmp_path, gz=gz)
+    out = tmp_path / "out" / "f.h5"
+    sizes = convert(str(src), str(out), val=5)
+    assert sizes == {"train": 25, "val": 5, "test": 10}
+    info = inspect(str(out))
+    assert info.image_shape == (1, 28, 28) and info.num_classes == 10 and info.classes[0] == "T-shirt/top"
+    images = read_idx(str(src / f"train-images-idx3-ubyte{'.gz' if gz else ''}"), 3)
+    with h5py.File(out) as f:
+        assert np.array_equal(f["val/images"][:, 0], images[25:])
+        assert f["train/images"].chunks == (25, 1, 7, 7)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: os.remove(d / "t10k-labels-idx1-ubyte.gz"), "not found"),
+    (lambda d: write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((30, 28, 28)), truncate=100), "truncated"),
+    (lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(29)), "30 images but 29 labels"),
+    (lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros((30, 2))), "not an unsigned-byte IDX"),
+    (lambda d: open(d / "train-images-idx3-ubyte.gz", "wb").write(b"\x1f\x8b\x08junk"), "cannot be read"),
+])
+def test_idx_errors_leave_no_output(tmp_path, damage, message):
+    src = fake_idx_dir(tmp_path)
+    damage(src)
+    out = tmp_path / "out.h5"
+    with pytest.raises(IDXError, match=message):
+        convert(str(src), str(out), val=5)
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_write_is_atomic_on_failure(tmp_path):
+    out = tmp_path / "x.h5"
+    with pytest.raises(Exception):
+        write_dataset(str(out), {"train": (np.zeros((4, 1, 8, 8), np.uint8), np.zeros(3))},
+                      attrs={"bad": object()})
+    assert os.listdir(tmp_path) == []

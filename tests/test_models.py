@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from mpidd.engine import TrainOptions, derive_seed, predict_proba, train_classifier
+from mpidd.models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (14, 14), (16, 16), (4, 4), (18, 10)])
+def test_vgg_output_shape(shape):
+    model = build_cnn(1, 10, shape, CNNConfig())
+    assert model(torch.rand(3, 1, *shape)).shape == (3, 10)
+
+
+def test_vgg_3d_and_depth_width():
+    cfg = CNNConfig(width=4, depth=3, convs_per_block=1, hidden=8)
+    model = build_cnn(2, 5, (8, 8, 8), cfg)
+    assert model(torch.rand(2, 2, 8, 8, 8)).shape == (2, 5)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16]
+
+
+def test_parameters_do_not_depend_on_input_size_and_scale_with_width():
+    cfg = CNNConfig()
+    assert count_parameters(build_cnn(1, 10, (28, 28), cfg)) == count_parameters(build_cnn(1, 10, (14, 14), cfg))
+    assert count_parameters(build_cnn(1, 10, (28, 28), cfg, 0.5)) < count_parameters(build_cnn(1, 10, (28, 28), cfg)) / 3
+
+
+@pytest.mark.parametrize("N,sub", [(4, (14, 14)), (16, (7, 7)), (2, (28, 14))])
+def test_local_width_factor_gives_about_one_nth_of_the_parameters(N, sub):
+    cfg = CNNConfig()
+    wf = local_width_factor(1, 10, (28, 28), sub, N, cfg)
+    ratio = count_parameters(build_cnn(1, 10, sub, cfg, wf)) / count_parameters(build_cnn(1, 10, (28, 28), cfg))
+    assert 0.7 / N < ratio < 1.3 / N
+
+
+def test_coarse_dnn_shapes():
+    dnn = CoarseDNN(40, 10, hidden=(32, 16), dropout=0.2)
+    assert dnn(torch.rand(5, 40)).shape == (5, 10)
+    assert len([m for m in dnn.modules() if isinstance(m, torch.nn.Linear)]) == 3
+
+
+def test_training_is_reproducible_and_learns():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (256,), generator=g)
+    x = (torch.rand(256, 1, 8, 8, generator=g) * 100 + y[:, None, None, None] * 120).to(torch.uint8)
+    results = []
+    for _ in range(2):
+        seed = derive_seed(7, 0, 3)
+        torch.manual_seed(seed)
+        model = build_cnn(1, 2, (8, 8), CNNConfig(width=4, hidden=8))
+        history, _ = train_classifier(model, (x.numpy(), y.numpy()), (x.numpy(), y.numpy()),
+                                      TrainOptions(epochs=3, batch_size=32), seed)
+        results.append((history[-1]["loss"], predict_proba(model, x.numpy())))
+    assert results[0][0] == results[1][0]
+    assert (results[0][1] == results[1][1]).all()
+    assert history[-1]["val_acc"] > 0.9
+    assert derive_seed(7, 0, 3) != derive_seed(7, 0, 2)
