@@ -189,7 +189,7 @@ def train_local_models(args, plan, subsets, phases, master_process):
     cfg, opts = cnn_config(args), cnn_options(args)
     probs, rows = {}, []
     for i, split in subsets.items():
-        with phases("local"):
+        with phases("local"), phases(f"subdomain_{i}"):
             seed = derive_seed(args.seed, 0, i)
             torch.manual_seed(seed)
             model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cfg, plan["width_factor"])
@@ -357,9 +357,8 @@ def assemble_results(args, plan, all_stats, acc, dnn_params, size, threads) -> d
             s["phases"].get("gather", {}).get("cpu_s", 0) for s in all_stats) + coarse["cpu_s"]
         models[-1]["cpu_s"] = timing["critical_path"]["cpu_s"]
         for m in models:
-            if m["kind"] == "local":
-                ph = all_stats[m["rank"]]["phases"]
-                m["rank_local_cpu_s"] = ph.get("load", {}).get("cpu_s", 0) + ph["local"]["cpu_s"]
+            if m["kind"] == "local":  # training + probabilities of this subdomain's CNN
+                m["cpu_s"] = all_stats[m["rank"]]["phases"][f"subdomain_{m['subdomain']}"]["cpu_s"]
     if "global" in acc:
         g = all_stats[0]["phases"]["global_train"]
         timing["global_train_cpu_s"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
