@@ -17,7 +17,6 @@ all: test
 # .venv with mpidd, torch==2.13.0, mpi4py + the pip MPICH, h5py, numpy, pytest, pytest-mpi
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test]"
 	touch $@
 

@@ -46,12 +46,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
     g = p.add_argument_group("CNN family (VGG-type)")
-    g.add_argument("--width", type=int, default=32, help="channels of the first block of the global CNN")
+    g.add_argument("--width", type=int, default=48, help="channels of the first block of the global CNN")
     g.add_argument("--depth", type=int, default=2, help="number of conv blocks (each ends in a max-pool)")
     g.add_argument("--convs-per-block", type=int, default=2, help="3x3 conv layers per block")
     g.add_argument("--hidden", type=int, default=128, help="dense layer width of the global CNN head")
     g.add_argument("--head-pool", type=int, default=3, help="adaptive pool size before the dense head")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm after every convolution")
     g.add_argument("--width-factor", type=float, default=None,
                    help="width factor of the local CNNs (default: chosen so a local CNN has about "
                         "1/N of the global CNN's parameters)")
@@ -68,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("coarse DNN (rank 0)")
     g.add_argument("--coarse-hidden", default="64,64", help="hidden layer widths, comma separated")
     g.add_argument("--coarse-dropout", type=float, default=0.0)
-    g.add_argument("--coarse-epochs", type=int, default=10, help="epochs; the best on val is kept")
+    g.add_argument("--coarse-epochs", type=int, default=5, help="epochs; the best on val is kept")
     g.add_argument("--coarse-lr", type=float, default=3e-3)
     g.add_argument("--coarse-batch-size", type=int, default=512)
     g = p.add_argument_group("run")

@@ -148,10 +148,11 @@ def default_chunks(shape, tile: int | None = None, samples: int = 1024):
     return (min(shape[0], samples), shape[1]) + tuple(min(s, tile) for s in spatial)
 
 
-def _umask() -> int:
+def default_file_mode() -> int:
+    """0o666 less the umask: what open() would give (mkstemp's temporary files are 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None):
@@ -175,7 +176,7 @@ def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None
             f.attrs["layout"] = layout or "NCHW"
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,12 +17,13 @@ from torch import nn
 
 @dataclass
 class CNNConfig:
-    width: int = 32            # channels of the first block; block b has width * 2**b
+    width: int = 48            # channels of the first block; block b has width * 2**b
     depth: int = 2             # number of blocks (each ends in a 2x max-pool while size allows)
     convs_per_block: int = 2   # 3x3 convolution + BatchNorm + ReLU layers per block
     hidden: int = 128          # dense layer before the classifier (scaled by the width factor)
     head_pool: int = 3         # adaptive average pool to head_pool^d before the dense layers
     dropout: float = 0.0
+    batchnorm: bool = True     # BatchNorm after every convolution
 
 
 def _layers(ndim):
@@ -46,20 +47,25 @@ class VGG(nn.Module):
         super().__init__()
         ndim = len(input_shape)
         conv, bn, pool, adaptive = _layers(ndim)
-        layers, channels, size = [], in_channels, min(input_shape)
+        layers, channels, sizes = [], in_channels, list(input_shape)
         for b in range(cfg.depth):
             out = scaled(cfg.width * 2 ** b, width_factor)
             for _ in range(cfg.convs_per_block):
-                layers += [conv(channels, out, 3, padding=1, bias=False), bn(out), nn.ReLU(inplace=True)]
+                if cfg.batchnorm:
+                    layers += [conv(channels, out, 3, padding=1, bias=False), bn(out)]
+                else:
+                    layers += [conv(channels, out, 3, padding=1)]
+                layers.append(nn.ReLU(inplace=True))
                 channels = out
-            if size >= 2:  # pool while the feature map is still at least 2 pixels wide
+            if min(sizes) >= 2:  # pool while the feature map is still at least 2 pixels wide
                 layers.append(pool(2))
-                size //= 2
+                sizes = [s // 2 for s in sizes]
         self.features = nn.Sequential(*layers)
-        head = min(cfg.head_pool, max(size, 1))
+        head = min(cfg.head_pool, max(min(sizes), 1))
         hidden = scaled(cfg.hidden, width_factor)
+        # the adaptive pool is an identity on maps already head x head (skip its cost)
         self.head = nn.Sequential(
-            adaptive(head), nn.Flatten(),
+            nn.Identity() if all(s == head for s in sizes) else adaptive(head), nn.Flatten(),
             nn.Linear(channels * head ** ndim, hidden), nn.ReLU(inplace=True),
             nn.Dropout(cfg.dropout), nn.Linear(hidden, num_classes))
 

@@ -16,6 +16,8 @@ import tempfile
 
 import torch
 
+from .data import default_file_mode
+
 METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
 
 
@@ -28,7 +30,7 @@ def atomic_write(path: str, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -50,12 +52,6 @@ def prepare(out: str):
             os.remove(os.path.join(out, name))
     for name in RUN_DIRS:
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str, data):

@@ -47,7 +47,8 @@ class UsageError(ValueError):
 
 def cnn_config(args) -> CNNConfig:
     return CNNConfig(width=args.width, depth=args.depth, convs_per_block=args.convs_per_block,
-                     hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout)
+                     hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout,
+                     batchnorm=args.batchnorm)
 
 
 def cnn_options(args) -> TrainOptions:
@@ -278,6 +279,9 @@ def main(argv=None):
               f"{dec.overlap}, subimages {format_grid(dec.subimage_shape)}, local width factor "
               f"{plan['width_factor']:g} ({plan['local_params']:,} vs {plan['global_params']:,} "
               f"global parameters); run directory {args.out}", flush=True)
+        if size > 1 and args.model != "global":
+            print(f"progress below is rank 0's; every rank logs its own to {args.out}/logs/rank<r>.log",
+                  flush=True)
 
     rows, bytes_read, accuracies, dnn_params = [], 0, {}, None
     if args.model in ("twolevel", "both"):

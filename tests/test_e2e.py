@@ -185,3 +185,25 @@ def test_config_file_and_command_line_precedence(tiny, tmp_path):
     resolved = json.load(open(os.path.join(out, "config.json")))
     assert resolved["grid"] == "1x2" and resolved["epochs"] == 1 and resolved["width"] == 6
     assert results(out)["decomposition"]["num_subdomains"] == 2
+
+
+def test_no_arguments_names_the_command_that_makes_the_demo_data(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "mpidd.train"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "data/fashion_mnist.h5 does not exist" in proc.stderr
+    assert "python -m data_prep.fashion_mnist" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_global_baseline_alone_on_one_rank(tiny, tmp_path):
+    out = str(tmp_path / "g")
+    proc = run(["--data", tiny, "--model", "global", "--out", out, *TINY])
+    assert proc.returncode == 0, proc.stderr
+    r = results(out)
+    assert [m["name"] for m in r["models"]] == ["global CNN"]
+    assert r["accuracy"]["global CNN"]["test"] > 0.5
+    assert "critical_path" not in r["timing"] and r["timing"]["global_train_cpu_s"] > 0
+    proc = run(["--data", tiny, "--model", "global", "--out", str(tmp_path / "g2"), *TINY], np=2)
+    assert proc.returncode == 2 and "run it on 1 rank" in proc.stderr
