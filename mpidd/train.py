@@ -234,7 +234,13 @@ def global_phase(args, plan, phases, master_process):
     info = plan["info"]
     whole = tuple(slice(0, s) for s in info.spatial_shape)
     with phases("global_load"):
-        split = {s: data.load_split(args.data, s, whole, block=args.read_block)[:2] for s in data.SPLITS}
+        try:
+            split = {s: data.load_split(args.data, s, whole, block=args.read_block)[:2] for s in data.SPLITS}
+        except data.DataError as e:
+            if args.model != "global":  # with --model both the local phase has read every pixel already
+                raise
+            print(f"mpidd.train: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
     seed = derive_seed(args.seed, 2)
     torch.manual_seed(seed)
     model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args))
