@@ -12,6 +12,9 @@ import pytest
 
 from conftest import ROOT, make_tiny_dataset
 
+if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")):
+    pytest.skip("end-to-end tests launch mpirun themselves: run them outside mpirun", allow_module_level=True)
+
 BIN = os.path.dirname(sys.executable)
 MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(BIN, "mpirun")
 TINY = ["--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
@@ -207,3 +210,24 @@ def test_global_baseline_alone_on_one_rank(tiny, tmp_path):
     assert "critical_path" not in r["timing"] and r["timing"]["global_train_cpu_s"] > 0
     proc = run(["--data", tiny, "--model", "global", "--out", str(tmp_path / "g2"), *TINY], np=2)
     assert proc.returncode == 2 and "run it on 1 rank" in proc.stderr
+
+
+def test_report_reprints_the_table(two_rank_run):
+    out, proc = two_rank_run
+    again = subprocess.run([sys.executable, "-m", "mpidd.report", out], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert again.returncode == 0
+    table = again.stdout.strip()
+    assert table.splitlines()[1].startswith("model") and table in proc.stdout
+
+
+def test_overwrite_replaces_an_earlier_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "local_9.pt").write_text("stale")
+    (out / "notes.txt").write_text("the user's own file")
+    proc = run(["--data", tiny, "--grid", "1x2", "--model", "twolevel", "--out", str(out), "--overwrite",
+                *TINY], np=2)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["coarse_dnn.pt", "local_0.pt", "local_1.pt"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
