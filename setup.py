@@ -6,7 +6,7 @@ setup(
     description="Domain-decomposition training of image classifiers on MPI (two-level CNN-DNN)",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib
     packages=find_packages(include=["mpidd", "mpidd.*", "data_prep", "data_prep.*"]),
     install_requires=[
         "torch==2.13.0",

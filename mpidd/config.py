@@ -58,21 +58,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="width factor of the local CNNs (default: chosen so a local CNN has about "
                         "1/N of the global CNN's parameters)")
     g = p.add_argument_group("optimisation (local and global CNNs)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--epochs", type=int, default=3, help="epochs of every CNN (local and global)")
+    g.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
                    help="learning rate schedule, per step")
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size of inference and evaluation")
     g = p.add_argument_group("coarse DNN (rank 0)")
     g.add_argument("--coarse-hidden", default="64,64", help="hidden layer widths, comma separated")
-    g.add_argument("--coarse-dropout", type=float, default=0.0)
+    g.add_argument("--coarse-dropout", type=float, default=0.0, help="dropout after each hidden layer")
     g.add_argument("--coarse-epochs", type=int, default=5, help="epochs; the best on val is kept")
-    g.add_argument("--coarse-lr", type=float, default=3e-3)
-    g.add_argument("--coarse-batch-size", type=int, default=512)
+    g.add_argument("--coarse-lr", type=float, default=3e-3, help="peak learning rate (Adam, cosine)")
+    g.add_argument("--coarse-batch-size", type=int, default=512, help="mini-batch size")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
     g.add_argument("--threads", type=int, default=None,
@@ -93,6 +93,24 @@ def load_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def check_file_value(path, action, value):
+    """A config-file value must pass the same checks as the flag would (type, choices)."""
+    flag = action.option_strings[-1]
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        ok = isinstance(value, bool)
+    elif action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str) or (action.dest == "coarse_hidden" and isinstance(value, list))
+    if not ok:
+        raise ConfigError(f"config file {path}: {flag} = {value!r} has the wrong type")
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"config file {path}: {flag} = {value!r} is not one of {', '.join(action.choices)}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Defaults < config file < command line."""
     parser = get_args_parser()
@@ -103,9 +121,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        actions = {a.dest: a for a in parser._actions}
+        parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()})
     args = parser.parse_args(argv)
-    args.coarse_hidden = hidden_sizes(args.coarse_hidden)
+    try:
+        args.coarse_hidden = hidden_sizes(args.coarse_hidden)
+    except ValueError:
+        raise ConfigError(f"--coarse-hidden must be comma-separated integers, got {args.coarse_hidden!r}") from None
+    if any(h < 1 for h in args.coarse_hidden):
+        raise ConfigError(f"--coarse-hidden widths must be >= 1, got {args.coarse_hidden}")
+    for name in ("lr", "coarse_lr"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("dropout", "coarse_dropout", "weight_decay", "momentum"):
+        if not 0 <= getattr(args, name) < 1 + (name == "weight_decay") * 1e9:
+            raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")
     for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block",
                  "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool"):
         if getattr(args, name) < 1:

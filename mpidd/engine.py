@@ -104,7 +104,10 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     x, y = torch.as_tensor(train[0]), torch.as_tensor(train[1])
     to_channels_last(model, x.dim())
     n = len(x)
-    steps_per_epoch = math.ceil(n / opts.batch_size)
+    bounds = list(range(0, n, opts.batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]  # no batch of one image: BatchNorm cannot normalise it on 1x1 maps
+    steps_per_epoch = len(bounds) - 1
     total_steps = steps_per_epoch * opts.epochs
     optimizer = make_optimizer(model, opts)
     history, best, best_acc, step = [], None, -1.0, 0
@@ -115,7 +118,7 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
         order = torch.randperm(n, generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
         for b in range(steps_per_epoch):
-            idx = order[b * opts.batch_size:(b + 1) * opts.batch_size]
+            idx = order[bounds[b]:bounds[b + 1]]
             xb, yb = to_float(x[idx]), y[idx]
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * lr_factor(opts.schedule, step, total_steps)

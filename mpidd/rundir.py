@@ -39,19 +39,19 @@ def atomic_write(path: str, write):
 
 
 RUN_FILES = ("config.json", "results.json", "metrics.csv")
-RUN_DIRS = ("checkpoints", "logs")
+RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt", "logs/rank*.log")
 
 
 def prepare(out: str):
     """Create the run directory; in a reused one (--overwrite) remove what an earlier run wrote,
     and only that, so no stale checkpoint or result can be mistaken for this run's."""
-    import shutil
+    import glob
     os.makedirs(out, exist_ok=True)
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    for name in RUN_DIRS:
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    stale = [os.path.join(out, name) for name in RUN_FILES]
+    stale += [path for pattern in RUN_GLOBS for path in glob.glob(os.path.join(out, pattern))]
+    for path in stale:
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def write_json(path: str, data):

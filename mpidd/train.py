@@ -145,9 +145,12 @@ def setup_logging(out, rank):
     log.propagate = False
 
 
-def progress(name, master_process, epochs):
-    """Per-epoch (and per-interval) progress: to the rank's log, and to stdout on rank 0."""
+def progress(name, master_process, epochs, models_after=0):
+    """Per-epoch (and per-interval) progress: to the rank's log, and to stdout on rank 0.
+    The ETA covers this rank's remaining models too (`models_after` more of the same size)."""
     def report(r):
+        if "seconds" in r:
+            r = dict(r, eta_s=r["eta_s"] + models_after * epochs * r["seconds"])
         if "batch" in r:
             text = (f"{name}: epoch {r['epoch']}/{epochs} batch {r['batch']}/{r['batches']} "
                     f"loss {r['loss']:.4f} acc {100 * r['acc']:.2f}% {r['images_per_s']:.0f} img/s "
@@ -177,7 +180,6 @@ def load_local_data(args, plan, mine, phases):
                 x, y, nbytes = data.load_split(args.data, s, dec.slices(i), block=args.read_block)
                 subsets[i][s] = (x, y)
                 bytes_read += nbytes
-            log.info("subdomain %d box %s read", i, dec.box(i))
     return subsets, bytes_read
 
 
@@ -189,14 +191,14 @@ def train_local_models(args, plan, subsets, phases, master_process):
     info, dec = plan["info"], plan["decomposition"]
     cfg, opts = cnn_config(args), cnn_options(args)
     probs, rows = {}, []
-    for i, split in subsets.items():
+    for k, (i, split) in enumerate(subsets.items()):
         with phases("local"), phases(f"subdomain_{i}"):
             seed = derive_seed(args.seed, 0, i)
             torch.manual_seed(seed)
             model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cfg, plan["width_factor"])
             history, optimizer = train_classifier(
                 model, split["train"], split["val"], opts, seed,
-                progress(f"local {i} {dec.coords(i)}", master_process, opts.epochs))
+                progress(f"local {i} {dec.coords(i)}", master_process, opts.epochs, len(subsets) - k - 1))
             probs[i] = {s: predict_proba(model, split[s][0], args.eval_batch_size) for s in data.SPLITS}
         rows += [dict(r, model=f"local_{i}") for r in history]
         rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"local_{i}.pt"),
@@ -229,18 +231,20 @@ def coarse_phase(args, plan, gathered, labels, master_process):
     return acc, [dict(r, model="coarse_dnn") for r in history], count_parameters(dnn)
 
 
-def global_phase(args, plan, phases, master_process):
+def load_whole_images(args, info, phases):
+    """Rank 0: every split's whole images, for the global CNN; returns (splits, bytes_read)."""
+    whole = tuple(slice(0, s) for s in info.spatial_shape)
+    split, nbytes = {}, 0
+    with phases("global_load"):
+        for s in data.SPLITS:
+            x, y, n = data.load_split(args.data, s, whole, block=args.read_block)
+            split[s], nbytes = (x, y), nbytes + n
+    return split, nbytes
+
+
+def global_phase(args, plan, split, phases, master_process):
     """Rank 0: the global CNN on whole images, same family and options as the local CNNs."""
     info = plan["info"]
-    whole = tuple(slice(0, s) for s in info.spatial_shape)
-    with phases("global_load"):
-        try:
-            split = {s: data.load_split(args.data, s, whole, block=args.read_block)[:2] for s in data.SPLITS}
-        except data.DataError as e:
-            if args.model != "global":  # with --model both the local phase has read every pixel already
-                raise
-            print(f"mpidd.train: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USAGE)
     seed = derive_seed(args.seed, 2)
     torch.manual_seed(seed)
     model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args))
@@ -257,6 +261,11 @@ def global_phase(args, plan, phases, master_process):
     return acc, [dict(r, model="global") for r in history]
 
 
+def refuse(message):
+    print(f"mpidd.train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
 def main(argv=None):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -266,20 +275,41 @@ def main(argv=None):
     info, dec = plan["info"], plan["decomposition"]
     N, K = dec.num_subdomains, info.num_classes
 
-    if master_process:
-        rundir.prepare(args.out)
-        rundir.write_json(os.path.join(args.out, "config.json"),
-                          {k: v for k, v in vars(args).items() if k not in ("config", "overwrite")})
-    comm.Barrier()  # the run directory exists before any rank writes into it
-    setup_logging(args.out, rank)
     threads = args.threads or parallel.default_threads(comm)
     torch.set_num_threads(threads)
     parallel.tune_malloc()
     parallel.warm_up_torch()
     phases = Phases()
     mine = subdomains_of_rank(rank, size, N) if args.model != "global" else []
-    log.info("mpidd %s, torch %s, %s; %d ranks, %d threads; subdomains %s",
-             __version__, torch.__version__, parallel.library_version(), size, threads, mine)
+
+    # Read the data before the run directory exists, so that bad data leaves nothing behind.
+    subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
+    if args.model in ("twolevel", "both"):
+        error = None
+        try:
+            subsets, bytes_boxes = load_local_data(args, plan, mine, phases)
+        except data.DataError as e:  # e.g. NaN in this rank's box: refuse on every rank, cleanly
+            error = str(e)
+        failed = parallel.agree(comm, error)
+        if failed and master_process:
+            refuse(f"{failed[1]} (found by rank {failed[0]})")
+        elif failed:
+            sys.exit(EXIT_USAGE)
+    elif args.model == "global":  # one rank only (plan_run checks)
+        try:
+            whole, bytes_whole = load_whole_images(args, info, phases)
+        except data.DataError as e:
+            refuse(str(e))
+
+    if master_process:
+        rundir.prepare(args.out)
+        rundir.write_json(os.path.join(args.out, "config.json"),
+                          {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out")})
+    comm.Barrier()  # the run directory exists before any rank writes into it
+    setup_logging(args.out, rank)
+    log.info("mpidd %s, torch %s, %s; %d ranks, %d threads; subdomains %s (boxes %s), %d bytes read",
+             __version__, torch.__version__, parallel.library_version(), size, threads, mine,
+             [dec.box(i) for i in mine], bytes_boxes + bytes_whole)
     if master_process:
         print(f"mpidd: {size} ranks x {threads} threads, grid {format_grid(dec.grid)} overlap "
               f"{dec.overlap}, subimages {format_grid(dec.subimage_shape)}, local width factor "
@@ -289,18 +319,8 @@ def main(argv=None):
             print(f"progress below is rank 0's; every rank logs its own to {args.out}/logs/rank<r>.log",
                   flush=True)
 
-    rows, bytes_read, accuracies, dnn_params = [], 0, {}, None
+    rows, accuracies, dnn_params = [], {}, None
     if args.model in ("twolevel", "both"):
-        error = None
-        try:
-            subsets, bytes_read = load_local_data(args, plan, mine, phases)
-        except data.DataError as e:  # e.g. NaN in this rank's box: refuse on every rank, cleanly
-            error = str(e)
-        failed = parallel.agree(comm, error)
-        if failed:
-            if master_process:
-                print(f"mpidd.train: error: {failed[1]} (found by rank {failed[0]})", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USAGE)
         labels = {s: y for s, (_, y) in subsets[mine[0]].items()}
         probs, rows = train_local_models(args, plan, subsets, phases, master_process)
         del subsets
@@ -313,14 +333,17 @@ def main(argv=None):
             with phases("coarse"):
                 accuracies, coarse_rows, dnn_params = coarse_phase(args, plan, gathered, labels, master_process)
             rows += coarse_rows
-    if args.model in ("global", "both"):
-        if master_process:
-            accuracies["global"], global_rows = global_phase(args, plan, phases, master_process)
-            rows += global_rows
+    if args.model in ("global", "both") and master_process:
+        if whole is None:  # --model both: the local phase has already checked every pixel
+            whole, bytes_whole = load_whole_images(args, info, phases)
+        accuracies["global"], global_rows = global_phase(args, plan, whole, phases, master_process)
+        rows += global_rows
+        del whole
     parallel.sleepy_barrier(comm)  # other ranks sleep, not spin, while rank 0 works
 
     stats = {"rank": rank, "host": socket.gethostname(), "threads": threads, "subdomains": mine,
-             "bytes_read": bytes_read, "peak_rss_bytes": parallel.peak_rss_bytes(),
+             "bytes_read": bytes_boxes + bytes_whole, "bytes_read_boxes": bytes_boxes,
+             "bytes_read_whole_images": bytes_whole, "peak_rss_bytes": parallel.peak_rss_bytes(),
              "phases": phases.seconds}
     all_stats = comm.gather(stats, root=0)
     all_rows = comm.gather(rows, root=0)

@@ -22,7 +22,9 @@ TINY = ["--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
 
 
 def run(args, np=None, timeout=240, script=("-m", "mpidd.train")):
-    cmd = ([MPIRUN, "-n", str(np)] if np else []) + [sys.executable, *script, *args]
+    launcher = [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
+                *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
+    cmd = (launcher if np else []) + [sys.executable, *script, *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -57,8 +59,11 @@ def test_two_rank_run_writes_everything(two_rank_run):
     for m in r["models"]:
         assert 0.0 <= m["test_acc"] <= 1.0
     assert r["accuracy"]["CNN-DNN"]["test"] > 0.5  # 4 classes: chance is 0.25
+    box_bytes = 2 * (512 + 128 + 128) * (10 * 10 + 8)  # two 10x10 boxes + labels, per split
+    whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # rank 0 also reads whole images for the global CNN
+    assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes, box_bytes]
     for s in r["per_rank"]:
-        assert s["bytes_read"] == 2 * (512 + 128 + 128) * (100 + 8)  # two 10x10 boxes + labels, per split
+        assert s["bytes_read_boxes"] == box_bytes
         assert s["peak_rss_bytes"] > 10 * 2 ** 20
         assert {"load", "local", "gather"} <= set(s["phases"])
     cp = r["timing"]["critical_path"]
@@ -73,7 +78,7 @@ def test_two_rank_run_writes_everything(two_rank_run):
     assert lines[0].startswith("model,epoch,loss")
     assert len(lines) == 1 + 4 * 3 + 5 + 3  # 4 locals x 3 epochs, DNN 5 epochs, global 3 epochs
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["grid"] == "2x2" and cfg["epochs"] == 3
+    assert cfg["grid"] == "2x2" and cfg["epochs"] == 3 and "out" not in cfg
     # rank 0 printed progress and the table; only rank 0 prints
     assert "CNN-DNN" in proc.stdout and "critical path" in proc.stdout
     assert proc.stdout.count("mpidd: 2 ranks") == 1
@@ -167,7 +172,7 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message
     assert any(__import__("re").search(message, e) for e in errors), proc.stderr
     assert "epoch" not in proc.stdout
     if case != "exists":
-        assert not out.exists() or not (out / "results.json").exists()
+        assert not out.exists()  # refused before the run directory is made
 
 
 def test_help_and_bad_flag():
@@ -226,8 +231,9 @@ def test_overwrite_replaces_an_earlier_run(tiny, tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "local_9.pt").write_text("stale")
     (out / "notes.txt").write_text("the user's own file")
+    (out / "checkpoints" / "mine.pt").write_text("the user's own checkpoint")
     proc = run(["--data", tiny, "--grid", "1x2", "--model", "twolevel", "--out", str(out), "--overwrite",
                 *TINY], np=2)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(out / "checkpoints")) == ["coarse_dnn.pt", "local_0.pt", "local_1.pt"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["coarse_dnn.pt", "local_0.pt", "local_1.pt", "mine.pt"]
     assert (out / "notes.txt").read_text() == "the user's own file"

@@ -56,3 +56,14 @@ def test_training_is_reproducible_and_learns():
     assert (results[0][1] == results[1][1]).all()
     assert history[-1]["val_acc"] > 0.9
     assert derive_seed(7, 0, 3) != derive_seed(7, 0, 2)
+
+
+def test_no_batch_of_one_image_reaches_batchnorm():
+    # 4x4 images, depth 3: the last block runs on 1x1 maps, where BatchNorm cannot train on
+    # a single image; 33 images in batches of 32 would leave one alone.
+    torch.set_num_threads(1)
+    x = torch.randint(0, 255, (33, 1, 4, 4), dtype=torch.uint8).numpy()
+    y = torch.randint(0, 3, (33,)).numpy()
+    model = build_cnn(1, 3, (4, 4), CNNConfig(width=4, depth=3, hidden=8))
+    history, _ = train_classifier(model, (x, y), None, TrainOptions(epochs=1, batch_size=32), seed=0)
+    assert history[0]["epoch"] == 1

@@ -109,3 +109,27 @@ def test_default_threads_divides_cores_among_node_ranks(comm):
     threads = default_threads(comm)
     cores = len(os.sched_getaffinity(0))
     assert threads == max(1, cores // comm.size)  # all ranks of these tests share one node
+
+
+@pytest.mark.mpi(min_size=1)
+def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
+    """mpidd.train's own load phase, recorded at the h5py level."""
+    from types import SimpleNamespace
+
+    from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd.train import Phases, load_local_data
+    dec = Decomposition((16, 16), (2, 2), 2)
+    mine = subdomains_of_rank(comm.rank, comm.size, 4) if comm.size <= 4 else []
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: reads.append((self.name, key)) or original(self, key))
+    args = SimpleNamespace(data=shared_h5, read_block=40)
+    subsets, nbytes = load_local_data(args, {"decomposition": dec}, mine, Phases())
+    boxes = [dec.slices(i) for i in mine]
+    image_reads = [k for name, k in reads if name.endswith("images")]
+    assert len(image_reads) == len(mine) * (3 + 1 + 1)  # 90 train in blocks of 40, 30 val, 30 test
+    for key in image_reads:
+        assert any(all(k.start >= b.start and k.stop <= b.stop for k, b in zip(key[2:], box)) for box in boxes)
+    assert sorted(subsets) == mine
+    assert nbytes == len(mine) * (150 * 12 * 12 + 150 * 8)
