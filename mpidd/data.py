@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import h5py
@@ -155,31 +156,38 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None):
-    """Write {split: (images, labels)} in the mpidd layout, atomically (temporary file + rename)."""
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name beside `path`; on success it is renamed to `path` (with the
+    permissions open() would give), on failure removed, so `path` is never left half written."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            layout = None
-            for split, (images, labels) in splits.items():
-                images = np.asarray(images)
-                labels = np.asarray(labels, dtype=np.int64)
-                layout = "NCHW" if images.ndim == 4 else "NCDHW"
-                g = f.create_group(split)
-                g.create_dataset("images", data=images, chunks=default_chunks(images.shape, tile))
-                g.create_dataset("labels", data=labels)
-            if classes is not None:
-                f.attrs["classes"] = [str(c) for c in classes]
-            f.attrs["layout"] = layout or "NCHW"
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v
+        yield tmp
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None):
+    """Write {split: (images, labels)} in the mpidd layout, atomically (temporary file + rename)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        layout = None
+        for split, (images, labels) in splits.items():
+            images = np.asarray(images)
+            labels = np.asarray(labels, dtype=np.int64)
+            layout = "NCHW" if images.ndim == 4 else "NCDHW"
+            g = f.create_group(split)
+            g.create_dataset("images", data=images, chunks=default_chunks(images.shape, tile))
+            g.create_dataset("labels", data=labels)
+        if classes is not None:
+            f.attrs["classes"] = [str(c) for c in classes]
+        f.attrs["layout"] = layout or "NCHW"
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
     return path

@@ -12,30 +12,20 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 
 import torch
 
-from .data import default_file_mode
+from .data import atomic_path
 
 METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
 
 
 def atomic_write(path: str, write):
     """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 RUN_FILES = ("config.json", "results.json", "metrics.csv")
