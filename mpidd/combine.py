@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .engine import TrainOptions, derive_seed, evaluate, predict_logits, train_classifier
+from .engine import TrainOptions, derive_seed, train_classifier
 from .models import CoarseDNN
 
 
@@ -42,10 +42,3 @@ def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOption
     model = CoarseDNN(x.shape[1], num_classes, hidden, dropout)
     history, _ = train_classifier(model, (x, y), val, opts, derive_seed(seed, 1, 1), log)
     return model, history
-
-
-def dnn_predict(model, x) -> np.ndarray:
-    return predict_logits(model, x).argmax(1).numpy()
-
-
-__all__ = ["average_vote", "majority_vote", "accuracy", "train_coarse_dnn", "dnn_predict", "evaluate"]

@@ -117,11 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         values = load_config_file(pre.config)
-        known = {a.dest for a in parser._actions} - {"help", "config"}
-        unknown = sorted(set(values) - known)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")
-        actions = {a.dest: a for a in parser._actions}
         parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()})
     args = parser.parse_args(argv)
     try:

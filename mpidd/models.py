@@ -9,7 +9,7 @@ local model "proportionally smaller" (about 1/N of the global parameters) is clo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -107,7 +107,3 @@ class CoarseDNN(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-
-
-def cnn_config_dict(cfg: CNNConfig) -> dict:
-    return asdict(cfg)

@@ -86,6 +86,16 @@ def sleepy_barrier(comm=MPI.COMM_WORLD, interval: float = 0.01):
         time.sleep(interval)
 
 
+def root_decides(comm, decide, root=0):
+    """Run decide() on `root` only; every rank returns its result (root validates, all obey)."""
+    return comm.bcast(decide() if comm.Get_rank() == root else None, root=root)
+
+
+def gather_to_root(comm, obj, root=0):
+    """Every rank's `obj`, as a list in rank order on `root`; None elsewhere."""
+    return comm.gather(obj, root=root)
+
+
 def agree(comm, error: str | None):
     """All ranks learn whether any rank hit `error`; returns (rank, message) of the first, or None."""
     for rank, message in enumerate(comm.allgather(error)):

@@ -32,7 +32,8 @@ from mpi4py import MPI
 from . import __version__
 from . import combine, data, parallel, rundir
 from .config import DEMO_DATA, ConfigError, parse_args
-from .decomposition import Decomposition, DecompositionError, format_grid, parse_grid, subdomains_of_rank
+from .decomposition import (Decomposition, DecompositionError, format_grid, parse_grid, rank_of_subdomain,
+                            subdomains_of_rank)
 from .engine import TrainOptions, derive_seed, evaluate, predict_proba, train_classifier
 from .models import CNNConfig, build_cnn, count_parameters, local_width_factor
 from .report import format_table
@@ -94,20 +95,20 @@ def plan_run(args, size: int) -> dict:
 
 
 def start(comm, argv):
-    """Rank 0 parses and validates, then broadcasts (args, plan) or the reason to stop."""
-    outcome = None
-    if comm.rank == 0:
+    """Rank 0 parses and validates, then every rank gets (args, plan) or the reason to stop."""
+    def decide():
         try:
             args = parse_args(argv)
             if args.out is None:
                 args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            outcome = ("run", args, plan_run(args, comm.size))
+            return "run", args, plan_run(args, comm.Get_size())
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
-            outcome = ("exit", e.code or 0, None)
+            return "exit", e.code or 0, None
         except (ConfigError, UsageError) as e:
-            print(f"mpidd.train: error: {e}", file=sys.stderr, flush=True)
-            outcome = ("exit", EXIT_USAGE, None)
-    kind, args, plan = comm.bcast(outcome, root=0)
+            print_error(e)
+            return "exit", EXIT_USAGE, None
+
+    kind, args, plan = parallel.root_decides(comm, decide)
     if kind == "exit":
         sys.exit(args)
     return args, plan
@@ -129,11 +130,10 @@ class Phases:
             entry["wall_s"] += time.perf_counter() - w
             entry["cpu_s"] += time.process_time() - c
 
-    def cpu(self, *names):
-        return sum(self.seconds.get(n, {}).get("cpu_s", 0.0) for n in names)
 
-    def wall(self, *names):
-        return sum(self.seconds.get(n, {}).get("wall_s", 0.0) for n in names)
+def seconds(stats, kind, *names):
+    """Sum of `kind` ("cpu_s" or "wall_s") over phases `names` of one rank's gathered stats."""
+    return sum(stats["phases"].get(n, {}).get(kind, 0.0) for n in names)
 
 
 def setup_logging(out, rank):
@@ -261,8 +261,12 @@ def global_phase(args, plan, split, phases, master_process):
     return acc, [dict(r, model="global") for r in history]
 
 
-def refuse(message):
+def print_error(message):
     print(f"mpidd.train: error: {message}", file=sys.stderr, flush=True)
+
+
+def refuse(message):
+    print_error(message)
     sys.exit(EXIT_USAGE)
 
 
@@ -305,7 +309,7 @@ def main(argv=None):
         rundir.prepare(args.out)
         rundir.write_json(os.path.join(args.out, "config.json"),
                           {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out")})
-    comm.Barrier()  # the run directory exists before any rank writes into it
+    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
     setup_logging(args.out, rank)
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads; subdomains %s (boxes %s), %d bytes read",
              __version__, torch.__version__, parallel.library_version(), size, threads, mine,
@@ -345,12 +349,13 @@ def main(argv=None):
              "bytes_read": bytes_boxes + bytes_whole, "bytes_read_boxes": bytes_boxes,
              "bytes_read_whole_images": bytes_whole, "peak_rss_bytes": parallel.peak_rss_bytes(),
              "phases": phases.seconds}
-    all_stats = comm.gather(stats, root=0)
-    all_rows = comm.gather(rows, root=0)
+    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
     if master_process:
+        all_stats = [st for st, _ in gathered_reports]
+        all_rows = [r for _, rs in gathered_reports for r in rs]
         results = assemble_results(args, plan, all_stats, accuracies, dnn_params, size, threads)
         rundir.write_json(os.path.join(args.out, "results.json"), results)
-        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), [r for rs in all_rows for r in rs])
+        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
         print(format_table(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
     return 0
@@ -359,39 +364,33 @@ def main(argv=None):
 def assemble_results(args, plan, all_stats, acc, dnn_params, size, threads) -> dict:
     info, dec = plan["info"], plan["decomposition"]
     N = dec.num_subdomains
-    models = []
+    models, timing = [], {}
     if "cnn_dnn" in acc:
-        owner = {i: s["rank"] for s in all_stats for i in s["subdomains"]}
-        for i in range(N):
+        owner = {i: st["rank"] for st in all_stats for i in st["subdomains"]}
+        for i in range(N):  # cpu_s: training + probabilities of this subdomain's CNN
             models.append({"name": f"local {i} {dec.coords(i)}", "kind": "local", "subdomain": i,
                            "rank": owner[i], "params": plan["local_params"],
-                           "val_acc": acc["local"][i]["val"], "test_acc": acc["local"][i]["test"]})
+                           "cpu_s": seconds(all_stats[owner[i]], "cpu_s", f"subdomain_{i}"),
+                           **_accs(acc["local"][i])})
         models.append({"name": "average", "kind": "average", **_accs(acc["average"])})
         models.append({"name": "majority vote", "kind": "vote", **_accs(acc["vote"])})
-        models.append({"name": "CNN-DNN", "kind": "cnn_dnn", "params": N * plan["local_params"] + dnn_params,
-                       "dnn_params": dnn_params, **_accs(acc["cnn_dnn"])})
-    timing = {}
-    if "cnn_dnn" in acc:
-        local_cpu = [s["phases"].get("load", {}).get("cpu_s", 0) + s["phases"].get("local", {}).get("cpu_s", 0)
-                     for s in all_stats]
-        local_wall = [s["phases"].get("load", {}).get("wall_s", 0) + s["phases"].get("local", {}).get("wall_s", 0)
-                      for s in all_stats]
+        local_cpu = [seconds(st, "cpu_s", "load", "local") for st in all_stats]
         slowest = int(np.argmax(local_cpu))
-        gather_cpu = max(s["phases"]["gather"]["cpu_s"] for s in all_stats)
-        gather_wall = max(s["phases"]["gather"]["wall_s"] for s in all_stats)
-        coarse = all_stats[0]["phases"]["coarse"]
+        gather_cpu = max(seconds(st, "cpu_s", "gather") for st in all_stats)
+        coarse_cpu = seconds(all_stats[0], "cpu_s", "coarse")
         timing["critical_path"] = {
-            "cpu_s": local_cpu[slowest] + gather_cpu + coarse["cpu_s"],
-            "wall_s": max(local_wall) + gather_wall + coarse["wall_s"],
+            "cpu_s": local_cpu[slowest] + gather_cpu + coarse_cpu,
+            "wall_s": max(seconds(st, "wall_s", "load", "local") for st in all_stats)
+                      + max(seconds(st, "wall_s", "gather") for st in all_stats)
+                      + seconds(all_stats[0], "wall_s", "coarse"),
             "slowest_rank": slowest, "local_cpu_s": local_cpu[slowest],
-            "gather_cpu_s": gather_cpu, "coarse_cpu_s": coarse["cpu_s"],
+            "gather_cpu_s": gather_cpu, "coarse_cpu_s": coarse_cpu,
             "definition": "max over ranks of (load + local) + gather + coarse; CPU = process time"}
-        timing["total_cpu_s_twolevel"] = sum(local_cpu) + sum(
-            s["phases"].get("gather", {}).get("cpu_s", 0) for s in all_stats) + coarse["cpu_s"]
-        models[-1]["cpu_s"] = timing["critical_path"]["cpu_s"]
-        for m in models:
-            if m["kind"] == "local":  # training + probabilities of this subdomain's CNN
-                m["cpu_s"] = all_stats[m["rank"]]["phases"][f"subdomain_{m['subdomain']}"]["cpu_s"]
+        timing["total_cpu_s_twolevel"] = sum(seconds(st, "cpu_s", "load", "local", "gather")
+                                             for st in all_stats) + coarse_cpu
+        models.append({"name": "CNN-DNN", "kind": "cnn_dnn", "params": N * plan["local_params"] + dnn_params,
+                       "dnn_params": dnn_params, "cpu_s": timing["critical_path"]["cpu_s"],
+                       **_accs(acc["cnn_dnn"])})
     if "global" in acc:
         g = all_stats[0]["phases"]["global_train"]
         timing["global_train_cpu_s"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
@@ -406,7 +405,8 @@ def assemble_results(args, plan, all_stats, acc, dnn_params, size, threads) -> d
                           "image_shape": format_grid(info.spatial_shape),
                           "subimage_shape": format_grid(dec.subimage_shape),
                           "num_subdomains": N, "boxes": dec.boxes(),
-                          "rank_of_subdomain": [i % size for i in range(N)] if args.model != "global" else []},
+                          "rank_of_subdomain": ([rank_of_subdomain(i, size) for i in range(N)]
+                                                if args.model != "global" else [])},
         "width_factor": plan["width_factor"],
         "accuracy": {m["name"]: {"val": m.get("val_acc"), "test": m.get("test_acc")} for m in models},
         "models": models,
