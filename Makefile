@@ -15,7 +15,7 @@ CTEST       = $(dir $(CMAKE))ctest
 
 all: test
 
-# .venv with mpidd, torch==2.13.0, mpi4py + the pip MPICH, h5py, numpy, pytest, pytest-mpi
+# .venv with mpidd, torch==2.13.0, mpi4py + the pip MPICH, h5py, numpy, pytest, pytest-mpi, scikit-learn (real digits)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e ".[test]"

@@ -15,5 +15,5 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-mpi>=0.6"]},
+    extras_require={"test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3"]},  # scikit-learn: its bundled real `digits` for tests
 )

@@ -11,7 +11,11 @@ import json
 import os
 import tomllib
 
+from .coherent import OUTPUTS
+from .models import ARCHITECTURES
+
 DEMO_DATA = "data/fashion_mnist.h5"
+MODES = ("twolevel", "coherent", "global", "compare", "width")
 
 
 class ConfigError(ValueError):
@@ -28,9 +32,11 @@ def hidden_sizes(text) -> tuple[int, ...]:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mpidd.train",
-        description="Two-level CNN-DNN training by domain decomposition on MPI: one local CNN per "
-                    "subimage (one rank each, no communication), an MPI Gatherv of the local class "
-                    "probabilities, and a coarse DNN on rank 0. Launch with "
+        description="CNN-DNN training by domain decomposition on MPI: one local CNN per subimage "
+                    "(one rank each, no communication), an MPI Gatherv of the local class "
+                    "probabilities, and a coarse DNN on rank 0; the same CNN-DNN trained as one "
+                    "coherent model-parallel model (from random or pre-trained local CNNs); the "
+                    "global CNN for comparison. Launch with "
                     "`mpirun -n P python -m mpidd.train ...`, P <= number of subdomains.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="TOML (or config.json) file with the same keys as these flags")
@@ -40,17 +46,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
     g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", choices=("twolevel", "global", "both"), default="both",
-                   help="twolevel: local CNNs + combiners; global: the global CNN baseline on whole "
-                        "images (on rank 0); both: twolevel, then the global CNN for comparison")
+    g.add_argument("--mode", choices=MODES, default="compare",
+                   help="twolevel: local CNNs, then average, vote and the coarse DNN; coherent: the "
+                        "CNN-DNN trained as one model parallel model (see --init); global: the "
+                        "global CNN on whole images, one rank; compare: the paper's comparison, "
+                        "twolevel + coherent from random init + coherent with transfer learning + "
+                        "global, in one table; width: the global CNN split along its channels into "
+                        "--subnets thin sub-networks, trained in parallel, recomposed and trained "
+                        "further, against the global CNN from random init (Gu et al.)")
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
-    g = p.add_argument_group("CNN family (VGG-type)")
-    g.add_argument("--width", type=int, default=48, help="channels of the first block of the global CNN")
-    g.add_argument("--depth", type=int, default=2, help="number of conv blocks (each ends in a max-pool)")
-    g.add_argument("--convs-per-block", type=int, default=2, help="3x3 conv layers per block")
-    g.add_argument("--hidden", type=int, default=128, help="dense layer width of the global CNN head")
-    g.add_argument("--head-pool", type=int, default=3, help="adaptive pool size before the dense head")
+    g = p.add_argument_group("CNN family (local, global and coherent models)")
+    g.add_argument("--arch", choices=ARCHITECTURES, default="vgg",
+                   help="vgg: conv blocks with max-pools and a dense head; resnet: small ResNet "
+                        "(stem, residual stages, global average pool)")
+    g.add_argument("--width", type=int, default=48, help="channels of the first block/stage of the global CNN")
+    g.add_argument("--depth", type=int, default=2,
+                   help="vgg: conv blocks (each ends in a max-pool); resnet: stages (each after the "
+                        "first halves the map)")
+    g.add_argument("--convs-per-block", type=int, default=2, help="vgg: 3x3 conv layers per block")
+    g.add_argument("--blocks-per-stage", type=int, default=2,
+                   help="resnet: residual blocks per stage (--depth 3 --blocks-per-stage 3 --width 16 "
+                        "is ResNet-20)")
+    g.add_argument("--hidden", type=int, default=128, help="vgg: dense layer width of the global CNN head")
+    g.add_argument("--head-pool", type=int, default=3, help="vgg: adaptive pool size before the dense head")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True,
                    help="BatchNorm after every convolution")
@@ -73,12 +92,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--coarse-epochs", type=int, default=5, help="epochs; the best on val is kept")
     g.add_argument("--coarse-lr", type=float, default=3e-3, help="peak learning rate (Adam, cosine)")
     g.add_argument("--coarse-batch-size", type=int, default=512, help="mini-batch size")
+    g = p.add_argument_group("coherent CNN-DNN (model parallel)")
+    g.add_argument("--init", choices=("random", "pretrained"), default="pretrained",
+                   help="--mode coherent: start from random weights, or from the local phase's trained "
+                        "CNNs (transfer learning; the local phase runs first unless --from is given)")
+    g.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
+                   help="--init pretrained: take the local CNNs (and coarse DNN) from this earlier "
+                        "run's checkpoints instead of training them")
+    g.add_argument("--dnn-init", choices=("coarse", "random"), default="coarse",
+                   help="--init pretrained: the DNN starts from the coarse phase's DNN or fresh")
+    g.add_argument("--exchange", choices=OUTPUTS, default="probabilities",
+                   help="what the local CNNs send to the DNN: class probabilities (softmax, as in "
+                        "the paper) or logits")
+    g.add_argument("--coherent-epochs", type=int, default=2, help="epochs of coherent training")
+    g.add_argument("--coherent-lr", type=float, default=2e-3, help="peak learning rate from random init")
+    g.add_argument("--transfer-lr", type=float, default=5e-4,
+                   help="peak learning rate from pre-trained weights (--init pretrained, and the "
+                        "recomposed network of --mode width)")
+    g = p.add_argument_group("width decomposition (--mode width; Gu, Zhang, Liu & Cai 2022)")
+    g.add_argument("--subnets", type=int, default=4,
+                   help="M: sub-networks of width --width/M and the same depth, one per rank (P < M: "
+                        "rank r trains r, r+P, ...); --width (and, vgg, --hidden) must divide by M")
+    g.add_argument("--subnet-epochs", type=int, default=6,
+                   help="epochs of every sub-network (a sub-network of width C/M costs a fraction of a "
+                        "global epoch: 6 of them cost about one on Fashion-MNIST with M = 4)")
+    g.add_argument("--shard", action="store_true",
+                   help="sub-network m trains on training samples m, m+M, m+2M, ... only (disjoint "
+                        "shards) instead of the full training set")
+    g.add_argument("--offdiag-noise", type=float, default=0.0,
+                   help="off-diagonal blocks of the recomposed weights: 0 (exact recomposition) or "
+                        "noise of this many times the standard deviation of the layer's sub-network weights")
+    g.add_argument("--target-acc", type=float, default=0.91,
+                   help="report the critical-path CPU seconds to reach this test accuracy (recomposed "
+                        "vs random init; --epochs of global training each)")
+    g.add_argument("--curve-points", type=int, default=4,
+                   help="test accuracy measurements per epoch of the recomposed and the random-init "
+                        "network, for the time to --target-acc (their CPU time is not counted)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
     g.add_argument("--log-interval", type=int, default=100,
-                   help="progress line every this many batches of the global CNN (0: per epoch)")
+                   help="progress line every this many batches of the global and coherent models (0: per epoch)")
     return p
 
 
@@ -90,7 +145,8 @@ def load_config_file(path: str) -> dict:
             data = json.load(f) if path.endswith(".json") else tomllib.load(f)
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"config file {path}: {e}") from None
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    aliases = {"from": "from_run"}  # the flag --from stores to args.from_run
+    return {aliases.get(k, k.replace("-", "_")): v for k, v in data.items()}
 
 
 def check_file_value(path, action, value):
@@ -121,7 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = sorted(set(values) - set(actions))
         if unknown:
             raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()})
+        # null (a config.json's unset option, e.g. threads) means the flag's default
+        parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()
+                               if v is not None or actions[k].default is not None})
     args = parser.parse_args(argv)
     try:
         args.coarse_hidden = hidden_sizes(args.coarse_hidden)
@@ -129,18 +187,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--coarse-hidden must be comma-separated integers, got {args.coarse_hidden!r}") from None
     if any(h < 1 for h in args.coarse_hidden):
         raise ConfigError(f"--coarse-hidden widths must be >= 1, got {args.coarse_hidden}")
-    for name in ("lr", "coarse_lr"):
+    for name in ("lr", "coarse_lr", "coherent_lr", "transfer_lr"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("dropout", "coarse_dropout", "weight_decay", "momentum"):
         if not 0 <= getattr(args, name) < 1 + (name == "weight_decay") * 1e9:
             raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")
     for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block",
-                 "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool"):
+                 "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool",
+                 "blocks_per_stage", "coherent_epochs", "subnets", "subnet_epochs", "curve_points"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.offdiag_noise < 0:
+        raise ConfigError(f"--offdiag-noise must be >= 0, got {args.offdiag_noise}")
+    if not 0 < args.target_acc <= 1:
+        raise ConfigError(f"--target-acc is a fraction in (0, 1], got {args.target_acc}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if args.width_factor is not None and not 0 < args.width_factor <= 4:
         raise ConfigError(f"--width-factor must be in (0, 4], got {args.width_factor}")
+    if args.from_run is not None and not (args.mode == "coherent" and args.init == "pretrained"):
+        raise ConfigError("--from RUN_DIR gives pre-trained local CNNs: use it with --mode coherent --init pretrained")
+    pretrained = args.mode == "compare" or (args.mode == "coherent" and args.init == "pretrained")
+    if pretrained and args.dnn_init == "coarse" and args.exchange != "probabilities":
+        raise ConfigError("--dnn-init coarse starts from the coarse DNN, which was trained on probabilities: "
+                          "use --exchange probabilities, or --dnn-init random with --exchange logits")
     return args

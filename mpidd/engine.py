@@ -26,6 +26,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     schedule: str = "cosine"     # cosine | step | constant (per step; step: x0.1 at 50% and 75%)
     select_best: bool = False    # keep the weights of the epoch with the best validation accuracy
+    test_points: int = 1         # with a test set: test accuracy this many times per epoch (curve)
     log_interval: int = 0        # progress every this many batches (0: per epoch only)
 
 
@@ -91,13 +92,18 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256) -> tuple[float, floa
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
-def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None):
+def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None, test=None):
     """Train `model` on train=(x, y), validating on val each epoch.
 
     `log(record)` is called after every epoch (record has epoch, loss, acc, val_loss, val_acc,
-    lr, images_per_s, eta_s, seconds) and every `opts.log_interval` batches (record has
-    "batch"). Returns the per-epoch history; with select_best the model ends with the weights
-    of the best validation epoch.
+    lr, images_per_s, eta_s, seconds and cpu_seconds of the epoch's training steps) and every
+    `opts.log_interval` batches (record has "batch"). With `test`=(x, y) every epoch's record
+    also has test_loss, test_acc and `curve`: the test accuracy at `opts.test_points` evenly
+    spaced steps of the epoch (the last at its end), each point {"epoch": fractional epoch,
+    "cpu_s": training CPU seconds since the start, "test_acc"}. These are for time-to-accuracy
+    curves only (nothing is chosen by them), and their evaluations are left out of the seconds
+    and cpu_seconds. Returns the per-epoch history; with select_best the model ends with the
+    weights of the best validation epoch.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -110,11 +116,13 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     steps_per_epoch = len(bounds) - 1
     total_steps = steps_per_epoch * opts.epochs
     optimizer = make_optimizer(model, opts)
-    history, best, best_acc, step = [], None, -1.0, 0
+    history, best, best_acc, step, train_cpu = [], None, -1.0, 0, 0.0
+    points = {round(k * steps_per_epoch / opts.test_points) for k in range(1, opts.test_points + 1)} - {0}
     start = time.perf_counter()
     for epoch in range(1, opts.epochs + 1):
         model.train()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        curve, eval_s, eval_cpu = [], 0.0, 0.0  # the curve's evaluations, left out of the timings
         order = torch.randperm(n, generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
         for b in range(steps_per_epoch):
@@ -131,19 +139,31 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(idx)
+            if test is not None and b + 1 in points:
+                w, c = time.perf_counter(), time.process_time()
+                point = {"epoch": epoch - 1 + (b + 1) / steps_per_epoch, "cpu_s": train_cpu + c - cpu0 - eval_cpu}
+                point["test_loss"], point["test_acc"] = evaluate(model, *test)
+                curve.append(point)
+                model.train()
+                eval_s, eval_cpu = eval_s + time.perf_counter() - w, eval_cpu + time.process_time() - c
             if log and opts.log_interval and (b + 1) % opts.log_interval == 0 and b + 1 < steps_per_epoch:
-                rate = seen / (time.perf_counter() - t0)
+                rate = seen / (time.perf_counter() - t0 - eval_s)
                 remaining = (total_steps - step) * opts.batch_size / rate
                 log({"epoch": epoch, "batch": b + 1, "batches": steps_per_epoch,
                      "loss": loss_sum / seen, "acc": correct / seen,
                      "images_per_s": rate, "eta_s": remaining})
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0 - eval_s, time.process_time() - cpu0 - eval_cpu
+        train_cpu += cpu_seconds
         val_loss, val_acc = evaluate(model, *val) if val is not None else (float("nan"), float("nan"))
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch, "loss": loss_sum / seen, "acc": correct / seen,
                   "val_loss": val_loss, "val_acc": val_acc,
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
-                  "seconds": seconds, "eta_s": elapsed / epoch * (opts.epochs - epoch)}
+                  "seconds": seconds, "cpu_seconds": cpu_seconds,
+                  "eta_s": elapsed / epoch * (opts.epochs - epoch)}
+        if test is not None:  # the epoch's last point was taken after its last step
+            record["curve"], record["curve_seconds"], record["curve_cpu_seconds"] = curve, eval_s, eval_cpu
+            record["test_loss"], record["test_acc"] = curve[-1]["test_loss"], curve[-1]["test_acc"]
         history.append(record)
         if opts.select_best and val_acc > best_acc:
             best_acc, best = val_acc, copy.deepcopy(model.state_dict())

@@ -1,22 +1,27 @@
-"""Model families: VGG-type CNNs (2D and 3D, configurable depth and width) and the coarse DNN.
+"""Model families: VGG-type and ResNet-type CNNs (2D and 3D, configurable depth and width) and
+the coarse DNN.
 
-The CNN head pools adaptively to a fixed `head_pool`^d grid before its dense layers, so the
-parameter count does not depend on the input size: a local CNN on a subimage and the global
-CNN on the whole image differ only through their width, and the width factor that makes a
-local model "proportionally smaller" (about 1/N of the global parameters) is close to
-1/sqrt(N). `local_width_factor` finds it numerically for any configuration.
+Both CNN heads pool adaptively (VGG: to a fixed `head_pool`^d grid before its dense layers;
+ResNet: global average pool), so the parameter count does not depend on the input size: a
+local CNN on a subimage and the global CNN on the whole image differ only through their
+width, and the width factor that makes a local model "proportionally smaller" (about 1/N of
+the global parameters) is close to 1/sqrt(N). `local_width_factor` finds it numerically for
+any configuration of either family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
+
+
+ARCHITECTURES = ("vgg", "resnet")
 
 
 @dataclass
 class CNNConfig:
+    arch: str = "vgg"          # vgg | resnet
     width: int = 48            # channels of the first block; block b has width * 2**b
     depth: int = 2             # number of blocks (each ends in a 2x max-pool while size allows)
     convs_per_block: int = 2   # 3x3 convolution + BatchNorm + ReLU layers per block
@@ -24,6 +29,8 @@ class CNNConfig:
     head_pool: int = 3         # adaptive average pool to head_pool^d before the dense layers
     dropout: float = 0.0
     batchnorm: bool = True     # BatchNorm after every convolution
+    blocks_per_stage: int = 2  # resnet: residual blocks per stage (depth stages; 3 stages x 3
+                               # blocks at width 16 is the CIFAR ResNet-20 of He et al.)
 
 
 def _layers(ndim):
@@ -73,8 +80,61 @@ class VGG(nn.Module):
         return self.head(self.features(x))
 
 
-def build_cnn(in_channels, num_classes, input_shape, cfg: CNNConfig, width_factor=1.0) -> VGG:
-    return VGG(in_channels, num_classes, tuple(input_shape), cfg, width_factor)
+class BasicBlock(nn.Module):
+    """Residual block: conv3x3-BN-ReLU-conv3x3-BN, plus the input (1x1 projection when the
+    shape changes), then ReLU."""
+
+    def __init__(self, ndim, cin, cout, stride, batchnorm):
+        super().__init__()
+        conv, bn, _, _ = _layers(ndim)
+        norm = (lambda c: bn(c)) if batchnorm else (lambda c: nn.Identity())
+        self.conv1, self.bn1 = conv(cin, cout, 3, stride, 1, bias=not batchnorm), norm(cout)
+        self.conv2, self.bn2 = conv(cout, cout, 3, 1, 1, bias=not batchnorm), norm(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(conv(cin, cout, 1, stride, bias=not batchnorm), norm(cout)))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Small ResNet for 28x28 / 32x32 images (He et al.'s CIFAR family): conv3x3 stem, `depth`
+    stages of `blocks_per_stage` basic blocks with width * 2**stage channels (stages after the
+    first halve the map while it is at least 2 pixels wide), global average pool, dropout,
+    linear classifier (logits)."""
+
+    def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
+                 width_factor: float = 1.0):
+        super().__init__()
+        ndim = len(input_shape)
+        conv, bn, _, adaptive = _layers(ndim)
+        channels = scaled(cfg.width, width_factor)
+        layers = [conv(in_channels, channels, 3, padding=1, bias=not cfg.batchnorm)]
+        layers += [bn(channels)] if cfg.batchnorm else []
+        layers.append(nn.ReLU(inplace=True))
+        sizes = list(input_shape)
+        for stage in range(cfg.depth):
+            out = scaled(cfg.width * 2 ** stage, width_factor)
+            for b in range(cfg.blocks_per_stage):
+                stride = 2 if stage > 0 and b == 0 and min(sizes) >= 2 else 1
+                sizes = [(s + 1) // 2 for s in sizes] if stride == 2 else sizes
+                layers.append(BasicBlock(ndim, channels, out, stride, cfg.batchnorm))
+                channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(channels, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build_cnn(in_channels, num_classes, input_shape, cfg: CNNConfig, width_factor=1.0) -> nn.Module:
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.arch!r} ({' or '.join(ARCHITECTURES)})")
+    family = VGG if cfg.arch == "vgg" else ResNet
+    return family(in_channels, num_classes, tuple(input_shape), cfg, width_factor)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .coherent import NAMES as COHERENT_NAMES
+
 
 def _pct(x):
     return "-" if x is None else f"{100 * x:6.2f}%"
@@ -23,18 +25,23 @@ def _sec(x):
 
 def format_table(results: dict) -> str:
     d = results["decomposition"]
+    rule = "-" * 92
     lines = [f"mpidd: grid {d['grid']} overlap {d['overlap']} on {results['data']} "
-             f"({d['image_shape']} -> subimages {d['subimage_shape']}), "
+             f"({d['image_shape']} -> subimages {d['subimage_shape']}), {results.get('arch', 'vgg')}, "
              f"{results['world_size']} ranks x {results['threads_per_rank']} threads",
-             f"{'model':<24}{'params':>12}{'val acc':>10}{'test acc':>10}{'CPU s':>10}",
-             "-" * 66]
+             f"{'model':<30}{'params':>12}{'val acc':>10}{'test acc':>10}{'critical CPU s':>16}"
+             f"{'total CPU s':>14}",
+             rule]
     for row in results["models"]:
-        lines.append(f"{row['name']:<24}{_int(row.get('params')):>12}{_pct(row.get('val_acc')):>10}"
-                     f"{_pct(row.get('test_acc')):>10}{_sec(row.get('cpu_s')):>10}")
+        lines.append(f"{row['name']:<30}{_int(row.get('params')):>12}{_pct(row.get('val_acc')):>10}"
+                     f"{_pct(row.get('test_acc')):>10}{_sec(row.get('cpu_s')):>16}"
+                     f"{_sec(row.get('total_cpu_s')):>14}")
+    lines += [rule, "critical CPU s: max over ranks of the CPU seconds of the phases a model needs, in order "
+                    "(a local CNN: its own; a coherent model: a lower bound, its ranks wait for each other "
+                    "every step)"]
     t = results.get("timing", {})
     cp = t.get("critical_path")
     if cp:
-        lines.append("-" * 66)
         lines.append(f"two-level critical path: {cp['cpu_s']:.1f} CPU s = slowest rank {cp['slowest_rank']} "
                      f"load+local {cp['local_cpu_s']:.1f} + gather {cp['gather_cpu_s']:.2f} "
                      f"+ coarse {cp['coarse_cpu_s']:.1f}  (wall {cp['wall_s']:.1f} s)")
@@ -42,9 +49,57 @@ def format_table(results: dict) -> str:
     if g is not None:
         line = f"global CNN training: {g:.1f} CPU s"
         if cp:
-            line += f"  ->  the two-level critical path is {g / cp['cpu_s']:.1f}x shorter"
+            line += f"  =  {g / cp['cpu_s']:.1f}x the two-level critical path"
         lines.append(line)
+    for init, name in COHERENT_NAMES.items():
+        c = t.get(f"coherent_{init}")
+        if c:
+            lines.append(f"{name}: {c['steps']} steps of batch {c['batch_size']}, "
+                         f"{max(c['step_ms_per_rank']):.1f} ms/step; exchange (gather + scatter) at most "
+                         f"{max(c['exchange_ms_per_step_per_rank']):.2f} ms/step = "
+                         f"{100 * c['exchange_fraction_max']:.1f}% of a step's wall time (waits for other "
+                         f"ranks included), {100 * c.get('exchange_cpu_fraction_max', 0):.2f}% of its CPU time")
     return "\n".join(lines)
+
+
+def format_width_table(results: dict) -> str:
+    """The table of --mode width: each sub-network, the recomposed network before and after
+    further training, the global CNN from random init; then time to the target accuracy."""
+    w = results["width"]
+    rule = "-" * 100
+    lines = [f"mpidd width decomposition: {results['arch']} of width {w['global_width']} split into "
+             f"{w['subnets']} sub-networks of width {w['subnet_width']} "
+             f"({'disjoint shards' if w['shard'] else 'full training set each'}, off-diagonal "
+             f"{'noise ' + str(w['offdiag_noise']) if w['offdiag_noise'] else 'zero'}) on {results['data']}, "
+             f"{results['world_size']} ranks x {results['threads_per_rank']} threads",
+             f"{'model':<34}{'params':>10}{'val acc':>10}{'test acc':>10}{'test loss':>11}"
+             f"{'critical CPU s':>15}{'total CPU s':>12}",
+             rule]
+    for row in results["models"]:
+        loss = row.get("test_loss")
+        lines.append(f"{row['name']:<34}{_int(row.get('params')):>10}{_pct(row.get('val_acc')):>10}"
+                     f"{_pct(row.get('test_acc')):>10}{'-' if loss is None else f'{loss:.4f}':>11}"
+                     f"{_sec(row.get('cpu_s')):>15}{_sec(row.get('total_cpu_s')):>12}")
+    lines += [rule, "critical CPU s: sub-network: its own training; recomposed: max over ranks (load + "
+                    "sub-networks) + gather + recompose (+ training); random init: load + training"]
+    b = results["loss_bound"]
+    lines.append(f"loss bound: recomposed test loss {b['recomposed_test_loss']:.4f} "
+                 f"{'<=' if b['holds'] else '>'} mean of the sub-networks' {b['mean_subnet_test_loss']:.4f}"
+                 + ("" if b.get("applies", True) else "  (not guaranteed: --offdiag-noise > 0)"))
+    t = results["time_to_target"]
+
+    def reached(x):
+        return "not reached" if x is None else f"{x['cpu_s']:.1f} CPU s (epoch {x['epoch']:.2f})"
+    line = (f"time to {100 * t['target_test_acc']:.1f}% test accuracy: recomposed {reached(t['recomposed'])}, "
+            f"random init {reached(t['global_random_init'])}")
+    if t["ratio"] is not None:
+        line += f"  ->  ratio {t['ratio']:.2f}"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def format_any(results: dict) -> str:
+    return format_width_table(results) if results.get("mode") == "width" else format_table(results)
 
 
 def main(argv=None):
@@ -54,7 +109,7 @@ def main(argv=None):
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     path = argv[0].rstrip("/")
     with open(path if path.endswith(".json") else f"{path}/results.json") as f:
-        print(format_table(json.load(f)))
+        print(format_any(json.load(f)))
     return 0
 
 

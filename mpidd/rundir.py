@@ -3,7 +3,10 @@
     config.json      resolved configuration (reusable with --config)
     results.json     accuracies, parameter counts, timings, decomposition, versions
     metrics.csv      one row per epoch of every model
-    checkpoints/     local_<i>.pt (one per subdomain), coarse_dnn.pt, global.pt
+    checkpoints/     local_<i>.pt (one per subdomain), coarse_dnn.pt, global.pt,
+                     coherent_<init>_local_<i>.pt, coherent_<init>_dnn.pt,
+                     coherent_<init>_rank<r>_optimizer.pt (init: random or pretrained),
+                     subnet_<m>.pt, recomposed_initial.pt, recomposed.pt (--mode width)
     logs/rank<r>.log per-rank log
 """
 
@@ -17,7 +20,8 @@ import torch
 
 from .data import atomic_path
 
-METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
+METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+                 "images_per_s", "seconds", "cpu_seconds")
 
 
 def atomic_write(path: str, write):
@@ -29,7 +33,9 @@ def atomic_write(path: str, write):
 
 
 RUN_FILES = ("config.json", "results.json", "metrics.csv")
-RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt", "logs/rank*.log")
+RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt",
+             "checkpoints/coherent_*.pt", "checkpoints/subnet_*.pt", "checkpoints/recomposed*.pt",
+             "logs/rank*.log")
 
 
 def prepare(out: str):

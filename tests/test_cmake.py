@@ -22,7 +22,7 @@ def test_in_source_build_is_refused(tmp_path):
     assert (tmp_path / "Makefile").read_text() == "# the project's own Makefile\n"
 
 
-def test_suites_registered_at_1_2_and_4_ranks(tmp_path):
+def test_suites_registered_at_1_to_4_ranks(tmp_path):
     build = tmp_path / "build"
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     proc = subprocess.run([CMAKE, "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
@@ -30,6 +30,6 @@ def test_suites_registered_at_1_2_and_4_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
     listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
-    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np4", "e2e"):
+    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e"):
         assert f": {name}" in listed
     assert f'{mpiexec} "-n" "4"' in listed and "--with-mpi" in listed

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from mpidd.combine import accuracy, average_vote, majority_vote, train_coarse_dnn
 from mpidd.engine import TrainOptions, evaluate

@@ -20,7 +20,8 @@ def test_file_then_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('model = "bogus"', "not one of"),
+    ('mode = "bogus"', "not one of"),
+    ('arch = "densenet"', "not one of"),
     ('optimizer = "lbfgs"', "not one of"),
     ("epochs = 2.5", "wrong type"),
     ('epochs = "3"', "wrong type"),
@@ -43,7 +44,38 @@ def test_bad_config_file_values_are_refused(tmp_path, text, message):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--config", "/nonexistent.toml"], "does not exist"),
+    (["--coherent-epochs", "0"], "--coherent-epochs must be >= 1"),
+    (["--transfer-lr", "0"], "--transfer-lr must be > 0"),
+    (["--blocks-per-stage", "0"], "--blocks-per-stage must be >= 1"),
+    (["--from", "runs/x"], "use it with --mode coherent --init pretrained"),
+    (["--mode", "coherent", "--init", "random", "--from", "runs/x"], "use it with --mode coherent --init pretrained"),
+    (["--exchange", "logits"], "--dnn-init random with --exchange logits"),
+    (["--mode", "coherent", "--exchange", "logits"], "--dnn-init random with --exchange logits"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+def test_coherent_options_resolve(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('mode = "coherent"\nfrom = "runs/earlier"\narch = "resnet"\n')
+    args = parse_args(["--config", str(cfg), "--transfer-lr", "1e-4"])
+    assert (args.mode, args.init, args.from_run, args.arch, args.transfer_lr) == (
+        "coherent", "pretrained", "runs/earlier", "resnet", 1e-4)
+    args = parse_args(["--mode", "coherent", "--init", "random", "--exchange", "logits"])
+    assert args.exchange == "logits" and args.from_run is None
+    assert parse_args(["--exchange", "logits", "--dnn-init", "random"]).mode == "compare"
+
+
+def test_a_runs_config_json_can_be_passed_back(tmp_path):
+    """config.json holds every option (nulls for unset ones such as --threads); reading it back
+    with --config gives the same options."""
+    import json
+    args = parse_args(["--grid", "4x4", "--mode", "coherent", "--from", "runs/a", "--coarse-hidden", "32"])
+    saved = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out")}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    again = parse_args(["--config", str(path)])
+    assert {k: v for k, v in vars(again).items() if k in saved} == saved
+    assert again.threads is None and again.width_factor is None

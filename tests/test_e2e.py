@@ -18,7 +18,7 @@ if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"
 BIN = os.path.dirname(sys.executable)
 MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(BIN, "mpirun")
 TINY = ["--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
-        "--coarse-epochs", "5", "--coarse-batch-size", "32", "--threads", "1"]
+        "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
 
 
 def run(args, np=None, timeout=240, script=("-m", "mpidd.train")):
@@ -55,32 +55,45 @@ def test_two_rank_run_writes_everything(two_rank_run):
     assert r["decomposition"]["rank_of_subdomain"] == [0, 1, 0, 1]
     names = [m["name"] for m in r["models"]]
     assert names[:4] == [f"local {i} {c}" for i, c in enumerate(["(0, 0)", "(0, 1)", "(1, 0)", "(1, 1)"])]
-    assert names[4:] == ["average", "majority vote", "CNN-DNN", "global CNN"]
+    assert names[4:] == ["average", "majority vote", "CNN-DNN", "coherent (random init)",
+                         "coherent (transfer learning)", "global CNN"]
     for m in r["models"]:
         assert 0.0 <= m["test_acc"] <= 1.0
+        assert 0 < m["cpu_s"] <= m["total_cpu_s"] and m["kind"]
     assert r["accuracy"]["CNN-DNN"]["test"] > 0.5  # 4 classes: chance is 0.25
+    assert r["accuracy"]["coherent (transfer learning)"]["test"] > 0.5
+    tl, cnn_dnn = (next(m for m in r["models"] if m["kind"] == k) for k in ("coherent_pretrained", "cnn_dnn"))
+    assert tl["params"] == cnn_dnn["params"] and tl["cpu_s"] > cnn_dnn["cpu_s"]  # it starts after the CNN-DNN
+    for key in ("coherent_random", "coherent_pretrained"):
+        c = r["timing"][key]
+        assert c["steps"] == 2 * 16 and c["batch_size"] == 32  # 512 samples in batches of 32, 2 epochs
+        assert 0 < c["exchange_fraction_max"] < 1 and 0 < c["exchange_cpu_fraction_max"] < 1
+        assert c["bytes_per_step_per_rank"] == [2 * 32 * 2 * 4 * 4] * 2  # B x 2 subdomains x K floats, both ways
     box_bytes = 2 * (512 + 128 + 128) * (10 * 10 + 8)  # two 10x10 boxes + labels, per split
     whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # rank 0 also reads whole images for the global CNN
     assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes, box_bytes]
     for s in r["per_rank"]:
         assert s["bytes_read_boxes"] == box_bytes
         assert s["peak_rss_bytes"] > 10 * 2 ** 20
-        assert {"load", "local", "gather"} <= set(s["phases"])
+        assert {"load", "local", "gather", "coherent_random", "coherent_pretrained"} <= set(s["phases"])
     cp = r["timing"]["critical_path"]
     assert cp["cpu_s"] > 0 and r["timing"]["global_train_cpu_s"] > 0
     assert "MPICH" in r["versions"]["mpi_library"] or "Open MPI" in r["versions"]["mpi_library"]
     assert r["versions"]["torch"].startswith("2.")
+    coherent = [f"coherent_{init}_{f}" for init in ("pretrained", "random")
+                for f in ["dnn.pt", "local_0.pt", "local_1.pt", "local_2.pt", "local_3.pt",
+                          "rank0_optimizer.pt", "rank1_optimizer.pt"]]
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
-        "coarse_dnn.pt", "global.pt", "local_0.pt", "local_1.pt", "local_2.pt", "local_3.pt"]
+        "coarse_dnn.pt", *coherent, "global.pt", "local_0.pt", "local_1.pt", "local_2.pt", "local_3.pt"]
     assert sorted(os.listdir(os.path.join(out, "logs"))) == ["rank0.log", "rank1.log"]
     with open(os.path.join(out, "metrics.csv")) as f:
         lines = f.read().splitlines()
     assert lines[0].startswith("model,epoch,loss")
-    assert len(lines) == 1 + 4 * 3 + 5 + 3  # 4 locals x 3 epochs, DNN 5 epochs, global 3 epochs
+    assert len(lines) == 1 + 4 * 3 + 5 + 2 * 2 + 3  # 4 locals x 3 epochs, DNN 5, 2 coherent x 2, global 3
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["grid"] == "2x2" and cfg["epochs"] == 3 and "out" not in cfg
     # rank 0 printed progress and the table; only rank 0 prints
-    assert "CNN-DNN" in proc.stdout and "critical path" in proc.stdout
+    assert "CNN-DNN" in proc.stdout and "critical path" in proc.stdout and "of a step's wall time" in proc.stdout
     assert proc.stdout.count("mpidd: 2 ranks") == 1
     assert "local 0 (0, 0): epoch 3/3" in proc.stdout and "local 1 (0, 1): epoch" not in proc.stdout
 
@@ -96,23 +109,32 @@ def test_checkpoints_reload(two_rank_run):
 
 
 def test_same_accuracies_with_1_2_and_4_ranks(tiny, tmp_path):
+    """Local, combined and coherent (model parallel) models alike: the ranks change nothing."""
     accs = {}
-    for np_ in (1, 2, 4):
+    for np_ in (1, 2, 3, 4):  # 3: rank 0 owns two subdomains, ranks 1 and 2 one each
         out = str(tmp_path / f"np{np_}")
-        proc = run(["--data", tiny, "--grid", "2x2", "--model", "twolevel", "--out", out, "--seed", "3",
-                    *TINY], np=np_)
+        proc = run(["--data", tiny, "--grid", "2x2", "--mode", "compare", "--out", out, "--seed", "3",
+                    *TINY, "--epochs", "2", "--coarse-epochs", "2"], np=np_)
         assert proc.returncode == 0, proc.stderr
         accs[np_] = results(out)["accuracy"]
-    assert accs[1] == accs[2] == accs[4]
+    assert accs[1] == accs[2] == accs[3] == accs[4]
+    assert "coherent (random init)" in accs[4]
 
 
-def test_a_failing_rank_ends_the_job(tiny, tmp_path):
+@pytest.mark.parametrize("where,mode,np_,rank", [("local", "twolevel", 2, 1), ("exchange", "coherent", 2, 1),
+                                                 ("exchange", "coherent", 3, 1), ("exchange", "coherent", 3, 0)])
+def test_a_failing_rank_ends_the_job(tiny, tmp_path, where, mode, np_, rank):
     start = time.perf_counter()
-    proc = run(["1", "--data", tiny, "--model", "twolevel", "--out", str(tmp_path / "f"), *TINY],
-               np=2, timeout=120, script=(os.path.join(ROOT, "tests", "raise_on_rank.py"),))
+    proc = run([str(rank), where, "--data", tiny, "--grid", "2x2", "--mode", mode, "--init", "random",
+                "--out", str(tmp_path / "f"), *TINY],
+               np=np_, timeout=120, script=(os.path.join(ROOT, "tests", "raise_on_rank.py"),))
     assert proc.returncode != 0
-    assert "rank 1" in proc.stderr and "injected failure" in proc.stderr
+    assert f"rank {rank}" in proc.stderr
+    injected = f"injected failure in{'side' if where == 'exchange' else ''} the"
+    assert injected in proc.stderr
     assert time.perf_counter() - start < 60
+    with open(tmp_path / "f" / "logs" / f"rank{rank}.log") as f:  # kept whatever mpirun does with stderr
+        assert f"mpidd: rank {rank} on" in (text := f.read()) and injected in text
 
 
 def bad_file(tmp_path, change):
@@ -165,7 +187,7 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message
         extra = ["--grid", "1x2"]
     elif case == "exists":
         out.mkdir()
-    proc = run(["--data", data, "--out", str(out), "--model", "twolevel", *extra, *TINY], np=np_, timeout=120)
+    proc = run(["--data", data, "--out", str(out), "--mode", "twolevel", *extra, *TINY], np=np_, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "mpidd.train: error:" in errors[0], proc.stderr
@@ -186,7 +208,7 @@ def test_help_and_bad_flag():
 
 def test_config_file_and_command_line_precedence(tiny, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('grid = "1x2"\nepochs = 1\ncoarse-epochs = 2\nmodel = "twolevel"\nwidth = 4\n')
+    cfg.write_text('grid = "1x2"\nepochs = 1\ncoarse-epochs = 2\nmode = "twolevel"\nwidth = 4\n')
     out = str(tmp_path / "run")
     proc = run(["--config", str(cfg), "--data", tiny, "--out", out, "--width", "6", "--threads", "1"], np=2)
     assert proc.returncode == 0, proc.stderr
@@ -207,13 +229,13 @@ def test_no_arguments_names_the_command_that_makes_the_demo_data(tmp_path):
 
 def test_global_baseline_alone_on_one_rank(tiny, tmp_path):
     out = str(tmp_path / "g")
-    proc = run(["--data", tiny, "--model", "global", "--out", out, *TINY])
+    proc = run(["--data", tiny, "--mode", "global", "--out", out, *TINY])
     assert proc.returncode == 0, proc.stderr
     r = results(out)
     assert [m["name"] for m in r["models"]] == ["global CNN"]
     assert r["accuracy"]["global CNN"]["test"] > 0.5
     assert "critical_path" not in r["timing"] and r["timing"]["global_train_cpu_s"] > 0
-    proc = run(["--data", tiny, "--model", "global", "--out", str(tmp_path / "g2"), *TINY], np=2)
+    proc = run(["--data", tiny, "--mode", "global", "--out", str(tmp_path / "g2"), *TINY], np=2)
     assert proc.returncode == 2 and "run it on 1 rank" in proc.stderr
 
 
@@ -232,8 +254,187 @@ def test_overwrite_replaces_an_earlier_run(tiny, tmp_path):
     (out / "checkpoints" / "local_9.pt").write_text("stale")
     (out / "notes.txt").write_text("the user's own file")
     (out / "checkpoints" / "mine.pt").write_text("the user's own checkpoint")
-    proc = run(["--data", tiny, "--grid", "1x2", "--model", "twolevel", "--out", str(out), "--overwrite",
+    proc = run(["--data", tiny, "--grid", "1x2", "--mode", "twolevel", "--out", str(out), "--overwrite",
                 *TINY], np=2)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out / "checkpoints")) == ["coarse_dnn.pt", "local_0.pt", "local_1.pt", "mine.pt"]
     assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_transfer_learning_from_an_earlier_run_on_other_ranks(two_rank_run, tiny, tmp_path):
+    """--from: the coherent model starts from an earlier run's checkpoints, here trained on 2
+    ranks and continued on 4; only the coherent phase runs."""
+    import torch
+    earlier, _ = two_rank_run
+    out = str(tmp_path / "tl")
+    # a vanishing learning rate: the coherent model must stay the earlier run's CNN-DNN
+    proc = run(["--data", tiny, "--mode", "coherent", "--from", earlier, "--out", out, "--overlap", "1", *TINY,
+                "--transfer-lr", "1e-12", "--coherent-epochs", "1"], np=4)
+    assert proc.returncode == 0, proc.stderr
+    r = results(out)
+    assert [m["name"] for m in r["models"]] == ["coherent (transfer learning)"]
+    assert r["timing"]["coherent_pretrained"]["pretrained_from"] == earlier
+    for name in ("local_0", "local_3", "dnn"):
+        before = torch.load(os.path.join(earlier, "checkpoints", "coarse_dnn.pt" if name == "dnn" else f"{name}.pt"))
+        after = torch.load(os.path.join(out, "checkpoints", f"coherent_pretrained_{name}.pt"))
+        for key, value in before["model"].items():
+            if value.is_floating_point() and "running" not in key:  # BatchNorm statistics do move
+                torch.testing.assert_close(after["model"][key], value, rtol=1e-6, atol=1e-7)
+    cnn_dnn = results(earlier)["accuracy"]["CNN-DNN"]["test"]
+    assert abs(r["accuracy"]["coherent (transfer learning)"]["test"] - cnn_dnn) <= 0.05
+    assert "local 0 (0, 0): epoch" not in proc.stdout  # no local phase
+    assert sorted(os.listdir(os.path.join(out, "logs"))) == [f"rank{r}.log" for r in range(4)]
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--width", "6"], "trained with --width 8, this run has 6"),
+    (["--overlap", "0"], "trained with --overlap 1, this run has 0"),
+    (["--arch", "resnet"], "trained with --arch vgg, this run has resnet"),
+    (["--blocks-per-stage", "5", "--hidden", "99"], "trained with --hidden 16, this run has 99"),  # resnet-only key ignored
+    ("nodir", "no config.json there"),
+    ("nockpt", "missing checkpoints/local_2.pt"),
+    ("garbage", "cannot read checkpoint"),
+    ("badjson", "config.json is not valid JSON"),
+])
+def test_a_run_that_does_not_fit_is_refused_as_pretrained(two_rank_run, tiny, tmp_path, change, message):
+    import shutil
+    earlier, _ = two_rank_run
+    flags = ["--overlap", "1"]
+    if change == "nodir":
+        earlier = str(tmp_path)
+    elif change in ("nockpt", "garbage", "badjson"):
+        shutil.copytree(earlier, tmp_path / "copy")
+        earlier = str(tmp_path / "copy")
+        if change == "nockpt":
+            os.remove(os.path.join(earlier, "checkpoints", "local_2.pt"))
+        elif change == "garbage":
+            with open(os.path.join(earlier, "checkpoints", "local_1.pt"), "wb") as f:
+                f.write(b"not a checkpoint")
+        else:
+            with open(os.path.join(earlier, "config.json"), "w") as f:
+                f.write("{")
+    else:
+        flags = change if change[0] == "--overlap" else flags + change
+    out = tmp_path / "tl"
+    proc = run(["--data", tiny, "--mode", "coherent", "--from", earlier, "--out", str(out), *TINY, *flags], np=1)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("error:") == 1
+    assert not out.exists()
+
+
+def test_resnet_family_end_to_end(tiny, tmp_path):
+    out = str(tmp_path / "resnet")
+    proc = run(["--data", tiny, "--arch", "resnet", "--depth", "2", "--blocks-per-stage", "1", "--mode", "coherent",
+                "--init", "random", "--out", out, *TINY], np=2)
+    assert proc.returncode == 0, proc.stderr
+    r = results(out)
+    assert r["arch"] == "resnet" and r["accuracy"]["coherent (random init)"]["test"] > 0.4
+    import torch
+    ck = torch.load(os.path.join(out, "checkpoints", "coherent_random_local_1.pt"), weights_only=False)
+    assert any("conv2" in k for k in ck["model"])  # residual blocks
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Real data: scikit-learn's bundled handwritten digits (8x8), through data_prep.digits."""
+    pytest.importorskip("sklearn")
+    path = str(tmp_path_factory.mktemp("digits") / "digits.h5")
+    proc = subprocess.run([sys.executable, "-m", "data_prep.digits", "--out", path], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0 and "train 1197, val 300, test 300" in proc.stdout, proc.stderr
+    return path
+
+
+WIDTH = ["--mode", "width", "--subnets", "4", "--width", "16", "--hidden", "32", "--subnet-epochs", "3",
+         "--epochs", "2", "--batch-size", "32", "--threads", "1", "--target-acc", "0.8"]
+
+
+@pytest.fixture(scope="module")
+def width_run(digits, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("width") / "w2")
+    proc = run(["--data", digits, "--out", out, *WIDTH], np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc
+
+
+def test_width_mode_on_real_digits(width_run):
+    import torch
+    out, proc = width_run
+    r = results(out)
+    assert r["mode"] == "width" and r["world_size"] == 2
+    assert r["width"]["rank_of_subnet"] == [0, 1, 0, 1] and r["width"]["subnet_width"] == 4
+    assert [m["name"] for m in r["models"]] == [
+        "subnet 0", "subnet 1", "subnet 2", "subnet 3", "recomposed (before training)", "recomposed + 2 epochs",
+        "global CNN (random init, 2 ep.)"]
+    subnets, before, after, glob = r["models"][:4], r["models"][4], r["models"][5], r["models"][6]
+    assert 4 * subnets[0]["params"] < before["params"] == after["params"] == glob["params"]
+    # the recomposed network is the sub-networks' mean-logit ensemble: on real data it beats the
+    # mean sub-network, and its loss obeys the convexity bound
+    assert before["test_acc"] > np.mean([m["test_acc"] for m in subnets])
+    b = r["loss_bound"]
+    assert b["holds"] and b["recomposed_test_loss"] <= b["mean_subnet_test_loss"]
+    assert abs(b["mean_subnet_test_loss"] - np.mean([m["test_loss"] for m in subnets])) < 1e-9
+    assert after["test_acc"] > 0.8 and glob["test_acc"] > 0.8  # 10 classes: chance is 0.1
+    # critical path: the slower rank's two sub-networks, then rank 0's recompose and training
+    assert max(m["cpu_s"] for m in subnets) < before["cpu_s"] < after["cpu_s"] < after["total_cpu_s"]
+    t = r["time_to_target"]
+    assert t["target_test_acc"] == 0.8 and len(t["curves"]["global"]) == len(t["curves"]["recomposed"]) == 2 * 4
+    assert [p["epoch"] for p in t["curves"]["global"]][3:5] == [1.0, pytest.approx(1 + 10 / 38)]  # 38 steps an epoch
+    cpu = [p["cpu_s"] for p in t["curves"]["recomposed"]]
+    assert all(a < b for a, b in zip(cpu, cpu[1:])) and cpu[-1] < after["cpu_s"] - before["cpu_s"]
+    if t["recomposed"] and t["global_random_init"]:
+        assert t["ratio"] == pytest.approx(t["recomposed"]["cpu_s"] / t["global_random_init"]["cpu_s"])
+        assert t["recomposed"]["cpu_s"] > before["cpu_s"]
+    ck = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ck == ["global.pt", "recomposed.pt", "recomposed_initial.pt"] + [f"subnet_{m}.pt" for m in range(4)]
+    sub = torch.load(os.path.join(out, "checkpoints", "subnet_3.pt"), weights_only=False)
+    assert sub["subnet"] == 3 and sub["train_samples"] == 1197 and not sub["shard"]
+    with open(os.path.join(out, "metrics.csv")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 + 4 * 3 + 2 + 2  # 4 sub-networks x 3 epochs, recomposed 2, global 2
+    assert "loss bound: recomposed test loss" in proc.stdout and "time to 80.0% test accuracy" in proc.stdout
+    assert "subnet 0: epoch 3/3" in proc.stdout and "subnet 1: epoch" not in proc.stdout  # rank 0 prints
+    again = subprocess.run([sys.executable, "-m", "mpidd.report", out], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert again.returncode == 0 and again.stdout.strip() in proc.stdout
+
+
+def test_width_mode_same_results_on_1_and_2_ranks_and_shards_on_4(width_run, digits, tmp_path):
+    out, _ = width_run
+    one = str(tmp_path / "w1")
+    assert run(["--data", digits, "--out", one, *WIDTH], np=1).returncode == 0
+    assert results(one)["accuracy"] == results(out)["accuracy"]  # 1 rank trains all 4 in turn
+    sharded = str(tmp_path / "s4")
+    proc = run(["--data", digits, "--out", sharded, *WIDTH, "--shard", "--offdiag-noise", "0.01"], np=4)
+    assert proc.returncode == 0, proc.stderr
+    import torch
+    sizes = [torch.load(os.path.join(sharded, "checkpoints", f"subnet_{m}.pt"), weights_only=False)["train_samples"]
+             for m in range(4)]
+    assert sizes == [300, 299, 299, 299]  # samples m, m+4, ... of 1197: disjoint, covering all
+    r = results(sharded)
+    assert r["width"]["shard"] and r["width"]["offdiag_noise"] == 0.01
+    assert r["accuracy"]["subnet 0"] != results(out)["accuracy"]["subnet 0"]
+
+
+@pytest.mark.parametrize("flags,np_,message", [
+    (["--subnets", "3"], 1, "--width 16 is not divisible by --subnets 3"),
+    (["--subnets", "2"], 3, "3 ranks but only 2 sub-networks"),
+    (["--offdiag-noise", "-1"], 1, "--offdiag-noise must be >= 0"),
+])
+def test_width_mode_refuses_what_does_not_split(digits, tmp_path, flags, np_, message):
+    out = tmp_path / "w"
+    proc = run(["--data", digits, "--out", str(out), *WIDTH, *flags], np=np_, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_width_mode_on_volumes_ignores_the_grid(tmp_path):
+    """3D images (C, D, H, W): the channel split does not depend on the image's shape or --grid."""
+    data = make_tiny_dataset(tmp_path / "vol.h5", n=(96, 32, 32), size=8, spatial=3)
+    out = str(tmp_path / "w3d")
+    proc = run(["--data", data, "--out", out, "--mode", "width", "--grid", "2x2", "--subnets", "2", "--width", "4",
+                "--hidden", "8",
+                "--subnet-epochs", "1", "--epochs", "1", "--batch-size", "16", "--threads", "1"], np=2)
+    assert proc.returncode == 0, proc.stderr
+    r = results(out)
+    assert r["loss_bound"]["holds"] and r["width"]["subnet_width"] == 2 and len(r["models"]) == 5

@@ -67,3 +67,40 @@ def test_no_batch_of_one_image_reaches_batchnorm():
     model = build_cnn(1, 3, (4, 4), CNNConfig(width=4, depth=3, hidden=8))
     history, _ = train_classifier(model, (x, y), None, TrainOptions(epochs=1, batch_size=32), seed=0)
     assert history[0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (32, 32), (14, 14), (7, 7), (1, 1)])
+def test_resnet_output_shape_and_size_independent_parameters(shape):
+    cfg = CNNConfig(arch="resnet", width=8)
+    model = build_cnn(3, 10, shape, cfg)
+    assert model(torch.rand(2, 3, *shape)).shape == (2, 10)
+    assert count_parameters(model) == count_parameters(build_cnn(3, 10, (28, 28), cfg))
+
+
+def test_resnet20_has_the_papers_layers_and_parameters():
+    # He et al.'s CIFAR ResNet-20: 3 stages x 3 blocks at 16/32/64 channels, about 0.27M parameters
+    model = build_cnn(3, 10, (32, 32), CNNConfig(arch="resnet", width=16, depth=3, blocks_per_stage=3))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 19 and [c.out_channels for c in convs[::6]] == [16, 16, 32, 64]
+    assert 0.26e6 < count_parameters(model) < 0.28e6
+    x = torch.rand(2, 3, 32, 32)
+    assert model.features(x).shape == (2, 64, 8, 8)  # stages 2 and 3 halve the map
+
+
+def test_resnet_3d_and_without_batchnorm():
+    model = build_cnn(1, 4, (8, 8, 8), CNNConfig(arch="resnet", width=4, batchnorm=False))
+    assert model(torch.rand(2, 1, 8, 8, 8)).shape == (2, 4)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+
+
+@pytest.mark.parametrize("N,sub", [(4, (14, 14)), (16, (7, 7))])
+def test_resnet_local_width_factor_gives_about_one_nth_of_the_parameters(N, sub):
+    cfg = CNNConfig(arch="resnet")
+    wf = local_width_factor(1, 10, (28, 28), sub, N, cfg)
+    ratio = count_parameters(build_cnn(1, 10, sub, cfg, wf)) / count_parameters(build_cnn(1, 10, (28, 28), cfg))
+    assert 0.7 / N < ratio < 1.3 / N
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_cnn(1, 10, (28, 28), CNNConfig(arch="densenet"))

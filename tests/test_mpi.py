@@ -133,3 +133,117 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
         assert any(all(k.start >= b.start and k.stop <= b.stop for k, b in zip(key[2:], box)) for box in boxes)
     assert sorted(subsets) == mine
     assert nbytes == len(mine) * (150 * 12 * 12 + 150 * 8)
+
+
+def _coherent_problem(N=4, K=5, n=40, size=(8, 8), arch="vgg"):
+    """Data, labels and deterministic builders of every local CNN and the DNN."""
+    import torch
+    from mpidd.models import CNNConfig, CoarseDNN, build_cnn
+    rng = np.random.default_rng(0)
+    xs = {i: rng.integers(0, 256, (n, 1, *size), dtype=np.uint8) for i in range(N)}
+    y = rng.integers(0, K, n)
+    cfg = CNNConfig(arch=arch, width=4, hidden=8, blocks_per_stage=1)
+
+    def local(i):
+        torch.manual_seed(100 + i)
+        return build_cnn(1, K, size, cfg, 0.75)
+
+    def dnn():
+        torch.manual_seed(7)
+        return CoarseDNN(N * K, K, (16,))
+    return xs, y, local, dnn
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("output,arch", [("probabilities", "vgg"), ("logits", "vgg"), ("probabilities", "resnet")])
+def test_coherent_step_equals_the_single_process_model(comm, output, arch):
+    """One model-parallel step gives every rank the gradients, and after the optimizer step the
+    parameters, of the assembled model (all local CNNs + DNN) trained in one process."""
+    import torch
+    from mpidd.coherent import coherent_step
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.engine import TrainOptions, make_optimizer, to_float
+    from mpidd.parallel import ModelParallelExchange
+    torch.set_num_threads(1)
+    N, K = 4, 5
+    if comm.size > N:
+        pytest.skip("more ranks than subdomains")
+    xs, y, local, dnn = _coherent_problem(N, K, arch=arch)
+    idx = torch.as_tensor([3, 17, 5, 0, 39, 22, 8, 11, 30, 2, 19, 27])
+    opts = TrainOptions(lr=1e-2)
+
+    # reference: the assembled model in this process, plain autograd
+    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
+    outs = [ref_locals[i](to_float(torch.as_tensor(xs[i])[idx])) for i in range(N)]
+    if output == "probabilities":
+        outs = [torch.softmax(o, dim=1) for o in outs]
+    ref_loss = torch.nn.functional.cross_entropy(ref_dnn(torch.cat(outs, dim=1)), torch.as_tensor(y)[idx])
+    ref_loss.backward()
+    ref_grads = {i: [p.grad.clone() for p in ref_locals[i].parameters()] for i in range(N)}
+    ref_dnn_grads = [p.grad.clone() for p in ref_dnn.parameters()]
+    make_optimizer(torch.nn.ModuleList([*ref_locals.values(), ref_dnn]), opts).step()
+
+    # model parallel: this rank's local CNNs (+ the DNN on rank 0)
+    mine = subdomains_of_rank(comm.rank, comm.size, N)
+    models = {i: local(i) for i in mine}
+    coarse = dnn() if comm.rank == 0 else None
+    exchange = ModelParallelExchange(comm, mine, N, K)
+    optimizer = make_optimizer(torch.nn.ModuleList([*models.values(), *([coarse] if coarse else [])]), opts)
+    loss, _ = coherent_step(models, coarse, {i: torch.as_tensor(xs[i]) for i in mine}, torch.as_tensor(y),
+                            idx, optimizer, exchange=exchange, output=output)
+
+    tol = dict(rtol=1e-4, atol=1e-6)
+    for i in mine:
+        for p, g in zip(models[i].parameters(), ref_grads[i]):
+            assert p.grad is not None and g.abs().sum() > 0
+            torch.testing.assert_close(p.grad, g, **tol)
+        for p, q in zip(models[i].state_dict().values(), ref_locals[i].state_dict().values()):
+            torch.testing.assert_close(p.float(), q.float(), **tol)  # parameters and BatchNorm statistics
+    if comm.rank == 0:
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        for p, g, q in zip(coarse.parameters(), ref_dnn_grads, ref_dnn.parameters()):
+            torch.testing.assert_close(p.grad, g, **tol)
+            torch.testing.assert_close(p.data, q.data, **tol)
+    else:
+        assert loss is None
+    assert exchange.calls == 2 and exchange.bytes == 2 * len(idx) * len(mine) * K * 4
+
+
+@pytest.mark.mpi(min_size=1)
+def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
+    """Two epochs of model-parallel training end with the parameters and accuracies that the
+    single-process run (SerialExchange) reaches."""
+    import torch
+    from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.engine import TrainOptions
+    from mpidd.parallel import ModelParallelExchange
+    torch.set_num_threads(1)
+    N, K = 4, 5
+    if comm.size > N:
+        pytest.skip("more ranks than subdomains")
+    xs, y, local, dnn = _coherent_problem(N, K)
+    opts = TrainOptions(epochs=2, batch_size=16, lr=5e-3)
+    val = {i: x[:24] for i, x in xs.items()}
+
+    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
+    ref_hist, _, _ = train_coherent(ref_locals, ref_dnn, xs, y, val, y[:24], opts, 11, exchange=SerialExchange())
+
+    mine = subdomains_of_rank(comm.rank, comm.size, N)
+    models, coarse = {i: local(i) for i in mine}, dnn() if comm.rank == 0 else None
+    exchange = ModelParallelExchange(comm, mine, N, K)
+    hist, _, timing = train_coherent(models, coarse, {i: xs[i] for i in mine}, y,
+                                     {i: val[i] for i in mine}, y[:24], opts, 11, exchange=exchange)
+    for i in mine:  # parameters and BatchNorm statistics
+        for (name, p), q in zip(models[i].state_dict().items(), ref_locals[i].state_dict().values()):
+            torch.testing.assert_close(p.float(), q.float(), rtol=1e-3, atol=1e-5, msg=lambda m: f"{i} {name}: {m}")
+    if comm.rank == 0:
+        for p, q in zip(coarse.parameters(), ref_dnn.parameters()):
+            torch.testing.assert_close(p.data, q.data, rtol=1e-3, atol=1e-5)
+    assert timing["steps"] == 2 * 3 and 0 <= timing["exchange_s"] <= timing["step_s"]
+    result = evaluate_coherent(models, coarse, {i: xs[i] for i in mine}, y, exchange=exchange)
+    if comm.rank == 0:
+        assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-4)
+        assert result[1] == pytest.approx(evaluate_coherent(ref_locals, ref_dnn, xs, y, exchange=SerialExchange())[1])
+    else:
+        assert result is None
