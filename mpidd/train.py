@@ -845,13 +845,15 @@ def assemble_width_results(args, plan, all_stats, scores, size, threads) -> dict
                          "most the mean of the sub-networks' losses"},
         "time_to_target": {
             "target_test_acc": args.target_acc, "recomposed": recomposed_to, "global_random_init": global_to,
+            "recomposed_start_cpu_s": steps_before,
             "ratio": (recomposed_to["cpu_s"] / global_to["cpu_s"]) if recomposed_to and global_to else None,
             "curves": {name: [{k: p[k] for k in ("epoch", "cpu_s", "test_acc")}
                               for r in scores[f"{name}_curve"] for p in r["curve"]]
                        for name in ("recomposed", "global")},
             "definition": "critical-path CPU seconds until the first point of the test-accuracy curve "
                           "(--curve-points per epoch) that reaches the target: recomposed = max over ranks "
-                          "(load + sub-network training steps) + gather + recompose + its training steps "
+                          "(load + sub-network training steps) + gather + recompose (recomposed_start_cpu_s) "
+                          "+ its training steps "
                           "(epoch 0: the recomposed network before training); random init = load + its "
                           "training steps. Evaluations (validation, curve) are left out on both sides"},
     }
