@@ -1,42 +1,121 @@
 # mpidd: `make demo` and `make test` set everything up on a fresh machine (see README.md).
-PYTHON     ?= python3
-VENV       ?= .venv
-NP         ?= 4
-DATA       ?= data/fashion_mnist.h5
-FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
-DEMO_OUT   ?= runs/demo
-MPIEXEC    ?= $(CURDIR)/$(VENV)/bin/mpiexec
-PY          = $(VENV)/bin/python
-STAMP       = $(VENV)/.installed
-CMAKE      := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
-CTEST       = $(dir $(CMAKE))ctest
+#
+#   make test                 MPI from pip (the `mpich` wheel) in .venv; also builds an Open MPI
+#                             mpi4py into .venv/openmpi for the Open MPI end-to-end test
+#   make test MPI=system      the system's MPI (mpicc and mpiexec on PATH, e.g. after `module load`;
+#                             Debian's Open MPI is installed with apt when there is no mpicc),
+#                             mpi4py built against it, in .venv-system and build-system
+#   make test OPENMPI_TEST=0  leave the Open MPI end-to-end test (and its apt install) out
+PYTHON       ?= python3
+MPI          ?= pip
+NP           ?= 4
+DATA         ?= data/fashion_mnist.h5
+FMNIST_SRC   ?= /usr/share/datasets/fashion-mnist
+DEMO_OUT     ?= runs/demo
+OPENMPI_TEST ?= 1
+MPICC_OPENMPI ?= mpicc.openmpi
 
-.PHONY: all setup data demo test clean
+ifeq ($(MPI),pip)
+VENV         ?= .venv
+BUILD        ?= build
+MPIEXEC      ?= $(CURDIR)/$(VENV)/bin/mpiexec
+MPIEXEC_PREFLAGS ?=
+EXTRAS        = test,mpich
+else ifeq ($(MPI),system)
+VENV         ?= .venv-system
+BUILD        ?= build-system
+MPICC        ?= mpicc
+# Recursive (=) variables: looked up when a recipe runs, i.e. after apt may have installed the MPI.
+MPIEXEC      ?= $(or $(shell command -v mpiexec 2>/dev/null),mpiexec)
+# Open MPI refuses more ranks than cores (the tests start up to 4 on 2 cores) unless told.
+MPIEXEC_PREFLAGS ?= $(if $(shell $(MPIEXEC) --version 2>&1 | grep -i -e 'open mpi' -e openrte),--oversubscribe)
+EXTRAS        = test
+else
+$(error MPI must be pip or system, not "$(MPI)")
+endif
+
+# Open MPI refuses to run as root unless told (containers, CI machines); MPICH ignores these.
+ifeq ($(shell id -u),0)
+export OMPI_ALLOW_RUN_AS_ROOT = 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
+endif
+
+PY            = $(VENV)/bin/python
+STAMP         = $(VENV)/.installed-$(MPI)
+OPENMPI_DIR   = $(VENV)/openmpi
+OPENMPI_STAMP = $(OPENMPI_DIR)/.built
+CMAKE        := $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
+CTEST         = $(dir $(CMAKE))ctest
+empty        :=
+space        := $(empty) $(empty)
+
+.PHONY: all setup openmpi data demo test clean
 
 all: test
 
-# .venv with mpidd, torch==2.13.0, mpi4py + the pip MPICH, h5py, numpy, pytest, pytest-mpi, scikit-learn (real digits)
+# $(call apt_install,PACKAGES): apt-get install as root, or through sudo; fails when neither can.
+apt_install = if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); \
+	else false; fi
+
+ifeq ($(MPI),pip)
+# $(VENV) with mpidd, torch==2.13.0, mpi4py + the pip MPICH, h5py, numpy, pytest, pytest-mpi,
+# scikit-learn (real digits). An mpi4py built for MPI=system in the same VENV is replaced.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e ".[test]"
+	if [ -e $(VENV)/.installed-system ]; then $(PY) -m pip uninstall -y mpi4py; fi
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-system
 	touch $@
+else
+# $(VENV) with mpi4py built from source against the system MPI (no pip MPICH), then the rest.
+$(STAMP): setup.py
+	@command -v $(MPICC) >/dev/null 2>&1 || { \
+	  echo "MPI=system: no $(MPICC) on PATH, installing Debian's Open MPI (openmpi-bin libopenmpi-dev)"; \
+	  $(call apt_install,openmpi-bin libopenmpi-dev) || echo "could not install openmpi-bin libopenmpi-dev with apt"; }
+	@command -v $(MPICC) >/dev/null 2>&1 || { \
+	  echo "error: MPI=system needs an MPI whose $(MPICC) and mpiexec are on PATH (module load ...," \
+	       "or as root: apt-get install openmpi-bin libopenmpi-dev); or use the pip MPICH: make MPI=pip"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip uninstall -y mpich
+	MPICC="$$(command -v $(MPICC))" $(PY) -m pip install --no-binary=mpi4py --no-cache-dir --force-reinstall --no-deps "mpi4py>=4.0"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-pip
+	touch $@
+endif
 
 setup: $(STAMP)
+
+# Debian's Open MPI and an mpi4py built against it in $(OPENMPI_DIR), beside the venv's own:
+# PYTHONPATH=$(OPENMPI_DIR) mpirun.openmpi -n 2 $(PY) -m mpidd.train ... runs the same venv
+# (torch, h5py, mpidd) under Open MPI. tests/test_openmpi.py (CTest: e2e_openmpi) does that.
+# CFLAGS puts Open MPI's headers first: the build also sees $(VENV)/include, where the pip MPICH
+# put its own mpi.h, and Open MPI's wrapper appends its -I after the caller's.
+$(OPENMPI_STAMP): | $(STAMP)
+	@command -v $(MPICC_OPENMPI) >/dev/null 2>&1 || { \
+	  echo "installing Debian's Open MPI (openmpi-bin libopenmpi-dev) for the Open MPI end-to-end test"; \
+	  $(call apt_install,openmpi-bin libopenmpi-dev) || echo "could not install openmpi-bin libopenmpi-dev with apt"; }
+	@command -v $(MPICC_OPENMPI) >/dev/null 2>&1 || { \
+	  echo "error: the Open MPI end-to-end test needs Debian's Open MPI ($(MPICC_OPENMPI)): as root, or with sudo," \
+	       "apt-get install openmpi-bin libopenmpi-dev; or leave that test out: make test OPENMPI_TEST=0"; exit 1; }
+	rm -rf $(OPENMPI_DIR)
+	MPICC="$$(command -v $(MPICC_OPENMPI))" CFLAGS="$$($(MPICC_OPENMPI) --showme:compile)" \
+	  $(PY) -m pip install --no-binary=mpi4py --no-cache-dir --no-deps \
+	  --target $(OPENMPI_DIR) "mpi4py==$$($(PY) -c 'import mpi4py; print(mpi4py.__version__)')"
+	touch $@
+
+openmpi: $(OPENMPI_STAMP)
 
 $(VENV)/bin/cmake: | $(STAMP)
 	$(PY) -m pip install cmake
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist package (installed here if apt can).
 $(DATA): | $(STAMP)
-	@if ! ls $(FMNIST_SRC)/train-images-idx3-ubyte* >/dev/null 2>&1; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST IDX files)"; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } \
-	      || echo "could not install dataset-fashion-mnist with apt"; \
-	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-	    { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } \
-	      || echo "could not install dataset-fashion-mnist with apt"; \
-	  fi; \
+	@if ! ls $(FMNIST_SRC)/train-images-idx3-ubyte* >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST IDX files)"; \
+	  $(call apt_install,dataset-fashion-mnist) || echo "could not install dataset-fashion-mnist with apt"; \
 	fi
 	@ls $(FMNIST_SRC)/train-images-idx3-ubyte* >/dev/null 2>&1 || { \
 	  echo "error: no Fashion-MNIST in $(FMNIST_SRC). Put train-images-idx3-ubyte.gz," \
@@ -47,12 +126,15 @@ $(DATA): | $(STAMP)
 data: $(DATA)
 
 demo: $(STAMP) $(DATA)
-	$(MPIEXEC) -n $(NP) $(PY) -m mpidd.train --data $(DATA) --out $(DEMO_OUT) --overwrite
+	$(MPIEXEC) -n $(NP) $(MPIEXEC_PREFLAGS) $(PY) -m mpidd.train --data $(DATA) --out $(DEMO_OUT) --overwrite
 
-# All suites through CTest: unit tests, MPI tests at 1, 2 and 4 ranks, end-to-end runs.
-test: $(STAMP) $(CMAKE)
-	$(CMAKE) -S . -B build -DPython3_EXECUTABLE=$(CURDIR)/$(PY) -DMPIEXEC_EXECUTABLE=$(MPIEXEC)
-	$(CTEST) --test-dir build --output-on-failure
+# All suites through CTest: unit tests, MPI tests at 1 to 4 ranks, end-to-end runs (and the
+# Open MPI end-to-end run unless OPENMPI_TEST=0).
+test: $(STAMP) $(CMAKE) $(if $(filter 1,$(OPENMPI_TEST)),$(OPENMPI_STAMP))
+	$(CMAKE) -S . -B $(BUILD) -DPython3_EXECUTABLE=$(CURDIR)/$(PY) -DMPIEXEC_EXECUTABLE=$(MPIEXEC) \
+	  "-DMPIEXEC_PREFLAGS=$(subst $(space),;,$(strip $(MPIEXEC_PREFLAGS)))" \
+	  -DMPIDD_REQUIRE_OPENMPI=$(if $(filter 1,$(OPENMPI_TEST)),ON,OFF)
+	$(CTEST) --test-dir $(BUILD) --output-on-failure
 
 clean:
-	rm -rf build
+	rm -rf build build-system

@@ -10,10 +10,12 @@ setup(
     packages=find_packages(include=["mpidd", "mpidd.*", "data_prep", "data_prep.*"]),
     install_requires=[
         "torch==2.13.0",
-        "mpi4py>=4.0",
-        "mpich",  # MPI from pip; see README for a site MPI instead
+        "mpi4py>=4.0",  # needs an MPI: the `mpich` extra (pip), or the system's (make MPI=system)
         "h5py>=3.8",
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3"]},  # scikit-learn: its bundled real `digits` for tests
+    extras_require={
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3"],  # scikit-learn: its bundled real `digits` for tests
+        "mpich": ["mpich"],  # MPI from pip (make's default, MPI=pip); leave it out for a site MPI
+    },
 )

@@ -35,10 +35,12 @@ def accuracy(pred, labels) -> float:
     return float((np.asarray(pred) == np.asarray(labels)).mean())
 
 
-def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOptions, seed: int, log=None):
-    """Train the coarse DNN on flattened (n, N*K) probabilities; model selection on val."""
+def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOptions, seed: int, log=None,
+                     control=None):
+    """Train the coarse DNN on flattened (n, N*K) probabilities; model selection on val.
+    `control`: stop, checkpoint and resume (mpidd.engine.Control)."""
     x, y = train
     torch.manual_seed(derive_seed(seed, 1))
     model = CoarseDNN(x.shape[1], num_classes, hidden, dropout)
-    history, _ = train_classifier(model, (x, y), val, opts, derive_seed(seed, 1, 1), log)
+    history, _ = train_classifier(model, (x, y), val, opts, derive_seed(seed, 1, 1), log, control=control)
     return model, history

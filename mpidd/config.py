@@ -37,7 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "probabilities, and a coarse DNN on rank 0; the same CNN-DNN trained as one "
                     "coherent model-parallel model (from random or pre-trained local CNNs); the "
                     "global CNN for comparison. Launch with "
-                    "`mpirun -n P python -m mpidd.train ...`, P <= number of subdomains.",
+                    "`mpirun -n P python -m mpidd.train ...`, P <= number of subdomains N, or "
+                    "(--mode twolevel) a multiple of N: P/N ranks train each local CNN data parallel. "
+                    "SIGTERM/SIGUSR1 save and exit with 75; continue with --resume RUN_DIR.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="TOML (or config.json) file with the same keys as these flags")
     g = p.add_argument_group("data and decomposition")
@@ -49,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default="compare",
                    help="twolevel: local CNNs, then average, vote and the coarse DNN; coherent: the "
                         "CNN-DNN trained as one model parallel model (see --init); global: the "
-                        "global CNN on whole images, one rank; compare: the paper's comparison, "
+                        "global CNN on whole images (data parallel over the ranks); compare: the paper's comparison, "
                         "twolevel + coherent from random init + coherent with transfer learning + "
                         "global, in one table; width: the global CNN split along its channels into "
                         "--subnets thin sub-networks, trained in parallel, recomposed and trained "
@@ -129,6 +131,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="test accuracy measurements per epoch of the recomposed and the random-init "
                         "network, for the time to --target-acc (their CPU time is not counted)")
     g = p.add_argument_group("run")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (stopped by SIGTERM/SIGUSR1, killed, or preempted) from "
+                        "its last checkpoints, with its config.json; only --threads, --device, "
+                        "--log-interval and the path of the same --data may differ, and the number of ranks "
+                        "must be the same")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: one GPU per rank (node-local rank modulo the visible GPUs) when torch sees a "
+                        "GPU, else the CPU")
     g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
@@ -167,10 +177,29 @@ def check_file_value(path, action, value):
     return value
 
 
+# What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
+# the data file itself is checked against the run's fingerprint of it.)
+RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "resume", "config", "overwrite", "out", "data")
+
+
+def same_value(a, b) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    return norm(a) == norm(b)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Defaults < config file < command line."""
+    """Defaults < (with --resume: the run's config.json) < config file < command line."""
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
+    stored = None
+    if pre.resume:
+        path = os.path.join(pre.resume, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {pre.resume}: no config.json there (not an mpidd run directory, or a "
+                              f"run refused before it started)")
+        stored = load_config_file(path)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        parser.set_defaults(**{k: v for k, v in stored.items() if k in actions})
     if pre.config:
         values = load_config_file(pre.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -181,6 +210,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()
                                if v is not None or actions[k].default is not None})
     args = parser.parse_args(argv)
+    if stored is not None:
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(pre.resume):
+            raise ConfigError(f"--resume {pre.resume} continues in that directory: drop --out {args.out}")
+        args.out = pre.resume
+        for key, value in stored.items():
+            if key not in RESUME_MAY_CHANGE and hasattr(args, key) and not same_value(getattr(args, key), value):
+                flag = "--" + ("from" if key == "from_run" else key.replace("_", "-"))
+                raise ConfigError(f"--resume {pre.resume}: that run has {flag} {value}, this command line "
+                                  f"{getattr(args, key)}: a resumed run keeps its options (drop {flag}, or start "
+                                  f"a new run)")
     try:
         args.coarse_hidden = hidden_sizes(args.coarse_hidden)
     except ValueError:

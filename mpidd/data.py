@@ -111,20 +111,23 @@ def inspect(path: str, check_labels: bool = True) -> DataInfo:
                     classes=classes, sizes=sizes)
 
 
-def read_box(images, box_slices, block: int = 4096, check_finite: bool = True, name: str = "images"):
-    """Read images[:, :, *box] in blocks of `block` samples; return (array, bytes_read).
+def read_box(images, box_slices, block: int = 4096, check_finite: bool = True, name: str = "images",
+             rows: tuple[int, int] | None = None):
+    """Read images[lo:hi, :, *box] in blocks of `block` samples; return (array, bytes_read).
 
-    `images` is an h5py Dataset (or anything with shape, dtype and numpy-style slicing).
-    Only the hyperslab of the box is ever requested, so the memory held is the box's alone.
+    `images` is an h5py Dataset (or anything with shape, dtype and numpy-style slicing);
+    `rows` = (lo, hi) the samples to read (default: all). Only the hyperslab of the box is ever
+    requested, so the memory held is the box's alone.
     """
-    n, channels = images.shape[0], images.shape[1]
+    lo, hi = rows if rows is not None else (0, images.shape[0])
+    channels = images.shape[1]
     box_shape = tuple(s.stop - s.start for s in box_slices)
-    out = np.empty((n, channels) + box_shape, dtype=images.dtype)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        out[start:stop] = images[(slice(start, stop), slice(None)) + tuple(box_slices)]
+    out = np.empty((hi - lo, channels) + box_shape, dtype=images.dtype)
+    for start in range(lo, hi, block):
+        stop = min(start + block, hi)
+        out[start - lo:stop - lo] = images[(slice(start, stop), slice(None)) + tuple(box_slices)]
         if check_finite and out.dtype.kind == "f":
-            finite = np.isfinite(out[start:stop]).reshape(stop - start, -1).all(axis=1)
+            finite = np.isfinite(out[start - lo:stop - lo]).reshape(stop - start, -1).all(axis=1)
             if finite.all():
                 continue
             bad = start + int(np.flatnonzero(~finite)[0])
@@ -132,13 +135,31 @@ def read_box(images, box_slices, block: int = 4096, check_finite: bool = True, n
     return out, out.nbytes
 
 
-def load_split(path: str, split: str, box_slices, block: int = 4096):
-    """Read one split's images inside `box_slices` and its labels; return (x, y, bytes_read)."""
+def load_split(path: str, split: str, box_slices, block: int = 4096, rows: tuple[int, int] | None = None):
+    """Read one split's images inside `box_slices` and its labels, samples `rows` = (lo, hi)
+    only if given; return (x, y, bytes_read)."""
     with h5py.File(path, "r") as f:
         grp = f[split]
-        x, nbytes = read_box(grp["images"], box_slices, block=block, name=f"{path}:/{split}/images")
-        y = grp["labels"][...].astype(np.int64)
+        x, nbytes = read_box(grp["images"], box_slices, block=block, name=f"{path}:/{split}/images", rows=rows)
+        y = (grp["labels"][rows[0]:rows[1]] if rows is not None else grp["labels"][...]).astype(np.int64)
     return x, y, nbytes + y.nbytes
+
+
+def load_labels(path: str) -> dict:
+    """Every split's labels (small: what rank 0 needs when it holds only a share of the images)."""
+    with h5py.File(path, "r") as f:
+        return {s: f[s]["labels"][...].astype(np.int64) for s in SPLITS}
+
+
+def fingerprint(path: str) -> dict:
+    """What identifies a data file for --resume: its size, shapes, and a CRC of its labels."""
+    import zlib
+    info = inspect(path, check_labels=False)
+    crc = 0
+    for labels in load_labels(path).values():
+        crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
+    return {"bytes": os.path.getsize(path), "sizes": info.sizes, "image_shape": list(info.image_shape),
+            "dtype": info.dtype, "labels_crc32": crc}
 
 
 def default_chunks(shape, tile: int | None = None, samples: int = 1024):

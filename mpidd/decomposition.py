@@ -120,3 +120,30 @@ def subdomains_of_rank(rank: int, size: int, num_subdomains: int) -> list[int]:
 
 def rank_of_subdomain(index: int, size: int) -> int:
     return index % size
+
+
+def replicas(size: int, num_subdomains: int) -> int:
+    """Ranks per subdomain: 1 when P <= N (ranks take subdomains in turn), P/N when P is a
+    multiple of N (each subdomain's model trained data parallel by P/N ranks)."""
+    if size <= num_subdomains:
+        return 1
+    if size % num_subdomains:
+        raise DecompositionError(
+            f"{size} ranks for {num_subdomains} subdomains: with more ranks than subdomains the ranks must be a "
+            f"multiple of the subdomains ({num_subdomains * (size // num_subdomains)} or "
+            f"{num_subdomains * (size // num_subdomains + 1)} ranks: P/N ranks train each subdomain's model "
+            f"data parallel)")
+    return size // num_subdomains
+
+
+def layout(rank: int, size: int, num_subdomains: int) -> tuple[list[int], int, int]:
+    """(subdomains of `rank`, ranks per subdomain G, this rank's place in its subdomain's group).
+
+    P <= N: round robin, rank r takes r, r+P, ...; G = 1. P = G*N: rank r trains subdomain
+    r % N as member r // N of its group, so ranks 0..N-1 lead the groups (rank i: subdomain i,
+    as with P = N).
+    """
+    g = replicas(size, num_subdomains)
+    if g == 1:
+        return subdomains_of_rank(rank, size, num_subdomains), 1, 0
+    return [rank % num_subdomains], g, rank // num_subdomains

@@ -2,6 +2,18 @@
 
 Images arrive as numpy uint8 (scaled to [0, 1] batch by batch, so only the batch is ever
 float) or float32 arrays; the coarse DNN's inputs are float32 probabilities.
+
+Every loop here can be stopped, checkpointed and resumed exactly (`Control`): it polls
+`stop()` at every step boundary and every evaluation batch; on a stop it hands its whole
+state (weights, optimizer, position in the epoch, random generators, running sums) to
+`save` and raises `Preempted`; given that state back as `resume`, it continues with the
+very next step, so the resumed run computes what the uninterrupted one would have.
+
+Data parallel (`group`, see mpidd.parallel.DataParallelGroup): the ranks of a group each hold
+a contiguous share of the samples (`Shard`); every rank draws the same global mini-batch and
+computes the samples of it that it holds; the loss is normalised by the global batch size and
+the gradients are summed over the group, so the group computes the single-process step (with
+BatchNorm statistics summed over the group too, see models.GroupBatchNorm).
 """
 
 from __future__ import annotations
@@ -9,7 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +41,48 @@ class TrainOptions:
     select_best: bool = False    # keep the weights of the epoch with the best validation accuracy
     test_points: int = 1         # with a test set: test accuracy this many times per epoch (curve)
     log_interval: int = 0        # progress every this many batches (0: per epoch only)
+
+
+class Preempted(Exception):
+    """A stop was agreed (SIGTERM/SIGUSR1): the loop has handed its state to `save` and unwinds."""
+
+
+def never() -> bool:
+    return False
+
+
+@dataclass
+class Control:
+    """How a loop is stopped, checkpointed and resumed.
+
+    stop:   polled at every step boundary and evaluation batch. Where several ranks train one
+            model (coherent, data parallel) it must be collective and agree on every rank.
+    save:   called with the loop's state at every epoch end and when it stops.
+    resume: a state that `save` was given: the loop continues from it.
+    """
+    stop: Callable[[], bool] = never
+    save: Callable[[dict], None] | None = None
+    resume: dict | None = None
+
+
+@dataclass
+class Shard:
+    """Samples [start, start + len(y)) of a split of `total` samples (data parallel: this rank's
+    share; otherwise the whole split, start 0)."""
+    x: object
+    y: object
+    start: int = 0
+    total: int | None = None
+
+    def __post_init__(self):
+        if self.total is None:
+            self.total = len(self.y)
+
+
+def as_shard(split) -> Shard | None:
+    if split is None or isinstance(split, Shard):
+        return split
+    return Shard(*split)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -51,6 +106,10 @@ def to_channels_last(model: nn.Module, ndim: int) -> nn.Module:
     return model.to(memory_format=_memory_format(ndim)) if ndim in (4, 5) else model
 
 
+def module_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.zeros(0)).device
+
+
 def make_optimizer(model, opts: TrainOptions):
     if opts.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay, foreach=True)
@@ -71,29 +130,60 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r} (cosine, step or constant)")
 
 
+def batch_bounds(n: int, batch_size: int) -> list[int]:
+    """Start indices of the mini-batches of an epoch, plus n. No batch of one image: BatchNorm
+    cannot normalise it on 1x1 maps, so a last batch of one joins the one before."""
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
+
+
+def eval_batches(n: int, total: int, batch_size: int, group=None) -> list[slice]:
+    """The evaluation batches of this rank's n samples (of `total`). In a data-parallel group
+    every rank takes the same number (shares differ by at most one sample, so a rank's last
+    batch may be empty), so that collective calls inside them (stop polls, BatchNorm) match."""
+    longest = -(-total // (group.size if group is not None else 1))
+    return [slice(min(s, n), min(s + batch_size, n)) for s in range(0, max(longest, 1), batch_size)]
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None) -> torch.Tensor:
+    """Logits of `model` on x (this rank's share in a data-parallel group), in batches."""
     model.eval()
+    device = module_device(model)
     x = torch.as_tensor(x)
     to_channels_last(model, x.dim())
-    return torch.cat([model(to_float(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    out = []
+    for batch in eval_batches(len(x), total if total is not None else len(x), batch_size, group):
+        if stop():
+            raise Preempted
+        out.append(model(to_float(x[batch].to(device))).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_proba(model: nn.Module, x, batch_size: int = 256) -> np.ndarray:
+def predict_proba(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None) -> np.ndarray:
     """Softmax class probabilities, float32 (n, K)."""
-    return torch.softmax(predict_logits(model, x, batch_size), dim=1).numpy().astype(np.float32)
+    logits = predict_logits(model, x, batch_size, stop, group, total)
+    return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
 
-def evaluate(model: nn.Module, x, y, batch_size: int = 256) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) of `model` on (x, y)."""
-    logits = predict_logits(model, x, batch_size)
+def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=None, total=None) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy) of `model` on (x, y); in a data-parallel group, over the
+    group's samples (each rank passes its share and the split's `total`)."""
+    logits = predict_logits(model, x, batch_size, stop, group, total)
     y = torch.as_tensor(y)
-    loss = nn.functional.cross_entropy(logits, y).item()
-    return loss, (logits.argmax(1) == y).float().mean().item()
+    if group is None:
+        loss = nn.functional.cross_entropy(logits, y).item()
+        return loss, (logits.argmax(1) == y).float().mean().item()
+    loss_sum, correct, n = group.sum([nn.functional.cross_entropy(logits, y, reduction="sum").item(),
+                                      (logits.argmax(1) == y).sum().item(), len(y)])
+    return loss_sum / n, correct / n
 
 
-def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None, test=None):
-    """Train `model` on train=(x, y), validating on val each epoch.
+def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None, test=None,
+                     control: Control | None = None, group=None):
+    """Train `model` on train=(x, y) (or a Shard), validating on val each epoch.
 
     `log(record)` is called after every epoch (record has epoch, loss, acc, val_loss, val_acc,
     lr, images_per_s, eta_s, seconds and cpu_seconds of the epoch's training steps) and every
@@ -102,74 +192,190 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     spaced steps of the epoch (the last at its end), each point {"epoch": fractional epoch,
     "cpu_s": training CPU seconds since the start, "test_acc"}. These are for time-to-accuracy
     curves only (nothing is chosen by them), and their evaluations are left out of the seconds
-    and cpu_seconds. Returns the per-epoch history; with select_best the model ends with the
-    weights of the best validation epoch.
+    and cpu_seconds. Returns (history, optimizer); with select_best the model ends with the
+    weights of the best validation epoch. `control`: stop, checkpoint and resume (see Control);
+    `group`: data parallel over a group of ranks (see the module docstring).
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    x, y = torch.as_tensor(train[0]), torch.as_tensor(train[1])
+    train, val, test = as_shard(train), as_shard(val), as_shard(test)
+    device = module_device(model)
+    x, y = torch.as_tensor(train.x).to(device), torch.as_tensor(train.y).to(device)
     to_channels_last(model, x.dim())
-    n = len(x)
-    bounds = list(range(0, n, opts.batch_size)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        del bounds[-2]  # no batch of one image: BatchNorm cannot normalise it on 1x1 maps
-    steps_per_epoch = len(bounds) - 1
-    total_steps = steps_per_epoch * opts.epochs
     optimizer = make_optimizer(model, opts)
-    history, best, best_acc, step, train_cpu = [], None, -1.0, 0, 0.0
-    points = {round(k * steps_per_epoch / opts.test_points) for k in range(1, opts.test_points + 1)} - {0}
-    start = time.perf_counter()
-    for epoch in range(1, opts.epochs + 1):
-        model.train()
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        curve, eval_s, eval_cpu = [], 0.0, 0.0  # the curve's evaluations, left out of the timings
-        order = torch.randperm(n, generator=generator)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in range(steps_per_epoch):
-            idx = order[bounds[b]:bounds[b + 1]]
-            xb, yb = to_float(x[idx]), y[idx]
-            for group in optimizer.param_groups:
-                group["lr"] = opts.lr * lr_factor(opts.schedule, step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
+    lo, hi = train.start, train.start + len(train.y)
+
+    def step(idx):
+        if group is None:
+            xb, yb = to_float(x[idx.to(device)]), y[idx.to(device)]
             out = model(xb)
             loss = nn.functional.cross_entropy(out, yb)
             loss.backward()
+            return loss.item() * len(idx), (out.argmax(1) == yb).sum().item()
+        mine = idx[(idx >= lo) & (idx < hi)].to(device) - lo  # this rank's samples of the global batch
+        xb, yb = to_float(x[mine]), y[mine]
+        out = model(xb)  # GroupBatchNorm: batch statistics of the whole global batch
+        loss = nn.functional.cross_entropy(out, yb, reduction="sum") / len(idx)
+        loss.backward()
+        group.sum_gradients(model)
+        return loss.item() * len(idx), (out.argmax(1) == yb).sum().item()
+
+    def scores(data: Shard, stop):
+        return evaluate(model, data.x, data.y, stop=stop, group=group, total=data.total)
+
+    history = run_epochs(model, optimizer, opts, seed, train.total, step,
+                         validate=(lambda stop: scores(val, stop)) if val is not None else None,
+                         test=(lambda stop: scores(test, stop)) if test is not None else None,
+                         log=log, control=control, group=group)
+    return history, optimizer
+
+
+def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: int, step, *, validate=None,
+               test=None, log=None, control: Control | None = None, group=None, root: bool = True):
+    """The epoch loop shared by every model of mpidd: mini-batches of a permutation of the n
+    samples drawn from `seed` (the same on every rank), the learning-rate schedule, validation,
+    progress, the test-accuracy curve, and stop / checkpoint / resume (see Control).
+
+    step(idx) runs forward, backward and whatever exchange the model needs on global sample
+    indices idx, and returns (loss summed over the batch, correct predictions) of the samples this
+    rank scores, or None where the rank does not see the loss (coherent model, ranks but root).
+    validate(stop) and test(stop) return (loss, accuracy). The optimizer is stepped here.
+    """
+    control = control or Control()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    bounds = batch_bounds(n, opts.batch_size)
+    steps_per_epoch = len(bounds) - 1
+    total_steps = steps_per_epoch * opts.epochs
+    points = {round(k * steps_per_epoch / opts.test_points) for k in range(1, opts.test_points + 1)} - {0}
+    state = {"epoch": 1, "step": 0, "history": [], "train_cpu": 0.0, "best": None, "best_acc": -1.0,
+             "partial": _fresh_partial()}
+    if control.resume is not None:
+        r = control.resume
+        module.load_state_dict(r["model"])
+        optimizer.load_state_dict(r["optimizer"])
+        generator.set_state(r["generator"])
+        torch.set_rng_state(r["torch_rng"])
+        state = {k: r[k] for k in state}
+        if r.get("done"):
+            if opts.select_best and state["best"] is not None:
+                module.load_state_dict(state["best"])
+            return state["history"]
+    history = state["history"]
+    start = time.perf_counter()
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, opts.epochs + 1):
+        epoch_generator = generator.get_state()  # this epoch's permutation can be drawn again
+        order = torch.randperm(n, generator=generator)
+        partial = state["partial"] if epoch == first_epoch else _fresh_partial()
+        begin = state["step"] if epoch == first_epoch else 0
+
+        def stopped(steps_done):
+            """Hand the position after `steps_done` steps of this epoch to control.save."""
+            if control.save is not None:
+                control.save(dict(_loop_state(module, optimizer, epoch, steps_done, epoch_generator, partial,
+                                              history, state), stopped=True))
+            return Preempted(f"stopped at epoch {epoch}, step {steps_done}")
+
+        module.train()
+        if test is not None and begin in points and begin not in [p["step"] for p in partial["curve"]]:
+            _curve_point(module, test, partial, epoch, begin, steps_per_epoch, state, stopped, control)
+        t0, cpu0 = time.perf_counter() - partial["seconds"], time.process_time() - partial["cpu_seconds"]
+        for b in range(begin, steps_per_epoch):
+            if control.stop():
+                _clock(partial, t0, cpu0)
+                raise stopped(b)
+            idx = order[bounds[b]:bounds[b + 1]]
+            for g in optimizer.param_groups:
+                g["lr"] = opts.lr * lr_factor(opts.schedule, (epoch - 1) * steps_per_epoch + b, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            result = step(idx)
             optimizer.step()
-            step += 1
-            loss_sum += loss.item() * len(idx)
-            correct += (out.argmax(1) == yb).sum().item()
-            seen += len(idx)
+            partial["seen"] += len(idx)
+            if result is not None:
+                partial["loss_sum"] += result[0]
+                partial["correct"] += result[1]
             if test is not None and b + 1 in points:
-                w, c = time.perf_counter(), time.process_time()
-                point = {"epoch": epoch - 1 + (b + 1) / steps_per_epoch, "cpu_s": train_cpu + c - cpu0 - eval_cpu}
-                point["test_loss"], point["test_acc"] = evaluate(model, *test)
-                curve.append(point)
-                model.train()
-                eval_s, eval_cpu = eval_s + time.perf_counter() - w, eval_cpu + time.process_time() - c
+                _clock(partial, t0, cpu0)
+                _curve_point(module, test, partial, epoch, b + 1, steps_per_epoch, state, stopped, control)
+                t0, cpu0 = time.perf_counter() - partial["seconds"], time.process_time() - partial["cpu_seconds"]
             if log and opts.log_interval and (b + 1) % opts.log_interval == 0 and b + 1 < steps_per_epoch:
-                rate = seen / (time.perf_counter() - t0 - eval_s)
-                remaining = (total_steps - step) * opts.batch_size / rate
+                _clock(partial, t0, cpu0)
+                rate = partial["seen"] / max(partial["seconds"], 1e-9)
+                done = (epoch - 1) * steps_per_epoch + b + 1
                 log({"epoch": epoch, "batch": b + 1, "batches": steps_per_epoch,
-                     "loss": loss_sum / seen, "acc": correct / seen,
-                     "images_per_s": rate, "eta_s": remaining})
-        seconds, cpu_seconds = time.perf_counter() - t0 - eval_s, time.process_time() - cpu0 - eval_cpu
-        train_cpu += cpu_seconds
-        val_loss, val_acc = evaluate(model, *val) if val is not None else (float("nan"), float("nan"))
+                     **_running_scores(partial, root),
+                     "images_per_s": rate, "eta_s": (total_steps - done) * opts.batch_size / rate})
+        _clock(partial, t0, cpu0)
+        try:
+            val_loss, val_acc = validate(control.stop) if validate is not None else (math.nan, math.nan)
+        except Preempted:
+            raise stopped(steps_per_epoch) from None
+        loss_sum, correct = partial["loss_sum"], partial["correct"]
+        if group is not None:  # this rank scored its own samples of every batch
+            loss_sum, correct = group.sum([loss_sum, correct])
+        state["train_cpu"] += partial["cpu_seconds"]
         elapsed = time.perf_counter() - start
-        record = {"epoch": epoch, "loss": loss_sum / seen, "acc": correct / seen,
+        record = {"epoch": epoch, "loss": loss_sum / partial["seen"] if root else math.nan,
+                  "acc": correct / partial["seen"] if root else math.nan,
                   "val_loss": val_loss, "val_acc": val_acc,
-                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
-                  "seconds": seconds, "cpu_seconds": cpu_seconds,
-                  "eta_s": elapsed / epoch * (opts.epochs - epoch)}
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": partial["seen"] / partial["seconds"],
+                  "seconds": partial["seconds"], "cpu_seconds": partial["cpu_seconds"],
+                  "eta_s": elapsed / (epoch - first_epoch + 1) * (opts.epochs - epoch)}
         if test is not None:  # the epoch's last point was taken after its last step
-            record["curve"], record["curve_seconds"], record["curve_cpu_seconds"] = curve, eval_s, eval_cpu
+            curve = partial["curve"]
+            record["curve"] = [{k: p[k] for k in ("epoch", "cpu_s", "test_loss", "test_acc")} for p in curve]
+            record["curve_seconds"], record["curve_cpu_seconds"] = partial["eval_s"], partial["eval_cpu"]
             record["test_loss"], record["test_acc"] = curve[-1]["test_loss"], curve[-1]["test_acc"]
         history.append(record)
-        if opts.select_best and val_acc > best_acc:
-            best_acc, best = val_acc, copy.deepcopy(model.state_dict())
+        if opts.select_best and val_acc > state["best_acc"]:
+            state["best_acc"], state["best"] = val_acc, copy.deepcopy(module.state_dict())
             record["best"] = True
         if log:
             log(record)
-    if opts.select_best and best is not None:
-        model.load_state_dict(best)
-    return history, optimizer
+        if control.save is not None:  # the start of the next epoch (or, after the last, the end)
+            control.save(dict(_loop_state(module, optimizer, epoch + 1, 0, generator.get_state(),
+                                          _fresh_partial(), history, state), done=epoch == opts.epochs))
+    if opts.select_best and state["best"] is not None:
+        module.load_state_dict(state["best"])
+    return history
+
+
+def _fresh_partial() -> dict:
+    """Running sums of the epoch in progress."""
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+            "curve": [], "eval_s": 0.0, "eval_cpu": 0.0}
+
+
+def _clock(partial, t0, cpu0):
+    """The epoch's training seconds so far (evaluations of the curve excluded)."""
+    partial["seconds"], partial["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def _running_scores(partial, root):
+    if not root:
+        return {"loss": math.nan, "acc": math.nan}
+    return {"loss": partial["loss_sum"] / partial["seen"], "acc": partial["correct"] / partial["seen"]}
+
+
+def _curve_point(module, test, partial, epoch, steps_done, steps_per_epoch, state, stopped, control):
+    """The test accuracy after `steps_done` steps of `epoch`; its time is kept apart."""
+    w, c = time.perf_counter(), time.process_time()
+    try:
+        loss, acc = test(control.stop)
+    except Preempted:
+        raise stopped(steps_done) from None
+    finally:
+        module.train()
+    partial["curve"].append({"step": steps_done, "epoch": epoch - 1 + steps_done / steps_per_epoch,
+                             "cpu_s": state["train_cpu"] + partial["cpu_seconds"],
+                             "test_loss": loss, "test_acc": acc})
+    partial["eval_s"] += time.perf_counter() - w
+    partial["eval_cpu"] += time.process_time() - c
+
+
+def _loop_state(module, optimizer, epoch, steps_done, generator_state, partial, history, state) -> dict:
+    """Everything run_epochs needs to continue exactly after `steps_done` steps of `epoch`."""
+    return {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "step": steps_done, "generator": generator_state, "torch_rng": torch.get_rng_state(),
+            "partial": copy.deepcopy(partial), "history": copy.deepcopy(history),
+            "train_cpu": state["train_cpu"], "best": state["best"], "best_acc": state["best_acc"], "done": False,
+            "stopped": False}

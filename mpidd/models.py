@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -167,3 +168,59 @@ class CoarseDNN(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics cover every rank of a data-parallel group.
+
+    `allreduce(t)` sums a tensor over the group, differentiably (mpidd.parallel.DataParallelGroup
+    .allreduce). In training, the per-channel sums of x and x^2 and the sample count are summed
+    over the group (float64), so every rank normalises with the mean and variance of the whole
+    global batch and the gradients flow through the statistics as in nn.BatchNorm on one rank.
+    Parameters and buffers are those of nn.BatchNorm*d (state_dicts are interchangeable); in
+    eval mode it is plain BatchNorm with the running statistics.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, allreduce):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.to(bn.weight.device if bn.weight is not None else "cpu")
+        self.allreduce = allreduce
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x):
+        if not self.training:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps)
+        dims = [0, *range(2, x.dim())]
+        count = torch.full((1,), x.numel() / max(x.shape[1], 1), dtype=torch.float64, device=x.device)
+        total = self.allreduce(torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64),
+                                          count]))
+        C, n = x.shape[1], total[-1]
+        mean = total[:C] / n
+        var = total[C:2 * C] / n - mean * mean  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+        shape = [1, C] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def group_batchnorm(model: nn.Module, allreduce) -> nn.Module:
+    """Replace every BatchNorm of `model` by a GroupBatchNorm with its parameters (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GroupBatchNorm):
+            setattr(model, name, GroupBatchNorm(child, allreduce))
+        else:
+            group_batchnorm(child, allreduce)
+    return model

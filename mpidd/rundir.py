@@ -8,6 +8,13 @@
                      coherent_<init>_rank<r>_optimizer.pt (init: random or pretrained),
                      subnet_<m>.pt, recomposed_initial.pt, recomposed.pt (--mode width)
     logs/rank<r>.log per-rank log
+    checkpoints/progress.json   the restart marker (rank 0 writes it last, see below)
+
+Every checkpoint holds what its training loop needs to continue exactly (mpidd.engine), and
+is written each epoch and at a stop. The marker says which collective steps are complete
+(gather, coarse, coherent positions, ...), for which world size and data file; rank 0
+rewrites it after the other ranks have written their part, so it never promises more
+than the checkpoints hold.
 """
 
 from __future__ import annotations
@@ -35,7 +42,28 @@ def atomic_write(path: str, write):
 RUN_FILES = ("config.json", "results.json", "metrics.csv")
 RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt",
              "checkpoints/coherent_*.pt", "checkpoints/subnet_*.pt", "checkpoints/recomposed*.pt",
+             "checkpoints/progress.json", "checkpoints/probabilities.npz", "checkpoints/phases_rank*.json",
              "logs/rank*.log")
+PROGRESS = os.path.join("checkpoints", "progress.json")
+
+
+def read_progress(out: str) -> dict | None:
+    path = os.path.join(out, PROGRESS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_progress(out: str, progress: dict):
+    write_json(os.path.join(out, PROGRESS), progress)
+
+
+def read_json(path: str, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
 def prepare(out: str):
@@ -57,6 +85,24 @@ def write_json(path: str, data):
 def save_checkpoint(path: str, **state):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str) -> dict | None:
+    """A checkpoint this run wrote (weights_only: no pickled code runs), or None if there is none."""
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_arrays(path: str, **arrays):
+    import numpy as np
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_arrays(path: str) -> dict:
+    import numpy as np
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def write_metrics(path: str, rows):

@@ -2,10 +2,12 @@
 
     mpirun -n 4 python -m mpidd.train                     # demo: the paper's comparison, 2x2, Fashion-MNIST
     mpirun -n 4 python -m mpidd.train --data FILE --grid 2x2 --overlap 0 --mode twolevel --out runs/NAME
+    mpirun -n 8 python -m mpidd.train --grid 2x2 --mode twolevel ...  # P = 2N: 2 ranks per subdomain, data parallel
     mpirun -n 4 python -m mpidd.train --mode coherent --init random --out runs/c
     mpirun -n 4 python -m mpidd.train --mode coherent --from runs/NAME --out runs/tl   # transfer learning
     mpirun -n 2 python -m mpidd.train --grid 2x2 ...      # P < N: rank r trains subdomains r, r+P, ...
-    python -m mpidd.train --mode global --out runs/g      # the global CNN baseline alone, one rank
+    mpirun -n 4 python -m mpidd.train --resume runs/NAME  # continue a stopped or killed run
+    python -m mpidd.train --mode global --out runs/g      # the global CNN baseline alone (P ranks: data parallel)
     mpirun -n 4 python -m mpidd.train --mode width --subnets 4 --out runs/w   # width decomposition (Gu et al.)
 
 Phases: load (each rank reads only its subimage boxes), local (train the local CNNs, then
@@ -18,10 +20,16 @@ global_load (every rank reads the whole images), subnets (rank r trains its thin
 of the global CNN; no communication), width_gather (their weights to rank 0), recompose,
 recomposed_train and global_train (rank 0). Rank 0 prints; every rank logs to
 RUN/logs/rank<r>.log.
+
+Stops: SIGTERM or SIGUSR1 to any rank (Slurm's warning before the walltime, a preemption)
+makes every rank stop at its next step boundary, save, and exit with code 75
+(parallel.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
+checkpoint is written each epoch, atomically, so a killed run resumes from its last epochs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -31,26 +39,35 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-import h5py
 import mpi4py
-import numpy as np
-import torch
-from mpi4py import MPI
+from mpi4py import MPI  # MPI_Init first: MPICH installs a SIGUSR1 handler of its own
 
-from . import __version__
-from . import combine, data, parallel, rundir
-from .coherent import NAMES as COHERENT_NAMES
-from .coherent import evaluate_coherent, train_coherent
-from .config import DEMO_DATA, ConfigError, parse_args
-from .decomposition import (Decomposition, DecompositionError, format_grid, parse_grid, rank_of_subdomain,
-                            subdomains_of_rank)
-from .engine import TrainOptions, derive_seed, evaluate, predict_proba, train_classifier
-from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
-from .report import format_any
-from .width import WidthError, build_subnet, recompose
+from . import signals
+
+if __name__ == "__main__":
+    signals.catch()  # before the seconds of importing torch (see mpidd.signals)
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import __version__  # noqa: E402
+from . import combine, data, parallel, rundir  # noqa: E402
+from .coherent import NAMES as COHERENT_NAMES  # noqa: E402
+from .coherent import evaluate_coherent, train_coherent  # noqa: E402
+from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
+from .decomposition import Decomposition, DecompositionError, format_grid, layout, parse_grid  # noqa: E402
+from .engine import (Control, Preempted, Shard, TrainOptions, derive_seed, evaluate, predict_proba,  # noqa: E402
+                     train_classifier)
+from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, group_batchnorm, local_width_factor  # noqa: E402
+from .report import format_any  # noqa: E402
+from .results import assemble_results, assemble_width_results  # noqa: E402
+from .width import WidthError, build_subnet, recompose  # noqa: E402
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = parallel.EXIT_PREEMPTED
 log = logging.getLogger("mpidd")
 
 
@@ -158,8 +175,42 @@ def fit_checkpoint(model, state, run, name):
     return model
 
 
+def check_ranks(args, size: int, dec: Decomposition):
+    """How many ranks each mode can use; UsageError with what to do otherwise."""
+    N = dec.num_subdomains
+    if args.mode == "width":
+        if size > args.subnets:
+            raise UsageError(f"{size} ranks but only {args.subnets} sub-networks: run with at most {args.subnets} "
+                             f"ranks (mpirun -n {args.subnets}) or raise --subnets")
+    elif args.mode in ("coherent", "compare") and size > N:
+        raise UsageError(f"{size} ranks but only {N} subdomains: --mode {args.mode} trains the coherent CNN-DNN "
+                         f"model parallel, one rank or more subdomains per rank: run with at most {N} ranks "
+                         f"(mpirun -n {N}); more ranks than subdomains (data parallel) work with --mode twolevel")
+    elif args.mode == "twolevel":
+        layout(0, size, N)  # DecompositionError unless P <= N or P a multiple of N
+
+
+def check_resume(args, size: int, info) -> dict | None:
+    """--resume: the run's marker, if it fits this launch; UsageError otherwise. None: fresh run."""
+    if args.resume is None:
+        return None
+    progress = rundir.read_progress(args.out)
+    if progress is None:  # stopped before its first marker: nothing was saved yet
+        return {"fresh": True}
+    if progress["world_size"] != size:
+        raise UsageError(f"--resume {args.out}: that run used {progress['world_size']} ranks, this one has {size}: "
+                         f"resume with mpirun -n {progress['world_size']} (its per-rank state depends on it)")
+    now = data.fingerprint(args.data)
+    if progress["data"] != now:
+        changed = [k for k in now if progress["data"].get(k) != now[k]]
+        raise UsageError(f"--resume {args.out}: the data file {args.data} is not the one that run trained on "
+                         f"(its {', '.join(changed)} changed)")
+    return progress
+
+
 def plan_run(args, size: int) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
+    note = parallel.check_slurm_tasks(MPI.COMM_WORLD)
     try:
         info = data.inspect(args.data)
     except data.DataError as e:
@@ -172,19 +223,17 @@ def plan_run(args, size: int) -> dict:
         # --mode width cuts channels, not the image: one "subdomain", the whole image (any --grid ignored)
         grid = (1,) * len(info.spatial_shape) if args.mode == "width" else parse_grid(args.grid)
         dec = Decomposition(info.spatial_shape, grid, 0 if args.mode == "width" else args.overlap)
-        if args.mode not in ("global", "width"):
-            subdomains_of_rank(0, size, dec.num_subdomains)
+        check_ranks(args, size, dec)
     except DecompositionError as e:
         raise UsageError(str(e)) from None
-    if args.mode == "global" and size > 1:
-        raise UsageError(f"--mode global trains one CNN on rank 0: run it on 1 rank, not {size}")
-    if args.mode == "width" and size > args.subnets:
-        raise UsageError(f"{size} ranks but only {args.subnets} sub-networks: run with at most {args.subnets} "
-                         f"ranks (mpirun -n {args.subnets}) or raise --subnets")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"output directory {args.out} exists: choose another --out or pass --overwrite")
+    if os.path.exists(args.out) and not args.overwrite and args.resume is None:
+        raise UsageError(f"output directory {args.out} exists: choose another --out, pass --overwrite, or "
+                         f"--resume {args.out} to continue it")
     if args.from_run is not None and os.path.abspath(args.from_run) == os.path.abspath(args.out):
         raise UsageError(f"--from {args.from_run} is also --out: write the new run somewhere else")
+    progress = check_resume(args, size, info)
+    if progress is not None and progress.get("state") == "finished":
+        raise UsageError(f"--resume {args.out}: that run has finished (results.json is there); nothing to resume")
     cfg = cnn_config(args)
     C, K = info.channels, info.num_classes
     wf = args.width_factor or (1.0 if args.mode == "width" else  # (local CNNs only)
@@ -201,7 +250,7 @@ def plan_run(args, size: int) -> dict:
             raise UsageError(f"--shard: {info.sizes['train']} training images cannot make {args.subnets} shards "
                              f"of 2 or more: drop --shard or lower --subnets")
     return {
-        "subnet_params": subnet_params,
+        "subnet_params": subnet_params, "note": note, "progress": progress,
         "info": info, "decomposition": dec, "width_factor": wf, "work": work_of(args),
         "dnn_params": count_parameters(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden)),
         "local_params": count_parameters(build_cnn(C, K, dec.subimage_shape, cfg, wf)),
@@ -219,7 +268,7 @@ def start(comm, argv):
             return "run", args, plan_run(args, comm.Get_size())
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
             return "exit", e.code or 0, None
-        except (ConfigError, UsageError) as e:
+        except (ConfigError, UsageError, parallel.StartupError) as e:
             print_error(e)
             return "exit", EXIT_USAGE, None
 
@@ -232,8 +281,8 @@ def start(comm, argv):
 class Phases:
     """Wall and CPU seconds per phase of this rank (CPU: process time, all threads)."""
 
-    def __init__(self):
-        self.seconds = {}
+    def __init__(self, seconds=None):
+        self.seconds = seconds or {}
 
     @contextmanager
     def __call__(self, name):
@@ -250,19 +299,105 @@ class Phases:
         entry["cpu_s"] += cpu_s
 
 
-def curve_seconds(history):
-    """(wall, CPU) seconds of the test-accuracy curve's evaluations in a training history."""
-    return (sum(r.get("curve_seconds", 0.0) for r in history), sum(r.get("curve_cpu_seconds", 0.0) for r in history))
+@dataclass
+class Run:
+    """What every phase of this rank needs: the job, its options and plan, and how it stops."""
+    comm: object
+    args: object
+    plan: dict
+    device: torch.device
+    threads: int
+    stopper: parallel.StopAgreement
+    mine: list                     # this rank's subdomains (or sub-networks, --mode width)
+    group: object = None           # data-parallel group of the model(s) this rank trains, if any
+    phases: Phases = field(default_factory=Phases)
+    progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
+    resuming: bool = False
+    bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
+
+    @property
+    def rank(self):
+        return self.comm.Get_rank()
+
+    @property
+    def master_process(self):
+        return self.rank == 0
+
+    @property
+    def leader(self):
+        """Writes the checkpoints of its group's model (the members hold the same weights)."""
+        return self.group is None or self.group.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.args.out, "checkpoints", name)
+
+    def poll(self) -> bool:
+        """Stop? For a model this rank trains alone."""
+        return self.stopper.poll()
+
+    def poll_group(self) -> bool:
+        """Stop? Agreed by the data-parallel group that trains the model (collective)."""
+        return self.stopper.any(self.group.comm) if self.group is not None else self.stopper.poll()
+
+    def poll_world(self) -> bool:
+        """Stop? Agreed by every rank (collective): the coherent model's steps."""
+        return self.stopper.any(self.stopper.comm)
+
+    def sync(self):
+        """A phase boundary that every rank reaches (collective): raises Preempted if the job stops."""
+        with self.phases("wait"):
+            if self.stopper.sync():
+                raise synced_stop()
+
+    def mark(self, **updates):
+        """Rank 0: record progress in the marker (after the ranks' checkpoints it speaks for)."""
+        if self.master_process:
+            self.progress.update(updates)
+            rundir.write_progress(self.args.out, self.progress)
+
+    def saved(self, name):
+        """This run's checkpoint `name` if it is resuming and has one (else None)."""
+        return rundir.load_checkpoint(self.path(name)) if self.resuming else None
 
 
-def seconds(stats, kind, *names):
-    """Sum of `kind` ("cpu_s" or "wall_s") over phases `names` of one rank's gathered stats."""
-    return sum(stats["phases"].get(n, {}).get(kind, 0.0) for n in names)
+def synced_stop():
+    e = Preempted("stop agreed at a phase boundary")
+    e.synced = True
+    return e
 
 
-def setup_logging(out, rank):
+def checkpoint_fields(state: dict) -> dict:
+    """A training loop's state as checkpoint fields: model, optimizer and epoch at the top (what
+    --from and users read), the rest of the loop under `loop` (what --resume needs)."""
+    loop = dict(state)
+    model, optimizer = loop.pop("model"), loop.pop("optimizer")
+    if loop["done"] and loop["best"] is not None:
+        model = loop["best"]  # a model selected on val (coarse DNN): the checkpoint is the selection
+    return {"model": model, "optimizer": optimizer, "epoch": loop["epoch"] - 1, "step": loop["step"],
+            "done": loop["done"], "loop": loop}
+
+
+def loop_state(saved: dict | None) -> dict | None:
+    """The training loop state inside a checkpoint written through checkpoint_fields."""
+    if saved is None or "loop" not in saved:
+        return None
+    model = saved["model"] if not (saved["loop"]["done"] and saved["loop"]["best"] is not None) else None
+    return {**saved["loop"], "model": model if model is not None else saved["loop"]["best"],
+            "optimizer": saved["optimizer"]}
+
+
+def print_error(message):
+    print(f"mpidd.train: error: {message}", file=sys.stderr, flush=True)
+
+
+def refuse(message):
+    print_error(message)
+    sys.exit(EXIT_USAGE)
+
+
+def setup_logging(out, rank, append=False):
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    handler = logging.FileHandler(os.path.join(out, "logs", f"rank{rank}.log"), mode="w")
+    handler = logging.FileHandler(os.path.join(out, "logs", f"rank{rank}.log"), mode="a" if append else "w")
     handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
@@ -288,126 +423,245 @@ def progress(name, master_process, epochs, models_after=0):
     return report
 
 
-def load_local_data(args, plan, mine, phases):
-    """Phase load: read this rank's subimage boxes (train/val/test) and nothing else.
+def on_device(model, run: Run):
+    """The model on this rank's device; in a data-parallel group, with group-wide BatchNorm."""
+    model = model.to(run.device)
+    return group_batchnorm(model, run.group.allreduce) if run.group is not None else model
+
+
+# --- load --------------------------------------------------------------------------------------
+
+def read_split(run: Run, split: str, slices) -> tuple[Shard, int]:
+    """One split inside `slices`: all samples, or this rank's share in a data-parallel group."""
+    n = run.plan["info"].sizes[split]
+    rows = run.group.share(n) if run.group is not None else None
+    x, y, nbytes = data.load_split(run.args.data, split, slices, block=run.args.read_block, rows=rows)
+    return Shard(x, y, rows[0] if rows else 0, n), nbytes
+
+
+def load_local_data(run: Run):
+    """Phase load: read this rank's subimage boxes (train/val/test, its share of the samples in
+    a data-parallel group) and nothing else.
 
     All of the rank's subdomains are read before any training, so bad data (NaN, inf) is
     refused before training starts; memory is this rank's share of the data set.
     """
-    dec = plan["decomposition"]
+    dec = run.plan["decomposition"]
     subsets, bytes_read = {}, 0
-    with phases("load"):
-        for i in mine:
+    with run.phases("load"):
+        for i in run.mine:
             subsets[i] = {}
             for s in data.SPLITS:
-                x, y, nbytes = data.load_split(args.data, s, dec.slices(i), block=args.read_block)
-                subsets[i][s] = (x, y)
+                subsets[i][s], nbytes = read_split(run, s, dec.slices(i))
                 bytes_read += nbytes
     return subsets, bytes_read
 
 
-def train_local_models(args, plan, subsets, phases, master_process):
-    """Phase local: train each local CNN of this rank, then its class probabilities.
+def load_whole_images(run: Run):
+    """Every split's whole images (this rank's share of the samples if data parallel)."""
+    whole = tuple(slice(0, s) for s in run.plan["info"].spatial_shape)
+    split, nbytes = {}, 0
+    with run.phases("global_load"):
+        for s in data.SPLITS:
+            split[s], n = read_split(run, s, whole)
+            nbytes += n
+    return split, nbytes
 
-    No communication. Returns ({subdomain: {split: (n, K) probs}}, metric rows, {subdomain: model}).
+
+def load_or_refuse(run: Run, load):
+    """Every rank loads; a DataError anywhere (e.g. NaN in one rank's box) refuses on every rank."""
+    result, error = None, None
+    try:
+        result = load()
+    except data.DataError as e:
+        error = str(e)
+    failed = parallel.agree(run.comm, error)
+    if failed and run.master_process:
+        refuse(f"{failed[1]} (found by rank {failed[0]})" if run.comm.Get_size() > 1 else failed[1])
+    elif failed:
+        sys.exit(EXIT_USAGE)
+    return result
+
+
+# --- the two-level CNN-DNN -----------------------------------------------------------------------
+
+def train_local_models(run: Run, subsets):
+    """Phase local: train each local CNN of this rank (or continue it from its checkpoint), then
+    its class probabilities. No communication (but within a data-parallel group).
+
+    Returns ({subdomain: {split: (rows, K) probs}}, metric rows, {subdomain: model}).
     """
+    args, plan = run.args, run.plan
     info, dec = plan["info"], plan["decomposition"]
     cfg, opts = cnn_config(args), cnn_options(args)
     probs, rows, models = {}, [], {}
     for k, (i, split) in enumerate(subsets.items()):
-        with phases("local"), phases(f"subdomain_{i}"):
+        name = f"local_{i}.pt"
+
+        def save(state, i=i, name=name):
+            if run.leader:
+                rundir.save_checkpoint(run.path(name), **checkpoint_fields(state), subdomain=i, box=dec.box(i),
+                                       width_factor=plan["width_factor"], args=vars(args))
+        with run.phases("local"), run.phases(f"subdomain_{i}"):
             seed = derive_seed(args.seed, 0, i)
             torch.manual_seed(seed)
-            model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cfg, plan["width_factor"])
-            history, optimizer = train_classifier(
+            model = on_device(build_cnn(info.channels, info.num_classes, dec.subimage_shape, cfg,
+                                        plan["width_factor"]), run)
+            control = Control(stop=run.poll_group, save=save, resume=loop_state(run.saved(name)))
+            history, _ = train_classifier(
                 model, split["train"], split["val"], opts, seed,
-                progress(f"local {i} {dec.coords(i)}", master_process, opts.epochs, len(subsets) - k - 1))
-            probs[i] = {s: predict_proba(model, split[s][0], args.eval_batch_size) for s in data.SPLITS}
-        rows += [dict(r, model=f"local_{i}") for r in history]
-        rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"local_{i}.pt"),
-                               model=model.state_dict(), optimizer=optimizer.state_dict(),
-                               epoch=opts.epochs, subdomain=i, box=dec.box(i),
-                               width_factor=plan["width_factor"], args=vars(args))
+                progress(f"local {i} {dec.coords(i)}", run.master_process, opts.epochs, len(subsets) - k - 1),
+                control=control, group=run.group)
+            probs[i] = {s: predict_proba(model, split[s].x, args.eval_batch_size, stop=run.poll_group,
+                                         group=run.group, total=split[s].total) for s in data.SPLITS}
+        if run.leader:
+            rows += [dict(r, model=f"local_{i}") for r in history]
         models[i] = model
     return probs, rows, models
 
 
-def coarse_phase(args, plan, gathered, labels, master_process):
+def load_local_models(run: Run):
+    """The trained local CNNs of this rank, from their checkpoints (the gather is done)."""
+    info, dec, args = run.plan["info"], run.plan["decomposition"], run.args
+    models, rows = {}, []
+    for i in run.mine:
+        saved = rundir.load_checkpoint(run.path(f"local_{i}.pt"))
+        model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args), run.plan["width_factor"])
+        model.load_state_dict(saved["model"])
+        models[i] = on_device(model, run)
+        if run.leader:
+            rows += [dict(r, model=f"local_{i}") for r in saved["loop"]["history"]]
+    return models, rows
+
+
+def gather_phase(run: Run, probs, subsets):
+    """Phase gather: every subdomain's probabilities to rank 0, (n, N*K) per split, saved there."""
+    N, K, info = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes, run.plan["info"]
+    with run.phases("gather"):
+        gathered = {}
+        for s in data.SPLITS:
+            starts = {i: subsets[i][s].start for i in run.mine}
+            gathered[s] = parallel.gather_probabilities(run.comm, {i: probs[i][s] for i in run.mine}, N,
+                                                        info.sizes[s], K, starts=starts)
+    if run.master_process:
+        rundir.save_arrays(run.path("probabilities.npz"), **gathered)
+    return gathered
+
+
+def coarse_phase(run: Run, gathered, labels):
     """Rank 0: coarse DNN (selected on val), average and vote on the gathered probabilities."""
-    N, K = plan["decomposition"].num_subdomains, plan["info"].num_classes
+    args = run.args
+    N, K = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes
     opts = coarse_options(args)
+
+    def save(state):
+        rundir.save_checkpoint(run.path("coarse_dnn.pt"), **checkpoint_fields(state), in_features=N * K,
+                               num_classes=K, hidden=list(args.coarse_hidden), dropout=args.coarse_dropout,
+                               args=vars(args))
+    control = Control(stop=run.poll, save=save, resume=loop_state(run.saved("coarse_dnn.pt")))
     dnn, history = combine.train_coarse_dnn(
         (gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K,
         args.coarse_hidden, args.coarse_dropout, opts, args.seed,
-        progress("coarse DNN", master_process, opts.epochs))
+        progress("coarse DNN", run.master_process, opts.epochs), control=control)
     acc = {"cnn_dnn": {}, "average": {}, "vote": {}, "local": {i: {} for i in range(N)}}
     for s in ("val", "test"):
         p, y = gathered[s].reshape(-1, N, K), labels[s]
-        acc["cnn_dnn"][s] = evaluate(dnn, gathered[s], y)[1]
+        acc["cnn_dnn"][s] = evaluate(dnn, gathered[s], y, stop=run.poll)[1]
         acc["average"][s] = combine.accuracy(combine.average_vote(p), y)
         acc["vote"][s] = combine.accuracy(combine.majority_vote(p), y)
         for i in range(N):
             acc["local"][i][s] = combine.accuracy(p[:, i].argmax(1), y)
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", "coarse_dnn.pt"),
-                           model=dnn.state_dict(), in_features=N * K, num_classes=K,
-                           hidden=list(args.coarse_hidden), dropout=args.coarse_dropout,
-                           epoch=max(history, key=lambda r: r["val_acc"])["epoch"], args=vars(args))
     return acc, [dict(r, model="coarse_dnn") for r in history], dnn
 
 
-def load_pretrained(args, plan, mine, master_process):
+def load_pretrained(run: Run):
     """--from RUN_DIR: this rank's trained local CNNs (and, on rank 0, the coarse DNN)."""
-    info, dec = plan["info"], plan["decomposition"]
-    run, C, K = args.from_run, info.channels, info.num_classes
-    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), plan["width_factor"]),
-                               load_checkpoint(run, f"local_{i}.pt"), run, f"local_{i}.pt") for i in mine}
+    args, info, dec = run.args, run.plan["info"], run.plan["decomposition"]
+    src, C, K = args.from_run, info.channels, info.num_classes
+    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan["width_factor"]),
+                               load_checkpoint(src, f"local_{i}.pt"), src, f"local_{i}.pt").to(run.device)
+             for i in run.mine}
     dnn = None
-    if master_process and args.dnn_init == "coarse":
+    if run.master_process and args.dnn_init == "coarse":
         dnn = fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
-                             load_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
+                             load_checkpoint(src, "coarse_dnn.pt"), src, "coarse_dnn.pt").to(run.device)
     return {"local": local, "dnn": dnn}
 
 
-def coherent_phase(args, plan, init, subsets, labels, exchange, pretrained, master_process):
+# --- the coherent CNN-DNN ------------------------------------------------------------------------
+
+def coherent_state(run: Run, name: str):
+    """This rank's saved state of coherent phase `name` at the position the marker agreed on
+    (the newest file, or the one before it: a rank may have saved one position ahead)."""
+    position = run.progress.get(name)
+    if not run.resuming or position is None:
+        return None
+    for suffix in ("", ".prev"):
+        saved = rundir.load_checkpoint(run.path(f"{name}_rank{run.rank}.state{suffix}.pt"))
+        if saved is not None and saved["position"] == position:
+            return saved["loop"]
+    raise RuntimeError(f"rank {run.rank} has no state of {name} at {position}, which the marker records")
+
+
+def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     """The CNN-DNN trained as one model parallel model: from random weights, or from the
     pre-trained local CNNs (transfer learning) and the coarse DNN (--dnn-init coarse).
 
-    Collective: every rank takes part. Returns (accuracies on rank 0 else None, metric rows,
-    timing of the training steps and their exchange)."""
+    Collective: every rank takes part, and agrees on stops step by step. Every epoch each rank
+    saves its part (local CNNs, optimizer, rank 0: DNN), then, once all have, rank 0 records
+    the position in the marker. Returns (accuracies on rank 0 else None, metric rows, timing
+    of the training steps and their exchange)."""
+    args, plan = run.args, run.plan
     info, dec = plan["info"], plan["decomposition"]
     N, K = dec.num_subdomains, info.num_classes
     name = f"coherent_{init}"
     if init == "random":
         local = {}
-        for i in subsets:
+        for i in sorted(subsets):
             torch.manual_seed(derive_seed(args.seed, 3, i))
-            local[i] = build_cnn(info.channels, K, dec.subimage_shape, cnn_config(args), plan["width_factor"])
+            local[i] = build_cnn(info.channels, K, dec.subimage_shape, cnn_config(args),
+                                 plan["width_factor"]).to(run.device)
     else:
         local = {i: copy.deepcopy(m) for i, m in pretrained["local"].items()}
     dnn = None
-    if master_process:
+    if run.master_process:
         if init == "pretrained" and args.dnn_init == "coarse":
-            dnn = copy.deepcopy(pretrained["dnn"])
+            dnn = copy.deepcopy(pretrained["dnn"]).to(run.device)
         else:
             torch.manual_seed(derive_seed(args.seed, 4))
-            dnn = CoarseDNN(N * K, K, args.coarse_hidden, args.coarse_dropout)
+            dnn = CoarseDNN(N * K, K, args.coarse_hidden, args.coarse_dropout).to(run.device)
+
+    def save(state):
+        position = {"epoch": state["epoch"], "step": state["step"]}
+        path = run.path(f"{name}_rank{run.rank}.state.pt")
+        if os.path.exists(path):
+            os.replace(path, run.path(f"{name}_rank{run.rank}.state.prev.pt"))
+        rundir.save_checkpoint(path, position=position, loop=state)
+        if state.get("stopped"):  # the stop path agrees and records the position
+            run.progress[name] = position
+            return
+        stop = run.stopper.sync()  # every rank has saved this position: rank 0 records it
+        run.mark(**{name: position})
+        if stop:
+            raise synced_stop()
     opts = coherent_options(args, init)
-    images = {split: {i: s[split][0] for i, s in subsets.items()} for split in data.SPLITS}
+    images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
     history, optimizer, timing = train_coherent(
         local, dnn, images["train"], labels["train"], images["val"], labels["val"], opts,
         derive_seed(args.seed, 5), exchange=exchange, output=args.exchange,
-        eval_batch_size=args.eval_batch_size, log=progress(COHERENT_NAMES[init], master_process, opts.epochs))
+        eval_batch_size=args.eval_batch_size, log=progress(COHERENT_NAMES[init], run.master_process, opts.epochs),
+        control=Control(stop=run.poll_world, save=save, resume=coherent_state(run, name)))
     test = evaluate_coherent(local, dnn, images["test"], labels["test"], exchange=exchange,
-                             output=args.exchange, batch_size=args.eval_batch_size)
+                             output=args.exchange, batch_size=args.eval_batch_size, stop=run.poll_world)
     for i, model in local.items():
-        rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"{name}_local_{i}.pt"),
+        rundir.save_checkpoint(run.path(f"{name}_local_{i}.pt"),
                                model=model.state_dict(), epoch=opts.epochs, subdomain=i, box=dec.box(i),
                                width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"{name}_rank{exchange.rank}_optimizer.pt"),
+    rundir.save_checkpoint(run.path(f"{name}_rank{run.rank}_optimizer.pt"),
                            optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=opts.epochs)
-    if not master_process:
+    if not run.master_process:
         return None, [], timing
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"{name}_dnn.pt"), model=dnn.state_dict(),
+    rundir.save_checkpoint(run.path(f"{name}_dnn.pt"), model=dnn.state_dict(),
                            in_features=N * K, num_classes=K, hidden=list(args.coarse_hidden),
                            dropout=args.coarse_dropout, exchange=args.exchange, epoch=opts.epochs,
                            args=vars(args))
@@ -415,87 +669,97 @@ def coherent_phase(args, plan, init, subsets, labels, exchange, pretrained, mast
     return acc, [dict(r, model=name) for r in history], timing
 
 
-def load_whole_images(args, info, phases):
-    """Rank 0: every split's whole images, for the global CNN; returns (splits, bytes_read)."""
-    whole = tuple(slice(0, s) for s in info.spatial_shape)
-    split, nbytes = {}, 0
-    with phases("global_load"):
-        for s in data.SPLITS:
-            x, y, n = data.load_split(args.data, s, whole, block=args.read_block)
-            split[s], nbytes = (x, y), nbytes + n
-    return split, nbytes
+# --- the global CNN and the width decomposition -----------------------------------------------
+
+def train_whole_image_model(run: Run, model, split, opts, seed, name, ckpt, label, models_after=0,
+                            test=False, alone=True, **fields):
+    """Train a model on whole images (the global CNN, a sub-network, the recomposed network),
+    checkpointed each epoch as `ckpt` and resumable. alone: this rank trains it by itself
+    (else: with its data-parallel group). Returns (history, optimizer)."""
+    def save(state):
+        if alone or run.leader:
+            rundir.save_checkpoint(run.path(ckpt), **checkpoint_fields(state), args=vars(run.args), **fields)
+    group = None if alone else run.group
+    control = Control(stop=run.poll if alone else run.poll_group, save=save, resume=loop_state(run.saved(ckpt)))
+    return train_classifier(model, split["train"], split["val"], opts, seed,
+                            progress(label, run.master_process, opts.epochs, models_after),
+                            test=split["test"] if test else None, control=control, group=group)
 
 
-def global_phase(args, plan, split, phases, master_process, test=False):
-    """Rank 0: the global CNN on whole images, same family and options as the local CNNs.
-    Returns ({split: accuracy}, metric rows), or with `test` ({split: (loss, accuracy)},
-    metric rows, history with every epoch's test accuracy)."""
-    info = plan["info"]
+def global_phase(run: Run, split, test=False, alone=True):
+    """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
+    or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
+    or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
+    args, info, phases = run.args, run.plan["info"], run.phases
     seed = derive_seed(args.seed, 2)
     torch.manual_seed(seed)
-    model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args))
+    model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args)).to(run.device)
+    if not alone and run.group is not None:
+        model = group_batchnorm(model, run.group.allreduce)
     opts = cnn_options(args)
     opts.log_interval, opts.test_points = args.log_interval, args.curve_points
     with phases("global_train"):
-        history, optimizer = train_classifier(model, split["train"], split["val"], opts, seed,
-                                              progress("global CNN", master_process, opts.epochs),
-                                              test=split["test"] if test else None)
+        history, _ = train_whole_image_model(run, model, split, opts, seed, "global", "global.pt", "global CNN",
+                                             test=test, alone=alone)
     if test:
         phases.add("global_curve", *curve_seconds(history))
+    group = None if alone else run.group
+    stop = run.poll if alone else run.poll_group
     with phases("global_eval"):
-        scores = {s: evaluate(model, *split[s], args.eval_batch_size) for s in ("val", "test")}
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", "global.pt"),
-                           model=model.state_dict(), optimizer=optimizer.state_dict(),
-                           epoch=opts.epochs, args=vars(args))
-    rows = [dict(r, model="global") for r in history]
+        scores = {s: evaluate(model, split[s].x, split[s].y, args.eval_batch_size, stop=stop, group=group,
+                              total=split[s].total) for s in ("val", "test")}
+    rows = [dict(r, model="global") for r in history] if run.leader else []
     if test:
         return scores, rows, history
     return {s: acc for s, (_, acc) in scores.items()}, rows
 
 
-def train_subnets(args, plan, whole, mine, phases, master_process):
+def curve_seconds(history):
+    """(wall, CPU) seconds of the test-accuracy curve's evaluations in a training history."""
+    return (sum(r.get("curve_seconds", 0.0) for r in history), sum(r.get("curve_cpu_seconds", 0.0) for r in history))
+
+
+def train_subnets(run: Run, whole):
     """--mode width, phase subnets: train this rank's sub-networks on whole images, then score
     them on val and test. No communication. Returns ({m: state_dict}, {m: scores}, metric rows)."""
-    info, M = plan["info"], args.subnets
+    args, info, M, phases = run.args, run.plan["info"], run.args.subnets, run.phases
     opts = cnn_options(args)
     opts.epochs = args.subnet_epochs
-    x, y = whole["train"]
+    train_all = whole["train"]
     states, scores, rows = {}, {}, []
-    for k, m in enumerate(mine):
+    for k, m in enumerate(run.mine):
         with phases("subnets"), phases(f"subnet_{m}"):
             seed = derive_seed(args.seed, 6, m)
             torch.manual_seed(seed)
             model = build_subnet(info.channels, info.num_classes, info.spatial_shape, cnn_config(args), M)
-            train = (x[m::M], y[m::M]) if args.shard else (x, y)
-            history, optimizer = train_classifier(
-                model, train, whole["val"], opts, seed,
-                progress(f"subnet {m}", master_process, opts.epochs, len(mine) - k - 1))
+            model = model.to(run.device)
+            train = (Shard(train_all.x[m::M], train_all.y[m::M]) if args.shard else train_all)
+            history, _ = train_whole_image_model(
+                run, model, dict(whole, train=train), opts, seed, f"subnet {m}", f"subnet_{m}.pt", f"subnet {m}",
+                models_after=len(run.mine) - k - 1, subnet=m, subnets=M, shard=args.shard,
+                train_samples=len(train.y))
         # the training steps alone (no validation), for the time to the target accuracy
         phases.add("subnet_steps", sum(r["seconds"] for r in history), sum(r["cpu_seconds"] for r in history))
         with phases("subnet_eval"):  # for the table only: not on the recomposed network's path
-            scores[m] = {s: evaluate(model, *whole[s], args.eval_batch_size) for s in ("val", "test")}
+            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
+                         for s in ("val", "test")}
         rows += [dict(r, model=f"subnet_{m}") for r in history]
-        rundir.save_checkpoint(os.path.join(args.out, "checkpoints", f"subnet_{m}.pt"),
-                               model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=opts.epochs,
-                               subnet=m, subnets=M, shard=args.shard, train_samples=len(train[1]),
-                               args=vars(args))
-        states[m] = model.state_dict()
+        states[m] = {k: v.cpu() for k, v in model.state_dict().items()}
     return states, scores, rows
 
 
-def width_phases(comm, args, plan, whole, mine, phases, master_process):
+def width_phases(run: Run, whole):
     """--mode width (Gu, Zhang, Liu & Cai 2022): sub-networks in parallel, their weights
     gathered to rank 0 and recomposed into the global CNN, which is trained further; then
-    the same global CNN from random weights for comparison (rank 0; the others sleep).
+    the same global CNN from random weights for comparison (rank 0; the others wait).
     Collective. Returns (scores on rank 0 else None, metric rows)."""
-    info, M = plan["info"], args.subnets
+    args, info, M, phases = run.args, run.plan["info"], run.args.subnets, run.phases
     C, K, shape, cfg = info.channels, info.num_classes, info.spatial_shape, cnn_config(args)
-    states, sub_scores, rows = train_subnets(args, plan, whole, mine, phases, master_process)
-    with phases("wait"):
-        parallel.sleepy_barrier(comm)  # so that width_gather times the exchange, not the slowest rank
+    states, sub_scores, rows = train_subnets(run, whole)
+    run.sync()  # so that width_gather times the exchange, not the slowest rank
     with phases("width_gather"):
-        gathered = parallel.gather_to_root(comm, (states, sub_scores))
-    if not master_process:
+        gathered = parallel.gather_to_root(run.comm, (states, sub_scores))
+    if not run.master_process:
         return None, rows
     states = {m: st for part, _ in gathered for m, st in part.items()}
     scores = {"subnets": {m: sc for _, part in gathered for m, sc in part.items()}}
@@ -506,36 +770,107 @@ def width_phases(comm, args, plan, whole, mine, phases, master_process):
             subnets[m].load_state_dict(states[m])
         torch.manual_seed(derive_seed(args.seed, 7))
         model = recompose(subnets, build_cnn(C, K, shape, cfg), args.offdiag_noise, derive_seed(args.seed, 8))
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", "recomposed_initial.pt"), model=model.state_dict(),
+        model = model.to(run.device)
+    rundir.save_checkpoint(run.path("recomposed_initial.pt"), model=model.state_dict(),
                            subnets=M, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
     with phases("recomposed_initial_eval"):
-        scores["recomposed_initial"] = {s: evaluate(model, *whole[s], args.eval_batch_size) for s in ("val", "test")}
+        scores["recomposed_initial"] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
+                                        for s in ("val", "test")}
     opts = cnn_options(args)
     opts.lr, opts.log_interval, opts.test_points = args.transfer_lr, args.log_interval, args.curve_points
     seed = derive_seed(args.seed, 9)
     with phases("recomposed_train"):
-        history, optimizer = train_classifier(model, whole["train"], whole["val"], opts, seed,
-                                              progress("recomposed", master_process, opts.epochs, 1),
-                                              test=whole["test"])
+        history, _ = train_whole_image_model(run, model, whole, opts, seed, "recomposed", "recomposed.pt",
+                                             "recomposed", models_after=1, test=True, subnets=M)
     phases.add("recomposed_curve", *curve_seconds(history))
     with phases("recomposed_eval"):
-        scores["recomposed"] = {s: evaluate(model, *whole[s], args.eval_batch_size) for s in ("val", "test")}
+        scores["recomposed"] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
+                                for s in ("val", "test")}
     scores["recomposed_curve"] = history
     rows += [dict(r, model="recomposed") for r in history]
-    rundir.save_checkpoint(os.path.join(args.out, "checkpoints", "recomposed.pt"), model=model.state_dict(),
-                           optimizer=optimizer.state_dict(), subnets=M, epoch=opts.epochs, args=vars(args))
-    acc, global_rows, history = global_phase(args, plan, whole, phases, master_process, test=True)
+    acc, global_rows, history = global_phase(run, whole, test=True)
     scores["global"], scores["global_curve"] = acc, history
     return scores, rows + global_rows
 
 
-def print_error(message):
-    print(f"mpidd.train: error: {message}", file=sys.stderr, flush=True)
+# --- the job -------------------------------------------------------------------------------------
+
+def run_phases(run: Run, subsets, whole):
+    """Every phase of this run, in order. Returns (accuracies on rank 0, metric rows, coherent timing)."""
+    args, plan, work = run.args, run.plan, run.plan["work"]
+    N, K = plan["decomposition"].num_subdomains, plan["info"].num_classes
+    rows, accuracies, coherent_timing, pretrained = [], {}, {}, None
+    if work["width"]:
+        accuracies, rows = width_phases(run, whole)
+        return accuracies, rows, coherent_timing
+    if work["boxes"] and run.master_process:
+        labels = (data.load_labels(args.data) if run.group is not None else
+                  {s: subsets[run.mine[0]][s].y for s in data.SPLITS})
+    else:
+        labels = {s: subsets[run.mine[0]][s].y for s in data.SPLITS} if subsets else None
+    if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
+        with run.phases("load"):
+            pretrained = load_pretrained(run)
+    if work["local"]:
+        if run.resuming and run.progress.get("gathered"):  # local and gather are done: their results
+            local_models, rows = load_local_models(run)
+            gathered = rundir.load_arrays(run.path("probabilities.npz")) if run.master_process else None
+        else:
+            probs, rows, local_models = train_local_models(run, subsets)
+            run.sync()  # so that "gather" times the exchange, not the slowest rank
+            gathered = gather_phase(run, probs, subsets)
+            run.mark(gathered=True)
+        dnn = None
+        if run.master_process:
+            with run.phases("coarse"):
+                accuracies, coarse_rows, dnn = coarse_phase(run, gathered, labels)
+            rows += coarse_rows
+        pretrained = {"local": local_models, "dnn": dnn}
+    if work["coherent"]:
+        # ranks that share cores sleep while they wait for the exchange; ranks with cores of
+        # their own spin in MPI_Wait (lowest latency)
+        exchange = parallel.ModelParallelExchange(
+            run.comm, run.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(run.comm, run.threads) else None)
+        for init in work["coherent"]:
+            run.sync()  # all ranks start together: no rank's phase holds the wait
+            with run.phases(f"coherent_{init}"):
+                acc, coherent_rows, coherent_timing[init] = coherent_phase(
+                    run, init, subsets, labels, exchange, pretrained)
+            if run.master_process:
+                accuracies[f"coherent_{init}"] = acc
+                rows += coherent_rows
+    if work["global"]:
+        alone = args.mode == "compare"  # rank 0 while the others wait; --mode global: every rank
+        if alone:
+            run.sync()
+        if run.master_process or not alone:
+            if whole is None:  # --mode compare: the local phase has already checked every pixel
+                whole, _ = load_whole_images(run)
+                run.bytes_whole = sum(s.x.nbytes + s.y.nbytes for s in whole.values())
+            acc, global_rows = global_phase(run, whole, alone=alone)
+            if run.master_process:
+                accuracies["global"] = acc
+            rows += global_rows
+    return accuracies, rows, coherent_timing
 
 
-def refuse(message):
-    print_error(message)
-    sys.exit(EXIT_USAGE)
+def stop_here(run: Run, error: Preempted) -> int:
+    """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
+    if not getattr(error, "synced", False):
+        run.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
+    rundir.write_json(run.path(f"phases_rank{run.rank}.json"), run.phases.seconds)
+    run.stopper.barrier()  # every rank has written its part
+    reason = run.stopper.reason or "a stop"
+    log.info("stopped (%s); state saved", reason)
+    if run.master_process:
+        stops = run.progress.get("stops", []) + [{"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                                                  "reason": reason}]
+        run.mark(state="stopped", stops=stops)
+        size = run.comm.Get_size()
+        print(f"mpidd: stopped ({reason}); every rank saved its state in {run.args.out}. Continue with:\n"
+              f"  mpirun -n {size} python -m mpidd.train --resume {run.args.out}", flush=True)
+    run.stopper.barrier()  # the marker is written before any rank exits
+    return EXIT_PREEMPTED
 
 
 def main(argv=None):
@@ -545,327 +880,133 @@ def main(argv=None):
     master_process = rank == 0
     args, plan = start(comm, argv)
     info, dec, work = plan["info"], plan["decomposition"], plan["work"]
-    N, K = dec.num_subdomains, info.num_classes
+    N = dec.num_subdomains
 
+    device, error = torch.device("cpu"), None
+    try:
+        device, local_rank = parallel.select_device(args.device, comm)  # before any CUDA allocation
+    except parallel.StartupError as e:
+        error = str(e)
+    failed = parallel.agree(comm, error)
+    if failed and master_process:
+        refuse(f"rank {failed[0]}: {failed[1]}")
+    elif failed:
+        sys.exit(EXIT_USAGE)
     threads = args.threads or parallel.default_threads(comm)
     torch.set_num_threads(threads)
     parallel.tune_malloc()
     parallel.warm_up_torch()
-    phases = Phases()
-    mine = subdomains_of_rank(rank, size, N) if work["boxes"] else []
+    resume = plan["progress"]
+    run = Run(comm=comm, args=args, plan=plan, device=device, threads=threads,
+              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"))
+    if run.resuming:
+        run.progress = resume
+        run.phases = Phases(rundir.read_json(run.path(f"phases_rank{rank}.json"), {}))
     if work["width"]:
-        mine = subdomains_of_rank(rank, size, args.subnets)  # this rank's sub-networks, round robin
+        run.mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
+    elif work["boxes"] or size > 1:
+        mine, replicas, member = layout(rank, size, N if work["boxes"] else 1)
+        run.mine = mine if work["boxes"] else []
+        if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
+            run.group = parallel.DataParallelGroup(comm, color=mine[0], key=member)
 
     # Read the data before the run directory exists, so that bad data leaves nothing behind.
-    subsets, whole, bytes_boxes, bytes_whole, pretrained = {}, None, 0, 0, None
+    subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
     if work["boxes"]:
-        error = None
-        try:
-            subsets, bytes_boxes = load_local_data(args, plan, mine, phases)
-        except data.DataError as e:  # e.g. NaN in this rank's box: refuse on every rank, cleanly
-            error = str(e)
-        failed = parallel.agree(comm, error)
-        if failed and master_process:
-            refuse(f"{failed[1]} (found by rank {failed[0]})")
-        elif failed:
-            sys.exit(EXIT_USAGE)
-        if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
-            with phases("load"):
-                pretrained = load_pretrained(args, plan, mine, master_process)
-    else:  # --mode global (one rank only, plan_run checks) or width (every rank)
-        error = None
-        try:
-            whole, bytes_whole = load_whole_images(args, info, phases)
-        except data.DataError as e:
-            error = str(e)
-        failed = parallel.agree(comm, error)
-        if failed and master_process:
-            refuse(failed[1])
-        elif failed:
-            sys.exit(EXIT_USAGE)
+        subsets, bytes_boxes = load_or_refuse(run, lambda: load_local_data(run))
+    elif work["width"] or master_process or run.group is not None:
+        # --mode width (every rank), or global (rank 0, or every rank data parallel)
+        whole, bytes_whole = load_or_refuse(run, lambda: load_whole_images(run))
 
     if master_process:
-        rundir.prepare(args.out)
-        rundir.write_json(os.path.join(args.out, "config.json"),
-                          {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out")})
+        if run.resuming:
+            run.progress["segments"].append({"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                                             "threads": threads, "device": args.device})
+            run.mark(state="running")
+        else:
+            rundir.prepare(args.out)
+            rundir.write_json(os.path.join(args.out, "config.json"),
+                              {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
+            run.progress = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
+                            "state": "running", "stops": [],
+                            "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                                          "threads": threads, "device": args.device}]}
+            run.mark()
+    run.progress = comm.bcast(run.progress, root=0)
     parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
-    setup_logging(args.out, rank)
-    log.info("mpidd %s, torch %s, %s; %d ranks, %d threads; subdomains %s (boxes %s), %d bytes read",
-             __version__, torch.__version__, parallel.library_version(), size, threads, mine,
-             [dec.box(i) for i in mine] if work["boxes"] else "whole images", bytes_boxes + bytes_whole)
-    if master_process and work["width"]:
+    setup_logging(args.out, rank, append=run.resuming)
+    where = parallel.device_name(device)
+    log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
+             __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
+             [dec.box(i) for i in run.mine] if work["boxes"] else "whole images",
+             f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "", bytes_boxes + bytes_whole)
+    devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
+    if master_process:
+        print_header(run, devices)
+
+    run.bytes_whole = bytes_whole
+    try:
+        accuracies, rows, coherent_timing = run_phases(run, subsets, whole)
+        subsets = whole = None
+        run.sync()  # other ranks sleep, not spin, while rank 0 works
+    except Preempted as e:
+        return stop_here(run, e)
+
+    stats = {"rank": rank, "host": socket.gethostname(), "device": where, "threads": threads,
+             "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
+             "bytes_read": bytes_boxes + run.bytes_whole, "bytes_read_boxes": bytes_boxes,
+             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": parallel.peak_rss_bytes(),
+             "phases": run.phases.seconds, "coherent": coherent_timing}
+    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
+    if master_process:
+        all_stats = [st for st, _ in gathered_reports]
+        all_rows = [r for _, rs in gathered_reports for r in rs]
+        versions = {"mpi_library": parallel.library_version(), "mpi4py": mpi4py.__version__,
+                    "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+                    "python": sys.version.split()[0]}
+        if work["width"]:
+            results = assemble_width_results(args, plan, all_stats, accuracies, size, threads, versions)
+        else:
+            results = assemble_results(args, plan, all_stats, accuracies, size, threads, versions)
+        results["devices"] = devices
+        results["restarts"] = {"segments": run.progress["segments"], "stops": run.progress.get("stops", [])}
+        rundir.write_json(os.path.join(args.out, "results.json"), results)
+        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
+        run.mark(state="finished")
+        print(format_any(results), flush=True)
+        print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
+    parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
+    for init in work["coherent"]:
+        for suffix in ("", ".prev"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run.path(f"coherent_{init}_rank{rank}.state{suffix}.pt"))
+    return 0
+
+
+def print_header(run: Run, devices):
+    args, plan, size, threads = run.args, run.plan, run.comm.Get_size(), run.threads
+    dec, work = plan["decomposition"], plan["work"]
+    if plan.get("note"):
+        print(f"mpidd: {plan['note']}", flush=True)
+    if run.resuming:
+        print(f"mpidd: resuming {args.out} (stopped {len(run.progress.get('stops', []))} time(s) before)", flush=True)
+    if work["width"]:
         print(f"mpidd: {size} ranks x {threads} threads, mode width: {args.arch} global CNN of width {args.width} "
               f"({plan['global_params']:,} parameters) split into {args.subnets} sub-networks of width "
               f"{args.width // args.subnets} ({plan['subnet_params']:,} parameters each), "
               f"{'disjoint shards' if args.shard else 'full training set each'}; run directory {args.out}",
               flush=True)
-    elif master_process:
-        print(f"mpidd: {size} ranks x {threads} threads, mode {args.mode}, grid {format_grid(dec.grid)} "
+    else:
+        replicas = f" ({run.group.size} ranks per model, data parallel)" if run.group is not None else ""
+        print(f"mpidd: {size} ranks x {threads} threads{replicas}, mode {args.mode}, grid {format_grid(dec.grid)} "
               f"overlap {dec.overlap}, subimages {format_grid(dec.subimage_shape)}, {args.arch} local width "
               f"factor {plan['width_factor']:g} ({plan['local_params']:,} vs {plan['global_params']:,} "
               f"global parameters); run directory {args.out}", flush=True)
-    if master_process and size > 1 and (work["boxes"] or work["width"]):
+    unique = sorted(set(devices))
+    print("mpidd: devices " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
+          if len(unique) > 1 or "cuda" in unique[0] else f"mpidd: every rank on {unique[0]}", flush=True)
+    if size > 1 and (work["boxes"] or work["width"]):
         print(f"progress below is rank 0's; every rank logs its own to {args.out}/logs/rank<r>.log", flush=True)
-
-    rows, accuracies, coherent_timing = [], {}, {}
-    if work["width"]:
-        accuracies, rows = width_phases(comm, args, plan, whole, mine, phases, master_process)
-        whole = None
-    labels = {s: y for s, (_, y) in subsets[mine[0]].items()} if subsets else None
-    if work["local"]:
-        probs, rows, local_models = train_local_models(args, plan, subsets, phases, master_process)
-        with phases("wait"):
-            parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
-        with phases("gather"):
-            gathered = {s: parallel.gather_probabilities(comm, {i: probs[i][s] for i in mine}, N,
-                                                         info.sizes[s], K) for s in data.SPLITS}
-        dnn = None
-        if master_process:
-            with phases("coarse"):
-                accuracies, coarse_rows, dnn = coarse_phase(args, plan, gathered, labels, master_process)
-            rows += coarse_rows
-        pretrained = {"local": local_models, "dnn": dnn}
-    if work["coherent"]:
-        # ranks that share cores sleep while they wait for the exchange; ranks with cores of
-        # their own spin in MPI_Wait (lowest latency)
-        exchange = parallel.ModelParallelExchange(
-            comm, mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
-        for init in work["coherent"]:
-            with phases("wait"):
-                parallel.sleepy_barrier(comm)  # all ranks start together: no rank's phase holds the wait
-            with phases(f"coherent_{init}"):
-                acc, coherent_rows, coherent_timing[init] = coherent_phase(
-                    args, plan, init, subsets, labels, exchange, pretrained, master_process)
-            if master_process:
-                accuracies[f"coherent_{init}"] = acc
-                rows += coherent_rows
-    del subsets
-    if work["global"] and master_process:
-        if whole is None:  # --mode compare: the local phase has already checked every pixel
-            whole, bytes_whole = load_whole_images(args, info, phases)
-        accuracies["global"], global_rows = global_phase(args, plan, whole, phases, master_process)
-        rows += global_rows
-        del whole
-    parallel.sleepy_barrier(comm)  # other ranks sleep, not spin, while rank 0 works
-
-    stats = {"rank": rank, "host": socket.gethostname(), "threads": threads, "subdomains": mine,
-             "bytes_read": bytes_boxes + bytes_whole, "bytes_read_boxes": bytes_boxes,
-             "bytes_read_whole_images": bytes_whole, "peak_rss_bytes": parallel.peak_rss_bytes(),
-             "phases": phases.seconds, "coherent": coherent_timing}
-    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
-    if master_process:
-        all_stats = [st for st, _ in gathered_reports]
-        all_rows = [r for _, rs in gathered_reports for r in rs]
-        if work["width"]:
-            results = assemble_width_results(args, plan, all_stats, accuracies, size, threads)
-        else:
-            results = assemble_results(args, plan, all_stats, accuracies, size, threads)
-        rundir.write_json(os.path.join(args.out, "results.json"), results)
-        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
-        print(format_any(results), flush=True)
-        print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
-    return 0
-
-
-
-def assemble_results(args, plan, all_stats, acc, size, threads) -> dict:
-    """results.json. Every model's `cpu_s` is its critical path (max over ranks of the CPU
-    seconds of the phases it needs, in order) and `total_cpu_s` the sum over ranks."""
-    info, dec = plan["info"], plan["decomposition"]
-    N = dec.num_subdomains
-
-    def critical(*names):
-        return max(seconds(st, "cpu_s", *names) for st in all_stats)
-
-    def total(*names):
-        return sum(seconds(st, "cpu_s", *names) for st in all_stats)
-
-    models, timing = [], {}
-    composite_params = N * plan["local_params"] + plan["dnn_params"]
-    if "cnn_dnn" in acc:
-        owner = {i: st["rank"] for st in all_stats for i in st["subdomains"]}
-        for i in range(N):  # cpu_s: training + probabilities of this subdomain's CNN
-            cpu = seconds(all_stats[owner[i]], "cpu_s", f"subdomain_{i}")
-            models.append({"name": f"local {i} {dec.coords(i)}", "kind": "local", "subdomain": i,
-                           "rank": owner[i], "params": plan["local_params"], "cpu_s": cpu, "total_cpu_s": cpu,
-                           **_accs(acc["local"][i])})
-        local_cpu = [seconds(st, "cpu_s", "load", "local") for st in all_stats]
-        slowest = int(np.argmax(local_cpu))
-        gather_cpu = critical("gather")
-        coarse_cpu = seconds(all_stats[0], "cpu_s", "coarse")
-        combiners = {"cpu_s": local_cpu[slowest] + gather_cpu, "total_cpu_s": total("load", "local", "gather")}
-        models.append({"name": "average", "kind": "average", **combiners, **_accs(acc["average"])})
-        models.append({"name": "majority vote", "kind": "vote", **combiners, **_accs(acc["vote"])})
-        timing["critical_path"] = {
-            "cpu_s": local_cpu[slowest] + gather_cpu + coarse_cpu,
-            "wall_s": max(seconds(st, "wall_s", "load", "local") for st in all_stats)
-                      + max(seconds(st, "wall_s", "gather") for st in all_stats)
-                      + seconds(all_stats[0], "wall_s", "coarse"),
-            "slowest_rank": slowest, "local_cpu_s": local_cpu[slowest],
-            "gather_cpu_s": gather_cpu, "coarse_cpu_s": coarse_cpu,
-            "definition": "max over ranks of (load + local) + gather + coarse; CPU = process time"}
-        timing["total_cpu_s_twolevel"] = total("load", "local", "gather") + coarse_cpu
-        models.append({"name": "CNN-DNN", "kind": "cnn_dnn", "params": composite_params,
-                       "dnn_params": plan["dnn_params"], "cpu_s": timing["critical_path"]["cpu_s"],
-                       "total_cpu_s": timing["total_cpu_s_twolevel"], **_accs(acc["cnn_dnn"])})
-    for init, name in COHERENT_NAMES.items():
-        if f"coherent_{init}" not in acc:
-            continue
-        phase = f"coherent_{init}"
-        if init == "pretrained" and "critical_path" in timing:  # after this run's local + coarse phases
-            cpu, cpu_total = timing["critical_path"]["cpu_s"] + critical(phase), timing["total_cpu_s_twolevel"] + total(phase)
-        else:  # from random weights, or from an earlier run's (--from) checkpoints
-            cpu, cpu_total = critical("load", phase), total("load", phase)
-        per_rank = [st["coherent"][init] for st in all_stats]
-        timing[phase] = {
-            "critical_path_cpu_s": cpu, "total_cpu_s": cpu_total,
-            "phase_wall_s": max(seconds(st, "wall_s", phase) for st in all_stats),
-            "steps": per_rank[0]["steps"], "batch_size": args.batch_size,
-            "exchange_fraction_max": max(t["exchange_fraction"] for t in per_rank),
-            "exchange_cpu_fraction_max": max(t["exchange_cpu_fraction"] for t in per_rank),
-            **{f"{name}_per_rank": [t[key] for t in per_rank] for name, key in (
-                ("exchange_fraction", "exchange_fraction"), ("exchange_cpu_fraction", "exchange_cpu_fraction"))},
-            **{f"{name}_per_rank": [scale * t[key] / t["steps"] for t in per_rank] for name, key, scale in (
-                ("exchange_ms_per_step", "exchange_s", 1e3), ("exchange_cpu_ms_per_step", "exchange_cpu_s", 1e3),
-                ("step_ms", "step_s", 1e3), ("step_cpu_ms", "step_cpu_s", 1e3),
-                ("bytes_per_step", "exchange_bytes", 1))},
-            "definition": "exchange_fraction: wall time in the gather of local outputs and the scatter of "
-                          "their gradients, waits for slower ranks included, / wall time of the training "
-                          "steps; exchange_cpu_fraction: the same with CPU (process) time, which the "
-                          "sleeping waits do not use"}
-        if init == "pretrained":
-            timing[phase]["pretrained_from"] = args.from_run or "this run"
-        models.append({"name": name, "kind": phase, "params": composite_params, "cpu_s": cpu,
-                       "total_cpu_s": cpu_total, **_accs(acc[phase])})
-    if "global" in acc:
-        g = all_stats[0]["phases"]["global_train"]
-        timing["global_train_cpu_s"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
-        cpu = seconds(all_stats[0], "cpu_s", "global_load", "global_train", "global_eval")
-        models.append({"name": "global CNN", "kind": "global", "params": plan["global_params"],
-                       "cpu_s": cpu, "total_cpu_s": cpu, **_accs(acc["global"])})
-        if "critical_path" in timing:
-            timing["global_over_critical_path"] = g["cpu_s"] / timing["critical_path"]["cpu_s"]
-    return {
-        **common_results(args, plan, all_stats, size, threads),
-        "decomposition": {"grid": format_grid(dec.grid), "overlap": dec.overlap,
-                          "image_shape": format_grid(info.spatial_shape),
-                          "subimage_shape": format_grid(dec.subimage_shape),
-                          "num_subdomains": N, "boxes": dec.boxes(),
-                          "rank_of_subdomain": ([rank_of_subdomain(i, size) for i in range(N)]
-                                                if plan["work"]["boxes"] else [])},
-        "width_factor": plan["width_factor"],
-        "accuracy": {m["name"]: {"val": m.get("val_acc"), "test": m.get("test_acc")} for m in models},
-        "models": models,
-        "parameters": {"local": plan["local_params"], "global": plan["global_params"],
-                       "coarse_dnn": plan["dnn_params"]},
-        "timing": timing,
-    }
-
-
-def common_results(args, plan, all_stats, size, threads) -> dict:
-    """The part of results.json that every mode writes: data, ranks, versions, configuration."""
-    info = plan["info"]
-    return {
-        "mpidd_version": __version__, "data": args.data, "classes": info.classes,
-        "sizes": info.sizes, "world_size": size, "threads_per_rank": threads, "mode": args.mode,
-        "arch": args.arch,
-        "per_rank": all_stats,
-        "versions": {"mpi_library": parallel.library_version(), "mpi4py": mpi4py.__version__,
-                     "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
-                     "python": sys.version.split()[0]},
-        "config": {k: v for k, v in vars(args).items() if k not in ("config",)},
-    }
-
-
-def time_to_accuracy(history, target, offset=0.0, initial_acc=None):
-    """CPU seconds (training steps only, evaluations excluded) until the first point of the
-    test-accuracy curve (`--curve-points` per epoch) that reaches `target`, plus `offset`;
-    epoch 0 (`offset` alone) if `initial_acc`, the accuracy before training, already does;
-    None if no point does."""
-    if initial_acc is not None and initial_acc >= target:
-        return {"cpu_s": offset, "epoch": 0}
-    for point in (p for record in history for p in record["curve"]):
-        if point["test_acc"] >= target:
-            return {"cpu_s": offset + point["cpu_s"], "epoch": point["epoch"]}
-    return None
-
-
-def assemble_width_results(args, plan, all_stats, scores, size, threads) -> dict:
-    """results.json of --mode width. Critical path (`cpu_s`) of the recomposed network: max over
-    ranks of (load + its sub-networks' training) + gather + recompose (+ further training); of
-    the global CNN from random init: rank 0's load + training. `total_cpu_s` sums over ranks.
-    Training includes its per-epoch validation; the final scoring of each model and the
-    test-accuracy curve's evaluations are left out."""
-    M, root = args.subnets, all_stats[0]
-    owner = {m: st["rank"] for st in all_stats for m in st["subdomains"]}
-    models = []
-    for m in range(M):
-        cpu = seconds(all_stats[owner[m]], "cpu_s", f"subnet_{m}")
-        models.append({"name": f"subnet {m}", "kind": "subnet", "subnet": m, "rank": owner[m],
-                       "params": plan["subnet_params"], "cpu_s": cpu, "total_cpu_s": cpu,
-                       **_scores(scores["subnets"][m])})
-    parallel_cpu = max(seconds(st, "cpu_s", "global_load", "subnets") for st in all_stats)
-    gather_cpu = max(seconds(st, "cpu_s", "width_gather") for st in all_stats)
-    before = parallel_cpu + gather_cpu + seconds(root, "cpu_s", "recompose")
-    total_before = sum(seconds(st, "cpu_s", "global_load", "subnets", "width_gather") for st in all_stats) \
-        + seconds(root, "cpu_s", "recompose")
-    trained = seconds(root, "cpu_s", "recomposed_train") - seconds(root, "cpu_s", "recomposed_curve")
-    global_cpu = seconds(root, "cpu_s", "global_load", "global_train") - seconds(root, "cpu_s", "global_curve")
-    # time to the target: training steps only on both sides (no validation, no curve evaluations)
-    steps_before = max(seconds(st, "cpu_s", "global_load", "subnet_steps") for st in all_stats) \
-        + gather_cpu + seconds(root, "cpu_s", "recompose")
-    models.append({"name": "recomposed (before training)", "kind": "recomposed_initial",
-                   "params": plan["global_params"], "cpu_s": before, "total_cpu_s": total_before,
-                   **_scores(scores["recomposed_initial"])})
-    models.append({"name": f"recomposed + {args.epochs} epochs", "kind": "recomposed",
-                   "params": plan["global_params"], "cpu_s": before + trained,
-                   "total_cpu_s": total_before + trained, **_scores(scores["recomposed"])})
-    models.append({"name": f"global CNN (random init, {args.epochs} ep.)", "kind": "global",
-                   "params": plan["global_params"], "cpu_s": global_cpu, "total_cpu_s": global_cpu,
-                   **_scores(scores["global"])})
-    mean_sub_loss = float(np.mean([scores["subnets"][m]["test"][0] for m in range(M)]))
-    recomposed_to = time_to_accuracy(scores["recomposed_curve"], args.target_acc, steps_before,
-                                     initial_acc=scores["recomposed_initial"]["test"][1])
-    global_to = time_to_accuracy(scores["global_curve"], args.target_acc, seconds(root, "cpu_s", "global_load"))
-    return {
-        **common_results(args, plan, all_stats, size, threads),
-        "width": {"subnets": M, "subnet_width": args.width // M, "global_width": args.width,
-                  "shard": args.shard, "offdiag_noise": args.offdiag_noise, "subnet_epochs": args.subnet_epochs,
-                  "epochs": args.epochs, "transfer_lr": args.transfer_lr, "lr": args.lr,
-                  "rank_of_subnet": [owner[m] for m in range(M)]},
-        "accuracy": {m["name"]: {"val": m["val_acc"], "test": m["test_acc"]} for m in models},
-        "models": models,
-        "parameters": {"subnet": plan["subnet_params"], "global": plan["global_params"]},
-        "loss_bound": {
-            "recomposed_test_loss": scores["recomposed_initial"]["test"][0], "mean_subnet_test_loss": mean_sub_loss,
-            "holds": scores["recomposed_initial"]["test"][0] <= mean_sub_loss + 1e-6,
-            "applies": args.offdiag_noise == 0,  # noise in the off-diagonal blocks breaks the mean-logit identity
-            "statement": "cross-entropy is convex in the logits and the recomposed logits are the mean of "
-                         "the sub-networks' logits (zero off-diagonal blocks), so the recomposed loss is at "
-                         "most the mean of the sub-networks' losses"},
-        "time_to_target": {
-            "target_test_acc": args.target_acc, "recomposed": recomposed_to, "global_random_init": global_to,
-            "recomposed_start_cpu_s": steps_before,
-            "ratio": (recomposed_to["cpu_s"] / global_to["cpu_s"]) if recomposed_to and global_to else None,
-            "curves": {name: [{k: p[k] for k in ("epoch", "cpu_s", "test_acc")}
-                              for r in scores[f"{name}_curve"] for p in r["curve"]]
-                       for name in ("recomposed", "global")},
-            "definition": "critical-path CPU seconds until the first point of the test-accuracy curve "
-                          "(--curve-points per epoch) that reaches the target: recomposed = max over ranks "
-                          "(load + sub-network training steps) + gather + recompose (recomposed_start_cpu_s) "
-                          "+ its training steps "
-                          "(epoch 0: the recomposed network before training); random init = load + its "
-                          "training steps. Evaluations (validation, curve) are left out on both sides"},
-    }
-
-
-def _scores(d):
-    """{split: (loss, accuracy)} -> the table's columns."""
-    return {"val_acc": d["val"][1], "test_acc": d["test"][1], "val_loss": d["val"][0], "test_loss": d["test"][0]}
-
-
-def _accs(d):
-    return {"val_acc": d["val"], "test_acc": d["test"]}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The CMake/CTest registration: refuses an in-source build, registers every suite."""
+"""The CMake/CTest registration: refuses an in-source build, registers every suite, installs the jobs."""
 
 import os
 import shutil
@@ -30,6 +30,39 @@ def test_suites_registered_at_1_to_4_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
     listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
-    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e"):
+    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_openmpi"):
         assert f": {name}" in listed
     assert f'{mpiexec} "-n" "4"' in listed and "--with-mpi" in listed
+    assert "--ignore=tests/test_openmpi.py" in listed  # the unit suite leaves the Open MPI run to e2e_openmpi
+
+
+def test_site_mpi_flags_reach_the_mpi_suites_and_end_to_end_tests(tmp_path):
+    build = tmp_path / "build"
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    proc = subprocess.run([CMAKE, "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
+                           f"-DMPIEXEC_EXECUTABLE={mpiexec}", "-DMPIEXEC_PREFLAGS=--oversubscribe;--bind-to;none",
+                           "-DMPIDD_REQUIRE_OPENMPI=ON"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
+    listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
+    assert f'{mpiexec} "-n" "2" "--oversubscribe" "--bind-to" "none"' in listed
+    assert "MPIDD_MPIEXEC_PREFLAGS=--oversubscribe --bind-to none" in listed  # e2e's environment
+    assert "MPIDD_REQUIRE_OPENMPI=ON" in listed
+
+
+def test_install_puts_the_jobs_under_share(tmp_path):
+    build, prefix = tmp_path / "build", tmp_path / "prefix"
+    proc = subprocess.run([CMAKE, "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    proc = subprocess.run([CMAKE, "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    jobs = prefix / "share" / "mpidd" / "jobs"
+    expected = sorted(f for f in os.listdir(os.path.join(ROOT, "jobs")) if f.endswith((".sh", ".toml")))
+    assert {"local.sh", "slurm_cpu.sh", "slurm_gpu.sh", "fashion_mnist_2x2.toml", "fashion_mnist_4x4.toml"} <= set(expected)
+    assert sorted(os.listdir(jobs)) == expected
+    for name in expected:
+        executable = os.access(jobs / name, os.X_OK)
+        assert executable == name.endswith(".sh"), name
+        assert (jobs / name).read_bytes() == open(os.path.join(ROOT, "jobs", name), "rb").read()

@@ -117,6 +117,7 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
     from types import SimpleNamespace
 
     from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd import data
     from mpidd.train import Phases, load_local_data
     dec = Decomposition((16, 16), (2, 2), 2)
     mine = subdomains_of_rank(comm.rank, comm.size, 4) if comm.size <= 4 else []
@@ -124,8 +125,10 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
     original = h5py.Dataset.__getitem__
     monkeypatch.setattr(h5py.Dataset, "__getitem__",
                         lambda self, key: reads.append((self.name, key)) or original(self, key))
-    args = SimpleNamespace(data=shared_h5, read_block=40)
-    subsets, nbytes = load_local_data(args, {"decomposition": dec}, mine, Phases())
+    run = SimpleNamespace(args=SimpleNamespace(data=shared_h5, read_block=40), mine=mine, group=None,
+                          plan={"decomposition": dec, "info": data.inspect(shared_h5)}, phases=Phases())
+    reads.clear()
+    subsets, nbytes = load_local_data(run)
     boxes = [dec.slices(i) for i in mine]
     image_reads = [k for name, k in reads if name.endswith("images")]
     assert len(image_reads) == len(mine) * (3 + 1 + 1)  # 90 train in blocks of 40, 30 val, 30 test
@@ -189,8 +192,10 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     coarse = dnn() if comm.rank == 0 else None
     exchange = ModelParallelExchange(comm, mine, N, K)
     optimizer = make_optimizer(torch.nn.ModuleList([*models.values(), *([coarse] if coarse else [])]), opts)
-    loss, _ = coherent_step(models, coarse, {i: torch.as_tensor(xs[i]) for i in mine}, torch.as_tensor(y),
-                            idx, optimizer, exchange=exchange, output=output)
+    result = coherent_step(models, coarse, {i: torch.as_tensor(xs[i]) for i in mine}, torch.as_tensor(y),
+                           idx, exchange=exchange, output=output)
+    optimizer.step()
+    loss = result[0] / len(idx) if result is not None else None
 
     tol = dict(rtol=1e-4, atol=1e-6)
     for i in mine:
@@ -247,3 +252,107 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
         assert result[1] == pytest.approx(evaluate_coherent(ref_locals, ref_dnn, xs, y, exchange=SerialExchange())[1])
     else:
         assert result is None
+
+
+@pytest.mark.mpi(min_size=1)
+def test_gather_of_data_parallel_shares(comm):
+    """P = G*N: the G members of a subdomain each send their share of its samples."""
+    from mpidd.decomposition import layout
+    from mpidd.parallel import DataParallelGroup, gather_probabilities
+    N = 2 if comm.size % 2 == 0 else 1
+    n, K = 7, 3
+    mine, replicas, member = layout(comm.rank, comm.size, N)
+    group = DataParallelGroup(comm, color=mine[0], key=member)
+    assert group.size == replicas and group.rank == member
+    lo, hi = group.share(n)
+
+    def probs(i, rows):
+        return (100 * i + 10 * rows[:, None] + np.arange(K)[None, :]).astype(np.float32)
+    out = gather_probabilities(comm, {i: probs(i, np.arange(lo, hi)) for i in mine}, N, n, K,
+                               starts={i: lo for i in mine})
+    if comm.rank == 0:
+        assert np.array_equal(out, np.concatenate([probs(i, np.arange(n)) for i in range(N)], axis=1))
+    group.comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_data_parallel_training_equals_one_process_on_the_whole_batch(comm):
+    """Every rank of the group holds a share of the samples; two epochs of group training
+    (gradients summed, BatchNorm statistics over the group) end where one process ends."""
+    import torch
+    from mpidd.engine import Shard, TrainOptions, derive_seed, evaluate, train_classifier
+    from mpidd.models import CNNConfig, build_cnn, group_batchnorm
+    from mpidd.parallel import DataParallelGroup
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    n, K = 100, 3
+    y = rng.integers(0, K, n)
+    x = (rng.random((n, 1, 8, 8)) * 100 + y[:, None, None, None] * 60).astype(np.uint8)
+    opts = TrainOptions(epochs=2, batch_size=16)
+    seed = derive_seed(3, 0, 1)
+
+    def model():
+        torch.manual_seed(seed)
+        return build_cnn(1, K, (8, 8), CNNConfig(width=4, hidden=8))
+    reference = model()
+    ref_history, _ = train_classifier(reference, (x, y), (x[:40], y[:40]), opts, seed)
+
+    group = DataParallelGroup(comm, color=0, key=comm.rank)
+    lo, hi = group.share(n)
+    vlo, vhi = group.share(40)
+    member = group_batchnorm(model(), group.allreduce)
+    history, _ = train_classifier(member, Shard(x[lo:hi], y[lo:hi], lo, n), Shard(x[vlo:vhi], y[vlo:vhi], vlo, 40),
+                                  opts, seed, group=group)
+    for (name, p), q in zip(member.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(p.float(), q.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ref_history], rel=1e-5)
+    assert [h["val_acc"] for h in history] == pytest.approx([h["val_acc"] for h in ref_history], abs=1e-6)
+    assert evaluate(member, x[lo:hi], y[lo:hi], group=group, total=n) == pytest.approx(evaluate(reference, x, y), rel=1e-5)
+    group.comm.Free()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_signal_on_one_rank_stops_every_rank(comm):
+    """The last rank gets SIGUSR1; every rank learns it by polling, and the phase boundary agrees."""
+    import signal
+    import time
+    from mpidd.parallel import StopAgreement
+    stopper = StopAgreement(comm)
+    try:
+        assert not stopper.sync()  # nobody stops: a boundary says so everywhere
+        if comm.rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while not stopper.poll():  # a step boundary, over and over: the stop reaches every rank
+            assert time.monotonic() < deadline, "the stop did not reach this rank"
+            time.sleep(0.001)
+        # the signalled rank names its signal; the root names where it came from, and tells the rest
+        assert stopper.reason == ("SIGUSR1" if comm.rank == comm.size - 1 else f"SIGUSR1 on rank {comm.size - 1}")
+        assert stopper.sync(stopping=True)
+        stopper.barrier()
+    finally:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        stopper.comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_stopping_mid_phase_stops_ranks_waiting_at_the_boundary(comm):
+    """Rank 0 stops between boundaries (as after its own poll) while the others wait at the
+    next boundary: they learn the stop from that boundary's agreement."""
+    import signal
+    from mpidd.parallel import StopAgreement
+    stopper = StopAgreement(comm)
+    try:
+        if comm.rank == 0:
+            stopper.signal = signal.SIGTERM  # what the handler does
+            assert stopper.poll()
+            assert stopper.sync(stopping=True)
+        else:
+            assert stopper.sync()
+            assert stopper.requested
+        stopper.barrier()
+    finally:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        stopper.comm.Free()

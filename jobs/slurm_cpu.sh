@@ -1,0 +1,84 @@
+#!/bin/bash
+# mpidd on a CPU cluster under Slurm: one MPI rank per subdomain (or fewer: ranks take several in
+# turn), --cpus-per-task cores (torch threads) per rank. Submit from the repository root:
+#
+#   sbatch jobs/slurm_cpu.sh                            jobs/fashion_mnist_2x2.toml on 4 ranks
+#   sbatch --ntasks=16 --export=ALL,CONFIG=jobs/fashion_mnist_4x4.toml jobs/slurm_cpu.sh
+#   sbatch jobs/slurm_cpu.sh --epochs 20                more mpidd.train flags (first start only)
+#   DRY_RUN=1 bash jobs/slurm_cpu.sh                    print the command it would run; run nothing
+#   DRY_RUN=1 DRY_RUN_EXIT=75 bash jobs/slurm_cpu.sh    ... and what it would do after that exit code
+#
+# Environment: CONFIG (TOML, keys = mpidd.train flags; default jobs/fashion_mnist_2x2.toml);
+# RUN (run directory; default runs/<job name>-<job id>); PYTHON (default .venv-system/bin/python
+# from `make setup MPI=system`, else .venv/bin/python, else python3: srun needs an mpi4py built
+# against the site's MPI, which the pip MPICH of .venv is not).
+#
+# Time limit, preemption and restart: 300 s before the time limit Slurm sends SIGUSR1 to every
+# rank (SIGTERM on preemption or scancel); mpidd.train writes its checkpoints and exits with 75.
+# This script then requeues the job: same job id, so same RUN; the requeued job finds
+# RUN/config.json and runs `mpidd.train --resume RUN`. Resume by hand with
+# `sbatch --export=ALL,RUN=runs/NAME-ID jobs/slurm_cpu.sh`.
+#
+# Edit the resources (and add your site's --partition/--account):
+#SBATCH --job-name=mpidd
+#SBATCH --nodes=1
+#SBATCH --ntasks=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%j.out
+# A requeued job appends to the same log instead of truncating it:
+#SBATCH --open-mode=append
+#SBATCH --requeue
+# USR1 300 s before the time limit, sent to the job step's tasks (the mpidd ranks), not "B:" (the
+# batch shell only): bash runs a trap only after the foreground srun has returned, too late to
+# checkpoint, and each rank would then have to be signalled from here. Raise 300 when writing the
+# checkpoints of your models takes longer.
+#SBATCH --signal=USR1@300
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+
+JOB_ID=${SLURM_JOB_ID:-JOBID}
+CONFIG=${CONFIG:-jobs/fashion_mnist_2x2.toml}
+RUN=${RUN:-runs/${SLURM_JOB_NAME:-mpidd}-$JOB_ID}
+if [[ -z "${PYTHON:-}" ]]; then
+  for PYTHON in .venv-system/bin/python .venv/bin/python python3; do [[ -x $PYTHON ]] && break; done
+fi
+THREADS=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=$THREADS
+
+if [[ -f "$RUN/config.json" ]]; then  # a restart: everything else comes from the run's config.json
+  echo "mpidd: resuming $RUN (restart ${SLURM_RESTART_COUNT:-0} of job $JOB_ID)" >&2
+  TRAIN=(--resume "$RUN" --device cpu --threads "$THREADS")
+else
+  TRAIN=(--config "$CONFIG" --out "$RUN" --device cpu --threads "$THREADS" "$@")
+fi
+# --kill-on-bad-exit=1: a rank that fails ends the whole step at once instead of leaving the others
+# waiting. (srun exits with the highest exit code of the ranks, or 128+signal for a rank it had to
+# kill, so mpidd.train's ranks exit 75 together, once every checkpoint is written.)
+# --cpus-per-task again: some Slurm versions do not pass sbatch's on to srun.
+CMD=(srun --kill-on-bad-exit=1 --cpus-per-task="$THREADS" "$PYTHON" -m mpidd.train "${TRAIN[@]}")
+
+show() { printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'; }
+
+# After mpidd.train exited with $1: 75 (stopped by a signal, checkpoints written) requeues the
+# job; any other code is the job's exit code.
+finish() {
+  if [[ $1 -ne 75 ]]; then exit "$1"; fi
+  echo "mpidd: stopped before the time limit, checkpoints in $RUN: requeueing job $JOB_ID" >&2
+  if [[ -n "${DRY_RUN:-}" ]]; then show scontrol requeue "$JOB_ID"; exit 0; fi
+  scontrol requeue "$JOB_ID" || {
+    echo "mpidd: could not requeue; resume with: sbatch --export=ALL,RUN=$RUN jobs/slurm_cpu.sh" >&2; exit 75; }
+  exit 0
+}
+
+if [[ -n "${DRY_RUN:-}" ]]; then
+  show "${CMD[@]}"
+  finish "${DRY_RUN_EXIT:-0}"
+fi
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  echo "$0: not inside a Slurm job: submit it with sbatch (DRY_RUN=1 prints the command)" >&2
+  exit 2
+fi
+code=0
+"${CMD[@]}" || code=$?
+finish "$code"

@@ -1,0 +1,56 @@
+"""Run mpidd.train, but send SIGUSR1 (or SIGKILL) to one rank at a chosen point (test helper).
+
+    mpirun -n 4 python tests/signal_on_rank.py RANK PHASE POLLS [SIGNAL] [mpidd.train arguments...]
+
+PHASE is local, coarse, coherent_random, coherent_pretrained, global or subnets: once rank
+RANK has polled for a stop POLLS times inside that phase (about once a training step or
+evaluation batch), it signals itself, as Slurm or a user would (SIGNAL: USR1, TERM or KILL;
+default USR1). The stop itself then runs the real path: the signal handler, the agreement
+between the ranks, the checkpoints and the exit code.
+"""
+
+import os
+import signal
+import sys
+
+from mpi4py import MPI
+
+import mpidd.parallel as parallel
+import mpidd.train as train
+
+rank, phase, polls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+argv = sys.argv[4:]
+signum = signal.SIGUSR1
+if argv and argv[0] in ("USR1", "TERM", "KILL"):
+    signum, argv = getattr(signal, "SIG" + argv[0]), argv[1:]
+state = {"phase": None, "polls": 0}
+
+
+def in_phase(name, function):
+    def wrapped(*args, **kwargs):
+        state["phase"] = name if name != "coherent" else f"coherent_{args[1]}"
+        try:
+            return function(*args, **kwargs)
+        finally:
+            state["phase"] = None
+    return wrapped
+
+
+train.train_local_models = in_phase("local", train.train_local_models)
+train.coarse_phase = in_phase("coarse", train.coarse_phase)
+train.coherent_phase = in_phase("coherent", train.coherent_phase)
+train.global_phase = in_phase("global", train.global_phase)
+train.train_subnets = in_phase("subnets", train.train_subnets)
+original_poll = parallel.StopAgreement.poll
+
+
+def poll(self):
+    if MPI.COMM_WORLD.rank == rank and state["phase"] == phase:
+        state["polls"] += 1
+        if state["polls"] == polls:
+            os.kill(os.getpid(), signum)
+    return original_poll(self)
+
+
+parallel.StopAgreement.poll = poll
+sys.exit(train.main(argv))

@@ -1,0 +1,190 @@
+"""End to end, production runs: stop on a signal and --resume, kill -9 of a rank, resume refusals,
+more ranks than subdomains (data parallel), devices and Slurm start-up checks. The real command
+line under mpirun, in a subprocess, on tiny synthetic data."""
+
+import csv
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_tiny_dataset
+from test_e2e import TINY, results, run
+
+SIGNAL = (os.path.join(ROOT, "tests", "signal_on_rank.py"),)
+COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
+SCORES = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
+EXIT_PREEMPTED = 75
+
+
+def scores(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return sorted(tuple(r[k] for k in SCORES) for r in csv.DictReader(f))
+
+
+def marker(out):
+    with open(os.path.join(out, "checkpoints", "progress.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("restart") / "tiny.h5", n=(512, 128, 128))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "whole")
+    proc = run(["--data", tiny, "--out", out, *COMPARE], np=4)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_in_local(tiny, tmp_path_factory):
+    """A 4-rank run that rank 2 stops (SIGUSR1, as Slurm sends) in the middle of the local phase:
+    epoch 2 of its first subdomain (16 steps and 1 validation batch an epoch)."""
+    out = str(tmp_path_factory.mktemp("runs") / "stopped")
+    proc = run(["2", "local", "25", "USR1", "--data", tiny, "--out", out, *COMPARE], np=4, script=SIGNAL)
+    return out, proc
+
+
+def test_a_signal_stops_every_rank_with_exit_code_75(stopped_in_local):
+    out, proc = stopped_in_local
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "stopped (SIGUSR1 on rank 2)" in proc.stdout and f"--resume {out}" in proc.stdout
+    m = marker(out)
+    assert m["state"] == "stopped" and m["stops"][0]["reason"] == "SIGUSR1 on rank 2"
+    assert not m.get("gathered") and not os.path.exists(os.path.join(out, "results.json"))
+    for r in range(4):
+        assert os.path.exists(os.path.join(out, "checkpoints", f"phases_rank{r}.json"))
+        with open(os.path.join(out, "logs", f"rank{r}.log")) as f:
+            assert "stopped (" in f.read()
+    # every rank saved its model where it stopped, in the middle of an epoch
+    import torch
+    ck = torch.load(os.path.join(out, "checkpoints", "local_2.pt"), weights_only=False)
+    assert ck["loop"]["stopped"] and ck["loop"]["epoch"] == 2 and 0 < ck["loop"]["step"] < 16
+
+
+def test_refusals_to_resume(stopped_in_local, tiny, tmp_path):
+    out, _ = stopped_in_local
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    cases = [
+        (2, [], "that run used 4 ranks, this one has 2"),
+        (4, ["--epochs", "5"], "that run has --epochs 3, this command line 5"),
+        (4, ["--grid", "1x2"], "that run has --grid 2x2, this command line 1x2"),
+        (4, ["--out", str(tmp_path / "elsewhere")], "continues in that directory: drop --out"),
+    ]
+    for np_, extra, message in cases:
+        proc = run(["--resume", copy, *extra], np=np_, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+        assert "epoch" not in proc.stdout
+    other = make_tiny_dataset(tmp_path / "other.h5", n=(512, 128, 128), seed=1)
+    proc = run(["--resume", copy, "--data", other], np=4, timeout=120)  # (a moved data file is fine)
+    assert proc.returncode == 2 and "is not the one that run trained on" in proc.stderr, proc.stderr
+    assert "labels_crc32" in proc.stderr
+    assert marker(copy)["state"] == "stopped"  # a refused resume changes nothing
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_results(stopped_in_local, uninterrupted, tmp_path):
+    out = str(tmp_path / "resumed")
+    shutil.copytree(stopped_in_local[0], out)
+    proc = run(["--resume", out], np=4)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout
+    assert results(out)["accuracy"] == results(uninterrupted)["accuracy"]
+    assert scores(out) == scores(uninterrupted)
+    r = results(out)
+    assert len(r["restarts"]["segments"]) == 2 and r["restarts"]["stops"][0]["reason"] == "SIGUSR1 on rank 2"
+    assert marker(out)["state"] == "finished"
+    proc = run(["--resume", out], np=4, timeout=120)
+    assert proc.returncode == 2 and "has finished" in proc.stderr
+
+
+@pytest.mark.parametrize("phase,rank,polls,sig", [("coherent_random", 1, 20, "TERM"), ("global", 0, 30, "USR1")])
+def test_stops_in_later_phases_resume_exactly(phase, rank, polls, sig, tiny, uninterrupted, tmp_path):
+    """The coherent model (every rank in each step) and rank 0's global CNN, after the gather."""
+    out = str(tmp_path / "run")
+    proc = run([str(rank), phase, str(polls), sig, "--data", tiny, "--out", out, *COMPARE], np=4, script=SIGNAL)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert marker(out)["gathered"] is True
+    proc = run(["--resume", out], np=4)
+    assert proc.returncode == 0, proc.stderr
+    assert results(out)["accuracy"] == results(uninterrupted)["accuracy"]
+    assert scores(out) == scores(uninterrupted)
+
+
+def test_kill_9_of_one_rank_ends_the_job_and_the_last_checkpoints_resume(tiny, uninterrupted, tmp_path):
+    out = str(tmp_path / "killed")
+    start = time.perf_counter()
+    proc = run(["1", "local", "40", "KILL", "--data", tiny, "--out", out, *COMPARE], np=4, timeout=120,
+               script=SIGNAL)
+    assert proc.returncode not in (0, EXIT_PREEMPTED)
+    assert time.perf_counter() - start < 60  # no hang: the launcher ends the job
+    assert marker(out)["state"] == "running"  # nobody could say otherwise
+    proc = run(["--resume", out], np=4)
+    assert proc.returncode == 0, proc.stderr
+    assert results(out)["accuracy"] == results(uninterrupted)["accuracy"]
+    assert scores(out) == scores(uninterrupted)
+
+
+def test_eight_ranks_on_four_subdomains_match_four_ranks(tiny, tmp_path):
+    """P = 2N: each local CNN trained data parallel by 2 ranks, each reading half of the samples.
+    Documented tolerance: gathered probabilities within 1e-4, accuracies within one test image."""
+    args = ["--data", tiny, "--grid", "2x2", "--mode", "twolevel", *TINY]
+    out = {np_: str(tmp_path / f"np{np_}") for np_ in (4, 8)}
+    for np_ in (4, 8):
+        proc = run([*args, "--out", out[np_]], np=np_)
+        assert proc.returncode == 0, proc.stderr
+    assert "2 ranks per model, data parallel" in proc.stdout
+    r4, r8 = results(out[4]), results(out[8])
+    assert r4["accuracy"].keys() == r8["accuracy"].keys()
+    for model, acc in r4["accuracy"].items():
+        for split in ("val", "test"):
+            assert abs(acc[split] - r8["accuracy"][model][split]) <= 1 / 128 + 1e-12, model
+    p4, p8 = (np.load(os.path.join(out[n], "checkpoints", "probabilities.npz")) for n in (4, 8))
+    for split in ("train", "val", "test"):
+        assert p8[split].shape == p4[split].shape == ({"train": 512}.get(split, 128), 16)
+        assert np.abs(p8[split] - p4[split]).max() < 1e-4
+    ranks = {s["rank"]: s for s in r8["per_rank"]}
+    box_bytes = (512 + 128 + 128) * (8 * 8 + 8) // 2  # one 8x8 box, half of the samples
+    for r in range(8):
+        assert ranks[r]["subdomains"] == [r % 4] and ranks[r]["data_parallel"] == [r // 4, 2]
+        assert abs(ranks[r]["bytes_read_boxes"] - box_bytes) <= 3 * (8 * 8 + 8)
+
+
+def test_ranks_that_do_not_fit_the_subdomains_are_refused(tiny, tmp_path):
+    for np_, mode, message in [(3, "twolevel", "3 ranks for 2 subdomains"),
+                               (4, "coherent", "4 ranks but only 2 subdomains")]:
+        proc = run(["--data", tiny, "--grid", "1x2", "--mode", mode, "--out", str(tmp_path / "r"), *TINY],
+                   np=np_, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_global_cnn_data_parallel_on_two_ranks(tiny, tmp_path):
+    args = ["--data", tiny, "--mode", "global", *TINY]
+    for np_ in (1, 2):
+        proc = run([*args, "--out", str(tmp_path / f"g{np_}")], np=np_)
+        assert proc.returncode == 0, proc.stderr
+    one, two = (results(str(tmp_path / f"g{n}")) for n in (1, 2))
+    assert abs(one["accuracy"]["global CNN"]["test"] - two["accuracy"]["global CNN"]["test"]) <= 1 / 128 + 1e-12
+    loss = {n: [float(s[2]) for s in scores(str(tmp_path / f"g{n}"))] for n in (1, 2)}
+    assert np.allclose(loss[1], loss[2], rtol=1e-3)
+    assert [s["data_parallel"] for s in two["per_rank"]] == [[0, 2], [1, 2]]
+
+
+def test_device_cuda_without_a_gpu_and_slurm_task_mismatch_are_refused(tiny, tmp_path):
+    import torch
+    args = ["--data", tiny, "--mode", "twolevel", "--out", str(tmp_path / "d"), *TINY]
+    if not torch.cuda.is_available():
+        proc = run([*args, "--device", "cuda"], np=2, timeout=120)
+        assert proc.returncode == 2 and "--device cuda, but torch sees no GPU" in proc.stderr, proc.stderr
+    # srun with an MPI that does not speak Slurm's PMI: 4 singletons, each "rank 0 of 1"
+    proc = run(args, timeout=120, env={"SLURM_NTASKS": "4"})
+    assert proc.returncode == 2 and "SLURM_NTASKS=4 but MPI_COMM_WORLD has 1 rank" in proc.stderr, proc.stderr
+    assert not (tmp_path / "d").exists()
