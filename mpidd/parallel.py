@@ -265,9 +265,13 @@ class StopAgreement:
             self.requested, self.reason, self._told_root = True, "a stop on another rank", True
         return bool(agreed[0])
 
-    def any(self, comm) -> bool:
-        """Collective over `comm` (ranks that step together): does any of them stop now?"""
-        return bool(comm.allreduce(1 if self.poll() else 0, op=MPI.MAX))
+    def any(self, comm, interval: float | None = None) -> bool:
+        """Collective over `comm` (ranks that step together): does any of them stop now?
+        Waits as sleepy_wait(interval) does (ranks that share cores must not spin here)."""
+        mine = np.array([1 if self.poll() else 0], dtype=np.int32)
+        agreed = np.zeros(1, dtype=np.int32)
+        sleepy_wait(comm.Iallreduce(mine, agreed, op=MPI.MAX), interval)
+        return bool(agreed[0])
 
     def barrier(self):
         """After a stop: every rank has saved; then collect what is left of the messages."""

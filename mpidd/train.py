@@ -68,6 +68,10 @@ from .width import WidthError, build_subnet, recompose  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = parallel.EXIT_PREEMPTED
+# Ranks that train one model together agree on a stop every this many steps (or evaluation
+# batches): a stop comes at most this many steps late, and the agreement costs 1/AGREE_EVERY
+# of a small allreduce per step.
+AGREE_EVERY = 10
 log = logging.getLogger("mpidd")
 
 
@@ -314,6 +318,8 @@ class Run:
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
     resuming: bool = False
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
+    wait_interval: float | None = None  # sleep between tests of a pending MPI request (None: spin)
+    polls: dict = field(default_factory=dict)  # collective stop polls so far, per communicator
 
     @property
     def rank(self):
@@ -337,11 +343,21 @@ class Run:
 
     def poll_group(self) -> bool:
         """Stop? Agreed by the data-parallel group that trains the model (collective)."""
-        return self.stopper.any(self.group.comm) if self.group is not None else self.stopper.poll()
+        return self._agree("group", self.group.comm) if self.group is not None else self.stopper.poll()
 
     def poll_world(self) -> bool:
         """Stop? Agreed by every rank (collective): the coherent model's steps."""
-        return self.stopper.any(self.stopper.comm)
+        return self._agree("world", self.stopper.comm)
+
+    def _agree(self, key, comm) -> bool:
+        """Every AGREE_EVERY-th poll the ranks of `comm` agree (an allreduce that sleeps while
+        it waits); in between they only relay signals. Invariant: the ranks of `comm` poll the
+        same number of times in the same order, so they agree at the same steps."""
+        self.polls[key] = self.polls.get(key, 0) + 1
+        if self.polls[key] % AGREE_EVERY:
+            self.stopper.poll()
+            return False
+        return self.stopper.any(comm, self.wait_interval)
 
     def sync(self):
         """A phase boundary that every rank reaches (collective): raises Preempted if the job stops."""
@@ -827,10 +843,7 @@ def run_phases(run: Run, subsets, whole):
             rows += coarse_rows
         pretrained = {"local": local_models, "dnn": dnn}
     if work["coherent"]:
-        # ranks that share cores sleep while they wait for the exchange; ranks with cores of
-        # their own spin in MPI_Wait (lowest latency)
-        exchange = parallel.ModelParallelExchange(
-            run.comm, run.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(run.comm, run.threads) else None)
+        exchange = parallel.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval)
         for init in work["coherent"]:
             run.sync()  # all ranks start together: no rank's phase holds the wait
             with run.phases(f"coherent_{init}"):
@@ -898,7 +911,10 @@ def main(argv=None):
     parallel.warm_up_torch()
     resume = plan["progress"]
     run = Run(comm=comm, args=args, plan=plan, device=device, threads=threads,
-              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"))
+              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
+              # ranks that share cores sleep while they wait for each other; ranks with cores
+              # of their own spin in MPI_Wait (lowest latency)
+              wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
     if run.resuming:
         run.progress = resume
         run.phases = Phases(rundir.read_json(run.path(f"phases_rank{rank}.json"), {}))
