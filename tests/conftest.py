@@ -31,3 +31,9 @@ def make_tiny_dataset(path, n=(192, 64, 64), size=16, num_classes=4, channels=1,
 @pytest.fixture(scope="session")
 def tiny_h5(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.h5")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The end-to-end tests' data: 512/128/128 images of 16x16, 4 classes."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("e2e") / "tiny.h5", n=(512, 128, 128))

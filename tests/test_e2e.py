@@ -36,11 +36,6 @@ def results(out):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("e2e") / "tiny.h5", n=(512, 128, 128))
-
-
-@pytest.fixture(scope="module")
 def two_rank_run(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "np2")
     proc = run(["--data", tiny, "--grid", "2x2", "--overlap", "1", "--out", out, *TINY], np=2)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_tiny_dataset
+from conftest import ROOT
 
 if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")):
     pytest.skip("the Open MPI end-to-end test launches mpirun itself: run it outside mpirun", allow_module_level=True)
@@ -64,11 +64,6 @@ def openmpi():
     if REQUIRED:  # under `make test`, which built it: a missing Open MPI is a failure, not a skip
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("openmpi") / "tiny.h5", n=(512, 128, 128))
 
 
 def launch(mpirun, args, np_=2, script=("-m", "mpidd.train"), timeout=120):

@@ -31,11 +31,6 @@ def marker(out):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("restart") / "tiny.h5", n=(512, 128, 128))
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "whole")
     proc = run(["--data", tiny, "--out", out, *COMPARE], np=4)
