@@ -147,7 +147,7 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
                          f"its local phase?)")
     C, K = info.channels, info.num_classes
     for i in range(dec.num_subdomains):
-        state = load_checkpoint(run, f"local_{i}.pt")
+        state = load_pretrained_checkpoint(run, f"local_{i}.pt")
         box, wf = state.get("box"), state.get("width_factor")
         if box is None or tuple(map(tuple, box)) != tuple(map(tuple, dec.box(i))) or \
                 not isinstance(wf, float) or abs(wf - width_factor) > 1e-9:
@@ -156,11 +156,11 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
         fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, run, f"local_{i}.pt")
     if args.dnn_init == "coarse":
         fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
-                       load_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
+                       load_pretrained_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
 
 
-def load_checkpoint(run, name) -> dict:
-    """A checkpoint of an mpidd run (weights only: no code in a pickle runs); UsageError if unreadable."""
+def load_pretrained_checkpoint(run, name) -> dict:
+    """--from: a checkpoint of another mpidd run (weights only: no code in a pickle runs); UsageError if unreadable."""
     path = os.path.join(run, "checkpoints", name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -212,9 +212,10 @@ def check_resume(args, size: int, info) -> dict | None:
     return progress
 
 
-def plan_run(args, size: int) -> dict:
+def plan_run(args, comm) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
-    note = parallel.check_slurm_tasks(MPI.COMM_WORLD)
+    size = comm.Get_size()
+    note = parallel.check_slurm_tasks(comm)
     try:
         info = data.inspect(args.data)
     except data.DataError as e:
@@ -269,7 +270,7 @@ def start(comm, argv):
             args = parse_args(argv)
             if args.out is None:
                 args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            return "run", args, plan_run(args, comm.Get_size())
+            return "run", args, plan_run(args, comm)
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
             return "exit", e.code or 0, None
         except (ConfigError, UsageError, parallel.StartupError) as e:
@@ -363,7 +364,7 @@ class Run:
         """A phase boundary that every rank reaches (collective): raises Preempted if the job stops."""
         with self.phases("wait"):
             if self.stopper.sync():
-                raise synced_stop()
+                raise SyncedStop("stop agreed at a phase boundary")
 
     def mark(self, **updates):
         """Rank 0: record progress in the marker (after the ranks' checkpoints it speaks for)."""
@@ -376,10 +377,8 @@ class Run:
         return rundir.load_checkpoint(self.path(name)) if self.resuming else None
 
 
-def synced_stop():
-    e = Preempted("stop agreed at a phase boundary")
-    e.synced = True
-    return e
+class SyncedStop(Preempted):
+    """A stop agreed at a phase boundary (sync): every rank has already taken part in it."""
 
 
 def checkpoint_fields(state: dict) -> dict:
@@ -595,12 +594,12 @@ def load_pretrained(run: Run):
     args, info, dec = run.args, run.plan["info"], run.plan["decomposition"]
     src, C, K = args.from_run, info.channels, info.num_classes
     local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan["width_factor"]),
-                               load_checkpoint(src, f"local_{i}.pt"), src, f"local_{i}.pt").to(run.device)
+                               load_pretrained_checkpoint(src, f"local_{i}.pt"), src, f"local_{i}.pt").to(run.device)
              for i in run.mine}
     dnn = None
     if run.master_process and args.dnn_init == "coarse":
         dnn = fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
-                             load_checkpoint(src, "coarse_dnn.pt"), src, "coarse_dnn.pt").to(run.device)
+                             load_pretrained_checkpoint(src, "coarse_dnn.pt"), src, "coarse_dnn.pt").to(run.device)
     return {"local": local, "dnn": dnn}
 
 
@@ -659,7 +658,7 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
         stop = run.stopper.sync()  # every rank has saved this position: rank 0 records it
         run.mark(**{name: position})
         if stop:
-            raise synced_stop()
+            raise SyncedStop("stop agreed at a phase boundary")
     opts = coherent_options(args, init)
     images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
     history, optimizer, timing = train_coherent(
@@ -869,7 +868,7 @@ def run_phases(run: Run, subsets, whole):
 
 def stop_here(run: Run, error: Preempted) -> int:
     """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
-    if not getattr(error, "synced", False):
+    if not isinstance(error, SyncedStop):
         run.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
     rundir.write_json(run.path(f"phases_rank{run.rank}.json"), run.phases.seconds)
     run.stopper.barrier()  # every rank has written its part
@@ -948,7 +947,7 @@ def main(argv=None):
                             "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
                                           "threads": threads, "device": args.device}]}
             run.mark()
-    run.progress = comm.bcast(run.progress, root=0)
+    run.progress = parallel.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
     parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
     setup_logging(args.out, rank, append=run.resuming)
     where = parallel.device_name(device)
