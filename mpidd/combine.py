@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .engine import TrainOptions, derive_seed, train_classifier
+from .engine import TrainOptions, seed_for, train_classifier
 from .models import CoarseDNN
 
 
@@ -40,7 +40,7 @@ def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOption
     """Train the coarse DNN on flattened (n, N*K) probabilities; model selection on val.
     `control`: stop, checkpoint and resume (mpidd.engine.Control)."""
     x, y = train
-    torch.manual_seed(derive_seed(seed, 1))
+    torch.manual_seed(seed_for(seed, "coarse"))
     model = CoarseDNN(x.shape[1], num_classes, hidden, dropout)
-    history, _ = train_classifier(model, (x, y), val, opts, derive_seed(seed, 1, 1), log, control=control)
+    history, _ = train_classifier(model, (x, y), val, opts, seed_for(seed, "coarse_order"), log, control=control)
     return model, history

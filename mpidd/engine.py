@@ -90,6 +90,29 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, np.uint64)[0] >> 1)
 
 
+# Named seed streams: every random draw of mpidd comes from seed_for(seed, NAME, *keys). The
+# numbers are part of the results (changing one changes every run's numbers): never renumber.
+SEED_STREAMS = {
+    "local": (0,),             # local CNN of subdomain i: init and batch order (+ i)
+    "coarse": (1,),            # coarse DNN init
+    "coarse_order": (1, 1),    # coarse DNN batch order
+    "global": (2,),            # global CNN: init and batch order
+    "coherent_local": (3,),    # coherent model from random weights: local CNN i (+ i)
+    "coherent_dnn": (4,),      # ... and its DNN
+    "coherent_order": (5,),    # coherent model: batch order
+    "subnet": (6,),            # width decomposition: sub-network m (+ m)
+    "recompose": (7,),         # torch RNG when the recomposed network is built
+    "recompose_noise": (8,),   # off-diagonal noise of the recomposition
+    "recomposed_order": (9,),  # recomposed network: batch order
+    "validation": (10,),       # API: validation samples held out of the training set
+}
+
+
+def seed_for(seed: int, stream: str, *keys: int) -> int:
+    """The seed of stream `stream` (see SEED_STREAMS), e.g. seed_for(seed, "local", i)."""
+    return derive_seed(seed, *SEED_STREAMS[stream], *keys)
+
+
 def to_float(batch: torch.Tensor) -> torch.Tensor:
     """uint8 images -> [0, 1]; image batches in channels-last order, which oneDNN's CPU
     convolutions run about 1.4x faster than the default order for these small CNNs."""

@@ -37,8 +37,6 @@ import logging
 import os
 import socket
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mpi4py
@@ -54,14 +52,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
-from . import combine, data, parallel, rundir  # noqa: E402
+from . import data, parallel, rundir  # noqa: E402
 from .coherent import NAMES as COHERENT_NAMES  # noqa: E402
 from .coherent import evaluate_coherent, train_coherent  # noqa: E402
 from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
 from .decomposition import Decomposition, DecompositionError, format_grid, layout, parse_grid  # noqa: E402
-from .engine import (Control, Preempted, Shard, TrainOptions, derive_seed, evaluate, predict_proba,  # noqa: E402
+from .engine import (Control, Preempted, Shard, TrainOptions, seed_for, evaluate,  # noqa: E402
                      train_classifier)
 from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, group_batchnorm, local_width_factor  # noqa: E402
+from .methods import twolevel  # noqa: E402
+from .methods.context import Context, Phases, progress_printer  # noqa: E402
 from .report import format_any  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
 from .width import WidthError, build_subnet, recompose  # noqa: E402
@@ -102,6 +102,12 @@ def cnn_options(args) -> TrainOptions:
 def coarse_options(args) -> TrainOptions:
     return TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size,
                         lr=args.coarse_lr, optimizer="adam", schedule="cosine", select_best=True)
+
+
+def twolevel_config(args) -> twolevel.TwoLevelConfig:
+    return twolevel.TwoLevelConfig(cnn=cnn_config(args), local=cnn_options(args), coarse=coarse_options(args),
+                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 
 def coherent_options(args, init) -> TrainOptions:
@@ -283,71 +289,30 @@ def start(comm, argv):
     return args, plan
 
 
-class Phases:
-    """Wall and CPU seconds per phase of this rank (CPU: process time, all threads)."""
-
-    def __init__(self, seconds=None):
-        self.seconds = seconds or {}
-
-    @contextmanager
-    def __call__(self, name):
-        w, c = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - w, time.process_time() - c)
-
-    def add(self, name, wall_s, cpu_s):
-        """Count seconds measured elsewhere (e.g. the part of a phase spent in training steps)."""
-        entry = self.seconds.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
-        entry["wall_s"] += wall_s
-        entry["cpu_s"] += cpu_s
-
-
-@dataclass
-class Run:
-    """What every phase of this rank needs: the job, its options and plan, and how it stops."""
-    comm: object
+@dataclass(kw_only=True)
+class Run(Context):
+    """The command line's Context: the job, its options and plan, the run directory's
+    checkpoints and marker, and how every rank stops together (StopAgreement)."""
     args: object
     plan: dict
-    device: torch.device
     threads: int
     stopper: parallel.StopAgreement
-    mine: list                     # this rank's subdomains (or sub-networks, --mode width)
-    group: object = None           # data-parallel group of the model(s) this rank trains, if any
-    phases: Phases = field(default_factory=Phases)
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
     resuming: bool = False
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
     wait_interval: float | None = None  # sleep between tests of a pending MPI request (None: spin)
     polls: dict = field(default_factory=dict)  # collective stop polls so far, per communicator
 
-    @property
-    def rank(self):
-        return self.comm.Get_rank()
-
-    @property
-    def master_process(self):
-        return self.rank == 0
-
-    @property
-    def leader(self):
-        """Writes the checkpoints of its group's model (the members hold the same weights)."""
-        return self.group is None or self.group.rank == 0
-
     def path(self, name):
         return os.path.join(self.args.out, "checkpoints", name)
 
     def poll(self) -> bool:
-        """Stop? For a model this rank trains alone."""
         return self.stopper.poll()
 
     def poll_group(self) -> bool:
-        """Stop? Agreed by the data-parallel group that trains the model (collective)."""
         return self._agree("group", self.group.comm) if self.group is not None else self.stopper.poll()
 
     def poll_world(self) -> bool:
-        """Stop? Agreed by every rank (collective): the coherent model's steps."""
         return self._agree("world", self.stopper.comm)
 
     def _agree(self, key, comm) -> bool:
@@ -365,6 +330,18 @@ class Run:
         with self.phases("wait"):
             if self.stopper.sync():
                 raise SyncedStop("stop agreed at a phase boundary")
+
+    def control(self, name, stop, write=True, **fields) -> Control:
+        """Checkpoint `name` each epoch and at a stop (if `write`), resumed from when resuming."""
+        def save(state):
+            if write:
+                rundir.save_checkpoint(self.path(name), **checkpoint_fields(state), **fields, args=vars(self.args))
+        return Control(stop=stop, save=save, resume=loop_state(self.saved(name)))
+
+    def log_progress(self, name, epochs, models_after=0):
+        """To the rank's log, and to stdout on rank 0."""
+        sinks = (log.info, lambda text: print(text, flush=True)) if self.master_process else (log.info,)
+        return progress_printer(name, epochs, models_after, sinks)
 
     def mark(self, **updates):
         """Rank 0: record progress in the marker (after the ranks' checkpoints it speaks for)."""
@@ -417,31 +394,6 @@ def setup_logging(out, rank, append=False):
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def progress(name, master_process, epochs, models_after=0):
-    """Per-epoch (and per-interval) progress: to the rank's log, and to stdout on rank 0.
-    The ETA covers this rank's remaining models too (`models_after` more of the same size)."""
-    def report(r):
-        if "seconds" in r:
-            r = dict(r, eta_s=r["eta_s"] + models_after * epochs * r["seconds"])
-        where = f"batch {r['batch']}/{r['batches']} " if "batch" in r else ""
-        # the coherent model's loss is known on rank 0 only (other ranks log NaN: leave it out)
-        scores = "" if r["loss"] != r["loss"] else f"loss {r['loss']:.4f} acc {100 * r['acc']:.2f}% "
-        if "batch" not in r and r["val_acc"] == r["val_acc"]:
-            scores += f"val {100 * r['val_acc']:.2f}% "
-        text = (f"{name}: epoch {r['epoch']}/{epochs} {where}{scores}{r['images_per_s']:.0f} img/s "
-                f"ETA {datetime.timedelta(seconds=round(r['eta_s']))}")
-        log.info(text)
-        if master_process:
-            print(text, flush=True)
-    return report
-
-
-def on_device(model, run: Run):
-    """The model on this rank's device; in a data-parallel group, with group-wide BatchNorm."""
-    model = model.to(run.device)
-    return group_batchnorm(model, run.group.allreduce) if run.group is not None else model
 
 
 # --- load --------------------------------------------------------------------------------------
@@ -500,41 +452,6 @@ def load_or_refuse(run: Run, load):
 
 # --- the two-level CNN-DNN -----------------------------------------------------------------------
 
-def train_local_models(run: Run, subsets):
-    """Phase local: train each local CNN of this rank (or continue it from its checkpoint), then
-    its class probabilities. No communication (but within a data-parallel group).
-
-    Returns ({subdomain: {split: (rows, K) probs}}, metric rows, {subdomain: model}).
-    """
-    args, plan = run.args, run.plan
-    info, dec = plan["info"], plan["decomposition"]
-    cfg, opts = cnn_config(args), cnn_options(args)
-    probs, rows, models = {}, [], {}
-    for k, (i, split) in enumerate(subsets.items()):
-        name = f"local_{i}.pt"
-
-        def save(state, i=i, name=name):
-            if run.leader:
-                rundir.save_checkpoint(run.path(name), **checkpoint_fields(state), subdomain=i, box=dec.box(i),
-                                       width_factor=plan["width_factor"], args=vars(args))
-        with run.phases("local"), run.phases(f"subdomain_{i}"):
-            seed = derive_seed(args.seed, 0, i)
-            torch.manual_seed(seed)
-            model = on_device(build_cnn(info.channels, info.num_classes, dec.subimage_shape, cfg,
-                                        plan["width_factor"]), run)
-            control = Control(stop=run.poll_group, save=save, resume=loop_state(run.saved(name)))
-            history, _ = train_classifier(
-                model, split["train"], split["val"], opts, seed,
-                progress(f"local {i} {dec.coords(i)}", run.master_process, opts.epochs, len(subsets) - k - 1),
-                control=control, group=run.group)
-            probs[i] = {s: predict_proba(model, split[s].x, args.eval_batch_size, stop=run.poll_group,
-                                         group=run.group, total=split[s].total) for s in data.SPLITS}
-        if run.leader:
-            rows += [dict(r, model=f"local_{i}") for r in history]
-        models[i] = model
-    return probs, rows, models
-
-
 def load_local_models(run: Run):
     """The trained local CNNs of this rank, from their checkpoints (the gather is done)."""
     info, dec, args = run.plan["info"], run.plan["decomposition"], run.args
@@ -543,7 +460,7 @@ def load_local_models(run: Run):
         saved = rundir.load_checkpoint(run.path(f"local_{i}.pt"))
         model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args), run.plan["width_factor"])
         model.load_state_dict(saved["model"])
-        models[i] = on_device(model, run)
+        models[i] = run.on_device(model)
         if run.leader:
             rows += [dict(r, model=f"local_{i}") for r in saved["loop"]["history"]]
     return models, rows
@@ -551,13 +468,9 @@ def load_local_models(run: Run):
 
 def gather_phase(run: Run, probs, subsets):
     """Phase gather: every subdomain's probabilities to rank 0, (n, N*K) per split, saved there."""
-    N, K, info = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes, run.plan["info"]
     with run.phases("gather"):
-        gathered = {}
-        for s in data.SPLITS:
-            starts = {i: subsets[i][s].start for i in run.mine}
-            gathered[s] = parallel.gather_probabilities(run.comm, {i: probs[i][s] for i in run.mine}, N,
-                                                        info.sizes[s], K, starts=starts)
+        gathered = twolevel.gather(run, probs, subsets, run.plan["decomposition"].num_subdomains,
+                                   run.plan["info"].num_classes, run.plan["info"].sizes)
     if run.master_process:
         rundir.save_arrays(run.path("probabilities.npz"), **gathered)
     return gathered
@@ -565,27 +478,10 @@ def gather_phase(run: Run, probs, subsets):
 
 def coarse_phase(run: Run, gathered, labels):
     """Rank 0: coarse DNN (selected on val), average and vote on the gathered probabilities."""
-    args = run.args
     N, K = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes
-    opts = coarse_options(args)
-
-    def save(state):
-        rundir.save_checkpoint(run.path("coarse_dnn.pt"), **checkpoint_fields(state), in_features=N * K,
-                               num_classes=K, hidden=list(args.coarse_hidden), dropout=args.coarse_dropout,
-                               args=vars(args))
-    control = Control(stop=run.poll, save=save, resume=loop_state(run.saved("coarse_dnn.pt")))
-    dnn, history = combine.train_coarse_dnn(
-        (gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K,
-        args.coarse_hidden, args.coarse_dropout, opts, args.seed,
-        progress("coarse DNN", run.master_process, opts.epochs), control=control)
-    acc = {"cnn_dnn": {}, "average": {}, "vote": {}, "local": {i: {} for i in range(N)}}
-    for s in ("val", "test"):
-        p, y = gathered[s].reshape(-1, N, K), labels[s]
-        acc["cnn_dnn"][s] = evaluate(dnn, gathered[s], y, stop=run.poll)[1]
-        acc["average"][s] = combine.accuracy(combine.average_vote(p), y)
-        acc["vote"][s] = combine.accuracy(combine.majority_vote(p), y)
-        for i in range(N):
-            acc["local"][i][s] = combine.accuracy(p[:, i].argmax(1), y)
+    cfg = twolevel_config(run.args)
+    dnn, history = twolevel.fit_coarse(run, gathered, labels, N, K, cfg)
+    acc = twolevel.accuracies(dnn, gathered, labels, N, K, stop=run.poll)
     return acc, [dict(r, model="coarse_dnn") for r in history], dnn
 
 
@@ -633,7 +529,7 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     if init == "random":
         local = {}
         for i in sorted(subsets):
-            torch.manual_seed(derive_seed(args.seed, 3, i))
+            torch.manual_seed(seed_for(args.seed, "coherent_local", i))
             local[i] = build_cnn(info.channels, K, dec.subimage_shape, cnn_config(args),
                                  plan["width_factor"]).to(run.device)
     else:
@@ -643,7 +539,7 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
         if init == "pretrained" and args.dnn_init == "coarse":
             dnn = copy.deepcopy(pretrained["dnn"]).to(run.device)
         else:
-            torch.manual_seed(derive_seed(args.seed, 4))
+            torch.manual_seed(seed_for(args.seed, "coherent_dnn"))
             dnn = CoarseDNN(N * K, K, args.coarse_hidden, args.coarse_dropout).to(run.device)
 
     def save(state):
@@ -663,8 +559,8 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
     history, optimizer, timing = train_coherent(
         local, dnn, images["train"], labels["train"], images["val"], labels["val"], opts,
-        derive_seed(args.seed, 5), exchange=exchange, output=args.exchange,
-        eval_batch_size=args.eval_batch_size, log=progress(COHERENT_NAMES[init], run.master_process, opts.epochs),
+        seed_for(args.seed, "coherent_order"), exchange=exchange, output=args.exchange,
+        eval_batch_size=args.eval_batch_size, log=run.log_progress(COHERENT_NAMES[init], opts.epochs),
         control=Control(stop=run.poll_world, save=save, resume=coherent_state(run, name)))
     test = evaluate_coherent(local, dnn, images["test"], labels["test"], exchange=exchange,
                              output=args.exchange, batch_size=args.eval_batch_size, stop=run.poll_world)
@@ -697,7 +593,7 @@ def train_whole_image_model(run: Run, model, split, opts, seed, name, ckpt, labe
     group = None if alone else run.group
     control = Control(stop=run.poll if alone else run.poll_group, save=save, resume=loop_state(run.saved(ckpt)))
     return train_classifier(model, split["train"], split["val"], opts, seed,
-                            progress(label, run.master_process, opts.epochs, models_after),
+                            run.log_progress(label, opts.epochs, models_after),
                             test=split["test"] if test else None, control=control, group=group)
 
 
@@ -706,7 +602,7 @@ def global_phase(run: Run, split, test=False, alone=True):
     or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
     args, info, phases = run.args, run.plan["info"], run.phases
-    seed = derive_seed(args.seed, 2)
+    seed = seed_for(args.seed, "global")
     torch.manual_seed(seed)
     model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args)).to(run.device)
     if not alone and run.group is not None:
@@ -744,7 +640,7 @@ def train_subnets(run: Run, whole):
     states, scores, rows = {}, {}, []
     for k, m in enumerate(run.mine):
         with phases("subnets"), phases(f"subnet_{m}"):
-            seed = derive_seed(args.seed, 6, m)
+            seed = seed_for(args.seed, "subnet", m)
             torch.manual_seed(seed)
             model = build_subnet(info.channels, info.num_classes, info.spatial_shape, cnn_config(args), M)
             model = model.to(run.device)
@@ -783,8 +679,8 @@ def width_phases(run: Run, whole):
         for m in range(M):
             subnets.append(build_subnet(C, K, shape, cfg, M))
             subnets[m].load_state_dict(states[m])
-        torch.manual_seed(derive_seed(args.seed, 7))
-        model = recompose(subnets, build_cnn(C, K, shape, cfg), args.offdiag_noise, derive_seed(args.seed, 8))
+        torch.manual_seed(seed_for(args.seed, "recompose"))
+        model = recompose(subnets, build_cnn(C, K, shape, cfg), args.offdiag_noise, seed_for(args.seed, "recompose_noise"))
         model = model.to(run.device)
     rundir.save_checkpoint(run.path("recomposed_initial.pt"), model=model.state_dict(),
                            subnets=M, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
@@ -793,7 +689,7 @@ def width_phases(run: Run, whole):
                                         for s in ("val", "test")}
     opts = cnn_options(args)
     opts.lr, opts.log_interval, opts.test_points = args.transfer_lr, args.log_interval, args.curve_points
-    seed = derive_seed(args.seed, 9)
+    seed = seed_for(args.seed, "recomposed_order")
     with phases("recomposed_train"):
         history, _ = train_whole_image_model(run, model, whole, opts, seed, "recomposed", "recomposed.pt",
                                              "recomposed", models_after=1, test=True, subnets=M)
@@ -831,7 +727,10 @@ def run_phases(run: Run, subsets, whole):
             local_models, rows = load_local_models(run)
             gathered = rundir.load_arrays(run.path("probabilities.npz")) if run.master_process else None
         else:
-            probs, rows, local_models = train_local_models(run, subsets)
+            info, dec = plan["info"], plan["decomposition"]
+            probs, local_models, histories = twolevel.fit_local_models(
+                run, subsets, dec, info.channels, K, plan["width_factor"], twolevel_config(args), data.SPLITS)
+            rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if run.leader else []
             run.sync()  # so that "gather" times the exchange, not the slowest rank
             gathered = gather_phase(run, probs, subsets)
             run.mark(gathered=True)

@@ -14,12 +14,13 @@ from mpi4py import MPI
 
 import mpidd.parallel as parallel
 import mpidd.train as train
+from mpidd.methods import twolevel
 
 failing_rank, where = int(sys.argv[1]), sys.argv[2]
-original_local, original_scatter = train.train_local_models, parallel.ModelParallelExchange.scatter
+original_local, original_scatter = twolevel.fit_local_models, parallel.ModelParallelExchange.scatter
 
 
-def train_local_models(*args, **kwargs):
+def fit_local_models(*args, **kwargs):
     if MPI.COMM_WORLD.rank == failing_rank:
         raise RuntimeError("injected failure in the local phase")
     return original_local(*args, **kwargs)
@@ -32,7 +33,7 @@ def scatter(self, grad, batch):
 
 
 if where == "local":
-    train.train_local_models = train_local_models
+    twolevel.fit_local_models = fit_local_models
 else:
     parallel.ModelParallelExchange.scatter = scatter
 sys.exit(train.main(sys.argv[3:]))

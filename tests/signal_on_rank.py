@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 import mpidd.parallel as parallel
 import mpidd.train as train
+from mpidd.methods import twolevel
 
 rank, phase, polls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 argv = sys.argv[4:]
@@ -36,7 +37,7 @@ def in_phase(name, function):
     return wrapped
 
 
-train.train_local_models = in_phase("local", train.train_local_models)
+twolevel.fit_local_models = in_phase("local", twolevel.fit_local_models)
 train.coarse_phase = in_phase("coarse", train.coarse_phase)
 train.coherent_phase = in_phase("coherent", train.coherent_phase)
 train.global_phase = in_phase("global", train.global_phase)
