@@ -13,6 +13,7 @@ setup(
         "mpi4py>=4.0",  # needs an MPI: the `mpich` extra (pip), or the system's (make MPI=system)
         "h5py>=3.8",
         "numpy>=1.24",
+        "pillow>=9",  # mpidd.predict reads PNG/JPEG images
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3"],  # scikit-learn: its bundled real `digits` for tests

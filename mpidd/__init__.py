@@ -1,7 +1,23 @@
 """mpidd: domain-decomposition training of image classifiers on MPI.
 
-Pure modules (decomposition, data, models, combine, engine, report, config) import no MPI;
-only mpidd.parallel touches mpi4py.
+    import mpidd
+    clf = mpidd.TwoLevelClassifier(grid="2x2", comm=comm).fit(x, y)   # see mpidd.api
+
+Importing mpidd imports neither torch nor mpi4py (the names below load on first use), and
+installs no signal handler or excepthook: those belong to the command line (python -m
+mpidd.train). Pure modules (decomposition, data, models, combine, engine, report, config,
+saved, methods.context) import no MPI; mpidd.parallel touches mpi4py.
 """
 
 __version__ = "0.1.0"
+__all__ = ["TwoLevelClassifier", "ModelFileError", "__version__"]
+
+
+def __getattr__(name):
+    if name == "TwoLevelClassifier":
+        from .api import TwoLevelClassifier
+        return TwoLevelClassifier
+    if name == "ModelFileError":
+        from .saved import ModelFileError
+        return ModelFileError
+    raise AttributeError(f"module 'mpidd' has no attribute {name!r}")

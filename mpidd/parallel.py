@@ -90,12 +90,14 @@ def check_slurm_tasks(comm=MPI.COMM_WORLD, environ=os.environ) -> str | None:
     return None
 
 
-def select_device(requested: str, comm=MPI.COMM_WORLD) -> tuple[torch.device, int]:
+def select_device(requested: str, comm=MPI.COMM_WORLD, set_current: bool = True) -> tuple[torch.device, int]:
     """The torch device of this rank and its node-local rank. Call before any CUDA allocation.
 
     cuda: GPU (node-local rank) % (GPUs visible to this process), where the node-local rank comes
     from a shared-memory split of `comm`; this also covers `srun --gpus-per-task=1`, where each
     task sees exactly one GPU (index 0). auto: cuda when a GPU is visible, else the CPU.
+    set_current: also make it torch's current CUDA device (the command line; the API leaves the
+    application's current device alone).
     """
     local = node_comm(comm)
     try:
@@ -109,7 +111,8 @@ def select_device(requested: str, comm=MPI.COMM_WORLD) -> tuple[torch.device, in
                            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
                            "use --device cpu or auto, or run on a GPU node")
     index = local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
+    if set_current:
+        torch.cuda.set_device(index)
     return torch.device("cuda", index), local_rank
 
 
@@ -437,6 +440,7 @@ class DataParallelGroup:
     def __init__(self, comm, color: int, key: int):
         self.comm = comm.Split(color, key)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.bytes = 0  # payload this rank contributed to the group's gradient sums
 
     def share(self, n: int) -> tuple[int, int]:
         return self.rank * n // self.size, (self.rank + 1) * n // self.size
@@ -455,6 +459,7 @@ class DataParallelGroup:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params]).float().cpu().numpy()
         self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.bytes += flat.nbytes
         summed = torch.from_numpy(flat)
         offset = 0
         for p in params:

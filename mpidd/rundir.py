@@ -3,6 +3,7 @@
     config.json      resolved configuration (reusable with --config)
     results.json     accuracies, parameter counts, timings, decomposition, versions
     metrics.csv      one row per epoch of every model
+    model.pt         the trained model, self-describing (mpidd.saved; predict and TwoLevelClassifier.load)
     checkpoints/     local_<i>.pt (one per subdomain), coarse_dnn.pt, global.pt,
                      coherent_<init>_local_<i>.pt, coherent_<init>_dnn.pt,
                      coherent_<init>_rank<r>_optimizer.pt (init: random or pretrained),
@@ -39,7 +40,7 @@ def atomic_write(path: str, write):
         os.fsync(f.fileno())
 
 
-RUN_FILES = ("config.json", "results.json", "metrics.csv")
+RUN_FILES = ("config.json", "results.json", "metrics.csv", "model.pt")
 RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt",
              "checkpoints/coherent_*.pt", "checkpoints/subnet_*.pt", "checkpoints/recomposed*.pt",
              "checkpoints/progress.json", "checkpoints/probabilities.npz", "checkpoints/phases_rank*.json",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -52,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
-from . import data, parallel, rundir  # noqa: E402
+from . import data, parallel, rundir, saved  # noqa: E402
 from .coherent import NAMES as COHERENT_NAMES  # noqa: E402
 from .coherent import evaluate_coherent, train_coherent  # noqa: E402
 from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
@@ -886,6 +887,8 @@ def main(argv=None):
         results["restarts"] = {"segments": run.progress["segments"], "stops": run.progress.get("stops", [])}
         rundir.write_json(os.path.join(args.out, "results.json"), results)
         rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
+        if not work["width"]:
+            write_model_file(run, accuracies)
         run.mark(state="finished")
         print(format_any(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
@@ -895,6 +898,34 @@ def main(argv=None):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(run.path(f"coherent_{init}_rank{rank}.state{suffix}.pt"))
     return 0
+
+
+def write_model_file(run: Run, accuracies):
+    """Rank 0, at the end: RUN/model.pt, the self-describing model (mpidd.saved) that
+    mpidd.predict and TwoLevelClassifier.load read, from the run's final checkpoints."""
+    args, plan, work = run.args, run.plan, run.plan["work"]
+    info, dec = plan["info"], plan["decomposition"]
+    N = dec.num_subdomains
+
+    def weights(name):
+        return rundir.load_checkpoint(run.path(name))["model"]
+    models = {}
+    if "cnn_dnn" in accuracies:
+        models["twolevel"] = {"local": {i: weights(f"local_{i}.pt") for i in range(N)},
+                              "dnn": weights("coarse_dnn.pt"), "exchange": "probabilities"}
+    for init in work["coherent"]:
+        models[f"coherent_{init}"] = {"local": {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)},
+                                      "dnn": weights(f"coherent_{init}_dnn.pt"), "exchange": args.exchange}
+    if work["global"]:
+        models["global"] = {"model": weights("global.pt")}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+              if k not in ("config", "overwrite", "out", "resume")}
+    manifest = {"image_shape": list(info.image_shape), "input_dtype": info.dtype, "grid": list(dec.grid),
+                "overlap": dec.overlap, "num_classes": info.num_classes, "classes": list(info.classes),
+                "cnn": dataclasses.asdict(cnn_config(args)), "width_factor": plan["width_factor"],
+                "coarse_hidden": list(args.coarse_hidden), "coarse_dropout": args.coarse_dropout,
+                "hyperparameters": config}
+    saved.save_model(os.path.join(args.out, saved.MODEL_FILE), manifest, models)
 
 
 def print_header(run: Run, devices):

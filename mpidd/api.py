@@ -1,0 +1,535 @@
+"""The Python API: the two-level CNN-DNN as an estimator on a communicator.
+
+    mpirun -n 4 python my_script.py
+
+    import mpidd
+    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD
+    clf.fit(x_train, y_train, x_val, y_val)       # collective; x: (n, C, H, W) numpy, the same on every rank
+    p = clf.predict_proba(x_test)                  # collective; (n, K) on every rank
+    clf.save("model.pt"); clf = mpidd.TwoLevelClassifier.load("model.pt", comm=comm)
+
+Images come in one of two forms, in fit, predict_proba, predict and score alike:
+  (a) whole images, a numpy array (n, C, H, W) or (n, C, D, H, W), given on every rank; each
+      rank uses only the boxes of its own subdomains;
+  (b) only this rank's subimages, {subdomain: (n, C, *subimage_shape)}, for the subdomains that
+      `local_boxes(image_shape)` names (pass `image_shape=`): no whole image ever exists
+      anywhere, as in a solver that holds its field domain-decomposed.
+Labels y are (n,) integers 0..K-1, the same on every rank. uint8 images are divided by 255,
+float images are used as they are (as float32).
+
+Ranks: P <= N subdomains (rank r trains r, r+P, ...) or P a multiple of N (P/N ranks train
+each local CNN data parallel, each on its share of the samples). Nothing here touches
+COMM_WORLD unless comm=None asks for a Dup of it, installs a signal handler or excepthook, or
+sets torch's threads unless `threads` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from . import __version__, parallel, saved
+from .decomposition import Decomposition, DecompositionError, layout, parse_grid
+from .engine import Shard, TrainOptions, predict_logits, predict_proba, seed_for
+from .methods import twolevel
+from .methods.context import Context
+from .models import CNNConfig, CoarseDNN, build_cnn, local_width_factor
+
+COMBINERS = ("cnn-dnn", "average", "vote")
+MODELS = COMBINERS + ("coherent", "global")
+
+
+def _world_dup():
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Dup()
+
+
+class TwoLevelClassifier:
+    """The two-level CNN-DNN of Klawonn, Lanser & Weber: one local CNN per subimage, trained
+    without communication, and a coarse DNN on rank 0 of `comm` that combines their class
+    probabilities (gathered with MPI_Gatherv).
+
+    Every keyword is the command line's option of the same name (mpidd.train --help), with the
+    same default; `coarse_hidden` is a tuple. API-only: `validation_fraction` (the share of the
+    training set held out for validation when fit gets no x_val), `num_classes` (default:
+    max label + 1), `class_names`, `comm`, `device` (None: this rank's GPU, node-local rank
+    modulo the visible GPUs, when torch sees one, else the CPU), `threads` (None: torch's
+    setting is left alone) and `verbose` (rank 0 prints progress).
+
+    After fit, on every rank: classes_, class_names_, n_subdomains_, image_shape_,
+    width_factor_, local_scores_ ({subdomain: {"val": accuracy}}), scores_ (val accuracy of
+    "cnn-dnn", "average", "vote"), history_ ({"local_i": [epoch records], "coarse": [...]}).
+    """
+
+    def __init__(self, grid="2x2", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
+                 blocks_per_stage=2, hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
+                 epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
+                 schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
+                 coarse_epochs=5, coarse_lr=3e-3, coarse_batch_size=512, seed=0, validation_fraction=0.1,
+                 num_classes=None, class_names=None, comm=None, device=None, threads=None, verbose=False):
+        self.grid, self.overlap = grid, overlap
+        self.arch, self.width, self.depth, self.convs_per_block = arch, width, depth, convs_per_block
+        self.blocks_per_stage, self.hidden, self.head_pool = blocks_per_stage, hidden, head_pool
+        self.dropout, self.batchnorm, self.width_factor = dropout, batchnorm, width_factor
+        self.epochs, self.batch_size, self.lr, self.optimizer = epochs, batch_size, lr, optimizer
+        self.momentum, self.weight_decay, self.schedule = momentum, weight_decay, schedule
+        self.eval_batch_size = eval_batch_size
+        self.coarse_hidden, self.coarse_dropout = tuple(coarse_hidden), coarse_dropout
+        self.coarse_epochs, self.coarse_lr, self.coarse_batch_size = coarse_epochs, coarse_lr, coarse_batch_size
+        self.seed, self.validation_fraction = seed, validation_fraction
+        self.num_classes, self.class_names = num_classes, class_names
+        self.comm = comm if comm is not None else _world_dup()
+        self.device, self.threads, self.verbose = device, threads, verbose
+        self._models = {}  # kind -> {"local": {i: module}, "dnn": module (rank 0) or None, "exchange": ...}
+        # payload this rank contributed to the classifier's collectives, by kind (see bytes_sent_)
+        self._sent = {"probabilities": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
+
+    @property
+    def bytes_sent_(self) -> dict:
+        """Bytes this rank has sent so far (its payload in each collective, counted once):
+        probabilities (gather of the local CNNs' class probabilities), results (rank 0's
+        broadcast of predictions and scores), parameters (save: local CNN weights to rank 0),
+        gradients (data-parallel gradient sums, P > N only), metadata (histories, error
+        agreements, pickled). Images never leave their rank."""
+        sent = dict(self._sent)
+        group = getattr(getattr(self, "_ctx", None), "group", None)
+        sent["gradients"] += group.bytes if group is not None else 0
+        sent["total"] = sum(sent.values())
+        return sent
+
+    def _count(self, kind, payload):
+        """Count `payload` (a byte count, an array, or any object as pickled) as sent by this rank."""
+        import pickle
+        if isinstance(payload, (int, np.integer)):
+            self._sent[kind] += int(payload)
+        else:
+            self._sent[kind] += payload.nbytes if hasattr(payload, "nbytes") else len(pickle.dumps(payload))
+
+    # --- configuration ------------------------------------------------------------------------
+
+    HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
+                       "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
+                       "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
+                       "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "seed",
+                       "validation_fraction", "num_classes", "class_names")
+
+    def get_params(self) -> dict:
+        """The hyperparameters, as scikit-learn estimators report them."""
+        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
+
+    def config(self) -> twolevel.TwoLevelConfig:
+        """The typed configuration the method runs with."""
+        cnn = CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
+                        hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
+                        batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage)
+        local = TrainOptions(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                             momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
+        coarse = TrainOptions(epochs=self.coarse_epochs, batch_size=self.coarse_batch_size, lr=self.coarse_lr,
+                              optimizer="adam", schedule="cosine", select_best=True)
+        return twolevel.TwoLevelConfig(cnn=cnn, local=local, coarse=coarse, coarse_hidden=tuple(self.coarse_hidden),
+                                       coarse_dropout=self.coarse_dropout, seed=self.seed,
+                                       eval_batch_size=self.eval_batch_size)
+
+    def decomposition(self, image_shape) -> Decomposition:
+        """The subdomain boxes over images of shape (C, H, W) or (C, D, H, W)."""
+        try:
+            return Decomposition(tuple(image_shape)[1:], parse_grid(self.grid), self.overlap)
+        except DecompositionError as e:
+            raise ValueError(str(e)) from None
+
+    def local_boxes(self, image_shape) -> dict:
+        """{subdomain: tuple of slices} of this rank: the subimages x[:, :, *slices] it must
+        supply in form (b). Not collective."""
+        dec = self.decomposition(image_shape)
+        return {i: dec.slices(i) for i in self._layout(dec)[0]}
+
+    def _layout(self, dec):
+        size, rank = self.comm.Get_size(), self.comm.Get_rank()
+        try:
+            return layout(rank, size, dec.num_subdomains)
+        except DecompositionError as e:
+            raise ValueError(str(e)) from None
+
+    def _context(self, dec) -> Context:
+        """Collective (the data-parallel groups are split off comm when P > N)."""
+        mine, replicas, member = self._layout(dec)
+        group = None
+        if replicas > 1:
+            group = parallel.DataParallelGroup(self.comm, color=mine[0], key=member)
+        return Context(comm=self.comm, device=self._torch_device(), mine=mine, group=group, verbose=self.verbose)
+
+    def _torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if not hasattr(self, "_device"):
+            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
+        return self._device
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def _shards(self, ctx, dec, x, y) -> dict:
+        """{subdomain: Shard} of this rank (its share of the samples in a data-parallel group)."""
+        n = len(y) if y is not None else _count(x)
+        rows = ctx.group.share(n) if ctx.group is not None else (0, n)
+        out = {}
+        for i in ctx.mine:
+            if isinstance(x, dict):
+                part = np.asarray(x[i])[rows[0]:rows[1]]
+            else:
+                part = x[(slice(rows[0], rows[1]), slice(None)) + dec.slices(i)]
+            labels = np.zeros(rows[1] - rows[0], np.int64) if y is None else np.asarray(y[rows[0]:rows[1]], np.int64)
+            out[i] = Shard(_pixels(part), labels, rows[0], n)
+        return out
+
+    def _check(self, x, y, image_shape, what) -> tuple:
+        """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
+        error = None
+        try:
+            image_shape, n = _check_images(self, x, y, image_shape, what)
+        except ValueError as e:
+            error = str(e)
+        self._count("metadata", error)
+        failed = parallel.agree(self.comm, error)
+        if failed:
+            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
+        return image_shape, n
+
+    # --- fit -----------------------------------------------------------------------------------
+
+    def fit(self, x, y, x_val=None, y_val=None, *, image_shape=None):
+        """Train the local CNNs and the coarse DNN. Collective over comm. Returns self.
+
+        x: whole images (n, C, H, W) / (n, C, D, H, W) on every rank, or this rank's subimages
+        {subdomain: array} with `image_shape`; y: (n,) labels on every rank. Without x_val, a
+        seeded `validation_fraction` of the training samples is held out for validation (the
+        local CNNs' per-epoch scores and the coarse DNN's model selection)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        y = np.asarray(y)
+        image_shape, n = self._check(x, y, image_shape, "x")
+        if x_val is None:
+            x, y, x_val, y_val = self._hold_out(x, y, n)
+        else:
+            y_val = np.asarray(y_val)
+            self._check(x_val, y_val, image_shape, "x_val")
+        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        dec = self.decomposition(image_shape)
+        cfg = self.config()
+        ctx = self._context(dec)
+        C, N = image_shape[0], dec.num_subdomains
+        wf = self.width_factor or local_width_factor(C, K, image_shape[1:], dec.subimage_shape, N, cfg.cnn)
+        subsets = {i: {"train": s} for i, s in self._shards(ctx, dec, x, y).items()}
+        for i, s in self._shards(ctx, dec, x_val, y_val).items():
+            subsets[i]["val"] = s
+        splits = ("train", "val")
+        probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, wf, cfg, splits)
+        gathered = twolevel.gather(ctx, probs, subsets, N, K, {"train": len(y), "val": len(y_val)})
+        self._count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
+        dnn = scores = coarse_history = None
+        if ctx.master_process:
+            labels = {"train": y, "val": y_val}
+            dnn, coarse_history = twolevel.fit_coarse(ctx, gathered, labels, N, K, cfg)
+            scores = twolevel.accuracies(dnn, gathered, labels, N, K, splits=("val",))
+        if ctx.master_process and self.comm.Get_size() > 1:
+            self._count("results", (scores, coarse_history))
+        scores, coarse_history = self.comm.bcast((scores, coarse_history), root=0)
+        mine = {i: h for i, h in histories.items()} if ctx.leader else {}
+        self._count("metadata", mine)
+        all_histories = {}
+        for part in self.comm.allgather(mine):
+            all_histories.update(part)
+
+        self._ctx, self._dec, self._models = ctx, dec, {"twolevel": {"local": models, "dnn": dnn}}
+        self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
+        self.classes_, self.n_subdomains_, self.width_factor_ = np.arange(K), N, wf
+        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
+        self.local_scores_ = {i: {"val": scores["local"][i]["val"]} for i in range(N)}
+        self.scores_ = {name: {"val": scores[key]["val"]} for name, key in
+                        (("cnn-dnn", "cnn_dnn"), ("average", "average"), ("vote", "vote"))}
+        self.history_ = {**{f"local_{i}": all_histories[i] for i in sorted(all_histories)}, "coarse": coarse_history}
+        return self
+
+    def _hold_out(self, x, y, n):
+        """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1) when fit gets no x_val, got "
+                             f"{self.validation_fraction}")
+        order = np.random.default_rng(seed_for(self.seed, "validation")).permutation(n)
+        n_val = max(1, int(round(self.validation_fraction * n)))
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        pick = (lambda a, idx: {i: np.asarray(v)[idx] for i, v in a.items()}) if isinstance(x, dict) else \
+            (lambda a, idx: a[idx])
+        return pick(x, train), y[train], pick(x, val), y[val]
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def _fitted(self):
+        if not self._models:
+            raise RuntimeError("this TwoLevelClassifier is not fitted: call fit (or load) first")
+
+    def predict_proba(self, x, model="cnn-dnn", *, image_shape=None) -> np.ndarray:
+        """Class probabilities (n, K) float32, the same array on every rank. Collective over comm.
+
+        model: cnn-dnn (the coarse DNN), average (mean of the local probabilities), vote
+        (fractions of the N local votes), coherent or global (where a loaded run has them)."""
+        return self._predict(x, model, image_shape)[0]
+
+    def predict(self, x, model="cnn-dnn", *, image_shape=None) -> np.ndarray:
+        """Predicted classes (n,), the same on every rank. Collective over comm."""
+        return self._predict(x, model, image_shape)[1]
+
+    def predict_proba_and_classes(self, x, model="cnn-dnn", *, image_shape=None) -> tuple:
+        """(predict_proba, predict) in one pass. Collective over comm."""
+        return self._predict(x, model, image_shape)
+
+    def score(self, x, y, model="cnn-dnn", *, image_shape=None) -> float:
+        """Accuracy on (x, y), the same on every rank. Collective over comm."""
+        return float((self.predict(x, model, image_shape=image_shape) == np.asarray(y)).mean())
+
+    def _predict(self, x, model, image_shape):
+        self._fitted()
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
+        kind = self._kind(model)
+        image_shape, n = self._check(x, None, image_shape or self.image_shape_, "x")
+        if tuple(image_shape) != self.image_shape_:
+            raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on "
+                             f"{self.image_shape_} (C, *spatial)")
+        ctx, dec, N, K = self._ctx, self._dec, self.n_subdomains_, len(self.classes_)
+        bundle = self._models[kind]
+        if kind == "global":
+            result = None
+            if ctx.master_process:
+                if isinstance(x, dict):
+                    raise ValueError("model='global' classifies whole images: pass them as one array")
+                probs = predict_proba(bundle["model"], _pixels(x), self.eval_batch_size)
+                result = (probs, probs.argmax(1))
+                if self.comm.Get_size() > 1:
+                    self._count("results", probs)
+            return self.comm.bcast(result, root=0)
+        subsets = {i: {"test": s} for i, s in self._shards(ctx, dec, x, None).items()}
+        if bundle.get("exchange", "probabilities") == "logits":
+            local = {i: {"test": predict_logits(bundle["local"][i], subsets[i]["test"].x, self.eval_batch_size,
+                                                group=ctx.group, total=n).numpy()} for i in ctx.mine}
+        else:
+            local = twolevel.local_probabilities(ctx, bundle["local"], subsets, ("test",), self.eval_batch_size)
+        gathered = twolevel.gather(ctx, local, subsets, N, K, {"test": n})
+        self._count("probabilities", sum(p["test"].nbytes for p in local.values()))
+        result = None
+        if ctx.master_process:
+            result = twolevel.combined_predictions(bundle["dnn"], gathered["test"], N, K,
+                                                   "cnn-dnn" if kind != "twolevel" else model, self.eval_batch_size)
+            if self.comm.Get_size() > 1:
+                self._count("results", result[0])
+                self._count("results", result[1])
+        return self.comm.bcast(result, root=0)
+
+    def _kind(self, model):
+        if model in COMBINERS:
+            kind = "twolevel"
+        elif model == "coherent":
+            kind = next((k for k in ("coherent_pretrained", "coherent_random") if k in self._models), "coherent")
+        else:
+            kind = model
+        if kind not in self._models:
+            raise ValueError(f"this model has no {model!r} part (it has: {', '.join(self.available_models())})")
+        return kind
+
+    def available_models(self) -> list:
+        """The `model` values predict accepts for this classifier."""
+        have = []
+        for m in MODELS:
+            try:
+                self._kind(m)
+                have.append(m)
+            except ValueError:
+                pass
+        return have
+
+    # --- save and load -------------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        cfg = self.config()
+        return {"image_shape": list(self.image_shape_), "input_dtype": self.input_dtype_,
+                "grid": list(self._dec.grid), "overlap": self._dec.overlap, "num_classes": len(self.classes_),
+                "classes": self.class_names_, "cnn": dataclasses.asdict(cfg.cnn), "width_factor": self.width_factor_,
+                "coarse_hidden": list(self.coarse_hidden), "coarse_dropout": self.coarse_dropout,
+                "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}}
+
+    def save(self, path) -> str:
+        """Write the whole model (every local CNN, the coarse DNN, the decomposition and what is
+        needed to rebuild them) to one file, atomically, from rank 0. Collective over comm.
+        Returns the file's path on every rank."""
+        self._fitted()
+        models = {}
+        for kind, bundle in self._models.items():
+            if kind == "global":
+                models[kind] = {"model": _cpu_state(bundle["model"]) if bundle["model"] is not None else None}
+                continue
+            mine = {i: _cpu_state(m) for i, m in bundle["local"].items()} if self._ctx.leader else {}
+            if not self._ctx.master_process:
+                self._sent["parameters"] += sum(t.nbytes for st in mine.values() for t in st.values())
+            parts = self.comm.gather(mine, root=0)
+            if self._ctx.master_process:
+                models[kind] = {"local": {i: s for part in parts for i, s in sorted(part.items())},
+                                "dnn": _cpu_state(bundle["dnn"]), "exchange": bundle.get("exchange", "probabilities")}
+        error, written = None, None
+        if self._ctx.master_process:
+            try:
+                written = saved.save_model(path, self.manifest(), models)
+            except OSError as e:
+                error = f"cannot write {path}: {e}"
+        error, written = self.comm.bcast((error, written), root=0)
+        if error:
+            raise OSError(error)
+        return written
+
+    @classmethod
+    def load(cls, path, comm=None, device=None, threads=None, verbose=False) -> "TwoLevelClassifier":
+        """A saved model (save's file, or a finished mpidd.train run directory) on `comm`, any
+        rank count that training allows (1..N, or a multiple of N). Collective over comm; every
+        rank reads the file. Raises saved.ModelFileError (one line) for a missing, corrupt,
+        foreign or incompatible file."""
+        comm = comm if comm is not None else _world_dup()
+        error, state = None, None
+        try:
+            state = saved.load_model(path)
+        except saved.ModelFileError as e:
+            error = str(e)
+        failed = parallel.agree(comm, error)
+        if failed:
+            raise saved.ModelFileError(failed[1])
+        known = set(cls.HYPERPARAMETERS)
+        params = {k: v for k, v in state.get("hyperparameters", {}).items() if k in known}
+        params.update({k: state["cnn"][k] for k in ("arch", "width", "depth", "convs_per_block", "blocks_per_stage",
+                                                   "hidden", "head_pool", "dropout", "batchnorm")})
+        params.update(grid="x".join(map(str, state["grid"])), overlap=state["overlap"],
+                      coarse_hidden=tuple(state["coarse_hidden"]), coarse_dropout=state["coarse_dropout"],
+                      width_factor=state["width_factor"], class_names=state["classes"],
+                      num_classes=state["num_classes"])
+        clf = cls(**params, comm=comm, device=device, threads=threads, verbose=verbose)
+        clf._restore(state, str(path))
+        return clf
+
+    def _restore(self, state, path):
+        image_shape = tuple(int(s) for s in state["image_shape"])
+        dec = self.decomposition(image_shape)
+        N, K, C = dec.num_subdomains, int(state["num_classes"]), image_shape[0]
+        ctx = self._context(dec)
+        cfg = self.config()
+        models, error = {}, None
+        try:
+            for kind, bundle in state["models"].items():
+                if kind == "global":
+                    if ctx.master_process and bundle.get("model") is not None:
+                        models[kind] = {"model": _loaded(build_cnn(C, K, image_shape[1:], cfg.cnn), bundle["model"],
+                                                         path, kind, ctx.device)}
+                    elif bundle.get("model") is not None:
+                        models[kind] = {"model": None}
+                    continue
+                missing = sorted(set(range(N)) - set(bundle["local"]))
+                if missing:
+                    raise saved.ModelFileError(f"{path}: the {kind} model lacks the local CNNs of subdomains "
+                                               f"{missing} of its {state['grid']} grid")
+                local = {i: _loaded(twolevel.build_local_model(C, K, dec, cfg.cnn, state["width_factor"]),
+                                    bundle["local"][i], path, f"{kind} local CNN {i}", ctx.device) for i in ctx.mine}
+                dnn = None
+                if ctx.master_process:
+                    dnn = _loaded(CoarseDNN(N * K, K, tuple(state["coarse_hidden"]), state["coarse_dropout"]),
+                                  bundle["dnn"], path, f"{kind} DNN", ctx.device)
+                models[kind] = {"local": local, "dnn": dnn, "exchange": bundle.get("exchange", "probabilities")}
+        except saved.ModelFileError as e:
+            error = str(e)
+        failed = parallel.agree(self.comm, error)
+        if failed:
+            raise saved.ModelFileError(failed[1])
+        self._ctx, self._dec, self._models = ctx, dec, models
+        self.image_shape_, self.input_dtype_ = image_shape, state["input_dtype"]
+        self.classes_, self.n_subdomains_, self.width_factor_ = np.arange(K), N, state["width_factor"]
+        self.class_names_ = list(state["classes"])
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _count(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) and x else (0 if isinstance(x, dict) else len(x))
+
+
+def _dtype_name(x) -> str:
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    return "uint8" if np.asarray(first).dtype == np.uint8 else "float32"
+
+
+def _pixels(a) -> np.ndarray:
+    """uint8 stays uint8 (scaled batch by batch); anything else becomes float32."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a) if a.dtype == np.uint8 else np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _check_images(clf, x, y, image_shape, what):
+    """(image_shape, n) of images in form (a) or (b); ValueError with one line otherwise."""
+    if isinstance(x, dict):
+        if image_shape is None:
+            raise ValueError(f"{what} holds subimages by subdomain: pass image_shape=(C, H, W) of the whole images")
+        image_shape = tuple(int(s) for s in image_shape)
+        dec = clf.decomposition(image_shape)
+        mine = clf._layout(dec)[0]
+        if sorted(x) != sorted(mine):
+            raise ValueError(f"{what} holds subdomains {sorted(x)}, but this rank owns {mine} of the "
+                             f"{dec.num_subdomains} (see local_boxes)")
+        sizes = {len(v) for v in x.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"{what}: the subdomains hold different numbers of samples {sorted(sizes)}")
+        for i, part in x.items():
+            part = np.asarray(part)
+            want = (len(part), image_shape[0]) + dec.subimage_shape
+            if part.shape != want:
+                raise ValueError(f"{what}[{i}] has shape {part.shape}, subdomain {i}'s box needs {want}")
+            _check_values(part, f"{what}[{i}]")
+        n = sizes.pop() if sizes else 0
+    else:
+        x = np.asarray(x) if not hasattr(x, "shape") else x
+        if x.ndim not in (4, 5):
+            raise ValueError(f"{what} has shape {tuple(x.shape)}: expected (n, C, H, W) or (n, C, D, H, W)")
+        if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"{what} has images of shape {tuple(x.shape[1:])}, expected {tuple(image_shape)}")
+        image_shape, n = tuple(int(s) for s in x.shape[1:]), len(x)
+        _check_values(x, what)
+    if y is not None:
+        if y.ndim != 1 or len(y) != n:
+            raise ValueError(f"labels for {what} have shape {y.shape}, expected ({n},)")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise ValueError(f"labels for {what} must be integers 0..K-1")
+        if clf.num_classes is not None and len(y) and y.max() >= clf.num_classes:
+            raise ValueError(f"labels for {what} go up to {y.max()}, but num_classes is {clf.num_classes}")
+    if n == 0:
+        raise ValueError(f"{what} holds no images")
+    return image_shape, n
+
+
+def _check_values(a, what):
+    a = np.asarray(a)
+    if a.dtype != np.uint8 and not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{what} has dtype {a.dtype}: expected uint8 or float images")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"{what} holds NaN or inf values")
+
+
+def _cpu_state(module) -> dict | None:
+    if module is None:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _loaded(module, state, path, what, device):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        raise saved.ModelFileError(f"{path}: the {what} does not fit its recorded configuration "
+                                   f"({str(e).splitlines()[0]})") from None
+    return module.to(device).eval()
+
+
+__all__ = ["TwoLevelClassifier", "COMBINERS", "MODELS", "__version__"]
