@@ -293,7 +293,7 @@ class TwoLevelClassifier:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
         kind = self._kind(model)
-        image_shape, n = self._check(x, None, image_shape or self.image_shape_, "x")
+        image_shape, n = self._check(x, None, (image_shape or self.image_shape_) if isinstance(x, dict) else None, "x")
         if tuple(image_shape) != self.image_shape_:
             raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on "
                              f"{self.image_shape_} (C, *spatial)")
@@ -327,26 +327,22 @@ class TwoLevelClassifier:
         return self.comm.bcast(result, root=0)
 
     def _kind(self, model):
-        if model in COMBINERS:
-            kind = "twolevel"
-        elif model == "coherent":
-            kind = next((k for k in ("coherent_pretrained", "coherent_random") if k in self._models), "coherent")
-        else:
-            kind = model
+        kind = self._part(model)
         if kind not in self._models:
             raise ValueError(f"this model has no {model!r} part (it has: {', '.join(self.available_models())})")
         return kind
 
+    def _part(self, model):
+        """The saved part that `model` runs on (twolevel for the combiners)."""
+        if model in COMBINERS:
+            return "twolevel"
+        if model == "coherent":
+            return next((k for k in ("coherent_pretrained", "coherent_random") if k in self._models), "coherent")
+        return model
+
     def available_models(self) -> list:
         """The `model` values predict accepts for this classifier."""
-        have = []
-        for m in MODELS:
-            try:
-                self._kind(m)
-                have.append(m)
-            except ValueError:
-                pass
-        return have
+        return [m for m in MODELS if self._part(m) in self._models]
 
     # --- save and load -------------------------------------------------------------------------
 

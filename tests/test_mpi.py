@@ -9,26 +9,39 @@ import pytest
 from conftest import make_tiny_dataset
 
 
-@pytest.fixture(scope="module")
-def comm():
+@pytest.fixture(scope="module", params=["world", "split"])
+def comm(request):
+    """Every test runs on COMM_WORLD and on a Split sub-communicator whose ranks are numbered
+    backwards (4 ranks: two sub-communicators of 2, working at once), so that any hidden use of
+    COMM_WORLD (its ranks, its root, its collectives) inside mpidd fails."""
     from mpi4py import MPI
-    return MPI.COMM_WORLD
+    world = MPI.COMM_WORLD
+    if request.param == "world":
+        yield world
+        return
+    size = world.Get_size()
+    sub = world.Split(color=world.rank % 2 if size >= 4 else 0, key=size - world.rank)
+    yield sub
+    sub.Free()
 
 
 @pytest.fixture(scope="module")
-def shared_h5(comm):
+def shared_h5():
     """One tiny file, written by rank 0, read by every rank. (Not tmp_path_factory: each
     rank's pytest would number and clean up the same base directory concurrently.)"""
     import shutil
     import tempfile
+
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD
     path = None
-    if comm.rank == 0:
+    if world.rank == 0:
         path = make_tiny_dataset(os.path.join(tempfile.mkdtemp(prefix="mpidd-mpi-"), "tiny.h5"),
                                  n=(90, 30, 30), size=16)
-    path = comm.bcast(path, root=0)
+    path = world.bcast(path, root=0)
     yield path
-    comm.Barrier()
-    if comm.rank == 0:
+    world.Barrier()
+    if world.rank == 0:
         shutil.rmtree(os.path.dirname(path))
 
 
@@ -357,3 +370,88 @@ def test_a_rank_stopping_mid_phase_stops_ranks_waiting_at_the_boundary(comm):
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         stopper.comm.Free()
+
+
+# --- adjoint tests of the autograd Functions over MPI: <F x, y> = <x, F* y> ---------------------
+
+@pytest.mark.mpi(min_size=1)
+def test_model_parallel_exchange_is_adjoint_to_its_backward(comm):
+    """F: every rank's (B, m_r*K) local outputs -> (B, N*K) on the root (Gatherv); its backward
+    must be F* (Scatterv of the root's columns), so <F x, y> on the root = sum over ranks <x_r, F* y>."""
+    import torch
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.parallel import ModelParallelExchange
+    N, K, B = 5, 3, 7
+    if comm.size > N:
+        pytest.skip("more ranks than subdomains")
+    mine = subdomains_of_rank(comm.rank, comm.size, N)
+    exchange = ModelParallelExchange(comm, mine, N, K)
+    g = torch.Generator().manual_seed(100 + comm.rank)
+    x = torch.randn(B, len(mine) * K, generator=g, dtype=torch.float32, requires_grad=True)
+    fx = exchange(x)
+    y = torch.randn(B, N * K, generator=torch.Generator().manual_seed(7)) if comm.rank == 0 else torch.zeros_like(fx)
+    torch.autograd.backward(fx, y)
+    lhs = comm.bcast(float((fx.detach().double() * y.double()).sum()) if comm.rank == 0 else None, root=0)
+    rhs = comm.allreduce(float((x.detach().double() * x.grad.double()).sum()))
+    assert lhs == pytest.approx(rhs, rel=1e-6) and abs(lhs) > 1e-3
+
+
+@pytest.mark.mpi(min_size=1)
+def test_group_sum_is_adjoint_to_its_backward(comm):
+    """F: (x_1..x_G) -> (s, ..., s), s = sum of x_r (each member gets the sum); F* sums too:
+    sum_r <F(x)_r, y_r> = sum_r <x_r, F*(y)_r>."""
+    import torch
+    from mpidd.parallel import DataParallelGroup
+    group = DataParallelGroup(comm, color=0, key=comm.rank)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64,
+                    requires_grad=True)
+    y = torch.randn(4, 6, generator=torch.Generator().manual_seed(50 + comm.rank), dtype=torch.float64)
+    fx = group.allreduce(x)
+    torch.autograd.backward(fx, y)
+    lhs = comm.allreduce(float((fx.detach() * y).sum()))
+    rhs = comm.allreduce(float((x.detach() * x.grad).sum()))
+    assert lhs == pytest.approx(rhs, rel=1e-12) and abs(lhs) > 1e-3
+    group.comm.Free()
+
+
+# --- the Python API on a communicator ------------------------------------------------------------
+
+def _api_problem():
+    rng = np.random.default_rng(1)
+    templates = rng.random((3, 1, 12, 12))
+    y = rng.integers(0, 3, 150)
+    x = ((0.4 * templates[y] + 0.6 * rng.random((150, 1, 12, 12))) * 255).astype(np.uint8)
+    return x, y
+
+
+@pytest.mark.mpi(min_size=1)
+def test_api_fit_on_a_communicator_equals_one_process(comm, tmp_path_factory):
+    """TwoLevelClassifier on `comm` (P <= N: whole models per rank) gives, bit for bit, the
+    probabilities of the same fit in one process (COMM_SELF); save on `comm`, load on COMM_SELF."""
+    import tempfile
+
+    import mpidd
+    from mpi4py import MPI
+    x, y = _api_problem()
+    opts = dict(grid="2x2", epochs=2, batch_size=16, width=8, hidden=16, coarse_epochs=3, coarse_batch_size=32,
+                threads=1, seed=4)
+    if comm.size > 4:
+        pytest.skip("more ranks than subdomains: see the data-parallel tests")
+    clf = mpidd.TwoLevelClassifier(**opts, comm=comm).fit(x[:100], y[:100], x[100:125], y[100:125])
+    alone = mpidd.TwoLevelClassifier(**opts, comm=MPI.COMM_SELF).fit(x[:100], y[:100], x[100:125], y[100:125])
+    test = x[125:]
+    for model in ("cnn-dnn", "average", "vote"):
+        assert np.array_equal(clf.predict_proba(test, model), alone.predict_proba(test, model)), model
+    assert clf.local_scores_ == alone.local_scores_ and clf.scores_ == alone.scores_
+    # form (b): each rank passes only its own subimages
+    boxes = clf.local_boxes(test.shape[1:])
+    assert sorted(boxes) == list(range(comm.rank, 4, comm.size))
+    local = {i: test[(slice(None), slice(None)) + b] for i, b in boxes.items()}
+    assert np.array_equal(clf.predict_proba(local, image_shape=test.shape[1:]), alone.predict_proba(test))
+    assert clf.bytes_sent_["probabilities"] == 4 * 3 * len(boxes) * (100 + 25 + 3 * 25 + 25)
+    directory = comm.bcast(tempfile.mkdtemp(prefix="mpidd-api-") if comm.rank == 0 else None, root=0)
+    path = clf.save(os.path.join(directory, "model.pt"))
+    assert clf.bytes_sent_["parameters"] > 0 or comm.rank == 0
+    again = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF)
+    assert np.array_equal(again.predict_proba(test), alone.predict_proba(test))
+    comm.Barrier()

@@ -1,0 +1,200 @@
+"""The Python API on one process (COMM_SELF-sized worlds): fit/predict/save/load, input forms,
+defaults shared with the command line, refusals. MPI behaviour is in test_mpi.py and test_e2e.py."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+SMALL = dict(epochs=2, batch_size=32, width=8, hidden=16, coarse_epochs=3, coarse_batch_size=32, threads=1)
+
+
+def problem(n=160, size=16, K=3, seed=0, noise=0.6):
+    """Class k = template k + noise; hard enough that no model is perfect after 2 epochs."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((K, 1, size, size))
+    y = rng.integers(0, K, n)
+    x = ((1 - noise) * templates[y] + noise * rng.random((n, 1, size, size))) * 255
+    return x.astype(np.uint8), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = problem(224)
+    return {"train": (x[:160], y[:160]), "val": (x[160:192], y[160:192]), "test": (x[192:], y[192:])}
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    import mpidd
+    from mpi4py import MPI
+    clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL)
+    return clf.fit(*data["train"], *data["val"])
+
+
+def test_import_mpidd_loads_no_torch_mpi_or_handlers():
+    code = ("import signal, sys\n"
+            "before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}\n"
+            "import mpidd\n"
+            "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules, sorted(sys.modules)\n"
+            "assert mpidd.TwoLevelClassifier.__name__ == 'TwoLevelClassifier'\n"
+            "assert 'mpidd.train' not in sys.modules and 'mpidd.config' not in sys.modules\n"
+            "assert sys.excepthook is sys.__excepthook__\n"
+            "assert before == {s: signal.getsignal(s) for s in before}\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_every_keyword_has_the_command_lines_default():
+    import inspect
+
+    import mpidd
+    from mpidd.config import get_args_parser, hidden_sizes
+    cli = vars(get_args_parser().parse_args([]))
+    params = inspect.signature(mpidd.TwoLevelClassifier).parameters
+    shared = [k for k in params if k in cli and k not in ("device", "threads")]  # API: None leaves them alone
+    assert len(shared) >= 25
+    for k in shared:
+        expected = hidden_sizes(cli[k]) if k == "coarse_hidden" else cli[k]
+        assert params[k].default == expected, k
+    # every option that shapes the two-level model or its training is a keyword
+    for k in ("grid", "overlap", "arch", "width", "depth", "width_factor", "epochs", "lr", "coarse_epochs",
+              "coarse_lr", "coarse_hidden", "eval_batch_size", "seed", "batch_size", "schedule"):
+        assert k in params
+
+
+def test_fit_predict_score_and_attributes(fitted, data):
+    x, y = data["test"]
+    before = fitted.bytes_sent_["probabilities"]
+    p = fitted.predict_proba(x)
+    assert fitted.bytes_sent_["probabilities"] - before == 4 * 3 * 4 * 32  # N x K float32 per test image
+    assert p.shape == (32, 3) and p.dtype == np.float32 and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert np.array_equal(fitted.predict(x), p.argmax(1))
+    assert fitted.score(x, y) == pytest.approx(float((p.argmax(1) == y).mean()))
+    avg = fitted.predict_proba(x, "average")
+    assert np.allclose(avg.sum(1), 1, atol=1e-5) and not np.array_equal(avg, p)
+    votes = fitted.predict_proba(x, "vote")
+    assert set(np.unique(votes * 4).round(4)) <= {0, 1, 2, 3, 4}  # fractions of the 4 local votes
+    assert list(fitted.classes_) == [0, 1, 2] and fitted.n_subdomains_ == 4
+    assert sorted(fitted.history_) == ["coarse", "local_0", "local_1", "local_2", "local_3"]
+    assert len(fitted.history_["local_2"]) == 2 and len(fitted.history_["coarse"]) == 3
+    assert set(fitted.local_scores_) == {0, 1, 2, 3}
+    assert fitted.available_models() == ["cnn-dnn", "average", "vote"]
+    sent = fitted.bytes_sent_
+    assert sent["parameters"] == sent["gradients"] == sent["results"] == 0  # one rank: nothing else crosses
+    with pytest.raises(ValueError, match="no 'global' part"):
+        fitted.predict(x, "global")
+
+
+def test_whole_images_and_local_subimages_give_the_same_model(fitted, data):
+    """Form (b): this rank's subimages keyed by subdomain (here every subdomain, one rank)."""
+    import mpidd
+    from mpi4py import MPI
+    boxes_clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL)
+    shape = data["train"][0].shape[1:]
+    boxes = boxes_clf.local_boxes(shape)
+    assert sorted(boxes) == [0, 1, 2, 3] and boxes[3] == (slice(8, 16), slice(8, 16))
+
+    def parts(x):
+        return {i: x[(slice(None), slice(None)) + b] for i, b in boxes.items()}
+    boxes_clf.fit(parts(data["train"][0]), data["train"][1], parts(data["val"][0]), data["val"][1], image_shape=shape)
+    x = data["test"][0]
+    assert np.array_equal(boxes_clf.predict_proba(parts(x), image_shape=shape), fitted.predict_proba(x))
+    scores = ("epoch", "loss", "acc", "val_loss", "val_acc")
+    for name, history in fitted.history_.items():
+        assert [[r[k] for k in scores] for r in boxes_clf.history_[name]] == [[r[k] for k in scores] for r in history]
+
+
+def test_save_and_load_round_trip(fitted, data, tmp_path):
+    import torch
+
+    import mpidd
+    from mpi4py import MPI
+    path = fitted.save(str(tmp_path / "m.pt"))
+    assert os.path.exists(path) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "mpidd-model" and state["grid"] == [2, 2] and state["image_shape"] == [1, 16, 16]
+    assert state["mpidd_version"] == mpidd.__version__ and state["input_dtype"] == "uint8"
+    assert sorted(state["models"]["twolevel"]["local"]) == [0, 1, 2, 3] and state["cnn"]["width"] == 8
+    loaded = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF)
+    x = data["test"][0]
+    for model in ("cnn-dnn", "average", "vote"):
+        assert np.array_equal(loaded.predict_proba(x, model), fitted.predict_proba(x, model))
+    assert loaded.get_params()["epochs"] == 2 and loaded.class_names_ == ["0", "1", "2"]
+
+
+def test_load_refuses_missing_corrupt_and_foreign_files(fitted, tmp_path):
+    import torch
+
+    import mpidd
+    from mpi4py import MPI
+    path = fitted.save(str(tmp_path / "m.pt"))
+    cases = {"missing": str(tmp_path / "nothing.pt"), "dir": str(tmp_path / "run")}
+    os.makedirs(cases["dir"])
+    with open(path, "rb") as f:
+        blob = f.read()
+    cases["truncated"] = str(tmp_path / "t.pt")
+    with open(cases["truncated"], "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    cases["foreign"] = str(tmp_path / "f.pt")
+    torch.save({"model": {}}, cases["foreign"])
+    messages = {"missing": "no saved model at", "dir": "is the run complete", "truncated": "cannot read",
+                "foreign": "is not an mpidd model file"}
+    for case, p in cases.items():
+        with pytest.raises(mpidd.ModelFileError, match=messages[case]):
+            mpidd.TwoLevelClassifier.load(p, comm=MPI.COMM_SELF)
+
+
+def test_validation_is_held_out_when_not_given(data):
+    import mpidd
+    from mpi4py import MPI
+    clf = mpidd.TwoLevelClassifier("1x2", comm=MPI.COMM_SELF, validation_fraction=0.25, **SMALL)
+    clf.fit(*data["train"])
+    assert clf.scores_["cnn-dnn"]["val"] * 40 == pytest.approx(round(clf.scores_["cnn-dnn"]["val"] * 40))  # 40 held out
+    assert clf.bytes_sent_["probabilities"] == 4 * 3 * 2 * 160  # 120 train + 40 val, 2 subdomains
+    with pytest.raises(ValueError, match="validation_fraction"):
+        mpidd.TwoLevelClassifier(comm=MPI.COMM_SELF, validation_fraction=0, **SMALL).fit(*data["train"])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("ndim", "expected \\(n, C, H, W\\)"),
+    ("labels", "labels for x have shape"),
+    ("nan", "NaN or inf"),
+    ("keys", "holds subdomains \\[0, 1\\], but this rank owns \\[0, 1, 2, 3\\]"),
+    ("box", "box needs"),
+    ("noshape", "pass image_shape"),
+    ("grid", "does not fit images"),
+])
+def test_bad_input_is_refused_with_one_line(data, case, message):
+    import mpidd
+    from mpi4py import MPI
+    x, y = data["train"]
+    clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL)
+    kwargs = {}
+    if case == "ndim":
+        x = x[:, 0]
+    elif case == "labels":
+        y = y[:-1]
+    elif case == "nan":
+        x = x.astype(np.float32)
+        x[3, 0, 2, 2] = np.nan
+    elif case in ("keys", "box", "noshape"):
+        x = {i: x[:, :, :8, :8] for i in ((0, 1) if case == "keys" else range(4))}
+        if case == "box":
+            x[2] = x[2][:, :, :4]
+        kwargs = {} if case == "noshape" else {"image_shape": (1, 16, 16)}
+    elif case == "grid":
+        clf = mpidd.TwoLevelClassifier("32x1", comm=MPI.COMM_SELF, **SMALL)
+    with pytest.raises(ValueError, match=message):
+        clf.fit(x, y, **kwargs)
+
+
+def test_predict_refuses_other_image_shapes(fitted):
+    with pytest.raises(ValueError, match="trained on \\(1, 16, 16\\)"):
+        fitted.predict(np.zeros((4, 1, 20, 16), np.uint8))
