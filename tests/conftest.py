@@ -13,15 +13,16 @@ from mpidd.data import write_dataset  # noqa: E402
 
 
 def make_tiny_dataset(path, n=(192, 64, 64), size=16, num_classes=4, channels=1, dtype="uint8",
-                      seed=0, classes=True, spatial=2):
-    """Class k = a fixed random template plus noise, so every subimage carries class information."""
+                      seed=0, classes=True, spatial=2, noise=0.3):
+    """Class k = a fixed random template plus noise (the `noise` share of each pixel), so every
+    subimage carries class information."""
     rng = np.random.default_rng(seed)
     shape = (channels,) + (size,) * spatial
     templates = rng.random((num_classes,) + shape)
     splits = {}
     for split, count in zip(("train", "val", "test"), n):
         labels = rng.integers(0, num_classes, count)
-        images = 0.7 * templates[labels] + 0.3 * rng.random((count,) + shape)
+        images = (1 - noise) * templates[labels] + noise * rng.random((count,) + shape)
         images = (images * 255).astype(np.uint8) if dtype == "uint8" else images.astype(np.float32)
         splits[split] = (images, labels)
     names = [f"class{k}" for k in range(num_classes)] if classes else None
