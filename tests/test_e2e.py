@@ -21,11 +21,15 @@ TINY = ["--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
         "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
 
 
+def launcher(np):
+    """mpirun -n np, with the site's flags (CMake passes them through the environment)."""
+    return [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
+            *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
+
+
 def run(args, np=None, timeout=240, script=("-m", "mpidd.train"), env=None):
     """mpidd.train (or a test script) under mpirun -n np (np None: a singleton, no launcher)."""
-    launcher = [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
-                *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
-    cmd = (launcher if np else []) + [sys.executable, *script, *args]
+    cmd = (launcher(np) if np else []) + [sys.executable, *script, *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

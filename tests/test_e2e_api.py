@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_tiny_dataset
-from test_e2e import results, run
+from test_e2e import launcher, results, run
 
 API_FIT = (os.path.join(ROOT, "tests", "api_fit.py"),)
 PREDICT = ("-m", "mpidd.predict")
@@ -159,3 +159,22 @@ def test_predict_help():
     assert proc.returncode == 0
     for flag in ("--data", "--split", "--model", "--format", "(default: test)"):
         assert flag in proc.stdout
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path):
+    """README's "Use from Python" script, extracted verbatim, under mpirun -n 4."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Use from Python", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "mpidd.TwoLevelClassifier" in script and "comm=comm" in script
+    (tmp_path / "fit_digits.py").write_text(script)
+    proc = subprocess.run([*launcher(4), sys.executable, "fit_digits.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.strip().splitlines()
+    assert len(printed) == 1 and "'cnn-dnn'" in printed[0] and "bytes sent" in printed[0]  # rank 0 alone prints
+    scores = eval(printed[0].split("}")[0] + "}")
+    assert all(50 < s <= 100 for s in scores.values()), scores  # 10 classes: chance is 10%
+    assert (tmp_path / "digits_model.pt").exists()
