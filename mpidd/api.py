@@ -33,7 +33,7 @@ import torch
 from . import __version__, parallel, saved
 from .decomposition import Decomposition, DecompositionError, layout, parse_grid
 from .engine import Shard, TrainOptions, predict_logits, predict_proba, seed_for
-from .methods import twolevel
+from .methods import coherent, twolevel
 from .methods.context import Context
 from .models import CNNConfig, CoarseDNN, build_cnn, local_width_factor
 
@@ -67,7 +67,8 @@ class TwoLevelClassifier:
                  blocks_per_stage=2, hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
                  epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
-                 coarse_epochs=5, coarse_lr=3e-3, coarse_batch_size=512, seed=0, validation_fraction=0.1,
+                 coarse_epochs=5, coarse_lr=3e-3, coarse_batch_size=512, coherent_epochs=2, coherent_lr=2e-3,
+                 transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
                  num_classes=None, class_names=None, comm=None, device=None, threads=None, verbose=False):
         self.grid, self.overlap = grid, overlap
         self.arch, self.width, self.depth, self.convs_per_block = arch, width, depth, convs_per_block
@@ -78,19 +79,22 @@ class TwoLevelClassifier:
         self.eval_batch_size = eval_batch_size
         self.coarse_hidden, self.coarse_dropout = tuple(coarse_hidden), coarse_dropout
         self.coarse_epochs, self.coarse_lr, self.coarse_batch_size = coarse_epochs, coarse_lr, coarse_batch_size
+        self.coherent_epochs, self.coherent_lr, self.transfer_lr = coherent_epochs, coherent_lr, transfer_lr
+        self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
         self.num_classes, self.class_names = num_classes, class_names
         self.comm = comm if comm is not None else _world_dup()
         self.device, self.threads, self.verbose = device, threads, verbose
         self._models = {}  # kind -> {"local": {i: module}, "dnn": module (rank 0) or None, "exchange": ...}
         # payload this rank contributed to the classifier's collectives, by kind (see bytes_sent_)
-        self._sent = {"probabilities": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
+        self._sent = {"probabilities": 0, "exchange": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
 
     @property
     def bytes_sent_(self) -> dict:
         """Bytes this rank has sent so far (its payload in each collective, counted once):
         probabilities (gather of the local CNNs' class probabilities), results (rank 0's
-        broadcast of predictions and scores), parameters (save: local CNN weights to rank 0),
+        broadcast of predictions and scores), exchange (the coherent model's local outputs and,
+        back, their gradients: this rank's part), parameters (save: local CNN weights to rank 0),
         gradients (data-parallel gradient sums, P > N only), metadata (histories, error
         agreements, pickled). Images never leave their rank."""
         sent = dict(self._sent)
@@ -112,7 +116,8 @@ class TwoLevelClassifier:
     HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
                        "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
                        "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
-                       "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "seed",
+                       "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "coherent_epochs",
+                       "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
                        "validation_fraction", "num_classes", "class_names")
 
     def get_params(self) -> dict:
@@ -205,6 +210,83 @@ class TwoLevelClassifier:
         {subdomain: array} with `image_shape`; y: (n,) labels on every rank. Without x_val, a
         seeded `validation_fraction` of the training samples is held out for validation (the
         local CNNs' per-epoch scores and the coarse DNN's model selection)."""
+        ctx, dec, subsets, labels = self._prepare(x, y, x_val, y_val, image_shape)
+        N, K, C, cfg = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config()
+        probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, self.width_factor_, cfg,
+                                                             ("train", "val"))
+        gathered = twolevel.gather(ctx, probs, subsets, N, K, {s: len(labels[s]) for s in ("train", "val")})
+        self._count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
+        dnn = scores = coarse_history = None
+        if ctx.master_process:
+            dnn, coarse_history = twolevel.fit_coarse(ctx, gathered, labels, N, K, cfg)
+            scores = twolevel.accuracies(dnn, gathered, labels, N, K, splits=("val",))
+        scores, coarse_history = self._from_root((scores, coarse_history))
+        mine = {i: h for i, h in histories.items()} if ctx.leader else {}
+        self._count("metadata", mine)
+        all_histories = {}
+        for part in self.comm.allgather(mine):
+            all_histories.update(part)
+        self._models = {"twolevel": {"local": models, "dnn": dnn, "exchange": "probabilities"}}
+        self.local_scores_ = {i: {"val": scores["local"][i]["val"]} for i in range(N)}
+        self.scores_ = {name: {"val": scores[key]["val"]} for name, key in
+                        (("cnn-dnn", "cnn_dnn"), ("average", "average"), ("vote", "vote"))}
+        self.history_ = {**{f"local_{i}": all_histories[i] for i in sorted(all_histories)}, "coarse": coarse_history}
+        return self
+
+    def fit_coherent(self, x, y, x_val=None, y_val=None, *, init="pretrained", image_shape=None):
+        """Train the CNN-DNN as one coherent model, model parallel (Klawonn, Lanser & Weber,
+        arXiv 2408.14442): from the fitted local CNNs and coarse DNN (init="pretrained", transfer
+        learning; call fit first; dnn_init="random" starts a fresh DNN) or from random weights
+        (init="random"). coherent_epochs, coherent_lr (random) or transfer_lr (pretrained) and
+        `exchange` ("probabilities" or "logits") set it up. Collective over comm, every step; at
+        most one rank per subdomain. Afterwards predict(model="coherent") uses it. Returns self."""
+        if init not in ("random", "pretrained"):
+            raise ValueError(f"init must be 'random' or 'pretrained', not {init!r}")
+        if init == "pretrained" and "twolevel" not in self._models:
+            raise RuntimeError("init='pretrained' starts from the fitted local CNNs: call fit first (or init='random')")
+        if init == "pretrained" and self.dnn_init == "coarse" and self.exchange != "probabilities":
+            raise ValueError("dnn_init='coarse' starts from the coarse DNN, which was trained on probabilities: "
+                             "use exchange='probabilities', or dnn_init='random'")
+        fitted = (self.image_shape_, len(self.classes_)) if self._models else None
+        ctx, dec, subsets, labels = self._prepare(x, y, x_val, y_val, image_shape, coherent=True)
+        N, K, C = dec.num_subdomains, len(self.classes_), self.image_shape_[0]
+        if fitted is not None and fitted != (self.image_shape_, K):
+            raise ValueError(f"the classifier was fitted on images {fitted[0]} with {fitted[1]} classes, these are "
+                             f"{self.image_shape_} with {K}")
+        opts = TrainOptions(epochs=self.coherent_epochs, batch_size=self.batch_size,
+                            lr=self.coherent_lr if init == "random" else self.transfer_lr, optimizer=self.optimizer,
+                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
+        cfg = coherent.CoherentConfig(opts=opts, output=self.exchange, coarse_hidden=tuple(self.coarse_hidden),
+                                      coarse_dropout=self.coarse_dropout, seed=self.seed,
+                                      eval_batch_size=self.eval_batch_size)
+        start = None
+        if init == "pretrained":
+            two = self._models["twolevel"]
+            start = {"local": two["local"], "dnn": two["dnn"] if self.dnn_init == "coarse" else None}
+        local, dnn = coherent.initial_models(ctx, dec, C, K, self.width_factor_, self.config().cnn, cfg, start)
+        exchange = parallel.ModelParallelExchange(
+            self.comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(self.comm, torch.get_num_threads())
+            else None)
+        images = {s: {i: subsets[i][s].x for i in ctx.mine} for s in ("train", "val")}
+        name = f"coherent_{init}"
+        history, _, timing = coherent.fit(ctx, name, local, dnn, images, labels, cfg, exchange)
+        self._sent["exchange"] += exchange.bytes
+        self._models[name] = {"local": local, "dnn": dnn, "exchange": self.exchange}
+        history = self._from_root(history)
+        self.history_ = {**getattr(self, "history_", {}), name: history}
+        self.scores_ = {**getattr(self, "scores_", {}), name: {"val": history[-1]["val_acc"]}}
+        self.coherent_timing_ = {**getattr(self, "coherent_timing_", {}), name: timing}
+        return self
+
+    def _from_root(self, obj):
+        """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
+        if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
+            self._count("results", obj)
+        return self.comm.bcast(obj, root=0)
+
+    def _prepare(self, x, y, x_val, y_val, image_shape, coherent=False):
+        """Check the data, set the decomposition, this rank's context and the fitted attributes;
+        returns (ctx, dec, {subdomain: {split: Shard}}, {split: labels}). Collective."""
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         y = np.asarray(y)
@@ -216,40 +298,21 @@ class TwoLevelClassifier:
             self._check(x_val, y_val, image_shape, "x_val")
         K = self.num_classes or int(max(y.max(), y_val.max())) + 1
         dec = self.decomposition(image_shape)
-        cfg = self.config()
+        if coherent and self.comm.Get_size() > dec.num_subdomains:
+            raise ValueError(f"{self.comm.Get_size()} ranks but only {dec.num_subdomains} subdomains: the coherent "
+                             f"model is model parallel, one or more subdomains per rank")
         ctx = self._context(dec)
         C, N = image_shape[0], dec.num_subdomains
-        wf = self.width_factor or local_width_factor(C, K, image_shape[1:], dec.subimage_shape, N, cfg.cnn)
+        cnn = self.config().cnn
+        wf = self.width_factor or local_width_factor(C, K, image_shape[1:], dec.subimage_shape, N, cnn)
         subsets = {i: {"train": s} for i, s in self._shards(ctx, dec, x, y).items()}
         for i, s in self._shards(ctx, dec, x_val, y_val).items():
             subsets[i]["val"] = s
-        splits = ("train", "val")
-        probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, wf, cfg, splits)
-        gathered = twolevel.gather(ctx, probs, subsets, N, K, {"train": len(y), "val": len(y_val)})
-        self._count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
-        dnn = scores = coarse_history = None
-        if ctx.master_process:
-            labels = {"train": y, "val": y_val}
-            dnn, coarse_history = twolevel.fit_coarse(ctx, gathered, labels, N, K, cfg)
-            scores = twolevel.accuracies(dnn, gathered, labels, N, K, splits=("val",))
-        if ctx.master_process and self.comm.Get_size() > 1:
-            self._count("results", (scores, coarse_history))
-        scores, coarse_history = self.comm.bcast((scores, coarse_history), root=0)
-        mine = {i: h for i, h in histories.items()} if ctx.leader else {}
-        self._count("metadata", mine)
-        all_histories = {}
-        for part in self.comm.allgather(mine):
-            all_histories.update(part)
-
-        self._ctx, self._dec, self._models = ctx, dec, {"twolevel": {"local": models, "dnn": dnn}}
+        self._ctx, self._dec = ctx, dec
         self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
         self.classes_, self.n_subdomains_, self.width_factor_ = np.arange(K), N, wf
         self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
-        self.local_scores_ = {i: {"val": scores["local"][i]["val"]} for i in range(N)}
-        self.scores_ = {name: {"val": scores[key]["val"]} for name, key in
-                        (("cnn-dnn", "cnn_dnn"), ("average", "average"), ("vote", "vote"))}
-        self.history_ = {**{f"local_{i}": all_histories[i] for i in sorted(all_histories)}, "coarse": coarse_history}
-        return self
+        return ctx, dec, subsets, {"train": y, "val": y_val}
 
     def _hold_out(self, x, y, n):
         """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
@@ -306,9 +369,7 @@ class TwoLevelClassifier:
                     raise ValueError("model='global' classifies whole images: pass them as one array")
                 probs = predict_proba(bundle["model"], _pixels(x), self.eval_batch_size)
                 result = (probs, probs.argmax(1))
-                if self.comm.Get_size() > 1:
-                    self._count("results", probs)
-            return self.comm.bcast(result, root=0)
+            return self._from_root(result)
         subsets = {i: {"test": s} for i, s in self._shards(ctx, dec, x, None).items()}
         if bundle.get("exchange", "probabilities") == "logits":
             local = {i: {"test": predict_logits(bundle["local"][i], subsets[i]["test"].x, self.eval_batch_size,
@@ -321,10 +382,7 @@ class TwoLevelClassifier:
         if ctx.master_process:
             result = twolevel.combined_predictions(bundle["dnn"], gathered["test"], N, K,
                                                    "cnn-dnn" if kind != "twolevel" else model, self.eval_batch_size)
-            if self.comm.Get_size() > 1:
-                self._count("results", result[0])
-                self._count("results", result[1])
-        return self.comm.bcast(result, root=0)
+        return self._from_root(result)
 
     def _kind(self, model):
         kind = self._part(model)

@@ -30,7 +30,6 @@ checkpoint is written each epoch, atomically, so a killed run resumes from its l
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import datetime
 import json
@@ -54,14 +53,12 @@ import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
 from . import data, parallel, rundir, saved  # noqa: E402
-from .coherent import NAMES as COHERENT_NAMES  # noqa: E402
-from .coherent import evaluate_coherent, train_coherent  # noqa: E402
 from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
 from .decomposition import Decomposition, DecompositionError, format_grid, layout, parse_grid  # noqa: E402
 from .engine import (Control, Preempted, Shard, TrainOptions, seed_for, evaluate,  # noqa: E402
                      train_classifier)
 from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, group_batchnorm, local_width_factor  # noqa: E402
-from .methods import twolevel  # noqa: E402
+from .methods import coherent, twolevel  # noqa: E402
 from .methods.context import Context, Phases, progress_printer  # noqa: E402
 from .report import format_any  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
@@ -339,6 +336,36 @@ class Run(Context):
                 rundir.save_checkpoint(self.path(name), **checkpoint_fields(state), **fields, args=vars(self.args))
         return Control(stop=stop, save=save, resume=loop_state(self.saved(name)))
 
+    def coherent_control(self, name) -> Control:
+        """Every rank saves its part of the coherent model each epoch; once all have, rank 0
+        records the position in the marker (so it never promises more than the files hold)."""
+        def save(state):
+            position = {"epoch": state["epoch"], "step": state["step"]}
+            path = self.path(f"{name}_rank{self.rank}.state.pt")
+            if os.path.exists(path):
+                os.replace(path, self.path(f"{name}_rank{self.rank}.state.prev.pt"))
+            rundir.save_checkpoint(path, position=position, loop=state)
+            if state.get("stopped"):  # the stop path agrees and records the position
+                self.progress[name] = position
+                return
+            stop = self.stopper.sync()  # every rank has saved this position: rank 0 records it
+            self.mark(**{name: position})
+            if stop:
+                raise SyncedStop("stop agreed at a phase boundary")
+        return Control(stop=self.poll_world, save=save, resume=self.coherent_state(name))
+
+    def coherent_state(self, name: str):
+        """This rank's saved state of coherent phase `name` at the position the marker agreed on
+        (the newest file, or the one before it: a rank may have saved one position ahead)."""
+        position = self.progress.get(name)
+        if not self.resuming or position is None:
+            return None
+        for suffix in ("", ".prev"):
+            saved = rundir.load_checkpoint(self.path(f"{name}_rank{self.rank}.state{suffix}.pt"))
+            if saved is not None and saved["position"] == position:
+                return saved["loop"]
+        raise RuntimeError(f"rank {self.rank} has no state of {name} at {position}, which the marker records")
+
     def log_progress(self, name, epochs, models_after=0):
         """To the rank's log, and to stdout on rank 0."""
         sinks = (log.info, lambda text: print(text, flush=True)) if self.master_process else (log.info,)
@@ -502,17 +529,10 @@ def load_pretrained(run: Run):
 
 # --- the coherent CNN-DNN ------------------------------------------------------------------------
 
-def coherent_state(run: Run, name: str):
-    """This rank's saved state of coherent phase `name` at the position the marker agreed on
-    (the newest file, or the one before it: a rank may have saved one position ahead)."""
-    position = run.progress.get(name)
-    if not run.resuming or position is None:
-        return None
-    for suffix in ("", ".prev"):
-        saved = rundir.load_checkpoint(run.path(f"{name}_rank{run.rank}.state{suffix}.pt"))
-        if saved is not None and saved["position"] == position:
-            return saved["loop"]
-    raise RuntimeError(f"rank {run.rank} has no state of {name} at {position}, which the marker records")
+def coherent_config(args, init) -> coherent.CoherentConfig:
+    return coherent.CoherentConfig(opts=coherent_options(args, init), output=args.exchange,
+                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 
 def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
@@ -526,56 +546,26 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     args, plan = run.args, run.plan
     info, dec = plan["info"], plan["decomposition"]
     N, K = dec.num_subdomains, info.num_classes
-    name = f"coherent_{init}"
-    if init == "random":
-        local = {}
-        for i in sorted(subsets):
-            torch.manual_seed(seed_for(args.seed, "coherent_local", i))
-            local[i] = build_cnn(info.channels, K, dec.subimage_shape, cnn_config(args),
-                                 plan["width_factor"]).to(run.device)
-    else:
-        local = {i: copy.deepcopy(m) for i, m in pretrained["local"].items()}
-    dnn = None
-    if run.master_process:
-        if init == "pretrained" and args.dnn_init == "coarse":
-            dnn = copy.deepcopy(pretrained["dnn"]).to(run.device)
-        else:
-            torch.manual_seed(seed_for(args.seed, "coherent_dnn"))
-            dnn = CoarseDNN(N * K, K, args.coarse_hidden, args.coarse_dropout).to(run.device)
-
-    def save(state):
-        position = {"epoch": state["epoch"], "step": state["step"]}
-        path = run.path(f"{name}_rank{run.rank}.state.pt")
-        if os.path.exists(path):
-            os.replace(path, run.path(f"{name}_rank{run.rank}.state.prev.pt"))
-        rundir.save_checkpoint(path, position=position, loop=state)
-        if state.get("stopped"):  # the stop path agrees and records the position
-            run.progress[name] = position
-            return
-        stop = run.stopper.sync()  # every rank has saved this position: rank 0 records it
-        run.mark(**{name: position})
-        if stop:
-            raise SyncedStop("stop agreed at a phase boundary")
-    opts = coherent_options(args, init)
+    name, cfg = f"coherent_{init}", coherent_config(args, init)
+    start = None
+    if init == "pretrained":
+        start = {"local": pretrained["local"], "dnn": pretrained["dnn"] if args.dnn_init == "coarse" else None}
+    local, dnn = coherent.initial_models(run, dec, info.channels, K, plan["width_factor"], cnn_config(args), cfg,
+                                         start)
     images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
-    history, optimizer, timing = train_coherent(
-        local, dnn, images["train"], labels["train"], images["val"], labels["val"], opts,
-        seed_for(args.seed, "coherent_order"), exchange=exchange, output=args.exchange,
-        eval_batch_size=args.eval_batch_size, log=run.log_progress(COHERENT_NAMES[init], opts.epochs),
-        control=Control(stop=run.poll_world, save=save, resume=coherent_state(run, name)))
-    test = evaluate_coherent(local, dnn, images["test"], labels["test"], exchange=exchange,
-                             output=args.exchange, batch_size=args.eval_batch_size, stop=run.poll_world)
+    history, optimizer, timing = coherent.fit(run, name, local, dnn, images, labels, cfg, exchange)
+    test = coherent.score(run, local, dnn, images["test"], labels["test"], cfg, exchange)
     for i, model in local.items():
         rundir.save_checkpoint(run.path(f"{name}_local_{i}.pt"),
-                               model=model.state_dict(), epoch=opts.epochs, subdomain=i, box=dec.box(i),
+                               model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
                                width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
     rundir.save_checkpoint(run.path(f"{name}_rank{run.rank}_optimizer.pt"),
-                           optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=opts.epochs)
+                           optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=cfg.opts.epochs)
     if not run.master_process:
         return None, [], timing
     rundir.save_checkpoint(run.path(f"{name}_dnn.pt"), model=dnn.state_dict(),
                            in_features=N * K, num_classes=K, hidden=list(args.coarse_hidden),
-                           dropout=args.coarse_dropout, exchange=args.exchange, epoch=opts.epochs,
+                           dropout=args.coarse_dropout, exchange=args.exchange, epoch=cfg.opts.epochs,
                            args=vars(args))
     acc = {"val": history[-1]["val_acc"], "test": test[1]}
     return acc, [dict(r, model=name) for r in history], timing
@@ -791,7 +781,7 @@ def main(argv=None):
     parallel.install_abort_on_error(comm)
     master_process = rank == 0
     args, plan = start(comm, argv)
-    info, dec, work = plan["info"], plan["decomposition"], plan["work"]
+    dec, work = plan["decomposition"], plan["work"]
     N = dec.num_subdomains
 
     device, error = torch.device("cpu"), None

@@ -19,7 +19,7 @@ from mpi4py import MPI
 import mpidd
 
 OPTIONS = dict(grid="2x2", epochs=2, batch_size=32, width=8, hidden=16, coarse_epochs=4, coarse_batch_size=32,
-               threads=1, seed=2)
+               coherent_epochs=1, threads=1, seed=2)
 
 
 def splits(path):
@@ -49,6 +49,9 @@ else:  # cli: the same options the command line was given
     options = {k: (type(OPTIONS[k])(v) if k in OPTIONS else v) for k, v in extra.items()}
     clf, d = fit_and_write(world, sys.argv[3], out, "api", overlap=int(options.pop("overlap", 0)), **options)
     scores = {m: clf.score(*d["test"], m) for m in ("cnn-dnn", "average", "vote")}
+    for init in ("random", "pretrained"):  # predict(model="coherent") takes the pretrained one once it exists
+        clf.fit_coherent(*d["train"], *d["val"], init=init)
+        scores[f"coherent_{init}"] = clf.score(*d["test"], "coherent")
     clf.save(os.path.join(out, "api_model.pt"))
     if world.rank == 0:
         with open(os.path.join(out, "api_scores.json"), "w") as f:

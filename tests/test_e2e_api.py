@@ -19,7 +19,7 @@ API_FIT = (os.path.join(ROOT, "tests", "api_fit.py"),)
 PREDICT = ("-m", "mpidd.predict")
 # the command line's flags for api_fit.OPTIONS
 CLI = ["--grid", "2x2", "--epochs", "2", "--batch-size", "32", "--width", "8", "--hidden", "16",
-       "--coarse-epochs", "4", "--coarse-batch-size", "32", "--threads", "1", "--seed", "2"]
+       "--coarse-epochs", "4", "--coarse-batch-size", "32", "--coherent-epochs", "1", "--threads", "1", "--seed", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def hard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(hard, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "twolevel")
-    proc = run(["--data", hard, "--mode", "twolevel", "--overlap", "1", "--out", out, *CLI], np=2)
+    out = str(tmp_path_factory.mktemp("runs") / "compare")
+    proc = run(["--data", hard, "--mode", "compare", "--overlap", "1", "--out", out, *CLI], np=2)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -58,17 +58,21 @@ def test_the_api_and_the_command_line_give_the_same_model(cli_run, hard, tmp_pat
     assert proc.returncode == 0, proc.stderr
     api = json.load(open(tmp_path / "api_scores.json"))
     cli = results(cli_run)["accuracy"]
-    for model, name in (("cnn-dnn", "CNN-DNN"), ("average", "average"), ("vote", "majority vote")):
+    for model, name in (("cnn-dnn", "CNN-DNN"), ("average", "average"), ("vote", "majority vote"),
+                        ("coherent_random", "coherent (random init)"),
+                        ("coherent_pretrained", "coherent (transfer learning)")):
         assert api["test"][model] == cli[name]["test"], model
         assert api["val"][model]["val"] == cli[name]["val"], model
     assert 0.3 < cli["CNN-DNN"]["test"] < 0.95  # a discriminating case
-    mine = torch.load(tmp_path / "api_model.pt", weights_only=True)["models"]["twolevel"]
-    theirs = torch.load(os.path.join(cli_run, "model.pt"), weights_only=True)["models"]["twolevel"]
-    for i in range(4):
-        for key, value in theirs["local"][i].items():
-            assert torch.equal(mine["local"][i][key], value), (i, key)
-    for key, value in theirs["dnn"].items():
-        assert torch.equal(mine["dnn"][key], value), key
+    mine = torch.load(tmp_path / "api_model.pt", weights_only=True)["models"]
+    theirs = torch.load(os.path.join(cli_run, "model.pt"), weights_only=True)["models"]
+    assert sorted(theirs) == ["coherent_pretrained", "coherent_random", "global", "twolevel"]
+    for kind in ("twolevel", "coherent_random", "coherent_pretrained"):
+        for i in range(4):
+            for key, value in theirs[kind]["local"][i].items():
+                assert torch.equal(mine[kind]["local"][i][key], value), (kind, i, key)
+        for key, value in theirs[kind]["dnn"].items():
+            assert torch.equal(mine[kind]["dnn"][key], value), (kind, key)
 
 
 def predictions(path):
@@ -80,7 +84,8 @@ def predictions(path):
 def test_predict_reproduces_the_runs_test_accuracies_at_1_2_and_4_ranks(cli_run, hard, tmp_path):
     accuracy = results(cli_run)["accuracy"]
     rows = {}
-    for model, name in (("cnn-dnn", "CNN-DNN"), ("average", "average"), ("vote", "majority vote")):
+    for model, name in (("cnn-dnn", "CNN-DNN"), ("average", "average"), ("vote", "majority vote"),
+                        ("coherent", "coherent (transfer learning)"), ("global", "global CNN")):
         for np_ in ((1, 2, 4) if model == "cnn-dnn" else (3,)):
             out = str(tmp_path / f"{model}_{np_}.csv")
             proc = run([cli_run, "--data", hard, "--out", out, "--model", model, "--threads", "1"], np=np_,
@@ -141,7 +146,6 @@ def test_predict_refusals(cli_run, hard, tmp_path):
         ([str(corrupt), "--data", hard], 2, "cannot read .*corrupt"),
         ([cli_run, "--data", str(tmp_path / "small")], 2, "is 12x16 pixels, the model takes 16x16"),
         ([cli_run, "--data", str(tmp_path / "empty")], 1, "holds no image files"),
-        ([cli_run, "--data", hard, "--model", "global"], 1, "has no 'global' part"),
         ([cli_run, "--data", hard], 5, "5 ranks for 4 subdomains"),
     ]
     for args, np_, message in cases:

@@ -114,6 +114,10 @@ class Context:
         only stops when `stop()` says so)."""
         return Control(stop=stop)
 
+    def coherent_control(self, name: str) -> Control:
+        """How the coherent model's loop (every rank in every step) stops, saves and resumes."""
+        return Control(stop=self.poll_world)
+
     def log_progress(self, name, epochs, models_after=0):
         """Progress callback of a training loop: rank 0 prints when verbose."""
         if self.verbose and self.master_process:
