@@ -55,14 +55,13 @@ from . import __version__  # noqa: E402
 from . import data, parallel, rundir, saved  # noqa: E402
 from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
 from .decomposition import Decomposition, DecompositionError, format_grid, layout, parse_grid  # noqa: E402
-from .engine import (Control, Preempted, Shard, TrainOptions, seed_for, evaluate,  # noqa: E402
-                     train_classifier)
-from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, group_batchnorm, local_width_factor  # noqa: E402
-from .methods import coherent, twolevel  # noqa: E402
+from .engine import Control, Preempted, Shard, TrainOptions  # noqa: E402
+from .models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor  # noqa: E402
+from .methods import coherent, global_cnn, twolevel, width  # noqa: E402
 from .methods.context import Context, Phases, progress_printer  # noqa: E402
 from .report import format_any  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
-from .width import WidthError, build_subnet, recompose  # noqa: E402
+from .width import WidthError, build_subnet  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = parallel.EXIT_PREEMPTED
@@ -573,43 +572,20 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
 
 # --- the global CNN and the width decomposition -----------------------------------------------
 
-def train_whole_image_model(run: Run, model, split, opts, seed, name, ckpt, label, models_after=0,
-                            test=False, alone=True, **fields):
-    """Train a model on whole images (the global CNN, a sub-network, the recomposed network),
-    checkpointed each epoch as `ckpt` and resumable. alone: this rank trains it by itself
-    (else: with its data-parallel group). Returns (history, optimizer)."""
-    def save(state):
-        if alone or run.leader:
-            rundir.save_checkpoint(run.path(ckpt), **checkpoint_fields(state), args=vars(run.args), **fields)
-    group = None if alone else run.group
-    control = Control(stop=run.poll if alone else run.poll_group, save=save, resume=loop_state(run.saved(ckpt)))
-    return train_classifier(model, split["train"], split["val"], opts, seed,
-                            run.log_progress(label, opts.epochs, models_after),
-                            test=split["test"] if test else None, control=control, group=group)
-
-
 def global_phase(run: Run, split, test=False, alone=True):
     """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
     or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
     args, info, phases = run.args, run.plan["info"], run.phases
-    seed = seed_for(args.seed, "global")
-    torch.manual_seed(seed)
-    model = build_cnn(info.channels, info.num_classes, info.spatial_shape, cnn_config(args)).to(run.device)
-    if not alone and run.group is not None:
-        model = group_batchnorm(model, run.group.allreduce)
     opts = cnn_options(args)
     opts.log_interval, opts.test_points = args.log_interval, args.curve_points
     with phases("global_train"):
-        history, _ = train_whole_image_model(run, model, split, opts, seed, "global", "global.pt", "global CNN",
-                                             test=test, alone=alone)
+        model, history = global_cnn.fit(run, split, info.channels, info.num_classes, info.spatial_shape,
+                                        cnn_config(args), opts, args.seed, test=test, alone=alone)
     if test:
         phases.add("global_curve", *curve_seconds(history))
-    group = None if alone else run.group
-    stop = run.poll if alone else run.poll_group
     with phases("global_eval"):
-        scores = {s: evaluate(model, split[s].x, split[s].y, args.eval_batch_size, stop=stop, group=group,
-                              total=split[s].total) for s in ("val", "test")}
+        scores = global_cnn.scores(run, model, split, args.eval_batch_size, alone=alone)
     rows = [dict(r, model="global") for r in history] if run.leader else []
     if test:
         return scores, rows, history
@@ -621,33 +597,14 @@ def curve_seconds(history):
     return (sum(r.get("curve_seconds", 0.0) for r in history), sum(r.get("curve_cpu_seconds", 0.0) for r in history))
 
 
-def train_subnets(run: Run, whole):
-    """--mode width, phase subnets: train this rank's sub-networks on whole images, then score
-    them on val and test. No communication. Returns ({m: state_dict}, {m: scores}, metric rows)."""
-    args, info, M, phases = run.args, run.plan["info"], run.args.subnets, run.phases
-    opts = cnn_options(args)
-    opts.epochs = args.subnet_epochs
-    train_all = whole["train"]
-    states, scores, rows = {}, {}, []
-    for k, m in enumerate(run.mine):
-        with phases("subnets"), phases(f"subnet_{m}"):
-            seed = seed_for(args.seed, "subnet", m)
-            torch.manual_seed(seed)
-            model = build_subnet(info.channels, info.num_classes, info.spatial_shape, cnn_config(args), M)
-            model = model.to(run.device)
-            train = (Shard(train_all.x[m::M], train_all.y[m::M]) if args.shard else train_all)
-            history, _ = train_whole_image_model(
-                run, model, dict(whole, train=train), opts, seed, f"subnet {m}", f"subnet_{m}.pt", f"subnet {m}",
-                models_after=len(run.mine) - k - 1, subnet=m, subnets=M, shard=args.shard,
-                train_samples=len(train.y))
-        # the training steps alone (no validation), for the time to the target accuracy
-        phases.add("subnet_steps", sum(r["seconds"] for r in history), sum(r["cpu_seconds"] for r in history))
-        with phases("subnet_eval"):  # for the table only: not on the recomposed network's path
-            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
-                         for s in ("val", "test")}
-        rows += [dict(r, model=f"subnet_{m}") for r in history]
-        states[m] = {k: v.cpu() for k, v in model.state_dict().items()}
-    return states, scores, rows
+def width_config(args) -> width.WidthConfig:
+    subnet_opts, recomposed_opts = cnn_options(args), cnn_options(args)
+    subnet_opts.epochs = args.subnet_epochs
+    recomposed_opts.lr, recomposed_opts.log_interval = args.transfer_lr, args.log_interval
+    recomposed_opts.test_points = args.curve_points
+    return width.WidthConfig(cnn=cnn_config(args), subnets=args.subnets, subnet_opts=subnet_opts,
+                             recomposed_opts=recomposed_opts, shard=args.shard, offdiag_noise=args.offdiag_noise,
+                             seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 
 def width_phases(run: Run, whole):
@@ -655,39 +612,27 @@ def width_phases(run: Run, whole):
     gathered to rank 0 and recomposed into the global CNN, which is trained further; then
     the same global CNN from random weights for comparison (rank 0; the others wait).
     Collective. Returns (scores on rank 0 else None, metric rows)."""
-    args, info, M, phases = run.args, run.plan["info"], run.args.subnets, run.phases
-    C, K, shape, cfg = info.channels, info.num_classes, info.spatial_shape, cnn_config(args)
-    states, sub_scores, rows = train_subnets(run, whole)
+    args, info, phases, cfg = run.args, run.plan["info"], run.phases, width_config(run.args)
+    C, K, shape = info.channels, info.num_classes, info.spatial_shape
+    states, sub_scores, histories = width.fit_subnets(run, whole, C, K, shape, cfg)
+    rows = [dict(r, model=f"subnet_{m}") for m, h in histories.items() for r in h]
     run.sync()  # so that width_gather times the exchange, not the slowest rank
     with phases("width_gather"):
-        gathered = parallel.gather_to_root(run.comm, (states, sub_scores))
+        states, sub_scores = width.gather(run, states, sub_scores)
     if not run.master_process:
         return None, rows
-    states = {m: st for part, _ in gathered for m, st in part.items()}
-    scores = {"subnets": {m: sc for _, part in gathered for m, sc in part.items()}}
+    scores = {"subnets": sub_scores}
     with phases("recompose"):
-        subnets = []
-        for m in range(M):
-            subnets.append(build_subnet(C, K, shape, cfg, M))
-            subnets[m].load_state_dict(states[m])
-        torch.manual_seed(seed_for(args.seed, "recompose"))
-        model = recompose(subnets, build_cnn(C, K, shape, cfg), args.offdiag_noise, seed_for(args.seed, "recompose_noise"))
-        model = model.to(run.device)
+        model = width.recompose(run, states, C, K, shape, cfg)
     rundir.save_checkpoint(run.path("recomposed_initial.pt"), model=model.state_dict(),
-                           subnets=M, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
+                           subnets=cfg.subnets, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
     with phases("recomposed_initial_eval"):
-        scores["recomposed_initial"] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
-                                        for s in ("val", "test")}
-    opts = cnn_options(args)
-    opts.lr, opts.log_interval, opts.test_points = args.transfer_lr, args.log_interval, args.curve_points
-    seed = seed_for(args.seed, "recomposed_order")
+        scores["recomposed_initial"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
     with phases("recomposed_train"):
-        history, _ = train_whole_image_model(run, model, whole, opts, seed, "recomposed", "recomposed.pt",
-                                             "recomposed", models_after=1, test=True, subnets=M)
+        history = width.fit_recomposed(run, model, whole, cfg, test=True)
     phases.add("recomposed_curve", *curve_seconds(history))
     with phases("recomposed_eval"):
-        scores["recomposed"] = {s: evaluate(model, whole[s].x, whole[s].y, args.eval_batch_size, stop=run.poll)
-                                for s in ("val", "test")}
+        scores["recomposed"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
     scores["recomposed_curve"] = history
     rows += [dict(r, model="recomposed") for r in history]
     acc, global_rows, history = global_phase(run, whole, test=True)
