@@ -10,13 +10,13 @@ saved, methods.context) import no MPI; mpidd.parallel touches mpi4py.
 """
 
 __version__ = "0.1.0"
-__all__ = ["TwoLevelClassifier", "ModelFileError", "__version__"]
+__all__ = ["TwoLevelClassifier", "WidthClassifier", "ModelFileError", "__version__"]
 
 
 def __getattr__(name):
-    if name == "TwoLevelClassifier":
-        from .api import TwoLevelClassifier
-        return TwoLevelClassifier
+    if name in ("TwoLevelClassifier", "WidthClassifier"):
+        from . import api
+        return getattr(api, name)
     if name == "ModelFileError":
         from .saved import ModelFileError
         return ModelFileError

@@ -32,10 +32,11 @@ import torch
 
 from . import __version__, parallel, saved
 from .decomposition import Decomposition, DecompositionError, layout, parse_grid
-from .engine import Shard, TrainOptions, predict_logits, predict_proba, seed_for
-from .methods import coherent, twolevel
+from .engine import Shard, TrainOptions, evaluate, predict_logits, predict_proba, seed_for
+from .methods import coherent, twolevel, width
 from .methods.context import Context
 from .models import CNNConfig, CoarseDNN, build_cnn, local_width_factor
+from .width import WidthError, subnet_config as width_subnet_config
 
 COMBINERS = ("cnn-dnn", "average", "vote")
 MODELS = COMBINERS + ("coherent", "global")
@@ -46,7 +47,90 @@ def _world_dup():
     return MPI.COMM_WORLD.Dup()
 
 
-class TwoLevelClassifier:
+class _CollectiveEstimator:
+    """What the estimators share: the communicator and device, data checks agreed by every
+    rank, a seeded validation hold-out, rank 0's results on every rank, and the count of bytes
+    sent."""
+
+    HYPERPARAMETERS: tuple = ()
+
+    def _setup(self, comm, device, threads, verbose):
+        self.comm = comm if comm is not None else _world_dup()
+        self.device, self.threads, self.verbose = device, threads, verbose
+        self._models = {}
+        # payload this rank contributed to the estimator's collectives, by kind (see bytes_sent_)
+        self._sent = {"probabilities": 0, "exchange": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
+
+    @property
+    def bytes_sent_(self) -> dict:
+        """Bytes this rank has sent so far (its payload in each collective, counted once):
+        probabilities (gather of the local CNNs' class probabilities), results (rank 0's
+        broadcast of predictions and scores), exchange (the coherent model's local outputs and,
+        back, their gradients: this rank's part), parameters (save: local CNN weights to rank 0),
+        gradients (data-parallel gradient sums, P > N only), metadata (histories, error
+        agreements, pickled). Images never leave their rank."""
+        sent = dict(self._sent)
+        group = getattr(getattr(self, "_ctx", None), "group", None)
+        sent["gradients"] += group.bytes if group is not None else 0
+        sent["total"] = sum(sent.values())
+        return sent
+
+    def _count(self, kind, payload):
+        """Count `payload` (a byte count, an array, or any object as pickled) as sent by this rank."""
+        import pickle
+        if isinstance(payload, (int, np.integer)):
+            self._sent[kind] += int(payload)
+        else:
+            self._sent[kind] += payload.nbytes if hasattr(payload, "nbytes") else len(pickle.dumps(payload))
+
+    def get_params(self) -> dict:
+        """The hyperparameters, as scikit-learn estimators report them."""
+        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
+
+    def _torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if not hasattr(self, "_device"):
+            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
+        return self._device
+
+    def _check(self, x, y, image_shape, what) -> tuple:
+        """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
+        error = None
+        try:
+            image_shape, n = _check_images(self, x, y, image_shape, what)
+        except ValueError as e:
+            error = str(e)
+        self._count("metadata", error)
+        failed = parallel.agree(self.comm, error)
+        if failed:
+            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
+        return image_shape, n
+
+    def _from_root(self, obj):
+        """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
+        if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
+            self._count("results", obj)
+        return self.comm.bcast(obj, root=0)
+
+    def _hold_out(self, x, y, n):
+        """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1) when fit gets no x_val, got "
+                             f"{self.validation_fraction}")
+        order = np.random.default_rng(seed_for(self.seed, "validation")).permutation(n)
+        n_val = max(1, int(round(self.validation_fraction * n)))
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        pick = (lambda a, idx: {i: np.asarray(v)[idx] for i, v in a.items()}) if isinstance(x, dict) else \
+            (lambda a, idx: a[idx])
+        return pick(x, train), y[train], pick(x, val), y[val]
+
+    def _fitted(self):
+        if not self._models:
+            raise RuntimeError(f"this {type(self).__name__} is not fitted: call fit (or load) first")
+
+
+class TwoLevelClassifier(_CollectiveEstimator):
     """The two-level CNN-DNN of Klawonn, Lanser & Weber: one local CNN per subimage, trained
     without communication, and a coarse DNN on rank 0 of `comm` that combines their class
     probabilities (gathered with MPI_Gatherv).
@@ -83,33 +167,7 @@ class TwoLevelClassifier:
         self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
         self.num_classes, self.class_names = num_classes, class_names
-        self.comm = comm if comm is not None else _world_dup()
-        self.device, self.threads, self.verbose = device, threads, verbose
-        self._models = {}  # kind -> {"local": {i: module}, "dnn": module (rank 0) or None, "exchange": ...}
-        # payload this rank contributed to the classifier's collectives, by kind (see bytes_sent_)
-        self._sent = {"probabilities": 0, "exchange": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
-
-    @property
-    def bytes_sent_(self) -> dict:
-        """Bytes this rank has sent so far (its payload in each collective, counted once):
-        probabilities (gather of the local CNNs' class probabilities), results (rank 0's
-        broadcast of predictions and scores), exchange (the coherent model's local outputs and,
-        back, their gradients: this rank's part), parameters (save: local CNN weights to rank 0),
-        gradients (data-parallel gradient sums, P > N only), metadata (histories, error
-        agreements, pickled). Images never leave their rank."""
-        sent = dict(self._sent)
-        group = getattr(getattr(self, "_ctx", None), "group", None)
-        sent["gradients"] += group.bytes if group is not None else 0
-        sent["total"] = sum(sent.values())
-        return sent
-
-    def _count(self, kind, payload):
-        """Count `payload` (a byte count, an array, or any object as pickled) as sent by this rank."""
-        import pickle
-        if isinstance(payload, (int, np.integer)):
-            self._sent[kind] += int(payload)
-        else:
-            self._sent[kind] += payload.nbytes if hasattr(payload, "nbytes") else len(pickle.dumps(payload))
+        self._setup(comm, device, threads, verbose)  # self._models: kind -> {"local": {i: module}, "dnn": ...}
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -119,10 +177,6 @@ class TwoLevelClassifier:
                        "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "coherent_epochs",
                        "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
                        "validation_fraction", "num_classes", "class_names")
-
-    def get_params(self) -> dict:
-        """The hyperparameters, as scikit-learn estimators report them."""
-        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
 
     def config(self) -> twolevel.TwoLevelConfig:
         """The typed configuration the method runs with."""
@@ -165,13 +219,6 @@ class TwoLevelClassifier:
             group = parallel.DataParallelGroup(self.comm, color=mine[0], key=member)
         return Context(comm=self.comm, device=self._torch_device(), mine=mine, group=group, verbose=self.verbose)
 
-    def _torch_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        if not hasattr(self, "_device"):
-            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
-        return self._device
-
     # --- data ----------------------------------------------------------------------------------
 
     def _shards(self, ctx, dec, x, y) -> dict:
@@ -187,19 +234,6 @@ class TwoLevelClassifier:
             labels = np.zeros(rows[1] - rows[0], np.int64) if y is None else np.asarray(y[rows[0]:rows[1]], np.int64)
             out[i] = Shard(_pixels(part), labels, rows[0], n)
         return out
-
-    def _check(self, x, y, image_shape, what) -> tuple:
-        """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
-        error = None
-        try:
-            image_shape, n = _check_images(self, x, y, image_shape, what)
-        except ValueError as e:
-            error = str(e)
-        self._count("metadata", error)
-        failed = parallel.agree(self.comm, error)
-        if failed:
-            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
-        return image_shape, n
 
     # --- fit -----------------------------------------------------------------------------------
 
@@ -278,12 +312,6 @@ class TwoLevelClassifier:
         self.coherent_timing_ = {**getattr(self, "coherent_timing_", {}), name: timing}
         return self
 
-    def _from_root(self, obj):
-        """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
-        if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
-            self._count("results", obj)
-        return self.comm.bcast(obj, root=0)
-
     def _prepare(self, x, y, x_val, y_val, image_shape, coherent=False):
         """Check the data, set the decomposition, this rank's context and the fitted attributes;
         returns (ctx, dec, {subdomain: {split: Shard}}, {split: labels}). Collective."""
@@ -314,23 +342,7 @@ class TwoLevelClassifier:
         self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
         return ctx, dec, subsets, {"train": y, "val": y_val}
 
-    def _hold_out(self, x, y, n):
-        """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1) when fit gets no x_val, got "
-                             f"{self.validation_fraction}")
-        order = np.random.default_rng(seed_for(self.seed, "validation")).permutation(n)
-        n_val = max(1, int(round(self.validation_fraction * n)))
-        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-        pick = (lambda a, idx: {i: np.asarray(v)[idx] for i, v in a.items()}) if isinstance(x, dict) else \
-            (lambda a, idx: a[idx])
-        return pick(x, train), y[train], pick(x, val), y[val]
-
     # --- inference -----------------------------------------------------------------------------
-
-    def _fitted(self):
-        if not self._models:
-            raise RuntimeError("this TwoLevelClassifier is not fitted: call fit (or load) first")
 
     def predict_proba(self, x, model="cnn-dnn", *, image_shape=None) -> np.ndarray:
         """Class probabilities (n, K) float32, the same array on every rank. Collective over comm.
@@ -505,6 +517,142 @@ class TwoLevelClassifier:
         self.class_names_ = list(state["classes"])
 
 
+class WidthClassifier(_CollectiveEstimator):
+    """Width decomposition (Gu, Zhang, Liu & Cai, ETNA 56, 2022): the global CNN split along its
+    channels into `subnets` thin sub-networks (width / subnets channels, the same depth), each
+    trained on whole images by its rank (rank r: r, r+P, ...; no communication), gathered to
+    rank 0 of comm, recomposed (block-diagonal weights) and trained further there for `epochs`
+    at `transfer_lr`. The command line's --mode width, from Python; keywords as there.
+
+    x: whole images (n, C, H, W) or (n, C, D, H, W) on every rank, y: (n,) labels. After fit,
+    on every rank: classes_, image_shape_, subnet_scores_ ({m: {"val": acc}}),
+    initial_score_ (the recomposed network's val accuracy before further training), scores_,
+    history_ ({"subnet_m": [...], "recomposed": [...]})."""
+
+    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "hidden",
+                       "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer", "momentum",
+                       "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard", "offdiag_noise",
+                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names")
+
+    def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
+                 hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
+                 optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine", eval_batch_size=256,
+                 subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0, validation_fraction=0.1,
+                 num_classes=None, class_names=None, comm=None, device=None, threads=None, verbose=False):
+        for k, v in locals().items():
+            if k in self.HYPERPARAMETERS:
+                setattr(self, k, v)
+        self._setup(comm, device, threads, verbose)
+
+    def config(self) -> width.WidthConfig:
+        cnn = CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
+                        hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
+                        batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage)
+        common = dict(batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
+                      weight_decay=self.weight_decay, schedule=self.schedule)
+        return width.WidthConfig(cnn=cnn, subnets=self.subnets,
+                                 subnet_opts=TrainOptions(epochs=self.subnet_epochs, lr=self.lr, **common),
+                                 recomposed_opts=TrainOptions(epochs=self.epochs, lr=self.transfer_lr, **common),
+                                 shard=self.shard, offdiag_noise=self.offdiag_noise, seed=self.seed,
+                                 eval_batch_size=self.eval_batch_size)
+
+    def fit(self, x, y, x_val=None, y_val=None):
+        """Sub-networks in parallel, recomposition and further training on rank 0. Collective. Returns self."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        if isinstance(x, dict):
+            raise ValueError("the width decomposition trains on whole images: pass them as one array")
+        y = np.asarray(y)
+        image_shape, n = self._check(x, y, None, "x")
+        if x_val is None:
+            x, y, x_val, y_val = self._hold_out(x, y, n)
+        else:
+            y_val = np.asarray(y_val)
+            self._check(x_val, y_val, image_shape, "x_val")
+        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        cfg = self.config()
+        try:
+            width_subnet_config(cfg.cnn, self.subnets)
+            mine = layout(self.comm.Get_rank(), self.comm.Get_size(), self.subnets)[0]
+        except (WidthError, DecompositionError) as e:
+            raise ValueError(str(e).replace("subdomains", "sub-networks")) from None
+        if self.comm.Get_size() > self.subnets:
+            raise ValueError(f"{self.comm.Get_size()} ranks but only {self.subnets} sub-networks: use at most "
+                             f"{self.subnets} ranks or more sub-networks")
+        ctx = Context(comm=self.comm, device=self._torch_device(), mine=mine, verbose=self.verbose)
+        C, shape = image_shape[0], image_shape[1:]
+        whole = {"train": Shard(_pixels(x), y.astype(np.int64)), "val": Shard(_pixels(x_val), y_val.astype(np.int64))}
+        states, scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg, score_splits=("val",))
+        if not ctx.master_process:
+            self._count("parameters", sum(t.nbytes for st in states.values() for t in st.values()))
+        states, scores = width.gather(ctx, states, scores)
+        result = model = None
+        if ctx.master_process:
+            model = width.recompose(ctx, states, C, K, shape, cfg)
+            initial = evaluate(model, whole["val"].x, whole["val"].y, self.eval_batch_size)[1]
+            history = width.fit_recomposed(ctx, model, whole, cfg)
+            result = ({m: {"val": scores[m]["val"][1]} for m in sorted(scores)}, initial, history)
+        subnet_scores, initial, history = self._from_root(result)
+        mine_histories = {m: h for m, h in histories.items()}
+        self._count("metadata", mine_histories)
+        all_histories = {}
+        for part in self.comm.allgather(mine_histories):
+            all_histories.update(part)
+        self._ctx = ctx
+        self._models = {"recomposed": model}  # rank 0's; None elsewhere
+        self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
+        self.classes_ = np.arange(K)
+        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
+        self.subnet_scores_, self.initial_score_ = subnet_scores, initial
+        self.scores_ = {"recomposed": {"val": history[-1]["val_acc"]}}
+        self.history_ = {**{f"subnet_{m}": all_histories[m] for m in sorted(all_histories)}, "recomposed": history}
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        """Class probabilities (n, K) of the recomposed network (computed on rank 0), on every rank. Collective."""
+        return self._predict(x)[0]
+
+    def predict(self, x) -> np.ndarray:
+        """Predicted classes (n,) on every rank. Collective."""
+        return self._predict(x)[1]
+
+    def score(self, x, y) -> float:
+        """Accuracy on (x, y), the same on every rank. Collective."""
+        return float((self.predict(x) == np.asarray(y)).mean())
+
+    def _predict(self, x):
+        self._fitted()
+        image_shape, _ = self._check(x, None, None, "x")
+        if tuple(image_shape) != self.image_shape_:
+            raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on {self.image_shape_}")
+        result = None
+        if self.comm.Get_rank() == 0:
+            probs = predict_proba(self._models["recomposed"], _pixels(x), self.eval_batch_size)
+            result = (probs, probs.argmax(1))
+        return self._from_root(result)
+
+    def save(self, path) -> str:
+        """The recomposed network as an mpidd model file (its "global" part: python -m mpidd.predict
+        FILE --model global classifies with it), written by rank 0. Collective; the path on every rank."""
+        self._fitted()
+        written, error = None, None
+        if self.comm.Get_rank() == 0:
+            d = len(self.image_shape_) - 1
+            manifest = {"method": "width", "image_shape": list(self.image_shape_), "input_dtype": self.input_dtype_,
+                        "grid": [1] * d, "overlap": 0, "num_classes": len(self.classes_), "classes": self.class_names_,
+                        "cnn": dataclasses.asdict(self.config().cnn), "width_factor": 1.0, "coarse_hidden": [],
+                        "coarse_dropout": 0.0,
+                        "hyperparameters": {k: v for k, v in self.get_params().items()}}
+            try:
+                written = saved.save_model(path, manifest, {"global": {"model": _cpu_state(self._models["recomposed"])}})
+            except OSError as e:
+                error = f"cannot write {path}: {e}"
+        error, written = self.comm.bcast((error, written), root=0)
+        if error:
+            raise OSError(error)
+        return written
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 def _count(x) -> int:
@@ -586,4 +734,4 @@ def _loaded(module, state, path, what, device):
     return module.to(device).eval()
 
 
-__all__ = ["TwoLevelClassifier", "COMBINERS", "MODELS", "__version__"]
+__all__ = ["TwoLevelClassifier", "WidthClassifier", "COMBINERS", "MODELS", "__version__"]

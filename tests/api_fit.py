@@ -3,6 +3,7 @@
     mpirun -n 4 python tests/api_fit.py split OUT DATA_A DATA_B   # COMM_WORLD split in two: A and B at once
     mpirun -n 2 python tests/api_fit.py alone OUT DATA            # one fit on COMM_WORLD
     mpirun -n 2 python tests/api_fit.py cli OUT DATA [options]     # the command line's options, for comparison
+    mpirun -n 2 python tests/api_fit.py width OUT DATA              # WidthClassifier with test_e2e.WIDTH's options
 
 Writes OUT/<name>.npz (test probabilities of cnn-dnn, average, vote; val scores) and, for
 `cli`, OUT/api_model.pt (clf.save) and OUT/api_scores.json (test accuracies).
@@ -44,6 +45,16 @@ if mode == "split":
     fit_and_write(sub, sys.argv[3 + color], out, "AB"[color])
 elif mode == "alone":
     fit_and_write(world, sys.argv[3], out, "alone")
+elif mode == "width":
+    d = splits(sys.argv[3])
+    clf = mpidd.WidthClassifier(4, width=16, hidden=32, subnet_epochs=3, epochs=2, batch_size=32, threads=1)
+    clf.fit(*d["train"], *d["val"])
+    result = {"test": clf.score(*d["test"]), "initial_val": clf.initial_score_, "subnets": clf.subnet_scores_,
+              "val": clf.scores_["recomposed"]["val"], "sent": clf.bytes_sent_}
+    clf.save(os.path.join(out, "width_model.pt"))
+    if world.rank == 0:
+        with open(os.path.join(out, "width.json"), "w") as f:
+            json.dump(result, f)
 else:  # cli: the same options the command line was given
     extra = dict(a.split("=", 1) for a in sys.argv[4:])
     options = {k: (type(OPTIONS[k])(v) if k in OPTIONS else v) for k, v in extra.items()}

@@ -57,12 +57,15 @@ def test_every_keyword_has_the_command_lines_default():
     import mpidd
     from mpidd.config import get_args_parser, hidden_sizes
     cli = vars(get_args_parser().parse_args([]))
+    for estimator, least in ((mpidd.TwoLevelClassifier, 30), (mpidd.WidthClassifier, 20)):
+        params = inspect.signature(estimator).parameters
+        shared = [k for k in params if k in cli and k not in ("device", "threads")]  # API: None leaves them alone
+        assert len(shared) >= least
+        for k in shared:
+            expected = hidden_sizes(cli[k]) if k == "coarse_hidden" else cli[k]
+            assert params[k].default == expected, (estimator, k)
+        assert set(estimator.HYPERPARAMETERS) <= set(params)
     params = inspect.signature(mpidd.TwoLevelClassifier).parameters
-    shared = [k for k in params if k in cli and k not in ("device", "threads")]  # API: None leaves them alone
-    assert len(shared) >= 25
-    for k in shared:
-        expected = hidden_sizes(cli[k]) if k == "coarse_hidden" else cli[k]
-        assert params[k].default == expected, k
     # every option that shapes the two-level model or its training is a keyword
     for k in ("grid", "overlap", "arch", "width", "depth", "width_factor", "epochs", "lr", "coarse_epochs",
               "coarse_lr", "coarse_hidden", "eval_batch_size", "seed", "batch_size", "schedule"):
@@ -198,3 +201,20 @@ def test_bad_input_is_refused_with_one_line(data, case, message):
 def test_predict_refuses_other_image_shapes(fitted):
     with pytest.raises(ValueError, match="trained on \\(1, 16, 16\\)"):
         fitted.predict(np.zeros((4, 1, 20, 16), np.uint8))
+
+
+def test_width_classifier_fit_predict_save(data, tmp_path):
+    import mpidd
+    from mpi4py import MPI
+    clf = mpidd.WidthClassifier(2, width=8, hidden=16, subnet_epochs=1, epochs=1, batch_size=32, threads=1,
+                                comm=MPI.COMM_SELF)
+    clf.fit(*data["train"], *data["val"])
+    x, y = data["test"]
+    p = clf.predict_proba(x)
+    assert p.shape == (32, 3) and np.array_equal(clf.predict(x), p.argmax(1))
+    assert sorted(clf.history_) == ["recomposed", "subnet_0", "subnet_1"] and sorted(clf.subnet_scores_) == [0, 1]
+    assert 0 <= clf.initial_score_ <= 1
+    loaded = mpidd.TwoLevelClassifier.load(clf.save(str(tmp_path / "w.pt")), comm=MPI.COMM_SELF)
+    assert loaded.available_models() == ["global"] and np.array_equal(loaded.predict_proba(x, "global"), p)
+    with pytest.raises(ValueError, match="not divisible by --subnets 3"):
+        mpidd.WidthClassifier(3, width=8, comm=MPI.COMM_SELF).fit(*data["train"])

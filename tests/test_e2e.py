@@ -448,3 +448,21 @@ def test_width_mode_on_volumes_ignores_the_grid(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = results(out)
     assert r["loss_bound"]["holds"] and r["width"]["subnet_width"] == 2 and len(r["models"]) == 5
+
+
+def test_width_classifier_from_python_equals_the_command_line(width_run, digits, tmp_path):
+    """mpidd.WidthClassifier under mpirun -n 2 with the options of WIDTH: the same accuracies."""
+    out, _ = width_run
+    proc = run(["width", str(tmp_path), digits], np=2, script=(os.path.join(ROOT, "tests", "api_fit.py"),))
+    assert proc.returncode == 0, proc.stderr
+    api = json.load(open(tmp_path / "width.json"))
+    cli = results(out)["accuracy"]
+    assert api["test"] == pytest.approx(cli["recomposed + 2 epochs"]["test"], abs=1e-6)  # float32 vs float64 mean
+    assert api["val"] == cli["recomposed + 2 epochs"]["val"]
+    assert api["initial_val"] == cli["recomposed (before training)"]["val"]
+    assert [api["subnets"][str(m)]["val"] for m in range(4)] == [cli[f"subnet {m}"]["val"] for m in range(4)]
+    assert api["sent"]["parameters"] > 0 or api["sent"]["results"] > 0
+    proc = run([str(tmp_path / "width_model.pt"), "--data", digits, "--model", "global", "--out",
+                str(tmp_path / "p.csv")], script=("-m", "mpidd.predict"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"accuracy {100 * cli['recomposed + 2 epochs']['test']:.2f}%" in proc.stdout
