@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from . import __version__, parallel, saved
+from . import __version__, dist, saved
 from .decomposition import Decomposition, DecompositionError, layout, parse_grid
 from .engine import Shard, TrainOptions, evaluate, predict_logits, predict_proba, seed_for
 from .methods import coherent, twolevel, width
@@ -42,11 +42,6 @@ COMBINERS = ("cnn-dnn", "average", "vote")
 MODELS = COMBINERS + ("coherent", "global")
 
 
-def _world_dup():
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Dup()
-
-
 class _CollectiveEstimator:
     """What the estimators share: the communicator and device, data checks agreed by every
     rank, a seeded validation hold-out, rank 0's results on every rank, and the count of bytes
@@ -55,7 +50,7 @@ class _CollectiveEstimator:
     HYPERPARAMETERS: tuple = ()
 
     def _setup(self, comm, device, threads, verbose):
-        self.comm = comm if comm is not None else _world_dup()
+        self.comm = comm if comm is not None else dist.world_dup()
         self.device, self.threads, self.verbose = device, threads, verbose
         self._models = {}
         # payload this rank contributed to the estimator's collectives, by kind (see bytes_sent_)
@@ -91,7 +86,7 @@ class _CollectiveEstimator:
         if self.device is not None:
             return torch.device(self.device)
         if not hasattr(self, "_device"):
-            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
+            self._device = dist.select_device("auto", self.comm, set_current=False)[0]
         return self._device
 
     def _check(self, x, y, image_shape, what) -> tuple:
@@ -102,7 +97,7 @@ class _CollectiveEstimator:
         except ValueError as e:
             error = str(e)
         self._count("metadata", error)
-        failed = parallel.agree(self.comm, error)
+        failed = dist.agree(self.comm, error)
         if failed:
             raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
         return image_shape, n
@@ -216,7 +211,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         mine, replicas, member = self._layout(dec)
         group = None
         if replicas > 1:
-            group = parallel.DataParallelGroup(self.comm, color=mine[0], key=member)
+            group = dist.DataParallelGroup(self.comm, color=mine[0], key=member)
         return Context(comm=self.comm, device=self._torch_device(), mine=mine, group=group, verbose=self.verbose)
 
     # --- data ----------------------------------------------------------------------------------
@@ -298,8 +293,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
             two = self._models["twolevel"]
             start = {"local": two["local"], "dnn": two["dnn"] if self.dnn_init == "coarse" else None}
         local, dnn = coherent.initial_models(ctx, dec, C, K, self.width_factor_, self.config().cnn, cfg, start)
-        exchange = parallel.ModelParallelExchange(
-            self.comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(self.comm, torch.get_num_threads())
+        exchange = dist.ModelParallelExchange(
+            self.comm, ctx.mine, N, K, poll_interval=1e-4 if dist.oversubscribed(self.comm, torch.get_num_threads())
             else None)
         images = {s: {i: subsets[i][s].x for i in ctx.mine} for s in ("train", "val")}
         name = f"coherent_{init}"
@@ -458,13 +453,13 @@ class TwoLevelClassifier(_CollectiveEstimator):
         rank count that training allows (1..N, or a multiple of N). Collective over comm; every
         rank reads the file. Raises saved.ModelFileError (one line) for a missing, corrupt,
         foreign or incompatible file."""
-        comm = comm if comm is not None else _world_dup()
+        comm = comm if comm is not None else dist.world_dup()
         error, state = None, None
         try:
             state = saved.load_model(path)
         except saved.ModelFileError as e:
             error = str(e)
-        failed = parallel.agree(comm, error)
+        failed = dist.agree(comm, error)
         if failed:
             raise saved.ModelFileError(failed[1])
         known = set(cls.HYPERPARAMETERS)
@@ -508,7 +503,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
                 models[kind] = {"local": local, "dnn": dnn, "exchange": bundle.get("exchange", "probabilities")}
         except saved.ModelFileError as e:
             error = str(e)
-        failed = parallel.agree(self.comm, error)
+        failed = dist.agree(self.comm, error)
         if failed:
             raise saved.ModelFileError(failed[1])
         self._ctx, self._dec, self._models = ctx, dec, models

@@ -21,11 +21,9 @@ import io
 import os
 import sys
 
-from mpi4py import MPI
-
 import numpy as np
 
-from . import data, parallel, saved
+from . import data, dist, saved
 from .rundir import atomic_write
 
 EXIT_USAGE = 2
@@ -217,15 +215,15 @@ def agree_or_refuse(comm, step):
         result = step()
     except (InputError, saved.ModelFileError, ValueError) as e:
         error = str(e)
-    failed = parallel.agree(comm, error)
+    failed = dist.agree(comm, error)
     if failed:
         refuse(comm, failed)
     return result
 
 
 def main(argv=None):
-    comm = MPI.COMM_WORLD
-    parallel.install_abort_on_error(comm)
+    comm = dist.world()
+    dist.install_abort_on_error(comm)
     rank = comm.Get_rank()
 
     def parse():
@@ -233,12 +231,12 @@ def main(argv=None):
             return "run", get_args_parser().parse_args(argv)
         except SystemExit as e:  # --help, or argparse's usage error (printed)
             return "exit", e.code or 0
-    kind, args = parallel.root_decides(comm, parse)
+    kind, args = dist.root_decides(comm, parse)
     if kind == "exit":
         sys.exit(args)
     fmt = args.format or ("h5" if args.out.endswith((".h5", ".hdf5")) else "csv")
     import torch
-    torch.set_num_threads(args.threads or parallel.default_threads(comm))
+    torch.set_num_threads(args.threads or dist.default_threads(comm))
     from .api import TwoLevelClassifier
 
     def load():

@@ -23,7 +23,7 @@ RUN/logs/rank<r>.log.
 
 Stops: SIGTERM or SIGUSR1 to any rank (Slurm's warning before the walltime, a preemption)
 makes every rank stop at its next step boundary, save, and exit with code 75
-(parallel.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
+(dist.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
 checkpoint is written each epoch, atomically, so a killed run resumes from its last epochs.
 """
 
@@ -39,8 +39,10 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+# The launch's one direct use of mpi4py (the rest goes through mpidd.dist): MPI_Init first, before
+# signals.catch(), because MPICH installs a SIGUSR1 handler of its own.
 import mpi4py
-from mpi4py import MPI  # MPI_Init first: MPICH installs a SIGUSR1 handler of its own
+from mpi4py import MPI
 
 from . import signals
 
@@ -52,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
-from . import data, parallel, rundir, saved  # noqa: E402
+from . import data, dist, rundir, saved  # noqa: E402
 from .config import DEMO_DATA, ConfigError, parse_args  # noqa: E402
 from .decomposition import Decomposition, DecompositionError, format_grid, layout, parse_grid  # noqa: E402
 from .engine import Control, Preempted, Shard, TrainOptions  # noqa: E402
@@ -64,7 +66,7 @@ from .results import assemble_results, assemble_width_results  # noqa: E402
 from .width import WidthError, build_subnet  # noqa: E402
 
 EXIT_USAGE = 2
-EXIT_PREEMPTED = parallel.EXIT_PREEMPTED
+EXIT_PREEMPTED = dist.EXIT_PREEMPTED
 # Ranks that train one model together agree on a stop every this many steps (or evaluation
 # batches): a stop comes at most this many steps late, and the agreement costs 1/AGREE_EVERY
 # of a small allreduce per step.
@@ -218,7 +220,7 @@ def check_resume(args, size: int, info) -> dict | None:
 def plan_run(args, comm) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
     size = comm.Get_size()
-    note = parallel.check_slurm_tasks(comm)
+    note = dist.check_slurm_tasks(comm)
     try:
         info = data.inspect(args.data)
     except data.DataError as e:
@@ -276,11 +278,11 @@ def start(comm, argv):
             return "run", args, plan_run(args, comm)
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
             return "exit", e.code or 0, None
-        except (ConfigError, UsageError, parallel.StartupError) as e:
+        except (ConfigError, UsageError, dist.StartupError) as e:
             print_error(e)
             return "exit", EXIT_USAGE, None
 
-    kind, args, plan = parallel.root_decides(comm, decide)
+    kind, args, plan = dist.root_decides(comm, decide)
     if kind == "exit":
         sys.exit(args)
     return args, plan
@@ -293,7 +295,7 @@ class Run(Context):
     args: object
     plan: dict
     threads: int
-    stopper: parallel.StopAgreement
+    stopper: dist.StopAgreement
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
     resuming: bool = False
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
@@ -469,7 +471,7 @@ def load_or_refuse(run: Run, load):
         result = load()
     except data.DataError as e:
         error = str(e)
-    failed = parallel.agree(run.comm, error)
+    failed = dist.agree(run.comm, error)
     if failed and run.master_process:
         refuse(f"{failed[1]} (found by rank {failed[0]})" if run.comm.Get_size() > 1 else failed[1])
     elif failed:
@@ -677,7 +679,7 @@ def run_phases(run: Run, subsets, whole):
             rows += coarse_rows
         pretrained = {"local": local_models, "dnn": dnn}
     if work["coherent"]:
-        exchange = parallel.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval)
+        exchange = dist.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval)
         for init in work["coherent"]:
             run.sync()  # all ranks start together: no rank's phase holds the wait
             with run.phases(f"coherent_{init}"):
@@ -723,7 +725,7 @@ def stop_here(run: Run, error: Preempted) -> int:
 def main(argv=None):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    parallel.install_abort_on_error(comm)
+    dist.install_abort_on_error(comm)
     master_process = rank == 0
     args, plan = start(comm, argv)
     dec, work = plan["decomposition"], plan["work"]
@@ -731,24 +733,24 @@ def main(argv=None):
 
     device, error = torch.device("cpu"), None
     try:
-        device, local_rank = parallel.select_device(args.device, comm)  # before any CUDA allocation
-    except parallel.StartupError as e:
+        device, local_rank = dist.select_device(args.device, comm)  # before any CUDA allocation
+    except dist.StartupError as e:
         error = str(e)
-    failed = parallel.agree(comm, error)
+    failed = dist.agree(comm, error)
     if failed and master_process:
         refuse(f"rank {failed[0]}: {failed[1]}")
     elif failed:
         sys.exit(EXIT_USAGE)
-    threads = args.threads or parallel.default_threads(comm)
+    threads = args.threads or dist.default_threads(comm)
     torch.set_num_threads(threads)
-    parallel.tune_malloc()
-    parallel.warm_up_torch()
+    dist.tune_malloc()
+    dist.warm_up_torch()
     resume = plan["progress"]
     run = Run(comm=comm, args=args, plan=plan, device=device, threads=threads,
-              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
+              stopper=dist.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
               # ranks that share cores sleep while they wait for each other; ranks with cores
               # of their own spin in MPI_Wait (lowest latency)
-              wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
+              wait_interval=1e-4 if dist.oversubscribed(comm, threads) else None)
     if run.resuming:
         run.progress = resume
         run.phases = Phases(rundir.read_json(run.path(f"phases_rank{rank}.json"), {}))
@@ -758,7 +760,7 @@ def main(argv=None):
         mine, replicas, member = layout(rank, size, N if work["boxes"] else 1)
         run.mine = mine if work["boxes"] else []
         if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
-            run.group = parallel.DataParallelGroup(comm, color=mine[0], key=member)
+            run.group = dist.DataParallelGroup(comm, color=mine[0], key=member)
 
     # Read the data before the run directory exists, so that bad data leaves nothing behind.
     subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
@@ -782,15 +784,15 @@ def main(argv=None):
                             "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
                                           "threads": threads, "device": args.device}]}
             run.mark()
-    run.progress = parallel.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
-    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
+    run.progress = dist.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
+    dist.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
     setup_logging(args.out, rank, append=run.resuming)
-    where = parallel.device_name(device)
+    where = dist.device_name(device)
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
-             __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
+             __version__, torch.__version__, dist.library_version(), size, threads, where, run.mine,
              [dec.box(i) for i in run.mine] if work["boxes"] else "whole images",
              f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "", bytes_boxes + bytes_whole)
-    devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
+    devices = dist.gather_to_root(comm, f"{socket.gethostname()}:{where}")
     if master_process:
         print_header(run, devices)
 
@@ -805,13 +807,13 @@ def main(argv=None):
     stats = {"rank": rank, "host": socket.gethostname(), "device": where, "threads": threads,
              "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
              "bytes_read": bytes_boxes + run.bytes_whole, "bytes_read_boxes": bytes_boxes,
-             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": parallel.peak_rss_bytes(),
+             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": dist.peak_rss_bytes(),
              "phases": run.phases.seconds, "coherent": coherent_timing}
-    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
+    gathered_reports = dist.gather_to_root(comm, (stats, rows))
     if master_process:
         all_stats = [st for st, _ in gathered_reports]
         all_rows = [r for _, rs in gathered_reports for r in rs]
-        versions = {"mpi_library": parallel.library_version(), "mpi4py": mpi4py.__version__,
+        versions = {"mpi_library": dist.library_version(), "mpi4py": mpi4py.__version__,
                     "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
                     "python": sys.version.split()[0]}
         if work["width"]:
@@ -827,7 +829,7 @@ def main(argv=None):
         run.mark(state="finished")
         print(format_any(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
-    parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
+    dist.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
     for init in work["coherent"]:
         for suffix in ("", ".prev"):
             with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,7 @@ import sys
 
 from mpi4py import MPI
 
-import mpidd.parallel as parallel
+import mpidd.dist as dist
 import mpidd.train as train
 from mpidd.methods import twolevel
 
@@ -42,7 +42,7 @@ train.coarse_phase = in_phase("coarse", train.coarse_phase)
 train.coherent_phase = in_phase("coherent", train.coherent_phase)
 train.global_phase = in_phase("global", train.global_phase)
 train.train_subnets = in_phase("subnets", train.train_subnets)
-original_poll = parallel.StopAgreement.poll
+original_poll = dist.StopAgreement.poll
 
 
 def poll(self):
@@ -53,5 +53,5 @@ def poll(self):
     return original_poll(self)
 
 
-parallel.StopAgreement.poll = poll
+dist.StopAgreement.poll = poll
 sys.exit(train.main(argv))

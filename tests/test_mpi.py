@@ -48,7 +48,7 @@ def shared_h5():
 @pytest.mark.mpi(min_size=1)
 def test_gatherv_assembles_subdomain_order(comm):
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.parallel import gather_probabilities
+    from mpidd.dist import gather_probabilities
     N, n, K = 6, 5, 3
 
     def probs(i):  # a value that names (subdomain, sample, class)
@@ -94,7 +94,7 @@ def test_each_rank_reads_only_its_box(comm, shared_h5, monkeypatch):
 
 @pytest.mark.mpi(min_size=1)
 def test_agree_spreads_one_ranks_error(comm):
-    from mpidd.parallel import agree
+    from mpidd.dist import agree
     assert agree(comm, None) is None
     last = comm.size - 1
     failed = agree(comm, "bad box" if comm.rank == last else None)
@@ -104,7 +104,7 @@ def test_agree_spreads_one_ranks_error(comm):
 @pytest.mark.mpi(min_size=2)
 def test_sleepy_barrier_waits_for_the_slowest_rank(comm):
     import time
-    from mpidd.parallel import sleepy_barrier
+    from mpidd.dist import sleepy_barrier
     start = time.perf_counter()
     if comm.rank == 1:
         time.sleep(0.3)
@@ -118,7 +118,7 @@ def test_sleepy_barrier_waits_for_the_slowest_rank(comm):
 
 @pytest.mark.mpi(min_size=1)
 def test_default_threads_divides_cores_among_node_ranks(comm):
-    from mpidd.parallel import default_threads
+    from mpidd.dist import default_threads
     threads = default_threads(comm)
     cores = len(os.sched_getaffinity(0))
     assert threads == max(1, cores // comm.size)  # all ranks of these tests share one node
@@ -180,7 +180,7 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     from mpidd.coherent import coherent_step
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions, make_optimizer, to_float
-    from mpidd.parallel import ModelParallelExchange
+    from mpidd.dist import ModelParallelExchange
     torch.set_num_threads(1)
     N, K = 4, 5
     if comm.size > N:
@@ -236,7 +236,7 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
     from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions
-    from mpidd.parallel import ModelParallelExchange
+    from mpidd.dist import ModelParallelExchange
     torch.set_num_threads(1)
     N, K = 4, 5
     if comm.size > N:
@@ -272,7 +272,7 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
 def test_gather_of_data_parallel_shares(comm):
     """P = G*N: the G members of a subdomain each send their share of its samples."""
     from mpidd.decomposition import layout
-    from mpidd.parallel import DataParallelGroup, gather_probabilities
+    from mpidd.dist import DataParallelGroup, gather_probabilities
     N = 2 if comm.size % 2 == 0 else 1
     n, K = 7, 3
     mine, replicas, member = layout(comm.rank, comm.size, N)
@@ -296,7 +296,7 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(comm):
     import torch
     from mpidd.engine import Shard, TrainOptions, derive_seed, evaluate, train_classifier
     from mpidd.models import CNNConfig, build_cnn, group_batchnorm
-    from mpidd.parallel import DataParallelGroup
+    from mpidd.dist import DataParallelGroup
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     n, K = 100, 3
@@ -330,7 +330,7 @@ def test_a_signal_on_one_rank_stops_every_rank(comm):
     """The last rank gets SIGUSR1; every rank learns it by polling, and the phase boundary agrees."""
     import signal
     import time
-    from mpidd.parallel import StopAgreement
+    from mpidd.dist import StopAgreement
     stopper = StopAgreement(comm)
     try:
         assert not stopper.sync()  # nobody stops: a boundary says so everywhere
@@ -355,7 +355,7 @@ def test_a_rank_stopping_mid_phase_stops_ranks_waiting_at_the_boundary(comm):
     """Rank 0 stops between boundaries (as after its own poll) while the others wait at the
     next boundary: they learn the stop from that boundary's agreement."""
     import signal
-    from mpidd.parallel import StopAgreement
+    from mpidd.dist import StopAgreement
     stopper = StopAgreement(comm)
     try:
         if comm.rank == 0:
@@ -380,7 +380,7 @@ def test_model_parallel_exchange_is_adjoint_to_its_backward(comm):
     must be F* (Scatterv of the root's columns), so <F x, y> on the root = sum over ranks <x_r, F* y>."""
     import torch
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.parallel import ModelParallelExchange
+    from mpidd.dist import ModelParallelExchange
     N, K, B = 5, 3, 7
     if comm.size > N:
         pytest.skip("more ranks than subdomains")
@@ -401,7 +401,7 @@ def test_group_sum_is_adjoint_to_its_backward(comm):
     """F: (x_1..x_G) -> (s, ..., s), s = sum of x_r (each member gets the sum); F* sums too:
     sum_r <F(x)_r, y_r> = sum_r <x_r, F*(y)_r>."""
     import torch
-    from mpidd.parallel import DataParallelGroup
+    from mpidd.dist import DataParallelGroup
     group = DataParallelGroup(comm, color=0, key=comm.rank)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64,
                     requires_grad=True)

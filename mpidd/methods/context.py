@@ -65,7 +65,7 @@ class Context:
     comm:    the communicator every collective of the method runs on (never COMM_WORLD
              unless the caller passed it);
     mine:    this rank's subdomains (or width sub-networks);
-    group:   the mpidd.parallel.DataParallelGroup that trains this rank's model(s) with it, if any.
+    group:   the mpidd.dist.DataParallelGroup that trains this rank's model(s) with it, if any.
     """
     comm: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

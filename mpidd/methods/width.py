@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import parallel
+from .. import dist
 from ..engine import Shard, TrainOptions, evaluate, seed_for
 from ..models import CNNConfig, build_cnn
 from ..width import build_subnet, recompose as recompose_weights
@@ -64,7 +64,7 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
 def gather(ctx: Context, states: dict, scores: dict):
     """Collective: every sub-network's weights and scores to rank 0, ({m: state}, {m: scores})
     there; (None, None) elsewhere."""
-    gathered = parallel.gather_to_root(ctx.comm, (states, scores))
+    gathered = dist.gather_to_root(ctx.comm, (states, scores))
     if not ctx.master_process:
         return None, None
     return ({m: st for part, _ in gathered for m, st in part.items()},

@@ -1,0 +1,71 @@
+"""Data-parallel groups (P = G*N ranks: G per subdomain) and their differentiable sum AllSum
+(forward: Allreduce SUM over the group; adjoint: Allreduce SUM of the gradients)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+
+class DataParallelGroup:
+    """The ranks that train one model together, data parallel (P = G*N: G ranks a subdomain).
+
+    Member g of a group of G holds samples [g*n//G, (g+1)*n//G) of every split of n samples
+    (share), reads only those, and computes the part of each global mini-batch that falls in
+    it. mpidd.engine normalises the loss by the global batch size and calls sum_gradients
+    after backward, and models.GroupBatchNorm sums BatchNorm statistics over the group with
+    allreduce(), so a group step is the single-process step on the whole batch, up to the
+    order of floating-point sums. Invariant: the members make the same collective calls in
+    the same order (same batches, same evaluation batch counts, same stop polls).
+    """
+
+    def __init__(self, comm, color: int, key: int):
+        self.comm = comm.Split(color, key)
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.bytes = 0  # payload this rank contributed to the group's gradient sums
+
+    def share(self, n: int) -> tuple[int, int]:
+        return self.rank * n // self.size, (self.rank + 1) * n // self.size
+
+    def sum(self, values) -> list:
+        """Element-wise sum over the group of a few numbers (float64)."""
+        out = np.zeros(len(values), dtype=np.float64)
+        self.comm.Allreduce(np.asarray(values, dtype=np.float64), out, op=MPI.SUM)
+        return out.tolist()
+
+    def sum_gradients(self, model):
+        """Sum every parameter's gradient over the group, in one message."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # a member whose share of the batch was empty
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).float().cpu().numpy()
+        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.bytes += flat.nbytes
+        summed = torch.from_numpy(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(summed[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Differentiable sum over the group (the adjoint of a sum is a sum of the gradients)."""
+        return AllSum.apply(tensor, self.comm)
+
+
+def _allreduce_tensor(comm, tensor):
+    array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+    comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    return torch.from_numpy(array).to(tensor.device)
+
+
+class AllSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, comm):
+        ctx.comm = comm
+        return _allreduce_tensor(comm, tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _allreduce_tensor(ctx.comm, grad.contiguous()), None
