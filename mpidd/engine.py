@@ -9,7 +9,7 @@ state (weights, optimizer, position in the epoch, random generators, running sum
 `save` and raises `Preempted`; given that state back as `resume`, it continues with the
 very next step, so the resumed run computes what the uninterrupted one would have.
 
-Data parallel (`group`, see mpidd.parallel.DataParallelGroup): the ranks of a group each hold
+Data parallel (`group`, see mpidd.dist.DataParallelGroup): the ranks of a group each hold
 a contiguous share of the samples (`Shard`); every rank draws the same global mini-batch and
 computes the samples of it that it holds; the loss is normalised by the global batch size and
 the gradients are summed over the group, so the group computes the single-process step (with

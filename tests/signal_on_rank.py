@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import mpidd.dist as dist
 import mpidd.train as train
-from mpidd.methods import twolevel
+from mpidd.methods import coherent, global_cnn, twolevel, width
 
 rank, phase, polls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 argv = sys.argv[4:]
@@ -29,7 +29,7 @@ state = {"phase": None, "polls": 0}
 
 def in_phase(name, function):
     def wrapped(*args, **kwargs):
-        state["phase"] = name if name != "coherent" else f"coherent_{args[1]}"
+        state["phase"] = name if name != "coherent" else args[1]  # coherent.fit(ctx, "coherent_<init>", ...)
         try:
             return function(*args, **kwargs)
         finally:
@@ -37,11 +37,12 @@ def in_phase(name, function):
     return wrapped
 
 
+# the methods each phase runs (their polls count; the phase's final scoring does not)
 twolevel.fit_local_models = in_phase("local", twolevel.fit_local_models)
-train.coarse_phase = in_phase("coarse", train.coarse_phase)
-train.coherent_phase = in_phase("coherent", train.coherent_phase)
-train.global_phase = in_phase("global", train.global_phase)
-train.train_subnets = in_phase("subnets", train.train_subnets)
+twolevel.fit_coarse = in_phase("coarse", twolevel.fit_coarse)
+coherent.fit = in_phase("coherent", coherent.fit)
+global_cnn.fit = in_phase("global", global_cnn.fit)
+width.fit_subnets = in_phase("subnets", width.fit_subnets)
 original_poll = dist.StopAgreement.poll
 
 

@@ -42,7 +42,7 @@ def test_import_mpidd_loads_no_torch_mpi_or_handlers():
             "import mpidd\n"
             "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules, sorted(sys.modules)\n"
             "assert mpidd.TwoLevelClassifier.__name__ == 'TwoLevelClassifier'\n"
-            "assert 'mpidd.train' not in sys.modules and 'mpidd.config' not in sys.modules\n"
+            "assert 'mpidd.train' not in sys.modules and 'mpidd.cli' not in sys.modules\n"
             "assert sys.excepthook is sys.__excepthook__\n"
             "assert before == {s: signal.getsignal(s) for s in before}\n"
             "print('ok')\n")
@@ -55,7 +55,7 @@ def test_every_keyword_has_the_command_lines_default():
     import inspect
 
     import mpidd
-    from mpidd.config import get_args_parser, hidden_sizes
+    from mpidd.cli.arguments import get_args_parser, hidden_sizes
     cli = vars(get_args_parser().parse_args([]))
     for estimator, least in ((mpidd.TwoLevelClassifier, 30), (mpidd.WidthClassifier, 20)):
         params = inspect.signature(estimator).parameters

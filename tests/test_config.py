@@ -1,6 +1,6 @@
 import pytest
 
-from mpidd.config import ConfigError, get_args_parser, parse_args
+from mpidd.cli.arguments import ConfigError, get_args_parser, parse_args
 
 
 def test_every_flag_shows_its_default_in_help():

@@ -10,13 +10,14 @@ from test_e2e import run
 
 HEAT = os.path.join(ROOT, "examples", "insitu_heat.py")
 ROW = re.compile(r"^(local CNN \d \([\d, ]+\)|average|vote|CNN-DNN)\s+([\d.]+)\s+([\d.]+)$", re.M)
-RANK_ROW = re.compile(r"^(\d+)\s+[\d.]+\s+([\d,]+)\s+([\d,]+)$", re.M)
+RANK_ROW = re.compile(r"^(\d+)\s+[\d.]+\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", re.M)
 
 
 def table(out):
-    """{model: (val, test)}, [(rank, halo bytes, classifier bytes)] and the CG iterations of a printed table."""
+    """{model: (val, test)}, [(rank, halo bytes, probabilities sent, results sent)] and the CG
+    iterations of a printed table."""
     accuracies = {name: (float(val), float(test)) for name, val, test in ROW.findall(out)}
-    ranks = [(int(r), int(h.replace(",", "")), int(c.replace(",", ""))) for r, h, c in RANK_ROW.findall(out)]
+    ranks = [tuple(int(v.replace(",", "")) for v in row) for row in RANK_ROW.findall(out)]
     iterations = int(re.search(r"CG, (\d+) iterations for all (\d+) samples", out).group(1))
     return accuracies, ranks, iterations
 
@@ -34,14 +35,15 @@ def test_insitu_heat_tiny(dim, np_):
 
     # --tiny: 16 (3D: 8) points per axis, 1600/200/400 samples, K = 4, two blocks per axis
     n, K, block = 1600 + 200 + 400, 4, (16 if dim == 2 else 8) // 2
-    assert [r for r, _, _ in ranks] == list(range(np_))
-    for r, halo, clf in ranks:
+    assert [r for r, *_ in ranks] == list(range(np_))
+    for r, halo, probs, results in ranks:
         # every rank of a 2x2 (2x2x2) grid has one neighbour per axis: one float64 face each way per CG step
         assert halo == dim * block ** (dim - 1) * 8 * n * iterations
-        # float32 (n, K) probabilities of its subdomain: train + val in fit, test in each of 3 scores;
-        # rank 0 also broadcasts each score's (n, K) float32 probabilities and (n,) int64 classes
-        assert clf == 4 * K * (1600 + 200 + 3 * 400) + (3 * (4 * K + 8) * 400 if r == 0 else 0)
-    assert "fields gathered: 0 bytes" in proc.stdout
+        # to rank 0, float32 (n, K) probabilities of its subdomain: train + val in fit, test in each of 3 scores
+        assert probs == (4 * K * (1600 + 200 + 3 * 400) if r else 0)
+        # from rank 0 to the others, each score's (n, K) float32 probabilities and (n,) int64 classes
+        assert results == (3 * (4 * K + 8) * 400 * (np_ - 1) if r == 0 else 0)
+    assert "parameters sent: 0 bytes; fields gathered: 0 bytes" in proc.stdout
 
 
 def test_insitu_heat_refuses_the_wrong_rank_count():

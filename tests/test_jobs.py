@@ -143,7 +143,7 @@ def test_slurm_header(script):
 
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "jobs", "*.toml"))), ids=os.path.basename)
 def test_example_configs_parse(config):
-    from mpidd.config import parse_args
+    from mpidd.cli.arguments import parse_args
     args = parse_args(["--config", config])
     assert args.mode in ("twolevel", "coherent", "global", "compare", "width")
 

@@ -132,7 +132,7 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
     from mpidd.decomposition import Decomposition, subdomains_of_rank
     from mpidd import data
     from mpidd.methods.context import Phases
-    from mpidd.train import load_local_data
+    from mpidd.cli.phases import load_local_data
     dec = Decomposition((16, 16), (2, 2), 2)
     mine = subdomains_of_rank(comm.rank, comm.size, 4) if comm.size <= 4 else []
     reads = []

@@ -11,8 +11,8 @@ import json
 import os
 import tomllib
 
-from .coherent import OUTPUTS
-from .models import ARCHITECTURES
+from ..coherent import OUTPUTS
+from ..models import ARCHITECTURES
 
 DEMO_DATA = "data/fashion_mnist.h5"
 MODES = ("twolevel", "coherent", "global", "compare", "width")

@@ -1,0 +1,299 @@
+"""The phases of a mpidd.train run, in order (run_phases): load (each rank reads only its
+boxes), local, gather, coarse (methods.twolevel), coherent_random / coherent_pretrained
+(methods.coherent), global (methods.global_cnn), or --mode width's (methods.width); each wraps
+its method with the run's timing, checkpoints and metric rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+
+from .. import data, dist, rundir, saved
+from ..engine import Shard
+from ..methods import coherent, global_cnn, twolevel, width
+from ..models import CoarseDNN, build_cnn
+from .plan import (cnn_config, cnn_options, coherent_config, fit_checkpoint, load_pretrained_checkpoint, twolevel_config,
+                   width_config)
+from .run import EXIT_USAGE, Run, refuse
+
+
+def read_split(run: Run, split: str, slices) -> tuple[Shard, int]:
+    """One split inside `slices`: all samples, or this rank's share in a data-parallel group."""
+    n = run.plan["info"].sizes[split]
+    rows = run.group.share(n) if run.group is not None else None
+    x, y, nbytes = data.load_split(run.args.data, split, slices, block=run.args.read_block, rows=rows)
+    return Shard(x, y, rows[0] if rows else 0, n), nbytes
+
+
+def load_local_data(run: Run):
+    """Phase load: read this rank's subimage boxes (train/val/test, its share of the samples in
+    a data-parallel group) and nothing else.
+
+    All of the rank's subdomains are read before any training, so bad data (NaN, inf) is
+    refused before training starts; memory is this rank's share of the data set.
+    """
+    dec = run.plan["decomposition"]
+    subsets, bytes_read = {}, 0
+    with run.phases("load"):
+        for i in run.mine:
+            subsets[i] = {}
+            for s in data.SPLITS:
+                subsets[i][s], nbytes = read_split(run, s, dec.slices(i))
+                bytes_read += nbytes
+    return subsets, bytes_read
+
+
+def load_whole_images(run: Run):
+    """Every split's whole images (this rank's share of the samples if data parallel)."""
+    whole = tuple(slice(0, s) for s in run.plan["info"].spatial_shape)
+    split, nbytes = {}, 0
+    with run.phases("global_load"):
+        for s in data.SPLITS:
+            split[s], n = read_split(run, s, whole)
+            nbytes += n
+    return split, nbytes
+
+
+def load_or_refuse(run: Run, load):
+    """Every rank loads; a DataError anywhere (e.g. NaN in one rank's box) refuses on every rank."""
+    result, error = None, None
+    try:
+        result = load()
+    except data.DataError as e:
+        error = str(e)
+    failed = dist.agree(run.comm, error)
+    if failed and run.master_process:
+        refuse(f"{failed[1]} (found by rank {failed[0]})" if run.comm.Get_size() > 1 else failed[1])
+    elif failed:
+        sys.exit(EXIT_USAGE)
+    return result
+
+
+def load_local_models(run: Run):
+    """The trained local CNNs of this rank, from their checkpoints (the gather is done)."""
+    info, dec, args = run.plan["info"], run.plan["decomposition"], run.args
+    models, rows = {}, []
+    for i in run.mine:
+        saved = rundir.load_checkpoint(run.path(f"local_{i}.pt"))
+        model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args), run.plan["width_factor"])
+        model.load_state_dict(saved["model"])
+        models[i] = run.on_device(model)
+        if run.leader:
+            rows += [dict(r, model=f"local_{i}") for r in saved["loop"]["history"]]
+    return models, rows
+
+
+def gather_phase(run: Run, probs, subsets):
+    """Phase gather: every subdomain's probabilities to rank 0, (n, N*K) per split, saved there."""
+    with run.phases("gather"):
+        gathered = twolevel.gather(run, probs, subsets, run.plan["decomposition"].num_subdomains,
+                                   run.plan["info"].num_classes, run.plan["info"].sizes)
+    if run.master_process:
+        rundir.save_arrays(run.path("probabilities.npz"), **gathered)
+    return gathered
+
+
+def coarse_phase(run: Run, gathered, labels):
+    """Rank 0: coarse DNN (selected on val), average and vote on the gathered probabilities."""
+    N, K = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes
+    cfg = twolevel_config(run.args)
+    dnn, history = twolevel.fit_coarse(run, gathered, labels, N, K, cfg)
+    acc = twolevel.accuracies(dnn, gathered, labels, N, K, stop=run.poll)
+    return acc, [dict(r, model="coarse_dnn") for r in history], dnn
+
+
+def load_pretrained(run: Run):
+    """--from RUN_DIR: this rank's trained local CNNs (and, on rank 0, the coarse DNN)."""
+    args, info, dec = run.args, run.plan["info"], run.plan["decomposition"]
+    src, C, K = args.from_run, info.channels, info.num_classes
+    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan["width_factor"]),
+                               load_pretrained_checkpoint(src, f"local_{i}.pt"), src, f"local_{i}.pt").to(run.device)
+             for i in run.mine}
+    dnn = None
+    if run.master_process and args.dnn_init == "coarse":
+        dnn = fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
+                             load_pretrained_checkpoint(src, "coarse_dnn.pt"), src, "coarse_dnn.pt").to(run.device)
+    return {"local": local, "dnn": dnn}
+
+
+def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
+    """The CNN-DNN trained as one model parallel model: from random weights, or from the
+    pre-trained local CNNs (transfer learning) and the coarse DNN (--dnn-init coarse).
+
+    Collective: every rank takes part, and agrees on stops step by step. Every epoch each rank
+    saves its part (local CNNs, optimizer, rank 0: DNN), then, once all have, rank 0 records
+    the position in the marker. Returns (accuracies on rank 0 else None, metric rows, timing
+    of the training steps and their exchange)."""
+    args, plan = run.args, run.plan
+    info, dec = plan["info"], plan["decomposition"]
+    N, K = dec.num_subdomains, info.num_classes
+    name, cfg = f"coherent_{init}", coherent_config(args, init)
+    start = None
+    if init == "pretrained":
+        start = {"local": pretrained["local"], "dnn": pretrained["dnn"] if args.dnn_init == "coarse" else None}
+    local, dnn = coherent.initial_models(run, dec, info.channels, K, plan["width_factor"], cnn_config(args), cfg,
+                                         start)
+    images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
+    history, optimizer, timing = coherent.fit(run, name, local, dnn, images, labels, cfg, exchange)
+    test = coherent.score(run, local, dnn, images["test"], labels["test"], cfg, exchange)
+    for i, model in local.items():
+        rundir.save_checkpoint(run.path(f"{name}_local_{i}.pt"),
+                               model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
+                               width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
+    rundir.save_checkpoint(run.path(f"{name}_rank{run.rank}_optimizer.pt"),
+                           optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=cfg.opts.epochs)
+    if not run.master_process:
+        return None, [], timing
+    rundir.save_checkpoint(run.path(f"{name}_dnn.pt"), model=dnn.state_dict(),
+                           in_features=N * K, num_classes=K, hidden=list(args.coarse_hidden),
+                           dropout=args.coarse_dropout, exchange=args.exchange, epoch=cfg.opts.epochs,
+                           args=vars(args))
+    acc = {"val": history[-1]["val_acc"], "test": test[1]}
+    return acc, [dict(r, model=name) for r in history], timing
+
+
+def global_phase(run: Run, split, test=False, alone=True):
+    """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
+    or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
+    or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
+    args, info, phases = run.args, run.plan["info"], run.phases
+    opts = cnn_options(args)
+    opts.log_interval, opts.test_points = args.log_interval, args.curve_points
+    with phases("global_train"):
+        model, history = global_cnn.fit(run, split, info.channels, info.num_classes, info.spatial_shape,
+                                        cnn_config(args), opts, args.seed, test=test, alone=alone)
+    if test:
+        phases.add("global_curve", *curve_seconds(history))
+    with phases("global_eval"):
+        scores = global_cnn.scores(run, model, split, args.eval_batch_size, alone=alone)
+    rows = [dict(r, model="global") for r in history] if run.leader else []
+    if test:
+        return scores, rows, history
+    return {s: acc for s, (_, acc) in scores.items()}, rows
+
+
+def curve_seconds(history):
+    """(wall, CPU) seconds of the test-accuracy curve's evaluations in a training history."""
+    return (sum(r.get("curve_seconds", 0.0) for r in history), sum(r.get("curve_cpu_seconds", 0.0) for r in history))
+
+
+def width_phases(run: Run, whole):
+    """--mode width (Gu, Zhang, Liu & Cai 2022): sub-networks in parallel, their weights
+    gathered to rank 0 and recomposed into the global CNN, which is trained further; then
+    the same global CNN from random weights for comparison (rank 0; the others wait).
+    Collective. Returns (scores on rank 0 else None, metric rows)."""
+    args, info, phases, cfg = run.args, run.plan["info"], run.phases, width_config(run.args)
+    C, K, shape = info.channels, info.num_classes, info.spatial_shape
+    states, sub_scores, histories = width.fit_subnets(run, whole, C, K, shape, cfg)
+    rows = [dict(r, model=f"subnet_{m}") for m, h in histories.items() for r in h]
+    run.sync()  # so that width_gather times the exchange, not the slowest rank
+    with phases("width_gather"):
+        states, sub_scores = width.gather(run, states, sub_scores)
+    if not run.master_process:
+        return None, rows
+    scores = {"subnets": sub_scores}
+    with phases("recompose"):
+        model = width.recompose(run, states, C, K, shape, cfg)
+    rundir.save_checkpoint(run.path("recomposed_initial.pt"), model=model.state_dict(),
+                           subnets=cfg.subnets, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
+    with phases("recomposed_initial_eval"):
+        scores["recomposed_initial"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
+    with phases("recomposed_train"):
+        history = width.fit_recomposed(run, model, whole, cfg, test=True)
+    phases.add("recomposed_curve", *curve_seconds(history))
+    with phases("recomposed_eval"):
+        scores["recomposed"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
+    scores["recomposed_curve"] = history
+    rows += [dict(r, model="recomposed") for r in history]
+    acc, global_rows, history = global_phase(run, whole, test=True)
+    scores["global"], scores["global_curve"] = acc, history
+    return scores, rows + global_rows
+
+
+def run_phases(run: Run, subsets, whole):
+    """Every phase of this run, in order. Returns (accuracies on rank 0, metric rows, coherent timing)."""
+    args, plan, work = run.args, run.plan, run.plan["work"]
+    N, K = plan["decomposition"].num_subdomains, plan["info"].num_classes
+    rows, accuracies, coherent_timing, pretrained = [], {}, {}, None
+    if work["width"]:
+        accuracies, rows = width_phases(run, whole)
+        return accuracies, rows, coherent_timing
+    if work["boxes"] and run.master_process:
+        labels = (data.load_labels(args.data) if run.group is not None else
+                  {s: subsets[run.mine[0]][s].y for s in data.SPLITS})
+    else:
+        labels = {s: subsets[run.mine[0]][s].y for s in data.SPLITS} if subsets else None
+    if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
+        with run.phases("load"):
+            pretrained = load_pretrained(run)
+    if work["local"]:
+        if run.resuming and run.progress.get("gathered"):  # local and gather are done: their results
+            local_models, rows = load_local_models(run)
+            gathered = rundir.load_arrays(run.path("probabilities.npz")) if run.master_process else None
+        else:
+            info, dec = plan["info"], plan["decomposition"]
+            probs, local_models, histories = twolevel.fit_local_models(
+                run, subsets, dec, info.channels, K, plan["width_factor"], twolevel_config(args), data.SPLITS)
+            rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if run.leader else []
+            run.sync()  # so that "gather" times the exchange, not the slowest rank
+            gathered = gather_phase(run, probs, subsets)
+            run.mark(gathered=True)
+        dnn = None
+        if run.master_process:
+            with run.phases("coarse"):
+                accuracies, coarse_rows, dnn = coarse_phase(run, gathered, labels)
+            rows += coarse_rows
+        pretrained = {"local": local_models, "dnn": dnn}
+    if work["coherent"]:
+        exchange = dist.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval)
+        for init in work["coherent"]:
+            run.sync()  # all ranks start together: no rank's phase holds the wait
+            with run.phases(f"coherent_{init}"):
+                acc, coherent_rows, coherent_timing[init] = coherent_phase(
+                    run, init, subsets, labels, exchange, pretrained)
+            if run.master_process:
+                accuracies[f"coherent_{init}"] = acc
+                rows += coherent_rows
+    if work["global"]:
+        alone = args.mode == "compare"  # rank 0 while the others wait; --mode global: every rank
+        if alone:
+            run.sync()
+        if run.master_process or not alone:
+            if whole is None:  # --mode compare: the local phase has already checked every pixel
+                whole, _ = load_whole_images(run)
+                run.bytes_whole = sum(s.x.nbytes + s.y.nbytes for s in whole.values())
+            acc, global_rows = global_phase(run, whole, alone=alone)
+            if run.master_process:
+                accuracies["global"] = acc
+            rows += global_rows
+    return accuracies, rows, coherent_timing
+
+
+def write_model_file(run: Run, accuracies):
+    """Rank 0, at the end: RUN/model.pt, the self-describing model (mpidd.saved) that
+    mpidd.predict and TwoLevelClassifier.load read, from the run's final checkpoints."""
+    args, plan, work = run.args, run.plan, run.plan["work"]
+    info, dec = plan["info"], plan["decomposition"]
+    N = dec.num_subdomains
+
+    def weights(name):
+        return rundir.load_checkpoint(run.path(name))["model"]
+    models = {}
+    if "cnn_dnn" in accuracies:
+        models["twolevel"] = {"local": {i: weights(f"local_{i}.pt") for i in range(N)},
+                              "dnn": weights("coarse_dnn.pt"), "exchange": "probabilities"}
+    for init in work["coherent"]:
+        models[f"coherent_{init}"] = {"local": {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)},
+                                      "dnn": weights(f"coherent_{init}_dnn.pt"), "exchange": args.exchange}
+    if work["global"]:
+        models["global"] = {"model": weights("global.pt")}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+              if k not in ("config", "overwrite", "out", "resume")}
+    manifest = {"image_shape": list(info.image_shape), "input_dtype": info.dtype, "grid": list(dec.grid),
+                "overlap": dec.overlap, "num_classes": info.num_classes, "classes": list(info.classes),
+                "cnn": dataclasses.asdict(cnn_config(args)), "width_factor": plan["width_factor"],
+                "coarse_hidden": list(args.coarse_hidden), "coarse_dropout": args.coarse_dropout,
+                "hyperparameters": config}
+    saved.save_model(os.path.join(args.out, saved.MODEL_FILE), manifest, models)

@@ -1,0 +1,229 @@
+"""What a command line asks for, checked before anything runs (rank 0): the typed configuration
+of each method from the parsed arguments, and every refusal (UsageError, one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .. import data, dist, rundir
+from ..decomposition import Decomposition, DecompositionError, layout, parse_grid
+from ..engine import TrainOptions
+from ..methods import coherent, twolevel, width
+from ..models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
+from ..width import WidthError, build_subnet
+from .arguments import DEMO_DATA
+
+
+class UsageError(ValueError):
+    """Bad input, refused before training with one line."""
+
+
+def cnn_config(args) -> CNNConfig:
+    return CNNConfig(arch=args.arch, width=args.width, depth=args.depth, convs_per_block=args.convs_per_block,
+                     hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout,
+                     batchnorm=args.batchnorm, blocks_per_stage=args.blocks_per_stage)
+
+
+def work_of(args) -> dict:
+    """What this run trains: the local phase (+ coarse), which coherent inits, the global CNN."""
+    coherent = {"compare": ["random", "pretrained"], "coherent": [args.init]}.get(args.mode, [])
+    local = args.mode in ("twolevel", "compare") or ("pretrained" in coherent and args.from_run is None)
+    return {"local": local, "coherent": coherent, "global": args.mode in ("global", "compare"),
+            "boxes": args.mode not in ("global", "width"), "width": args.mode == "width"}
+
+
+def cnn_options(args) -> TrainOptions:
+    return TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, momentum=args.momentum,
+                        weight_decay=args.weight_decay, schedule=args.schedule)
+
+
+def coarse_options(args) -> TrainOptions:
+    return TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size,
+                        lr=args.coarse_lr, optimizer="adam", schedule="cosine", select_best=True)
+
+
+def twolevel_config(args) -> twolevel.TwoLevelConfig:
+    return twolevel.TwoLevelConfig(cnn=cnn_config(args), local=cnn_options(args), coarse=coarse_options(args),
+                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
+
+
+def coherent_options(args, init) -> TrainOptions:
+    return TrainOptions(epochs=args.coherent_epochs, batch_size=args.batch_size,
+                        lr=args.coherent_lr if init == "random" else args.transfer_lr,
+                        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                        schedule=args.schedule, log_interval=args.log_interval)
+
+
+# Keys of config.json that shape the local CNNs and the coarse DNN, by family (with their
+# defaults for runs written before the key existed): a --from run must agree on all of them.
+MODEL_KEYS = {"grid": None, "overlap": None, "arch": "vgg", "width": None, "depth": None,
+              "batchnorm": None, "coarse_hidden": None}
+
+
+FAMILY_KEYS = {"vgg": {"convs_per_block": None, "hidden": None, "head_pool": None},
+               "resnet": {"blocks_per_stage": 2}}
+
+
+def check_pretrained_run(args, info, dec, cfg, width_factor):
+    """--from RUN_DIR: refuse (UsageError) unless its checkpoints fit this run's models."""
+    run = args.from_run
+    config_path = os.path.join(run, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"--from {run}: no config.json there (not an mpidd run directory?)")
+    try:
+        with open(config_path) as f:
+            earlier = json.load(f)
+    except ValueError as e:
+        raise UsageError(f"--from {run}: config.json is not valid JSON ({e})") from None
+    for key, default in {**MODEL_KEYS, **FAMILY_KEYS[args.arch]}.items():
+        if key == "coarse_hidden" and args.dnn_init == "random":
+            continue  # a fresh DNN may have other layers
+        mine, theirs = getattr(args, key), earlier.get(key, default)
+        if isinstance(mine, tuple) and isinstance(theirs, list):
+            theirs = tuple(theirs)
+        if mine != theirs:
+            raise UsageError(f"--from {run}: it was trained with --{key.replace('_', '-')} {theirs}, "
+                             f"this run has {mine}: use the same model options")
+    files = [f"local_{i}.pt" for i in range(dec.num_subdomains)]
+    files += ["coarse_dnn.pt"] if args.dnn_init == "coarse" else []
+    missing = [f for f in files if not os.path.isfile(os.path.join(run, "checkpoints", f))]
+    if missing:
+        raise UsageError(f"--from {run}: missing checkpoints/{', '.join(missing)} (did that run finish "
+                         f"its local phase?)")
+    C, K = info.channels, info.num_classes
+    for i in range(dec.num_subdomains):
+        state = load_pretrained_checkpoint(run, f"local_{i}.pt")
+        box, wf = state.get("box"), state.get("width_factor")
+        if box is None or tuple(map(tuple, box)) != tuple(map(tuple, dec.box(i))) or \
+                not isinstance(wf, float) or abs(wf - width_factor) > 1e-9:
+            raise UsageError(f"--from {run}: local_{i}.pt has box {box} and width factor {wf}, "
+                             f"this run needs {dec.box(i)} and {width_factor}")
+        fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, run, f"local_{i}.pt")
+    if args.dnn_init == "coarse":
+        fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
+                       load_pretrained_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
+
+
+def load_pretrained_checkpoint(run, name) -> dict:
+    """--from: a checkpoint of another mpidd run (weights only: no code in a pickle runs); UsageError if unreadable."""
+    path = os.path.join(run, "checkpoints", name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises pickle, zip or EOF errors
+        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UsageError(f"checkpoint {path} holds no model state: not an mpidd checkpoint")
+    return state
+
+
+def fit_checkpoint(model, state, run, name):
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UsageError(f"--from {run}: {name} does not fit this run's model ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def check_ranks(args, size: int, dec: Decomposition):
+    """How many ranks each mode can use; UsageError with what to do otherwise."""
+    N = dec.num_subdomains
+    if args.mode == "width":
+        if size > args.subnets:
+            raise UsageError(f"{size} ranks but only {args.subnets} sub-networks: run with at most {args.subnets} "
+                             f"ranks (mpirun -n {args.subnets}) or raise --subnets")
+    elif args.mode in ("coherent", "compare") and size > N:
+        raise UsageError(f"{size} ranks but only {N} subdomains: --mode {args.mode} trains the coherent CNN-DNN "
+                         f"model parallel, one rank or more subdomains per rank: run with at most {N} ranks "
+                         f"(mpirun -n {N}); more ranks than subdomains (data parallel) work with --mode twolevel")
+    elif args.mode == "twolevel":
+        layout(0, size, N)  # DecompositionError unless P <= N or P a multiple of N
+
+
+def check_resume(args, size: int, info) -> dict | None:
+    """--resume: the run's marker, if it fits this launch; UsageError otherwise. None: fresh run."""
+    if args.resume is None:
+        return None
+    progress = rundir.read_progress(args.out)
+    if progress is None:  # stopped before its first marker: nothing was saved yet
+        return {"fresh": True}
+    if progress["world_size"] != size:
+        raise UsageError(f"--resume {args.out}: that run used {progress['world_size']} ranks, this one has {size}: "
+                         f"resume with mpirun -n {progress['world_size']} (its per-rank state depends on it)")
+    now = data.fingerprint(args.data)
+    if progress["data"] != now:
+        changed = [k for k in now if progress["data"].get(k) != now[k]]
+        raise UsageError(f"--resume {args.out}: the data file {args.data} is not the one that run trained on "
+                         f"(its {', '.join(changed)} changed)")
+    return progress
+
+
+def plan_run(args, comm) -> dict:
+    """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
+    size = comm.Get_size()
+    note = dist.check_slurm_tasks(comm)
+    try:
+        info = data.inspect(args.data)
+    except data.DataError as e:
+        msg = str(e)
+        if not os.path.exists(args.data) and args.data == DEMO_DATA:
+            msg += ("; create it from Fashion-MNIST with `python -m data_prep.fashion_mnist` "
+                    "(or `make data`), or pass --data FILE")
+        raise UsageError(msg) from None
+    try:
+        # --mode width cuts channels, not the image: one "subdomain", the whole image (any --grid ignored)
+        grid = (1,) * len(info.spatial_shape) if args.mode == "width" else parse_grid(args.grid)
+        dec = Decomposition(info.spatial_shape, grid, 0 if args.mode == "width" else args.overlap)
+        check_ranks(args, size, dec)
+    except DecompositionError as e:
+        raise UsageError(str(e)) from None
+    if os.path.exists(args.out) and not args.overwrite and args.resume is None:
+        raise UsageError(f"output directory {args.out} exists: choose another --out, pass --overwrite, or "
+                         f"--resume {args.out} to continue it")
+    if args.from_run is not None and os.path.abspath(args.from_run) == os.path.abspath(args.out):
+        raise UsageError(f"--from {args.from_run} is also --out: write the new run somewhere else")
+    progress = check_resume(args, size, info)
+    if progress is not None and progress.get("state") == "finished":
+        raise UsageError(f"--resume {args.out}: that run has finished (results.json is there); nothing to resume")
+    cfg = cnn_config(args)
+    C, K = info.channels, info.num_classes
+    wf = args.width_factor or (1.0 if args.mode == "width" else  # (local CNNs only)
+                               local_width_factor(C, K, info.spatial_shape, dec.subimage_shape, dec.num_subdomains, cfg))
+    if args.from_run is not None:
+        check_pretrained_run(args, info, dec, cfg, wf)
+    subnet_params = None
+    if args.mode == "width":
+        try:
+            subnet_params = count_parameters(build_subnet(C, K, info.spatial_shape, cfg, args.subnets))
+        except WidthError as e:
+            raise UsageError(str(e)) from None
+        if args.shard and info.sizes["train"] < 2 * args.subnets:
+            raise UsageError(f"--shard: {info.sizes['train']} training images cannot make {args.subnets} shards "
+                             f"of 2 or more: drop --shard or lower --subnets")
+    return {
+        "subnet_params": subnet_params, "note": note, "progress": progress,
+        "info": info, "decomposition": dec, "width_factor": wf, "work": work_of(args),
+        "dnn_params": count_parameters(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden)),
+        "local_params": count_parameters(build_cnn(C, K, dec.subimage_shape, cfg, wf)),
+        "global_params": count_parameters(build_cnn(C, K, info.spatial_shape, cfg)),
+    }
+
+
+def coherent_config(args, init) -> coherent.CoherentConfig:
+    return coherent.CoherentConfig(opts=coherent_options(args, init), output=args.exchange,
+                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
+
+
+def width_config(args) -> width.WidthConfig:
+    subnet_opts, recomposed_opts = cnn_options(args), cnn_options(args)
+    subnet_opts.epochs = args.subnet_epochs
+    recomposed_opts.lr, recomposed_opts.log_interval = args.transfer_lr, args.log_interval
+    recomposed_opts.test_points = args.curve_points
+    return width.WidthConfig(cnn=cnn_config(args), subnets=args.subnets, subnet_opts=subnet_opts,
+                             recomposed_opts=recomposed_opts, shard=args.shard, offdiag_noise=args.offdiag_noise,
+                             seed=args.seed, eval_batch_size=args.eval_batch_size)
