@@ -58,8 +58,9 @@ class _CollectiveEstimator:
 
     @property
     def bytes_sent_(self) -> dict:
-        """Bytes this rank has sent so far (its payload in each collective, counted once):
-        probabilities (gather of the local CNNs' class probabilities), results (rank 0's
+        """Bytes this rank has sent to other ranks so far (its payload in each collective,
+        counted once; rank 0's part of a gather to itself is not counted): probabilities
+        (gather of the local CNNs' class probabilities), results (rank 0's
         broadcast of predictions and scores), exchange (the coherent model's local outputs and,
         back, their gradients: this rank's part), parameters (save: local CNN weights to rank 0),
         gradients (data-parallel gradient sums, P > N only), metadata (histories, error
@@ -244,7 +245,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, self.width_factor_, cfg,
                                                              ("train", "val"))
         gathered = twolevel.gather(ctx, probs, subsets, N, K, {s: len(labels[s]) for s in ("train", "val")})
-        self._count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
+        if not ctx.master_process:  # rank 0's own part never leaves it
+            self._count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
         dnn = scores = coarse_history = None
         if ctx.master_process:
             dnn, coarse_history = twolevel.fit_coarse(ctx, gathered, labels, N, K, cfg)
@@ -358,25 +360,58 @@ class TwoLevelClassifier(_CollectiveEstimator):
         """Accuracy on (x, y), the same on every rank. Collective over comm."""
         return float((self.predict(x, model, image_shape=image_shape) == np.asarray(y)).mean())
 
+    def score_all(self, x, y, *, image_shape=None) -> dict:
+        """Test accuracies of every two-level model in one pass (one inference, one gather):
+        {"cnn-dnn": acc, "average": acc, "vote": acc, "local": {subdomain: acc}}, the same on
+        every rank. Collective over comm."""
+        y = np.asarray(y)
+        gathered = self._gather_outputs(x, "twolevel", image_shape)
+        result = None
+        if self._ctx.master_process:
+            N, K = self.n_subdomains_, len(self.classes_)
+            result = {m: float((twolevel.combined_predictions(self._models["twolevel"]["dnn"], gathered, N, K, m,
+                                                               self.eval_batch_size)[1] == y).mean())
+                      for m in COMBINERS}
+            p = gathered.reshape(-1, N, K)
+            result["local"] = {i: float((p[:, i].argmax(1) == y).mean()) for i in range(N)}
+        return self._from_root(result)
+
     def _predict(self, x, model, image_shape):
-        self._fitted()
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
         kind = self._kind(model)
+        if kind == "global":
+            if isinstance(x, dict):
+                raise ValueError("model='global' classifies whole images: pass them as one array")
+            self._check_shape(x, None)
+            result = None
+            if self._ctx.master_process:
+                probs = predict_proba(self._models[kind]["model"], _pixels(x), self.eval_batch_size)
+                result = (probs, probs.argmax(1))
+            return self._from_root(result)
+        gathered = self._gather_outputs(x, kind, image_shape)
+        result = None
+        if self._ctx.master_process:
+            result = twolevel.combined_predictions(self._models[kind]["dnn"], gathered, self.n_subdomains_,
+                                                   len(self.classes_), "cnn-dnn" if kind != "twolevel" else model,
+                                                   self.eval_batch_size)
+        return self._from_root(result)
+
+    def _check_shape(self, x, image_shape) -> int:
+        """n, after checking that x fits the fitted model (every rank agrees)."""
+        self._fitted()
         image_shape, n = self._check(x, None, (image_shape or self.image_shape_) if isinstance(x, dict) else None, "x")
         if tuple(image_shape) != self.image_shape_:
             raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on "
                              f"{self.image_shape_} (C, *spatial)")
+        return n
+
+    def _gather_outputs(self, x, kind, image_shape):
+        """The local CNNs' outputs of model part `kind` on x, gathered: (n, N*K) on rank 0, None
+        elsewhere (softmax, or logits for a coherent model trained on them). Collective."""
+        n = self._check_shape(x, image_shape)
         ctx, dec, N, K = self._ctx, self._dec, self.n_subdomains_, len(self.classes_)
         bundle = self._models[kind]
-        if kind == "global":
-            result = None
-            if ctx.master_process:
-                if isinstance(x, dict):
-                    raise ValueError("model='global' classifies whole images: pass them as one array")
-                probs = predict_proba(bundle["model"], _pixels(x), self.eval_batch_size)
-                result = (probs, probs.argmax(1))
-            return self._from_root(result)
         subsets = {i: {"test": s} for i, s in self._shards(ctx, dec, x, None).items()}
         if bundle.get("exchange", "probabilities") == "logits":
             local = {i: {"test": predict_logits(bundle["local"][i], subsets[i]["test"].x, self.eval_batch_size,
@@ -384,12 +419,9 @@ class TwoLevelClassifier(_CollectiveEstimator):
         else:
             local = twolevel.local_probabilities(ctx, bundle["local"], subsets, ("test",), self.eval_batch_size)
         gathered = twolevel.gather(ctx, local, subsets, N, K, {"test": n})
-        self._count("probabilities", sum(p["test"].nbytes for p in local.values()))
-        result = None
-        if ctx.master_process:
-            result = twolevel.combined_predictions(bundle["dnn"], gathered["test"], N, K,
-                                                   "cnn-dnn" if kind != "twolevel" else model, self.eval_batch_size)
-        return self._from_root(result)
+        if not ctx.master_process:  # rank 0's own part never leaves it
+            self._count("probabilities", sum(p["test"].nbytes for p in local.values()))
+        return gathered["test"] if ctx.master_process else None
 
     def _kind(self, model):
         kind = self._part(model)

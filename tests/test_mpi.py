@@ -448,7 +448,10 @@ def test_api_fit_on_a_communicator_equals_one_process(comm, tmp_path_factory):
     assert sorted(boxes) == list(range(comm.rank, 4, comm.size))
     local = {i: test[(slice(None), slice(None)) + b] for i, b in boxes.items()}
     assert np.array_equal(clf.predict_proba(local, image_shape=test.shape[1:]), alone.predict_proba(test))
-    assert clf.bytes_sent_["probabilities"] == 4 * 3 * len(boxes) * (100 + 25 + 3 * 25 + 25)
+    sent = 4 * 3 * len(boxes) * (100 + 25 + 3 * 25 + 25)  # float32 x K x subdomains x (fit + 4 predictions)
+    assert clf.bytes_sent_["probabilities"] == (0 if comm.rank == 0 else sent)  # rank 0's stay where they are
+    scores = clf.score_all(test, alone.predict(test))
+    assert scores["cnn-dnn"] == 1.0 and sorted(scores["local"]) == [0, 1, 2, 3]
     directory = comm.bcast(tempfile.mkdtemp(prefix="mpidd-api-") if comm.rank == 0 else None, root=0)
     path = clf.save(os.path.join(directory, "model.pt"))
     assert clf.bytes_sent_["parameters"] > 0 or comm.rank == 0

@@ -1,0 +1,184 @@
+"""In situ learning: a domain-decomposed heat solver feeds the two-level CNN-DNN.
+
+    mpirun -n 4 python examples/insitu_heat.py                # 2D, 32x32 field, 2x2 process grid
+    mpirun -n 8 python examples/insitu_heat.py --dim 3        # 3D, 16^3 field, 2x2x2 process grid
+    mpirun -n 4 python examples/insitu_heat.py --tiny         # a smoke test (seconds)
+
+Every sample is the steady temperature of a plate (block) that loses heat to its surroundings:
+-Laplace(u) + kappa^2 u = f on the unit square (cube), u = 0 on the boundary, where f is 1..K
+Gaussian heat sources of random strength placed uniformly over the whole domain. The label is
+the number of sources (class k: k + 1 sources).
+
+The field lives on a Cartesian process grid (comm.Create_cart) that matches the classifier's
+decomposition: rank r solves for, and keeps, exactly the subdomain box that the classifier's
+`local_boxes` names for rank r. All samples are solved at once by a batched conjugate-gradient
+iteration: halos go to the grid neighbours with Sendrecv (comm.Shift), the dot products are one
+Allreduce of an (n,) vector per step. The parameter draws come from a seed shared by all
+ranks (each rank evaluates f on its own box only). Each rank hands its own blocks of the
+solutions to the classifier, on the solver's communicator: no field is ever gathered; only
+halos (solver) and class probabilities (classifier: the local ones to rank 0, the combined ones
+back) cross ranks.
+
+A subdomain sees its own sources, and the others only through the faint tails that cross its
+border (the heat loss makes them decay within a few grid points), so a local CNN can count
+the sources in its box but must guess the rest; summing the counts takes all subdomains,
+which is what the coarse DNN learns from the local class probabilities.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import mpidd
+
+DEFAULTS = {2: dict(size=32, train=16000, val=1000, test=2000, epochs=20, width=32),
+            3: dict(size=16, train=6000, val=500, test=1000, epochs=20, width=16)}
+TINY = dict(train=1600, val=200, test=400, epochs=5, width=16)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
+parser.add_argument("--size", type=int, help="grid points per axis, even (2D: 32, 3D: 16)")
+parser.add_argument("--classes", type=int, default=4, help="K: 1..K sources (default 4)")
+parser.add_argument("--train", type=int, help="training samples (2D: 16000, 3D: 6000)")
+parser.add_argument("--val", type=int, help="validation samples (2D: 1000, 3D: 500)")
+parser.add_argument("--test", type=int, help="test samples (2D: 2000, 3D: 1000)")
+parser.add_argument("--epochs", type=int, help="local CNN epochs (20)")
+parser.add_argument("--width", type=int, help="CNN width before the local width factor (2D: 32, 3D: 16)")
+parser.add_argument("--tiny", action="store_true", help="a smoke test: 16 (3D: 8) points per axis, few samples")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+defaults = dict(DEFAULTS[args.dim], **(dict(TINY, size=16 if args.dim == 2 else 8) if args.tiny else {}))
+for key, value in defaults.items():
+    setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+if args.size % 2:
+    parser.error(f"--size must be even (two blocks per axis), got {args.size}")
+size_1d = args.size
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+dims = (2,) * args.dim
+if size != np.prod(dims):
+    sys.exit(f"insitu_heat.py --dim {args.dim} runs on {np.prod(dims)} ranks (mpirun -n {np.prod(dims)}), "
+             f"not {size}" if rank == 0 else 1)
+cart = comm.Create_cart(dims, periods=[False] * args.dim, reorder=False)
+coords = cart.Get_coords(cart.Get_rank())
+block = size_1d // 2
+box = tuple(slice(c * block, (c + 1) * block) for c in coords)
+image_shape = (1,) + (size_1d,) * args.dim
+
+# --- the solver: batched CG for -Laplace(u) + kappa^2 u = f, u = 0 outside, on this rank's block --
+halo_bytes = 0
+SCREENING = 1 / 2  # h * kappa: a source's heat decays by e over 2 grid spacings
+
+
+def axis_slice(axis, s):
+    return (slice(None),) * (axis + 1) + (s,)
+
+
+def operator(u):
+    """h^2 * (-Laplace u + kappa^2 u) of the (n, *block) local blocks; halos from the neighbours."""
+    global halo_bytes
+    out = (2 * args.dim + SCREENING ** 2) * u
+    for d in range(args.dim):
+        lower, upper = cart.Shift(d, 1)
+        first = np.ascontiguousarray(u[axis_slice(d, 0)])
+        last = np.ascontiguousarray(u[axis_slice(d, -1)])
+        from_lower, from_upper = np.zeros_like(first), np.zeros_like(last)  # stay 0 at the boundary
+        cart.Sendrecv(last, dest=upper, recvbuf=from_lower, source=lower)
+        cart.Sendrecv(first, dest=lower, recvbuf=from_upper, source=upper)
+        halo_bytes += last.nbytes * ((upper != MPI.PROC_NULL) + (lower != MPI.PROC_NULL))
+        out[axis_slice(d, slice(1, None))] -= u[axis_slice(d, slice(None, -1))]
+        out[axis_slice(d, slice(None, -1))] -= u[axis_slice(d, slice(1, None))]
+        out[axis_slice(d, 0)] -= from_lower
+        out[axis_slice(d, -1)] -= from_upper
+    return out
+
+
+def dot(a, b):
+    """Per-sample global dot products: (n,) on every rank."""
+    local = (a * b).reshape(len(a), -1).sum(axis=1)
+    cart.Allreduce(MPI.IN_PLACE, local, op=MPI.SUM)
+    return local
+
+
+def solve(b, rtol=1e-6, maxiter=1000):
+    x, r = np.zeros_like(b), b.copy()
+    p, rr = r.copy(), dot(r, r)
+    stop = rtol ** 2 * rr
+    for it in range(1, maxiter + 1):
+        ap = operator(p)
+        alpha = rr / dot(p, ap)
+        x += alpha.reshape(-1, *[1] * args.dim) * p
+        r -= alpha.reshape(-1, *[1] * args.dim) * ap
+        rr_new = dot(r, r)
+        if (rr_new <= stop).all():  # the same decision on every rank: rr is global
+            return x, it
+        p = r + (rr_new / rr).reshape(-1, *[1] * args.dim) * p
+        rr = rr_new
+    return x, maxiter
+
+
+def heat_sources(n, rng):
+    """Labels and h^2 * f on this rank's box for n random draws (the same draws on every rank)."""
+    h, sigma = 1.0 / (size_1d + 1), 1.0 / (size_1d + 1)
+    counts = rng.integers(1, args.classes + 1, n)
+    centres = rng.uniform(0.1, 0.9, (n, args.classes, args.dim))
+    strength = rng.uniform(0.5, 1.5, (n, args.classes)) * (np.arange(args.classes) < counts[:, None])
+    axes = np.meshgrid(*[(np.arange(size_1d)[s] + 1) * h for s in box], indexing="ij")
+    f = np.zeros((n,) + axes[0].shape)
+    for s in range(args.classes):
+        r2 = sum((a[None] - centres[:, s, d].reshape(-1, *[1] * args.dim)) ** 2 for d, a in enumerate(axes))
+        f += strength[:, s].reshape(-1, *[1] * args.dim) * np.exp(-r2 / (2 * sigma ** 2))
+    return counts - 1, h ** 2 * f / (2 * np.pi * sigma ** 2) ** (args.dim / 2)
+
+
+rng = np.random.default_rng(args.seed)  # the same parameter draws on every rank
+n_total = args.train + args.val + args.test
+labels, rhs = heat_sources(n_total, rng)
+cart.Barrier()
+t0 = time.perf_counter()
+fields, iterations = solve(rhs)
+solver_s = time.perf_counter() - t0
+fields = fields.astype(np.float32)[:, None]  # (n, 1, *block): this rank's block of every solution
+splits = np.cumsum([args.train, args.val])
+x_train, x_val, x_test = np.split(fields, splits)
+y_train, y_val, y_test = np.split(labels, splits)
+
+# --- the two-level classifier, on the solver's communicator ------------------------------------
+clf = mpidd.TwoLevelClassifier(
+    grid="x".join(map(str, dims)), overlap=0, epochs=args.epochs, batch_size=64, width=args.width,
+    hidden=64, coarse_epochs=60, coarse_batch_size=128, seed=args.seed, comm=cart, threads=1)
+mine = clf.local_boxes(image_shape)
+assert mine == {cart.Get_rank(): box}, f"rank {rank}: solver block {box} but the classifier wants {mine}"
+(i,) = mine
+t0 = time.perf_counter()
+clf.fit({i: x_train}, y_train, {i: x_val}, y_val, image_shape=image_shape)
+train_s = time.perf_counter() - t0
+test = clf.score_all({i: x_test}, y_test, image_shape=image_shape)  # every model, one gather
+
+sent = clf.bytes_sent_  # this rank's payload in the classifier's collectives, by kind
+stats = comm.gather((rank, coords, test["local"][i], solver_s, halo_bytes, sent), root=0)
+if rank == 0:
+    print(f"\n{args.dim}D heat, {'x'.join([str(size_1d)] * args.dim)} grid points on a "
+          f"{'x'.join(map(str, dims))} process grid; {args.train}/{args.val}/{args.test} samples, "
+          f"K = {args.classes} classes (1..{args.classes} sources), chance {1 / args.classes:.3f}")
+    print(f"solver: CG, {iterations} iterations for all {n_total} samples at once, {solver_s:.1f} s; "
+          f"classifier fit {train_s:.1f} s\n")
+    print(f"{'model':<22}{'val acc':>9}{'test acc':>10}")
+    for j in range(clf.n_subdomains_):
+        print(f"{f'local CNN {j} {tuple(stats[j][1])}':<22}{clf.local_scores_[j]['val']:>9.3f}{stats[j][2]:>10.3f}")
+    for m in ("average", "vote", "cnn-dnn"):
+        name = "CNN-DNN" if m == "cnn-dnn" else m
+        print(f"{name:<22}{clf.scores_[m]['val']:>9.3f}{test[m]:>10.3f}")
+    print("\nbytes sent by each rank: the solver's halos, and the classifier's (clf.bytes_sent_: probabilities = "
+          "its local CNN's\noutputs gathered to rank 0, results = rank 0's broadcast of predictions and scores)")
+    print(f"{'rank':<6}{'solver s':>9}{'halos':>13}{'probabilities':>15}{'results':>10}{'metadata':>10}"
+          f"{'clf total':>12}")
+    for r, _, _, sec, hb, b in stats:
+        print(f"{r:<6}{sec:>9.1f}{hb:>13,}{b['probabilities']:>15,}{b['results']:>10,}{b['metadata']:>10,}"
+              f"{b['total']:>12,}")
+    others = sum(b[k] for *_, b in stats for k in ("parameters", "exchange", "gradients"))
+    print(f"classifier parameters, exchange and gradients sent: {others} bytes; fields gathered: 0 bytes")
