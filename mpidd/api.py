@@ -121,6 +121,24 @@ class _CollectiveEstimator:
             (lambda a, idx: a[idx])
         return pick(x, train), y[train], pick(x, val), y[val]
 
+    def _training_data(self, x, y, x_val, y_val, image_shape):
+        """(x, y, x_val, y_val) checked on every rank (x_val held out of x if not given); sets
+        torch's threads if asked, image_shape_, input_dtype_, classes_ and class_names_."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        y = np.asarray(y)
+        image_shape, n = self._check(x, y, image_shape, "x")
+        if x_val is None:
+            x, y, x_val, y_val = self._hold_out(x, y, n)
+        else:
+            y_val = np.asarray(y_val)
+            self._check(x_val, y_val, image_shape, "x_val")
+        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
+        self.classes_ = np.arange(K)
+        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
+        return x, y, x_val, y_val
+
     def _fitted(self):
         if not self._models:
             raise RuntimeError(f"this {type(self).__name__} is not fitted: call fit (or load) first")
@@ -312,16 +330,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
     def _prepare(self, x, y, x_val, y_val, image_shape, coherent=False):
         """Check the data, set the decomposition, this rank's context and the fitted attributes;
         returns (ctx, dec, {subdomain: {split: Shard}}, {split: labels}). Collective."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        y = np.asarray(y)
-        image_shape, n = self._check(x, y, image_shape, "x")
-        if x_val is None:
-            x, y, x_val, y_val = self._hold_out(x, y, n)
-        else:
-            y_val = np.asarray(y_val)
-            self._check(x_val, y_val, image_shape, "x_val")
-        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        x, y, x_val, y_val = self._training_data(x, y, x_val, y_val, image_shape)
+        image_shape, K = self.image_shape_, len(self.classes_)
         dec = self.decomposition(image_shape)
         if coherent and self.comm.Get_size() > dec.num_subdomains:
             raise ValueError(f"{self.comm.Get_size()} ranks but only {dec.num_subdomains} subdomains: the coherent "
@@ -333,10 +343,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         subsets = {i: {"train": s} for i, s in self._shards(ctx, dec, x, y).items()}
         for i, s in self._shards(ctx, dec, x_val, y_val).items():
             subsets[i]["val"] = s
-        self._ctx, self._dec = ctx, dec
-        self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
-        self.classes_, self.n_subdomains_, self.width_factor_ = np.arange(K), N, wf
-        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
+        self._ctx, self._dec, self.n_subdomains_, self.width_factor_ = ctx, dec, N, wf
         return ctx, dec, subsets, {"train": y, "val": y_val}
 
     # --- inference -----------------------------------------------------------------------------
@@ -585,18 +592,10 @@ class WidthClassifier(_CollectiveEstimator):
 
     def fit(self, x, y, x_val=None, y_val=None):
         """Sub-networks in parallel, recomposition and further training on rank 0. Collective. Returns self."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         if isinstance(x, dict):
             raise ValueError("the width decomposition trains on whole images: pass them as one array")
-        y = np.asarray(y)
-        image_shape, n = self._check(x, y, None, "x")
-        if x_val is None:
-            x, y, x_val, y_val = self._hold_out(x, y, n)
-        else:
-            y_val = np.asarray(y_val)
-            self._check(x_val, y_val, image_shape, "x_val")
-        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        x, y, x_val, y_val = self._training_data(x, y, x_val, y_val, None)
+        image_shape, K = self.image_shape_, len(self.classes_)
         cfg = self.config()
         try:
             width_subnet_config(cfg.cnn, self.subnets)
@@ -627,9 +626,6 @@ class WidthClassifier(_CollectiveEstimator):
             all_histories.update(part)
         self._ctx = ctx
         self._models = {"recomposed": model}  # rank 0's; None elsewhere
-        self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), _dtype_name(x)
-        self.classes_ = np.arange(K)
-        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
         self.subnet_scores_, self.initial_score_ = subnet_scores, initial
         self.scores_ = {"recomposed": {"val": history[-1]["val_acc"]}}
         self.history_ = {**{f"subnet_{m}": all_histories[m] for m in sorted(all_histories)}, "recomposed": history}
