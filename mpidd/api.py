@@ -39,7 +39,8 @@ from .models import CNNConfig, CoarseDNN, build_cnn, local_width_factor
 from .width import WidthError, subnet_config as width_subnet_config
 
 COMBINERS = ("cnn-dnn", "average", "vote")
-MODELS = COMBINERS + ("coherent", "global")
+WHOLE_IMAGE = ("global", "recomposed")  # CNNs of the whole image: the global CNN, width's recomposed network
+MODELS = COMBINERS + ("coherent",) + WHOLE_IMAGE
 
 
 class _CollectiveEstimator:
@@ -352,7 +353,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         """Class probabilities (n, K) float32, the same array on every rank. Collective over comm.
 
         model: cnn-dnn (the coarse DNN), average (mean of the local probabilities), vote
-        (fractions of the N local votes), coherent or global (where a loaded run has them)."""
+        (fractions of the N local votes), coherent, global or recomposed (where a loaded run
+        or file has them)."""
         return self._predict(x, model, image_shape)[0]
 
     def predict(self, x, model="cnn-dnn", *, image_shape=None) -> np.ndarray:
@@ -387,9 +389,9 @@ class TwoLevelClassifier(_CollectiveEstimator):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
         kind = self._kind(model)
-        if kind == "global":
+        if kind in WHOLE_IMAGE:
             if isinstance(x, dict):
-                raise ValueError("model='global' classifies whole images: pass them as one array")
+                raise ValueError(f"model={model!r} classifies whole images: pass them as one array")
             self._check_shape(x, None)
             result = None
             if self._ctx.master_process:
@@ -465,7 +467,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self._fitted()
         models = {}
         for kind, bundle in self._models.items():
-            if kind == "global":
+            if kind in WHOLE_IMAGE:
                 models[kind] = {"model": _cpu_state(bundle["model"]) if bundle["model"] is not None else None}
                 continue
             mine = {i: _cpu_state(m) for i, m in bundle["local"].items()} if self._ctx.leader else {}
@@ -522,7 +524,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         models, error = {}, None
         try:
             for kind, bundle in state["models"].items():
-                if kind == "global":
+                if kind in WHOLE_IMAGE:
                     if ctx.master_process and bundle.get("model") is not None:
                         models[kind] = {"model": _loaded(build_cnn(C, K, image_shape[1:], cfg.cnn), bundle["model"],
                                                          path, kind, ctx.device)}
@@ -655,8 +657,9 @@ class WidthClassifier(_CollectiveEstimator):
         return self._from_root(result)
 
     def save(self, path) -> str:
-        """The recomposed network as an mpidd model file (its "global" part: python -m mpidd.predict
-        FILE --model global classifies with it), written by rank 0. Collective; the path on every rank."""
+        """The recomposed network as an mpidd model file (its "recomposed" part: python -m
+        mpidd.predict FILE --model recomposed classifies with it), written by rank 0. Collective;
+        the path on every rank."""
         self._fitted()
         written, error = None, None
         if self.comm.Get_rank() == 0:
@@ -667,7 +670,7 @@ class WidthClassifier(_CollectiveEstimator):
                         "coarse_dropout": 0.0,
                         "hyperparameters": {k: v for k, v in self.get_params().items()}}
             try:
-                written = saved.save_model(path, manifest, {"global": {"model": _cpu_state(self._models["recomposed"])}})
+                written = saved.save_model(path, manifest, {"recomposed": {"model": _cpu_state(self._models["recomposed"])}})
             except OSError as e:
                 error = f"cannot write {path}: {e}"
         error, written = self.comm.bcast((error, written), root=0)

@@ -47,9 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "h5"), default=None,
                    help="csv or h5 (default: from the --out suffix, else csv)")
     p.add_argument("--model", dest="kind", default="cnn-dnn",
-                   choices=("cnn-dnn", "average", "vote", "coherent", "global"),
+                   choices=("cnn-dnn", "average", "vote", "coherent", "global", "recomposed"),
                    help="which model of the run classifies: the coarse DNN, the average or vote of the local "
-                        "CNNs, the coherent CNN-DNN (transfer learning if the run has it), the global CNN")
+                        "CNNs, the coherent CNN-DNN (transfer learning if the run has it), the global CNN, "
+                        "the recomposed network of --mode width")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch size")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
@@ -248,7 +249,7 @@ def main(argv=None):
         clf._kind(args.kind)  # this model has that part
         return clf
     clf = agree_or_refuse(comm, load)
-    whole = args.kind == "global"
+    whole = args.kind in ("global", "recomposed")
     boxes = {} if whole else clf.local_boxes(clf.image_shape_)
     x, labels, names = agree_or_refuse(comm, lambda: read_input(args.data, args.split, clf.image_shape_,
                                                                 clf.input_dtype_, boxes, whole))

@@ -11,7 +11,7 @@ read. No MPI.
                 "models": {"twolevel": {"local": {i: state_dict}, "dnn": state_dict},
                            "coherent_random" | "coherent_pretrained":
                                {"local": {...}, "dnn": ..., "exchange": "probabilities" | "logits"},
-                           "global": {"model": state_dict}}}
+                           "global" | "recomposed": {"model": state_dict}}}   (whole-image CNNs)
 
 Only tensors, numbers, strings, lists and dicts: it is loaded with torch.load(weights_only=True),
 so no code in a foreign or tampered file can run.

@@ -202,8 +202,7 @@ def main(argv=None):
         results["restarts"] = {"segments": run.progress["segments"], "stops": run.progress.get("stops", [])}
         rundir.write_json(os.path.join(args.out, "results.json"), results)
         rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
-        if not work["width"]:
-            write_model_file(run, accuracies)
+        write_model_file(run, accuracies)
         run.mark(state="finished")
         print(format_any(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)

@@ -218,6 +218,6 @@ def test_width_classifier_fit_predict_save(data, tmp_path):
     assert sorted(clf.history_) == ["recomposed", "subnet_0", "subnet_1"] and sorted(clf.subnet_scores_) == [0, 1]
     assert 0 <= clf.initial_score_ <= 1
     loaded = mpidd.TwoLevelClassifier.load(clf.save(str(tmp_path / "w.pt")), comm=MPI.COMM_SELF)
-    assert loaded.available_models() == ["global"] and np.array_equal(loaded.predict_proba(x, "global"), p)
+    assert loaded.available_models() == ["recomposed"] and np.array_equal(loaded.predict_proba(x, "recomposed"), p)
     with pytest.raises(ValueError, match="not divisible by --subnets 3"):
         mpidd.WidthClassifier(3, width=8, comm=MPI.COMM_SELF).fit(*data["train"])

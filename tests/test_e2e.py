@@ -462,7 +462,11 @@ def test_width_classifier_from_python_equals_the_command_line(width_run, digits,
     assert api["initial_val"] == cli["recomposed (before training)"]["val"]
     assert [api["subnets"][str(m)]["val"] for m in range(4)] == [cli[f"subnet {m}"]["val"] for m in range(4)]
     assert api["sent"]["parameters"] > 0 or api["sent"]["results"] > 0
-    proc = run([str(tmp_path / "width_model.pt"), "--data", digits, "--model", "global", "--out",
-                str(tmp_path / "p.csv")], script=("-m", "mpidd.predict"))
-    assert proc.returncode == 0, proc.stderr
-    assert f"accuracy {100 * cli['recomposed + 2 epochs']['test']:.2f}%" in proc.stdout
+    # the API's saved file and the run directory's model.pt: the recomposed network (and, the run, the global CNN)
+    for source, model, name in ((str(tmp_path / "width_model.pt"), "recomposed", "recomposed + 2 epochs"),
+                                (out, "recomposed", "recomposed + 2 epochs"),
+                                (out, "global", "global CNN (random init, 2 ep.)")):
+        proc = run([source, "--data", digits, "--model", model, "--out", str(tmp_path / "p.csv")],
+                   script=("-m", "mpidd.predict"))
+        assert proc.returncode == 0, proc.stderr
+        assert f"accuracy {100 * cli[name]['test']:.2f}%" in proc.stdout, (source, model)

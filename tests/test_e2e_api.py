@@ -81,12 +81,12 @@ def predictions(path):
         return list(csv.DictReader(f))
 
 
-def test_predict_reproduces_the_runs_test_accuracies_at_1_2_and_4_ranks(cli_run, hard, tmp_path):
+def test_predict_reproduces_the_runs_test_accuracies_at_1_2_4_and_8_ranks(cli_run, hard, tmp_path):
     accuracy = results(cli_run)["accuracy"]
     rows = {}
     for model, name in (("cnn-dnn", "CNN-DNN"), ("average", "average"), ("vote", "majority vote"),
                         ("coherent", "coherent (transfer learning)"), ("global", "global CNN")):
-        for np_ in ((1, 2, 4) if model == "cnn-dnn" else (3,)):
+        for np_ in ((1, 2, 4, 8) if model == "cnn-dnn" else (3,)):  # 8: two ranks per subdomain, half the images each
             out = str(tmp_path / f"{model}_{np_}.csv")
             proc = run([cli_run, "--data", hard, "--out", out, "--model", model, "--threads", "1"], np=np_,
                        script=PREDICT)
@@ -95,7 +95,7 @@ def test_predict_reproduces_the_runs_test_accuracies_at_1_2_and_4_ranks(cli_run,
             correct = sum(int(r["correct"]) for r in rows[model, np_])
             assert correct / 128 == accuracy[name]["test"], (model, np_)
             assert f"accuracy {100 * accuracy[name]['test']:.2f}%" in proc.stdout
-    assert rows["cnn-dnn", 1] == rows["cnn-dnn", 2] == rows["cnn-dnn", 4]  # probabilities to the digit
+    assert rows["cnn-dnn", 1] == rows["cnn-dnn", 2] == rows["cnn-dnn", 4] == rows["cnn-dnn", 8]  # to the digit
     first = rows["cnn-dnn", 1][0]
     assert list(first)[:3] == ["index", "predicted", "class_name"] and first["class_name"] == f"class{first['predicted']}"
     assert sum(float(first[f"p_class{k}"]) for k in range(4)) == pytest.approx(1, abs=1e-4)

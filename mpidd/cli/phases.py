@@ -287,8 +287,10 @@ def write_model_file(run: Run, accuracies):
     for init in work["coherent"]:
         models[f"coherent_{init}"] = {"local": {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)},
                                       "dnn": weights(f"coherent_{init}_dnn.pt"), "exchange": args.exchange}
-    if work["global"]:
+    if work["global"] or work["width"]:
         models["global"] = {"model": weights("global.pt")}
+    if work["width"]:  # (its decomposition is the whole image: grid 1x1, width factor 1)
+        models["recomposed"] = {"model": weights("recomposed.pt")}
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("config", "overwrite", "out", "resume")}
     manifest = {"image_shape": list(info.image_shape), "input_dtype": info.dtype, "grid": list(dec.grid),
