@@ -150,8 +150,17 @@ def test_load_refuses_missing_corrupt_and_foreign_files(fitted, tmp_path):
         f.write(blob[: len(blob) // 2])
     cases["foreign"] = str(tmp_path / "f.pt")
     torch.save({"model": {}}, cases["foreign"])
+    state = torch.load(path, weights_only=True)
+    del state["models"]["twolevel"]["local"][3]  # a model of another grid than it says
+    cases["grid"] = str(tmp_path / "g.pt")
+    torch.save(state, cases["grid"])
+    state = torch.load(path, weights_only=True)
+    state["cnn"]["width"] = 12  # weights that do not fit the recorded configuration
+    cases["config"] = str(tmp_path / "c.pt")
+    torch.save(state, cases["config"])
     messages = {"missing": "no saved model at", "dir": "is the run complete", "truncated": "cannot read",
-                "foreign": "is not an mpidd model file"}
+                "foreign": "is not an mpidd model file", "grid": "lacks the local CNNs of subdomains \\[3\\]",
+                "config": "does not fit its recorded configuration"}
     for case, p in cases.items():
         with pytest.raises(mpidd.ModelFileError, match=messages[case]):
             mpidd.TwoLevelClassifier.load(p, comm=MPI.COMM_SELF)
