@@ -246,7 +246,8 @@ def main(argv=None):
             raise InputError("--device cuda, but torch sees no GPU: use --device cpu or auto")
         clf = TwoLevelClassifier.load(args.model, comm=comm, device=device)
         clf.eval_batch_size = args.batch_size
-        clf._kind(args.kind)  # this model has that part
+        if args.kind not in clf.available_models():
+            raise InputError(f"{args.model} has no {args.kind!r} model (it has: {', '.join(clf.available_models())})")
         return clf
     clf = agree_or_refuse(comm, load)
     whole = args.kind in ("global", "recomposed")
