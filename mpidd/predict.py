@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from . import data, dist, saved
+from .cli.arguments import ArgumentParser
 from .rundir import atomic_write
 
 EXIT_USAGE = 2
@@ -35,7 +36,7 @@ class InputError(ValueError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mpidd.predict", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m mpidd.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="RUN_DIR", help="a finished mpidd.train run directory (its model.pt), or a "
                                                     "model file written by TwoLevelClassifier.save")

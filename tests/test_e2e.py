@@ -170,6 +170,7 @@ def _nan_in_box_3(f):
     ("nan", 2, "image 5 holds NaN"),
     ("ranks", 3, "3 ranks for 2 subdomains: .* a multiple of the subdomains"),
     ("exists", 1, "exists: choose another --out, pass --overwrite, or --resume"),
+    ("below_a_file", 2, "is a file, so no directory can be made below it"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message):
     data, extra = tiny, []
@@ -192,13 +193,16 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message
         extra = ["--grid", "1x2"]
     elif case == "exists":
         out.mkdir()
+    elif case == "below_a_file":
+        (tmp_path / "afile").write_text("")
+        out = tmp_path / "afile" / "run"
     proc = run(["--data", data, "--out", str(out), "--mode", "twolevel", *extra, *TINY], np=np_, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "mpidd.train: error:" in errors[0], proc.stderr
     assert any(__import__("re").search(message, e) for e in errors), proc.stderr
     assert "epoch" not in proc.stdout
-    if case != "exists":
+    if case not in ("exists", "below_a_file"):
         assert not out.exists()  # refused before the run directory is made
 
 
@@ -209,6 +213,11 @@ def test_help_and_bad_flag():
         assert flag in proc.stdout
     proc = run(["--optimizer", "lbfgs"], np=2)
     assert proc.returncode == 2 and proc.stderr.count("invalid choice") == 1
+    for module in ("mpidd.train", "mpidd.predict"):  # one short line, not argparse's whole usage
+        proc = run(["RUN", "--bogus", "--data", "x"] if module == "mpidd.predict" else ["--bogus"],
+                   script=("-m", module))
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"python -m {module}: error: unknown flag --bogus; see --help"], proc.stderr
 
 
 def test_config_file_and_command_line_precedence(tiny, tmp_path):

@@ -29,8 +29,18 @@ def hidden_sizes(text) -> tuple[int, ...]:
     return tuple(int(h) for h in text.split(",") if h.strip()) if text not in ("", "none") else ()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one short line (the full usage is in --help)."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            flags = message.split(": ", 1)[1]
+            message = f"unknown {'flag' if len(flags.split()) == 1 else 'flags'} {flags}"
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mpidd.train",
         description="CNN-DNN training by domain decomposition on MPI: one local CNN per subimage "
                     "(one rank each, no communication), an MPI Gatherv of the local class "

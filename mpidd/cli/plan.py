@@ -162,6 +162,19 @@ def check_resume(args, size: int, info) -> dict | None:
     return progress
 
 
+def check_out(out: str):
+    """--out must be (or be creatable as) a directory this process can write in; UsageError otherwise."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, so no directory can be made below it: choose another --out")
+    if not os.access(parent if not os.path.isdir(out) else out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {parent if not os.path.isdir(out) else out}")
+
+
 def plan_run(args, comm) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
     size = comm.Get_size()
@@ -181,6 +194,7 @@ def plan_run(args, comm) -> dict:
         check_ranks(args, size, dec)
     except DecompositionError as e:
         raise UsageError(str(e)) from None
+    check_out(args.out)
     if os.path.exists(args.out) and not args.overwrite and args.resume is None:
         raise UsageError(f"output directory {args.out} exists: choose another --out, pass --overwrite, or "
                          f"--resume {args.out} to continue it")
