@@ -3,7 +3,7 @@
     mpirun -n 4 python my_script.py
 
     import mpidd
-    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD
+    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD; grid="auto": from comm's size
     clf.fit(x_train, y_train, x_val, y_val)       # collective; x: (n, C, H, W) numpy, the same on every rank
     p = clf.predict_proba(x_test)                  # collective; (n, K) on every rank
     clf.save("model.pt"); clf = mpidd.TwoLevelClassifier.load("model.pt", comm=comm)
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import __version__, dist, saved
-from .decomposition import Decomposition, DecompositionError, layout, parse_grid
+from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, TrainOptions, evaluate, predict_logits, predict_proba, seed_for
 from .methods import coherent, twolevel, width
 from .methods.context import Context
@@ -162,7 +162,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
     "cnn-dnn", "average", "vote"), history_ ({"local_i": [epoch records], "coarse": [...]}).
     """
 
-    def __init__(self, grid="2x2", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
+    def __init__(self, grid="auto", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
                  blocks_per_stage=2, hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
                  epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
@@ -207,9 +207,14 @@ class TwoLevelClassifier(_CollectiveEstimator):
                                        eval_batch_size=self.eval_batch_size)
 
     def decomposition(self, image_shape) -> Decomposition:
-        """The subdomain boxes over images of shape (C, H, W) or (C, D, H, W)."""
+        """The subdomain boxes over images of shape (C, H, W) or (C, D, H, W); grid "auto" is
+        decomposition.choose_grid of comm's size, as on the command line."""
         try:
-            return Decomposition(tuple(image_shape)[1:], parse_grid(self.grid), self.overlap)
+            if self.grid == "auto":
+                grid = choose_grid(self.comm.Get_size(), tuple(image_shape)[1:])[0]
+            else:
+                grid = parse_grid(self.grid)
+            return Decomposition(tuple(image_shape)[1:], grid, self.overlap)
         except DecompositionError as e:
             raise ValueError(str(e)) from None
 

@@ -147,3 +147,60 @@ def layout(rank: int, size: int, num_subdomains: int) -> tuple[list[int], int, i
     if g == 1:
         return subdomains_of_rank(rank, size, num_subdomains), 1, 0
     return [rank % num_subdomains], g, rank // num_subdomains
+
+
+# Longest side over shortest side of a subimage that `choose_grid` still accepts as one subdomain
+# per rank (2: 8 ranks on 28x28 give 2x4, subimages 14x7; 3 ranks would give 28x10, too thin).
+MAX_ASPECT = 2.0
+
+
+def _aspect(shape) -> float:
+    return max(shape) / min(shape)
+
+
+def choose_grid(ranks: int, shape) -> tuple[tuple[int, ...], str]:
+    """The grid of --grid auto for `ranks` ranks on images of spatial shape `shape`, and why.
+
+    One subdomain per rank where `ranks` factors into a grid (one factor per axis, each at most
+    the axis length, at least 2 subdomains) whose subimages are at most MAX_ASPECT times as long
+    as wide; among those the most square subimages, then the grid in ascending order (8 ranks
+    on 28x28: 2x4; on 16^3 volumes: 2x2x2). Otherwise the smallest square grid k x k (k^d >=
+    ranks, k >= 2) that fits: ranks then take several subdomains in turn (5 ranks: 3x3).
+    """
+    d = len(shape)
+
+    def factorizations(n, axes):
+        if axes == 1:
+            yield (n,)
+            return
+        for f in range(1, n + 1):
+            if n % f == 0:
+                for rest in factorizations(n // f, axes - 1):
+                    yield (f,) + rest
+
+    fits = []
+    for grid in set(factorizations(ranks, d)):
+        if ranks < 2 or any(g > s for g, s in zip(grid, shape)):
+            continue
+        sub = Decomposition(tuple(shape), grid, 0).subimage_shape
+        if _aspect(sub) <= MAX_ASPECT:
+            fits.append((_aspect(sub), grid))
+    if fits:
+        aspect, grid = min(fits, key=lambda t: (round(t[0], 9), t[1]))
+        sub = Decomposition(tuple(shape), grid, 0).subimage_shape
+        return grid, (f"grid auto: {format_grid(grid)} for {ranks} ranks on {format_grid(shape)} images, one "
+                      f"subdomain per rank (subimages {format_grid(sub)})")
+    k = 2
+    while k ** d < ranks:
+        k += 1
+    grid = (k,) * d
+    if any(k > s for s in shape):
+        raise DecompositionError(f"grid auto: {ranks} ranks need a {format_grid(grid)} grid, which does not fit "
+                                 f"images of shape {format_grid(shape)}: give --grid")
+    sub = Decomposition(tuple(shape), grid, 0).subimage_shape
+    why = ("one rank" if ranks == 1 else
+           f"{ranks} does not factor into a grid of subimages at most {MAX_ASPECT:g} times as long as wide")
+    per_rank = -(-k ** d // ranks)
+    return grid, (f"grid auto: {format_grid(grid)} for {ranks} rank{'s' if ranks > 1 else ''} on "
+                  f"{format_grid(shape)} images ({why}): "
+                  f"{k ** d} subdomains, up to {per_rank} per rank (subimages {format_grid(sub)})")

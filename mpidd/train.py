@@ -217,6 +217,8 @@ def main(argv=None):
 def print_header(run: Run, devices):
     args, plan, size, threads = run.args, run.plan, run.comm.Get_size(), run.threads
     dec, work = plan["decomposition"], plan["work"]
+    if getattr(args, "grid_choice", None) and not run.resuming:
+        print(f"mpidd: {args.grid_choice}", flush=True)
     if plan.get("note"):
         print(f"mpidd: {plan['note']}", flush=True)
     if run.resuming:

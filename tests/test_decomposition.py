@@ -81,3 +81,23 @@ def test_round_robin_rank_map():
     assert owned == list(range(16))
     with pytest.raises(DecompositionError, match="at most 4 ranks"):
         subdomains_of_rank(0, 5, 4)
+
+
+def test_choose_grid_follows_the_rank_count():
+    from mpidd.decomposition import MAX_ASPECT, choose_grid, format_grid, layout
+    expected = {1: (2, 2), 2: (1, 2), 3: (2, 2), 4: (2, 2), 5: (3, 3), 6: (2, 3), 7: (3, 3), 8: (2, 4), 9: (3, 3),
+                10: (4, 4), 12: (3, 4), 15: (3, 5), 16: (4, 4)}
+    for ranks, grid in expected.items():
+        chosen, why = choose_grid(ranks, (28, 28))
+        assert chosen == grid, (ranks, chosen)
+        dec = Decomposition((28, 28), chosen, 0)
+        assert dec.num_subdomains >= ranks  # every mode runs: no rank without a subdomain
+        assert layout(ranks - 1, ranks, dec.num_subdomains)[1] == 1
+        one_each = dec.num_subdomains == ranks
+        assert ("one subdomain per rank" in why) == one_each and why.startswith(f"grid auto: {format_grid(grid)}")
+        if one_each:
+            assert max(dec.subimage_shape) <= MAX_ASPECT * min(dec.subimage_shape)
+    assert choose_grid(8, (16, 16, 16))[0] == (2, 2, 2)  # volumes
+    assert choose_grid(4, (64, 16))[0] == (4, 1)  # the long axis is cut
+    with pytest.raises(DecompositionError, match="give --grid"):
+        choose_grid(10, (3, 3))

@@ -209,7 +209,7 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message
 def test_help_and_bad_flag():
     proc = run(["--help"])
     assert proc.returncode == 0
-    for flag in ("--grid", "--overlap", "--threads", "--coarse-hidden", "(default: 2x2)"):
+    for flag in ("--grid", "--overlap", "--threads", "--coarse-hidden", "(default: auto)"):
         assert flag in proc.stdout
     proc = run(["--optimizer", "lbfgs"], np=2)
     assert proc.returncode == 2 and proc.stderr.count("invalid choice") == 1
@@ -479,3 +479,29 @@ def test_width_classifier_from_python_equals_the_command_line(width_run, digits,
                    script=("-m", "mpidd.predict"))
         assert proc.returncode == 0, proc.stderr
         assert f"accuracy {100 * cli[name]['test']:.2f}%" in proc.stdout, (source, model)
+
+
+FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coherent-epochs", "1", "--width", "8", "--hidden", "16",
+        "--batch-size", "64", "--threads", "1"]
+
+
+@pytest.mark.parametrize("np_,grid", [(1, "2x2"), (2, "1x2"), (3, "2x2"), (4, "2x2"), (5, "3x3"), (6, "2x3"),
+                                      (8, "2x4"), (9, "3x3"), (16, "4x4")])
+def test_grid_auto_follows_the_rank_count(tiny, tmp_path, np_, grid):
+    """No --grid: the default --mode compare runs to the end at every rank count, on a grid chosen
+    from it (one subdomain per rank where it factors, else several per rank), said first."""
+    out = str(tmp_path / "auto")
+    proc = run(["--data", tiny, "--out", out, *FAST], np=np_)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(f"mpidd: grid auto: {grid} for {np_} rank"), proc.stdout
+    r = results(out)
+    assert r["decomposition"]["grid"] == grid and r["world_size"] == np_
+    assert [m["kind"] for m in r["models"]][-6:] == ["average", "vote", "cnn_dnn", "coherent_random",
+                                                     "coherent_pretrained", "global"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["grid"] == grid and config["grid_choice"].startswith(f"grid auto: {grid}")
+    if np_ == 5:  # the run's config.json reproduces it, grid included, as an explicit choice
+        again = str(tmp_path / "again")
+        proc = run(["--config", os.path.join(out, "config.json"), "--data", tiny, "--out", again], np=np_)
+        assert proc.returncode == 0, proc.stderr
+        assert "grid auto" not in proc.stdout and results(again)["accuracy"] == r["accuracy"]

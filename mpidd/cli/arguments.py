@@ -54,7 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML (or config.json) file with the same keys as these flags")
     g = p.add_argument_group("data and decomposition")
     g.add_argument("--data", default=DEMO_DATA, help="HDF5 file in the mpidd layout (data_prep writes it)")
-    g.add_argument("--grid", default="2x2", help="subdomain grid AxB (AxBxC for volumes)")
+    g.add_argument("--grid", default="auto",
+                   help="subdomain grid AxB (AxBxC for volumes); auto: from the number of ranks P, one "
+                        "subdomain per rank where P factors into a grid of subimages at most twice as long as "
+                        "wide (16 -> 4x4, 8 -> 2x4, 8 -> 2x2x2 on volumes), else the smallest square grid with "
+                        "at least P subdomains (5 -> 3x3; 1 -> 2x2), printed first and stored in config.json")
     g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
     g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
     g = p.add_argument_group("what to train")
@@ -187,6 +191,9 @@ def check_file_value(path, action, value):
     return value
 
 
+# Keys of a config.json that record what a run chose, not options: a --config file may hold them.
+INFORMATIONAL = ("grid_choice",)
+
 # What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
 # the data file itself is checked against the run's fingerprint of it.)
 RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "resume", "config", "overwrite", "out", "data")
@@ -213,12 +220,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if pre.config:
         values = load_config_file(pre.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-        unknown = sorted(set(values) - set(actions))
+        unknown = sorted(set(values) - set(actions) - set(INFORMATIONAL))
         if unknown:
             raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")
         # null (a config.json's unset option, e.g. threads) means the flag's default
         parser.set_defaults(**{k: check_file_value(pre.config, actions[k], v) for k, v in values.items()
-                               if v is not None or actions[k].default is not None})
+                               if k in actions and (v is not None or actions[k].default is not None)})
     args = parser.parse_args(argv)
     if stored is not None:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(pre.resume):

@@ -9,7 +9,7 @@ import os
 import torch
 
 from .. import data, dist, rundir
-from ..decomposition import Decomposition, DecompositionError, layout, parse_grid
+from ..decomposition import Decomposition, DecompositionError, choose_grid, format_grid, layout, parse_grid
 from ..engine import TrainOptions
 from ..methods import coherent, twolevel, width
 from ..models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
@@ -175,6 +175,21 @@ def check_out(out: str):
         raise UsageError(f"--out {out}: no permission to write in {parent if not os.path.isdir(out) else out}")
 
 
+def resolve_auto_grid(args, size: int, shape):
+    """--grid auto: the grid follows the rank count (decomposition.choose_grid), or, with --from,
+    the earlier run's grid. Sets args.grid (so config.json, --config and --resume reproduce it)
+    and args.grid_choice (the reason, printed first)."""
+    earlier = os.path.join(args.from_run, "config.json") if args.from_run else None
+    if earlier and os.path.isfile(earlier):
+        with open(earlier) as f:
+            args.grid = json.load(f).get("grid", args.grid)
+        args.grid_choice = f"grid auto: {args.grid}, the grid of --from {args.from_run}"
+        if args.grid != "auto":
+            return
+    grid, args.grid_choice = choose_grid(size, shape)
+    args.grid = format_grid(grid)
+
+
 def plan_run(args, comm) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
     size = comm.Get_size()
@@ -188,6 +203,8 @@ def plan_run(args, comm) -> dict:
                     "(or `make data`), or pass --data FILE")
         raise UsageError(msg) from None
     try:
+        if args.grid == "auto" and args.mode != "width":
+            resolve_auto_grid(args, size, info.spatial_shape)
         # --mode width cuts channels, not the image: one "subdomain", the whole image (any --grid ignored)
         grid = (1,) * len(info.spatial_shape) if args.mode == "width" else parse_grid(args.grid)
         dec = Decomposition(info.spatial_shape, grid, 0 if args.mode == "width" else args.overlap)
