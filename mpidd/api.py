@@ -293,8 +293,9 @@ class TwoLevelClassifier(_CollectiveEstimator):
         arXiv 2408.14442): from the fitted local CNNs and coarse DNN (init="pretrained", transfer
         learning; call fit first; dnn_init="random" starts a fresh DNN) or from random weights
         (init="random"). coherent_epochs, coherent_lr (random) or transfer_lr (pretrained) and
-        `exchange` ("probabilities" or "logits") set it up. Collective over comm, every step; at
-        most one rank per subdomain. Afterwards predict(model="coherent") uses it. Returns self."""
+        `exchange` ("probabilities" or "logits") set it up. Collective over comm, every step; with
+        P = G*N ranks each subdomain's G ranks share its samples (data parallel inside the model-
+        parallel step). Afterwards predict(model="coherent") uses it. Returns self."""
         if init not in ("random", "pretrained"):
             raise ValueError(f"init must be 'random' or 'pretrained', not {init!r}")
         if init == "pretrained" and "twolevel" not in self._models:
@@ -303,7 +304,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
             raise ValueError("dnn_init='coarse' starts from the coarse DNN, which was trained on probabilities: "
                              "use exchange='probabilities', or dnn_init='random'")
         fitted = (self.image_shape_, len(self.classes_)) if self._models else None
-        ctx, dec, subsets, labels = self._prepare(x, y, x_val, y_val, image_shape, coherent=True)
+        ctx, dec, subsets, labels = self._prepare(x, y, x_val, y_val, image_shape)
         N, K, C = dec.num_subdomains, len(self.classes_), self.image_shape_[0]
         if fitted is not None and fitted != (self.image_shape_, K):
             raise ValueError(f"the classifier was fitted on images {fitted[0]} with {fitted[1]} classes, these are "
@@ -321,10 +322,9 @@ class TwoLevelClassifier(_CollectiveEstimator):
         local, dnn = coherent.initial_models(ctx, dec, C, K, self.width_factor_, self.config().cnn, cfg, start)
         exchange = dist.ModelParallelExchange(
             self.comm, ctx.mine, N, K, poll_interval=1e-4 if dist.oversubscribed(self.comm, torch.get_num_threads())
-            else None)
-        images = {s: {i: subsets[i][s].x for i in ctx.mine} for s in ("train", "val")}
+            else None, member=(ctx.group.rank, ctx.group.size) if ctx.group is not None else None)
         name = f"coherent_{init}"
-        history, _, timing = coherent.fit(ctx, name, local, dnn, images, labels, cfg, exchange)
+        history, _, timing = coherent.fit(ctx, name, local, dnn, subsets, labels, cfg, exchange)
         self._sent["exchange"] += exchange.bytes
         self._models[name] = {"local": local, "dnn": dnn, "exchange": self.exchange}
         history = self._from_root(history)
@@ -333,15 +333,12 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.coherent_timing_ = {**getattr(self, "coherent_timing_", {}), name: timing}
         return self
 
-    def _prepare(self, x, y, x_val, y_val, image_shape, coherent=False):
+    def _prepare(self, x, y, x_val, y_val, image_shape):
         """Check the data, set the decomposition, this rank's context and the fitted attributes;
         returns (ctx, dec, {subdomain: {split: Shard}}, {split: labels}). Collective."""
         x, y, x_val, y_val = self._training_data(x, y, x_val, y_val, image_shape)
         image_shape, K = self.image_shape_, len(self.classes_)
         dec = self.decomposition(image_shape)
-        if coherent and self.comm.Get_size() > dec.num_subdomains:
-            raise ValueError(f"{self.comm.Get_size()} ranks but only {dec.num_subdomains} subdomains: the coherent "
-                             f"model is model parallel, one or more subdomains per rank")
         ctx = self._context(dec)
         C, N = image_shape[0], dec.num_subdomains
         cnn = self.config().cnn

@@ -33,36 +33,49 @@ class SerialExchange:
     is_root, rank = True, 0
     seconds = cpu_seconds = bytes = 0
 
-    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+    def __call__(self, local: torch.Tensor, idx=None, n=None) -> torch.Tensor:
         return local
 
 
-def local_outputs(models: dict, xs: dict, idx, output: str) -> torch.Tensor:
-    """(B, m*K): this rank's local CNN outputs on samples `idx`, its subdomains in ascending order."""
-    outs = [models[i](to_float(xs[i][idx])) for i in sorted(models)]
+def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0) -> torch.Tensor:
+    """(b, m*K): this rank's local CNN outputs, its subdomains in ascending order, on the samples
+    of `idx` (global indices) that it holds: xs[i] holds samples start, start + 1, ..."""
+    idx = torch.as_tensor(idx)
+    n_held = len(next(iter(xs.values()))) if xs else 0
+    mine = idx[(idx >= start) & (idx < start + n_held)] - start
+    outs = [models[i](to_float(xs[i][mine])) for i in sorted(models)]
     if output == "probabilities":
         outs = [torch.softmax(o, dim=1) for o in outs]
     return torch.cat(outs, dim=1)
 
 
-def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities"):
+def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", start=0, group=None):
     """Forward, exchange and backward of one mini-batch (the caller steps the optimizer);
-    returns (loss summed over the batch, correct) on the root, None elsewhere."""
-    z = exchange(local_outputs(models, xs, idx, output))
+    returns (loss summed over the batch, correct) on the root, None elsewhere. y: the labels of
+    every sample of the split. In a data-parallel group (P = G*N) the rank holds the samples
+    from `start` on (xs), and its local CNNs' gradients are summed over the group."""
+    z = exchange(local_outputs(models, xs, idx, output, start), idx, len(y))
     if exchange.is_root:
         logits = dnn(z)
         loss = nn.functional.cross_entropy(logits, y[idx])
         loss.backward()
-        return loss.item() * len(idx), (logits.argmax(1) == y[idx]).sum().item()
-    # root owns the loss: this only receives dL/d(local outputs) and back-propagates it
-    torch.autograd.backward(z, torch.zeros_like(z))
-    return None
+        result = loss.item() * len(idx), (logits.argmax(1) == y[idx]).sum().item()
+    else:
+        # root owns the loss: this only receives dL/d(local outputs) and back-propagates it
+        torch.autograd.backward(z, torch.zeros_like(z))
+        result = None
+    if group is not None:
+        for model in models.values():
+            group.sum_gradients(model)
+    return result
 
 
 @torch.no_grad()
-def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabilities", batch_size=256, stop=never):
+def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabilities", batch_size=256, stop=never,
+                      start=0):
     """(loss, accuracy) of the coherent model on the root; None elsewhere. Collective (and so
-    must `stop` be: it is polled before every batch)."""
+    must `stop` be: it is polled before every batch). y: every sample's label; xs: this rank's
+    samples from `start` on (all of them unless data parallel)."""
     for m in [*models.values(), dnn]:
         if m is not None:
             m.eval()
@@ -71,10 +84,11 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
         to_channels_last(models[i], xs[i].dim())
     n = len(y)
     logits = []
-    for start in range(0, n, batch_size):
+    for first in range(0, n, batch_size):
         if stop():
             raise Preempted
-        z = exchange(local_outputs(models, xs, slice(start, start + batch_size), output))
+        idx = torch.arange(first, min(first + batch_size, n))
+        z = exchange(local_outputs(models, xs, idx, output, start), idx, n)
         if exchange.is_root:
             logits.append(dnn(z))
     if not exchange.is_root:
@@ -85,7 +99,7 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
 
 def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val_y, opts: TrainOptions,
                    seed: int, *, exchange, output="probabilities", eval_batch_size=256, log=None,
-                   control: Control | None = None):
+                   control: Control | None = None, train_start=0, val_start=0, group=None):
     """Train the coherent model for opts.epochs; returns (history, optimizer, timing).
 
     `models` are this rank's local CNNs {subdomain: module}; `dnn` is the coarse DNN on the
@@ -94,6 +108,8 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     so every rank takes the same samples at every step. `timing` holds the training steps'
     wall and CPU seconds and the parts of them spent in the exchange. `control` (stop,
     checkpoint, resume) as in mpidd.engine; its stop must be collective over the ranks.
+    Data parallel inside each subdomain (P = G*N, `group`): `*_xs` hold this rank's share, the
+    samples from `train_start` / `val_start` on; `*_y` are every sample's labels.
     """
     xs = {i: torch.as_tensor(x) for i, x in train_xs.items()}
     y = torch.as_tensor(train_y)
@@ -108,7 +124,8 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
 
     def step(idx):
         seconds, cpu, nbytes = exchange.seconds, exchange.cpu_seconds, exchange.bytes
-        result = coherent_step(models, dnn, xs, y, idx, exchange=exchange, output=output)
+        result = coherent_step(models, dnn, xs, y, idx, exchange=exchange, output=output, start=train_start,
+                               group=group)
         spent["exchange_s"] += exchange.seconds - seconds
         spent["exchange_cpu_s"] += exchange.cpu_seconds - cpu
         spent["exchange_bytes"] += exchange.bytes - nbytes
@@ -116,7 +133,7 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
 
     def validate(stop):
         return evaluate_coherent(models, dnn, val_xs, val_y, exchange=exchange, output=output,
-                                 batch_size=eval_batch_size, stop=stop) or (math.nan, math.nan)
+                                 batch_size=eval_batch_size, stop=stop, start=val_start) or (math.nan, math.nan)
 
     save = None
     if control.save is not None:

@@ -48,6 +48,8 @@ def format_table(results: dict) -> str:
     g = t.get("global_train_cpu_s")
     if g is not None:
         line = f"global CNN training: {g:.1f} CPU s"
+        if t.get("global_ranks", 1) > 1:
+            line += f" on rank 0 of {t['global_ranks']} (data parallel over every rank)"
         if cp:
             line += f"  =  {g / cp['cpu_s']:.1f}x the two-level critical path"
         lines.append(line)

@@ -90,6 +90,8 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
     if "global" in acc:
         g = all_stats[0]["phases"]["global_train"]
         timing["global_train_cpu_s"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
+        # rank 0 alone, or data parallel over every rank (--mode global; compare with P > N)
+        timing["global_ranks"] = sum("global_train" in st["phases"] for st in all_stats)
         cpu = seconds(all_stats[0], "cpu_s", "global_load", "global_train", "global_eval")
         models.append({"name": "global CNN", "kind": "global", "params": plan["global_params"],
                        "cpu_s": cpu, "total_cpu_s": cpu, **_accs(acc["global"])})

@@ -26,10 +26,10 @@ def fit_local_models(*args, **kwargs):
     return original_local(*args, **kwargs)
 
 
-def scatter(self, grad, batch):
+def scatter(self, grad, rows, batch):
     if self.rank == failing_rank and self.calls >= 5:  # gather, scatter, gather, scatter, gather, here
         raise RuntimeError("injected failure inside the exchange")
-    return original_scatter(self, grad, batch)
+    return original_scatter(self, grad, rows, batch)
 
 
 if where == "local":

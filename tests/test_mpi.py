@@ -458,3 +458,96 @@ def test_api_fit_on_a_communicator_equals_one_process(comm, tmp_path_factory):
     again = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF)
     assert np.array_equal(again.predict_proba(test), alone.predict_proba(test))
     comm.Barrier()
+
+
+# --- the coherent model on P = G*N ranks: model parallel across subdomains, data parallel inside -
+
+def _groups(comm):
+    """N subdomains (2, or 1 on an odd number of ranks) and this rank's data-parallel group of G = P/N."""
+    from mpidd.decomposition import layout
+    from mpidd.dist import DataParallelGroup
+    N = 2 if comm.size % 2 == 0 else 1
+    mine, _, member = layout(comm.rank, comm.size, N)
+    return N, mine, DataParallelGroup(comm, color=mine[0], key=member)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("output", ["probabilities", "logits"])
+def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(comm, output):
+    """Each member of a subdomain's group computes its share of the batch; the exchange assembles
+    every row on the root and scatters their gradients back; the group sums gradients and
+    BatchNorm statistics: the step is the assembled model's single-process step."""
+    import torch
+    from mpidd.coherent import coherent_step
+    from mpidd.dist import ModelParallelExchange
+    from mpidd.engine import TrainOptions, make_optimizer, to_float
+    from mpidd.models import group_batchnorm
+    torch.set_num_threads(1)
+    K, n = 5, 40
+    N, mine, group = _groups(comm)
+    xs, y, local, dnn = _coherent_problem(N, K, n=n)
+    idx = torch.as_tensor([3, 17, 5, 0, 39, 22, 8, 11, 30, 2, 19, 27])
+    opts = TrainOptions(lr=1e-2)
+    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
+    outs = [ref_locals[i](to_float(torch.as_tensor(xs[i])[idx])) for i in range(N)]
+    if output == "probabilities":
+        outs = [torch.softmax(o, dim=1) for o in outs]
+    torch.nn.functional.cross_entropy(ref_dnn(torch.cat(outs, dim=1)), torch.as_tensor(y)[idx]).backward()
+    ref_grads = {i: [p.grad.clone() for p in ref_locals[i].parameters()] for i in range(N)}
+    make_optimizer(torch.nn.ModuleList([*ref_locals.values(), ref_dnn]), opts).step()
+
+    lo, hi = group.share(n)
+    models = {i: group_batchnorm(local(i), group.allreduce) for i in mine}
+    coarse = dnn() if comm.rank == 0 else None
+    exchange = ModelParallelExchange(comm, mine, N, K, member=(group.rank, group.size))
+    optimizer = make_optimizer(torch.nn.ModuleList([*models.values(), *([coarse] if coarse else [])]), opts)
+    coherent_step(models, coarse, {i: torch.as_tensor(xs[i][lo:hi]) for i in mine}, torch.as_tensor(y), idx,
+                  exchange=exchange, output=output, start=lo, group=group)
+    optimizer.step()
+    tol = dict(rtol=1e-4, atol=1e-6)  # the data-parallel tolerance: sums in another order
+    for i in mine:
+        for p, g in zip(models[i].parameters(), ref_grads[i]):
+            torch.testing.assert_close(p.grad, g, **tol)
+        for p, q in zip(models[i].state_dict().values(), ref_locals[i].state_dict().values()):
+            torch.testing.assert_close(p.float(), q.float(), **tol)  # parameters and BatchNorm statistics
+    if comm.rank == 0:
+        for p, q in zip(coarse.parameters(), ref_dnn.parameters()):
+            torch.testing.assert_close(p.data, q.data, **tol)
+    mine_rows = int(((idx >= lo) & (idx < hi)).sum())
+    assert exchange.bytes == 2 * mine_rows * len(mine) * K * 4  # its rows only, each way
+    group.comm.Free()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_coherent_training_on_data_parallel_groups_ends_where_one_process_ends(comm):
+    import torch
+    from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
+    from mpidd.dist import ModelParallelExchange
+    from mpidd.engine import TrainOptions
+    from mpidd.models import group_batchnorm
+    torch.set_num_threads(1)
+    K, n = 5, 40
+    N, mine, group = _groups(comm)
+    xs, y, local, dnn = _coherent_problem(N, K, n=n)
+    opts = TrainOptions(epochs=2, batch_size=16, lr=5e-3)
+    val = {i: x[:24] for i, x in xs.items()}
+    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
+    ref_hist, _, _ = train_coherent(ref_locals, ref_dnn, xs, y, val, y[:24], opts, 11, exchange=SerialExchange())
+
+    lo, hi = group.share(n)
+    vlo, vhi = group.share(24)
+    models = {i: group_batchnorm(local(i), group.allreduce) for i in mine}
+    coarse = dnn() if comm.rank == 0 else None
+    exchange = ModelParallelExchange(comm, mine, N, K, member=(group.rank, group.size))
+    hist, _, _ = train_coherent(models, coarse, {i: xs[i][lo:hi] for i in mine}, y,
+                                {i: val[i][vlo:vhi] for i in mine}, y[:24], opts, 11, exchange=exchange,
+                                train_start=lo, val_start=vlo, group=group)
+    for i in mine:
+        for (name, p), q in zip(models[i].state_dict().items(), ref_locals[i].state_dict().values()):
+            torch.testing.assert_close(p.float(), q.float(), rtol=1e-3, atol=1e-5, msg=lambda m: f"{i} {name}: {m}")
+    result = evaluate_coherent(models, coarse, {i: xs[i][lo:hi] for i in mine}, y, exchange=exchange, start=lo)
+    if comm.rank == 0:
+        assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-4)
+        assert [h["val_acc"] for h in hist] == pytest.approx([h["val_acc"] for h in ref_hist], abs=1e-6)
+        assert result[1] == pytest.approx(evaluate_coherent(ref_locals, ref_dnn, xs, y, exchange=SerialExchange())[1])
+    group.comm.Free()

@@ -135,10 +135,9 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
         start = {"local": pretrained["local"], "dnn": pretrained["dnn"] if args.dnn_init == "coarse" else None}
     local, dnn = coherent.initial_models(run, dec, info.channels, K, plan["width_factor"], cnn_config(args), cfg,
                                          start)
-    images = {split: {i: s[split].x for i, s in subsets.items()} for split in data.SPLITS}
-    history, optimizer, timing = coherent.fit(run, name, local, dnn, images, labels, cfg, exchange)
-    test = coherent.score(run, local, dnn, images["test"], labels["test"], cfg, exchange)
-    for i, model in local.items():
+    history, optimizer, timing = coherent.fit(run, name, local, dnn, subsets, labels, cfg, exchange)
+    test = coherent.score(run, local, dnn, subsets, labels["test"], cfg, exchange)
+    for i, model in local.items() if run.leader else ():  # (the members of a group hold the same weights)
         rundir.save_checkpoint(run.path(f"{name}_local_{i}.pt"),
                                model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
                                width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
@@ -220,9 +219,8 @@ def run_phases(run: Run, subsets, whole):
     if work["width"]:
         accuracies, rows = width_phases(run, whole)
         return accuracies, rows, coherent_timing
-    if work["boxes"] and run.master_process:
-        labels = (data.load_labels(args.data) if run.group is not None else
-                  {s: subsets[run.mine[0]][s].y for s in data.SPLITS})
+    if work["boxes"] and run.group is not None:  # each rank holds a share: the labels of every sample
+        labels = data.load_labels(args.data)
     else:
         labels = {s: subsets[run.mine[0]][s].y for s in data.SPLITS} if subsets else None
     if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
@@ -247,7 +245,9 @@ def run_phases(run: Run, subsets, whole):
             rows += coarse_rows
         pretrained = {"local": local_models, "dnn": dnn}
     if work["coherent"]:
-        exchange = dist.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval)
+        member = (run.group.rank, run.group.size) if run.group is not None else None
+        exchange = dist.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval,
+                                              member=member)
         for init in work["coherent"]:
             run.sync()  # all ranks start together: no rank's phase holds the wait
             with run.phases(f"coherent_{init}"):
@@ -257,14 +257,19 @@ def run_phases(run: Run, subsets, whole):
                 accuracies[f"coherent_{init}"] = acc
                 rows += coherent_rows
     if work["global"]:
-        alone = args.mode == "compare"  # rank 0 while the others wait; --mode global: every rank
-        if alone:
+        # --mode compare: rank 0 while the others wait, or, with more ranks than subdomains, every
+        # rank data parallel (as --mode global always is)
+        alone = args.mode == "compare" and run.group is None
+        if args.mode == "compare":
             run.sync()
+        grun = run
+        if args.mode == "compare" and not alone:  # one data-parallel group of every rank
+            grun = dataclasses.replace(run, group=dist.DataParallelGroup(run.comm, color=0, key=run.rank))
         if run.master_process or not alone:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
-                whole, _ = load_whole_images(run)
+                whole, _ = load_whole_images(grun)
                 run.bytes_whole = sum(s.x.nbytes + s.y.nbytes for s in whole.values())
-            acc, global_rows = global_phase(run, whole, alone=alone)
+            acc, global_rows = global_phase(grun, whole, alone=alone)
             if run.master_process:
                 accuracies["global"] = acc
             rows += global_rows

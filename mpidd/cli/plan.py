@@ -136,11 +136,7 @@ def check_ranks(args, size: int, dec: Decomposition):
         if size > args.subnets:
             raise UsageError(f"{size} ranks but only {args.subnets} sub-networks: run with at most {args.subnets} "
                              f"ranks (mpirun -n {args.subnets}) or raise --subnets")
-    elif args.mode in ("coherent", "compare") and size > N:
-        raise UsageError(f"{size} ranks but only {N} subdomains: --mode {args.mode} trains the coherent CNN-DNN "
-                         f"model parallel, one rank or more subdomains per rank: run with at most {N} ranks "
-                         f"(mpirun -n {N}); more ranks than subdomains (data parallel) work with --mode twolevel")
-    elif args.mode == "twolevel":
+    elif args.mode != "global":
         layout(0, size, N)  # DecompositionError unless P <= N or P a multiple of N
 
 

@@ -15,49 +15,67 @@ from .collectives import sleepy_wait
 class ModelParallelExchange:
     """The coherent CNN-DNN's only communication, as an autograd layer (see mpidd.coherent).
 
-    forward:  each rank's (B, m_r*K) local outputs, its m_r subdomains in ascending order,
-              are gathered (MPI_Igatherv) to `root` as (B, N*K) in subdomain order. Other
-              ranks get an empty (B, 0) tensor that carries the autograd graph.
-    backward: root cuts dL/d(B, N*K) into the ranks' columns and scatters them back
+    forward:  each rank's local outputs for its rows of the batch, (b_r, m_r*K) with its m_r
+              subdomains in ascending order, are gathered (MPI_Igatherv) to `root` as
+              (B, N*K) in batch order and subdomain order. Other ranks get an empty (b_r, 0)
+              tensor that carries the autograd graph.
+    backward: root cuts dL/d(B, N*K) into the ranks' rows and columns and scatters them back
               (MPI_Iscatterv); each rank continues back-propagation through its local CNNs.
               Ranks other than root start it with backward(out, zeros_like(out)).
+    Rows: with P <= N every rank computes every row of the batch (b_r = B). With P = G*N
+    (`member` = (g, G): member g of its subdomain's data-parallel group) rank r holds samples
+    [g*n//G, (g+1)*n//G) of a split of n and computes the rows of the batch (global sample
+    indices `idx`) that fall there; the root assembles them, so the coherent model is model
+    parallel across subdomains and data parallel inside each group.
     Invariant: every rank calls forward and backward the same number of times, in the same
-    order, with the same B (the same sample indices). What crosses the wire is B*N*K float32
-    values each way per step. `seconds` counts the wall time in the exchange, waits for
-    slower ranks included; `cpu_seconds` the CPU time it used; `bytes` this rank's part.
-    `poll_interval`: seconds to sleep between tests of a pending exchange (for ranks that
-    outnumber cores), or None for MPI's busy Wait (a core per rank: lowest latency).
+    order, with the same idx and n. What crosses the wire is B*N*K float32 values each way per
+    step. `seconds` counts the wall time in the exchange, waits for slower ranks included;
+    `cpu_seconds` the CPU time it used; `bytes` this rank's part. `poll_interval`: seconds to
+    sleep between tests of a pending exchange (for ranks that outnumber cores), or None for
+    MPI's busy Wait (a core per rank: lowest latency).
     """
 
     def __init__(self, comm, mine, num_subdomains: int, num_classes: int, root: int = 0,
-                 poll_interval: float | None = 1e-4):
+                 poll_interval: float | None = 1e-4, member: tuple[int, int] | None = None):
         self.comm, self.root, self.K, self.N = comm, root, num_classes, num_subdomains
         self.mine = sorted(mine)
         self.owners = comm.allgather(self.mine)  # rank r's subdomains, ascending
+        self.members = comm.allgather(member)    # rank r's (g, G), or None: every row
         self.rank = comm.Get_rank()
         self.is_root = self.rank == root
         self.poll_interval = poll_interval
         self.seconds, self.cpu_seconds, self.bytes, self.calls = 0.0, 0.0, 0, 0
 
-    def __call__(self, local):
-        return GatherToRoot.apply(local, self)
+    def __call__(self, local, idx=None, n=None):
+        """local: this rank's outputs for its rows of the batch `idx` (global sample indices of a
+        split of n samples); idx None: every rank computes every row."""
+        return GatherToRoot.apply(local, self, idx, n)
 
-    def _counts(self, batch):
-        return [batch * len(o) * self.K for o in self.owners]
+    def rows(self, idx, n, batch: int) -> list:
+        """[rank r's rows of the batch] (positions in idx of the samples rank r holds)."""
+        out = []
+        for member in self.members:
+            if member is None or idx is None:
+                out.append(np.arange(batch))
+            else:
+                g, G = member
+                idx = np.asarray(idx)
+                out.append(np.flatnonzero((idx >= g * n // G) & (idx < (g + 1) * n // G)))
+        return out
 
-    def gather(self, local: np.ndarray) -> np.ndarray | None:
-        batch = local.shape[0]
-        if local.shape[1] != len(self.mine) * self.K:
-            raise ValueError(f"exchange: rank {self.rank} owns subdomains {self.mine}, so it must send "
-                             f"{len(self.mine)} x {self.K} outputs per sample, not {local.shape[1]}")
+    def gather(self, local: np.ndarray, rows: list, batch: int) -> np.ndarray | None:
+        if local.shape != (len(rows[self.rank]), len(self.mine) * self.K):
+            raise ValueError(f"exchange: rank {self.rank} owns subdomains {self.mine} and {len(rows[self.rank])} "
+                             f"rows of the batch, so it must send {len(rows[self.rank])} x {len(self.mine) * self.K} "
+                             f"outputs, not {local.shape}")
         start = time.perf_counter(), time.process_time()
         if self.is_root:
-            counts = self._counts(batch)
+            counts = [len(r) * len(o) * self.K for r, o in zip(rows, self.owners)]
             recv = np.empty(sum(counts), dtype=np.float32)
             sleepy_wait(self.comm.Igatherv(local, (recv, counts), root=self.root), self.poll_interval)
-            out = np.empty((batch, self.N, self.K), dtype=np.float32)
-            for owned, block in zip(self.owners, np.split(recv, np.cumsum(counts)[:-1])):
-                out[:, owned, :] = block.reshape(batch, len(owned), self.K)
+            out = np.zeros((batch, self.N, self.K), dtype=np.float32)
+            for r, owned, block in zip(rows, self.owners, np.split(recv, np.cumsum(counts)[:-1])):
+                out[np.ix_(r, owned)] = block.reshape(len(r), len(owned), self.K)
             result = out.reshape(batch, self.N * self.K)
         else:
             sleepy_wait(self.comm.Igatherv(local, None, root=self.root), self.poll_interval)
@@ -65,18 +83,20 @@ class ModelParallelExchange:
         self._count(start, local.nbytes)
         return result
 
-    def scatter(self, grad: np.ndarray | None, batch: int) -> np.ndarray:
+    def scatter(self, grad: np.ndarray | None, rows: list, batch: int) -> np.ndarray:
         start = time.perf_counter(), time.process_time()
-        recv = np.empty(batch * len(self.mine) * self.K, dtype=np.float32)
+        mine = len(rows[self.rank])
+        recv = np.empty(mine * len(self.mine) * self.K, dtype=np.float32)
         if self.is_root:
             g = grad.reshape(batch, self.N, self.K)
-            send = np.concatenate([g[:, owned, :].ravel() for owned in self.owners])
-            request = self.comm.Iscatterv((send, self._counts(batch)), recv, root=self.root)
+            send = np.concatenate([g[np.ix_(r, owned)].ravel() for r, owned in zip(rows, self.owners)])
+            counts = [len(r) * len(o) * self.K for r, o in zip(rows, self.owners)]
+            request = self.comm.Iscatterv((send, counts), recv, root=self.root)
         else:
             request = self.comm.Iscatterv(None, recv, root=self.root)
         sleepy_wait(request, self.poll_interval)
         self._count(start, recv.nbytes)
-        return recv.reshape(batch, len(self.mine) * self.K)
+        return recv.reshape(mine, len(self.mine) * self.K)
 
     def _count(self, start, nbytes):
         self.seconds += time.perf_counter() - start[0]
@@ -90,10 +110,13 @@ def _float32_array(tensor):
 
 
 class GatherToRoot(torch.autograd.Function):
+    """forward: Gatherv of the ranks' local outputs to the root; backward (its adjoint): Scatterv."""
+
     @staticmethod
-    def forward(ctx, local, exchange):
-        ctx.exchange, ctx.batch = exchange, local.shape[0]
-        gathered = exchange.gather(_float32_array(local))
+    def forward(ctx, local, exchange, idx, n):
+        batch = len(idx) if idx is not None else local.shape[0]
+        ctx.exchange, ctx.batch, ctx.rows = exchange, batch, exchange.rows(idx, n, batch)
+        gathered = exchange.gather(_float32_array(local), ctx.rows, batch)
         if gathered is None:
             return local.new_empty((local.shape[0], 0))
         return torch.from_numpy(gathered).to(device=local.device, dtype=local.dtype)
@@ -101,5 +124,5 @@ class GatherToRoot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ex = ctx.exchange
-        received = ex.scatter(_float32_array(grad) if ex.is_root else None, ctx.batch)
-        return torch.from_numpy(received).to(device=grad.device, dtype=grad.dtype), None
+        received = ex.scatter(_float32_array(grad) if ex.is_root else None, ctx.rows, ctx.batch)
+        return torch.from_numpy(received).to(device=grad.device, dtype=grad.dtype), None, None, None

@@ -9,7 +9,10 @@ coarse DNN trained as one model, model parallel over ctx.comm, top to bottom as 
                  -> every rank: backward through its CNNs, optimizer step   (mpidd.coherent)
     end          test: the same forward pass, scored on rank 0
 
-Collective over ctx.comm at every step (and every stop poll: ctx.poll_world).
+Collective over ctx.comm at every step (and every stop poll: ctx.poll_world). With P = G*N
+ranks each subdomain's group trains its local CNN data parallel inside the model-parallel
+step: every member computes the rows of the batch it holds, and their gradients (and
+BatchNorm statistics) are summed over the group.
 """
 
 from __future__ import annotations
@@ -51,9 +54,13 @@ def initial_models(ctx: Context, dec, channels: int, num_classes: int, width_fac
         local = {}
         for i in sorted(ctx.mine):
             torch.manual_seed(seed_for(cfg.seed, "coherent_local", i))
-            local[i] = build_local_model(channels, K, dec, cnn, width_factor).to(ctx.device)
-    else:
-        local = {i: copy.deepcopy(pretrained["local"][i]).to(ctx.device) for i in sorted(ctx.mine)}
+            local[i] = ctx.on_device(build_local_model(channels, K, dec, cnn, width_factor))
+    else:  # fresh modules with the pre-trained weights (their BatchNorm sums over this ctx's group)
+        local = {}
+        for i in sorted(ctx.mine):
+            local[i] = build_local_model(channels, K, dec, cnn, width_factor)
+            local[i].load_state_dict(pretrained["local"][i].state_dict())
+            local[i] = ctx.on_device(local[i])
     dnn = None
     if ctx.master_process:
         if pretrained is not None and pretrained.get("dnn") is not None:
@@ -64,19 +71,25 @@ def initial_models(ctx: Context, dec, channels: int, num_classes: int, width_fac
     return local, dnn
 
 
-def fit(ctx: Context, name: str, local: dict, dnn, images: dict, labels: dict, cfg: CoherentConfig, exchange):
-    """Train the coherent model in place on images["train"] ({subdomain: subimages}), validating on
-    images["val"] each epoch. `name`: coherent_random or coherent_pretrained (checkpoints, progress).
-    Collective. Returns (history, optimizer, timing of the steps and their exchange)."""
+def fit(ctx: Context, name: str, local: dict, dnn, subsets: dict, labels: dict, cfg: CoherentConfig, exchange):
+    """Train the coherent model in place on the "train" Shards of `subsets` ({subdomain: {split:
+    Shard}}; this rank's share of the samples in a data-parallel group), validating on "val" each
+    epoch; labels: {split: every sample's label}. `name`: coherent_random or coherent_pretrained
+    (checkpoints, progress). Collective. Returns (history, optimizer, timing of the steps and
+    their exchange)."""
     init = name.split("_", 1)[1]
+    xs = {s: {i: subsets[i][s].x for i in sorted(subsets)} for s in ("train", "val")}
+    start = {s: next(iter(subsets.values()))[s].start for s in ("train", "val")}
     return train_coherent(
-        local, dnn, images["train"], labels["train"], images["val"], labels["val"], cfg.opts,
+        local, dnn, xs["train"], labels["train"], xs["val"], labels["val"], cfg.opts,
         seed_for(cfg.seed, "coherent_order"), exchange=exchange, output=cfg.output,
         eval_batch_size=cfg.eval_batch_size, log=ctx.log_progress(NAMES.get(init, name), cfg.opts.epochs),
-        control=ctx.coherent_control(name))
+        control=ctx.coherent_control(name), train_start=start["train"], val_start=start["val"], group=ctx.group)
 
 
-def score(ctx: Context, local: dict, dnn, images: dict, labels, cfg: CoherentConfig, exchange):
-    """(loss, accuracy) of the coherent model on rank 0, None elsewhere. Collective."""
-    return evaluate_coherent(local, dnn, images, labels, exchange=exchange, output=cfg.output,
-                             batch_size=cfg.eval_batch_size, stop=ctx.poll_world)
+def score(ctx: Context, local: dict, dnn, subsets: dict, labels, cfg: CoherentConfig, exchange, split="test"):
+    """(loss, accuracy) of the coherent model on `split` on rank 0, None elsewhere. Collective."""
+    xs = {i: subsets[i][split].x for i in sorted(subsets)}
+    return evaluate_coherent(local, dnn, xs, labels, exchange=exchange, output=cfg.output,
+                             batch_size=cfg.eval_batch_size, stop=ctx.poll_world,
+                             start=next(iter(subsets.values()))[split].start)
