@@ -140,6 +140,20 @@ class _CollectiveEstimator:
         self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
         return x, y, x_val, y_val
 
+    def _write_on_root(self, path, contents) -> str:
+        """Rank 0 writes the model file of contents() = (manifest, models), atomically; every
+        rank returns its path or raises the same OSError. Collective."""
+        error, written = None, None
+        if self.comm.Get_rank() == 0:
+            try:
+                written = saved.save_model(path, *contents())
+            except OSError as e:
+                error = f"cannot write {path}: {e}"
+        error, written = self.comm.bcast((error, written), root=0)
+        if error:
+            raise OSError(error)
+        return written
+
     def _fitted(self):
         if not self._models:
             raise RuntimeError(f"this {type(self).__name__} is not fitted: call fit (or load) first")
@@ -479,16 +493,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
             if self._ctx.master_process:
                 models[kind] = {"local": {i: s for part in parts for i, s in sorted(part.items())},
                                 "dnn": _cpu_state(bundle["dnn"]), "exchange": bundle.get("exchange", "probabilities")}
-        error, written = None, None
-        if self._ctx.master_process:
-            try:
-                written = saved.save_model(path, self.manifest(), models)
-            except OSError as e:
-                error = f"cannot write {path}: {e}"
-        error, written = self.comm.bcast((error, written), root=0)
-        if error:
-            raise OSError(error)
-        return written
+        return self._write_on_root(path, lambda: (self.manifest(), models))
 
     @classmethod
     def load(cls, path, comm=None, device=None, threads=None, verbose=False) -> "TwoLevelClassifier":
@@ -663,22 +668,13 @@ class WidthClassifier(_CollectiveEstimator):
         mpidd.predict FILE --model recomposed classifies with it), written by rank 0. Collective;
         the path on every rank."""
         self._fitted()
-        written, error = None, None
-        if self.comm.Get_rank() == 0:
-            d = len(self.image_shape_) - 1
-            manifest = {"method": "width", "image_shape": list(self.image_shape_), "input_dtype": self.input_dtype_,
-                        "grid": [1] * d, "overlap": 0, "num_classes": len(self.classes_), "classes": self.class_names_,
-                        "cnn": dataclasses.asdict(self.config().cnn), "width_factor": 1.0, "coarse_hidden": [],
-                        "coarse_dropout": 0.0,
-                        "hyperparameters": {k: v for k, v in self.get_params().items()}}
-            try:
-                written = saved.save_model(path, manifest, {"recomposed": {"model": _cpu_state(self._models["recomposed"])}})
-            except OSError as e:
-                error = f"cannot write {path}: {e}"
-        error, written = self.comm.bcast((error, written), root=0)
-        if error:
-            raise OSError(error)
-        return written
+        d = len(self.image_shape_) - 1
+        manifest = {"method": "width", "image_shape": list(self.image_shape_), "input_dtype": self.input_dtype_,
+                    "grid": [1] * d, "overlap": 0, "num_classes": len(self.classes_), "classes": self.class_names_,
+                    "cnn": dataclasses.asdict(self.config().cnn), "width_factor": 1.0, "coarse_hidden": [],
+                    "coarse_dropout": 0.0, "hyperparameters": self.get_params()}
+        return self._write_on_root(path, lambda: (
+            manifest, {"recomposed": {"model": _cpu_state(self._models["recomposed"])}}))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
