@@ -320,13 +320,17 @@ def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: i
                 _clock(partial, t0, cpu0)
                 _curve_point(module, test, partial, epoch, b + 1, steps_per_epoch, state, stopped, control)
                 t0, cpu0 = time.perf_counter() - partial["seconds"], time.process_time() - partial["cpu_seconds"]
-            if log and opts.log_interval and (b + 1) % opts.log_interval == 0 and b + 1 < steps_per_epoch:
-                _clock(partial, t0, cpu0)
-                rate = partial["seen"] / max(partial["seconds"], 1e-9)
-                done = (epoch - 1) * steps_per_epoch + b + 1
-                log({"epoch": epoch, "batch": b + 1, "batches": steps_per_epoch,
-                     **_running_scores(partial, root),
-                     "images_per_s": rate, "eta_s": (total_steps - done) * opts.batch_size / rate})
+            if opts.log_interval and (b + 1) % opts.log_interval == 0 and b + 1 < steps_per_epoch:
+                sums = [partial["loss_sum"], partial["correct"]]
+                if group is not None:  # each rank scored its own samples (every member sums here, log or not)
+                    sums = group.sum(sums)
+                if log:
+                    _clock(partial, t0, cpu0)
+                    rate = partial["seen"] / max(partial["seconds"], 1e-9)
+                    done = (epoch - 1) * steps_per_epoch + b + 1
+                    log({"epoch": epoch, "batch": b + 1, "batches": steps_per_epoch,
+                         **_running_scores(sums, partial["seen"], root),
+                         "images_per_s": rate, "eta_s": (total_steps - done) * opts.batch_size / rate})
         _clock(partial, t0, cpu0)
         try:
             val_loss, val_acc = validate(control.stop) if validate is not None else (math.nan, math.nan)
@@ -373,10 +377,10 @@ def _clock(partial, t0, cpu0):
     partial["seconds"], partial["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def _running_scores(partial, root):
+def _running_scores(sums, seen, root):
     if not root:
         return {"loss": math.nan, "acc": math.nan}
-    return {"loss": partial["loss_sum"] / partial["seen"], "acc": partial["correct"] / partial["seen"]}
+    return {"loss": sums[0] / seen, "acc": sums[1] / seen}
 
 
 def _curve_point(module, test, partial, epoch, steps_done, steps_per_epoch, state, stopped, control):
