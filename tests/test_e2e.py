@@ -338,7 +338,7 @@ def test_a_run_that_does_not_fit_is_refused_as_pretrained(two_rank_run, tiny, tm
 def test_resnet_family_end_to_end(tiny, tmp_path):
     out = str(tmp_path / "resnet")
     proc = run(["--data", tiny, "--arch", "resnet", "--depth", "2", "--blocks-per-stage", "1", "--mode", "coherent",
-                "--init", "random", "--out", out, *TINY], np=2)
+                "--init", "random", "--grid", "2x2", "--out", out, *TINY], np=2)
     assert proc.returncode == 0, proc.stderr
     r = results(out)
     assert r["arch"] == "resnet" and r["accuracy"]["coherent (random init)"]["test"] > 0.4

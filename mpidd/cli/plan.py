@@ -177,10 +177,13 @@ def resolve_auto_grid(args, size: int, shape):
     and args.grid_choice (the reason, printed first)."""
     earlier = os.path.join(args.from_run, "config.json") if args.from_run else None
     if earlier and os.path.isfile(earlier):
-        with open(earlier) as f:
-            args.grid = json.load(f).get("grid", args.grid)
-        args.grid_choice = f"grid auto: {args.grid}, the grid of --from {args.from_run}"
-        if args.grid != "auto":
+        try:
+            with open(earlier) as f:
+                grid = json.load(f).get("grid", "auto")
+        except ValueError:  # check_pretrained_run refuses it with one line
+            grid = "auto"
+        if grid != "auto":
+            args.grid, args.grid_choice = grid, f"grid auto: {grid}, the grid of --from {args.from_run}"
             return
     grid, args.grid_choice = choose_grid(size, shape)
     args.grid = format_grid(grid)
