@@ -108,7 +108,7 @@ class _CollectiveEstimator:
         """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
         if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
             self._count("results", obj)
-        return self.comm.bcast(obj, root=0)
+        return dist.broadcast_from_root(self.comm, obj)
 
     def _hold_out(self, x, y, n):
         """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
@@ -149,7 +149,7 @@ class _CollectiveEstimator:
                 written = saved.save_model(path, *contents())
             except OSError as e:
                 error = f"cannot write {path}: {e}"
-        error, written = self.comm.bcast((error, written), root=0)
+        error, written = dist.broadcast_from_root(self.comm, (error, written))
         if error:
             raise OSError(error)
         return written
@@ -293,7 +293,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         mine = {i: h for i, h in histories.items()} if ctx.leader else {}
         self._count("metadata", mine)
         all_histories = {}
-        for part in self.comm.allgather(mine):
+        for part in dist.allgather(self.comm, mine):
             all_histories.update(part)
         self._models = {"twolevel": {"local": models, "dnn": dnn, "exchange": "probabilities"}}
         self.local_scores_ = {i: {"val": scores["local"][i]["val"]} for i in range(N)}
@@ -489,7 +489,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
             mine = {i: _cpu_state(m) for i, m in bundle["local"].items()} if self._ctx.leader else {}
             if not self._ctx.master_process:
                 self._sent["parameters"] += sum(t.nbytes for st in mine.values() for t in st.values())
-            parts = self.comm.gather(mine, root=0)
+            parts = dist.gather_to_root(self.comm, mine)
             if self._ctx.master_process:
                 models[kind] = {"local": {i: s for part in parts for i, s in sorted(part.items())},
                                 "dnn": _cpu_state(bundle["dnn"]), "exchange": bundle.get("exchange", "probabilities")}
@@ -631,7 +631,7 @@ class WidthClassifier(_CollectiveEstimator):
         mine_histories = {m: h for m, h in histories.items()}
         self._count("metadata", mine_histories)
         all_histories = {}
-        for part in self.comm.allgather(mine_histories):
+        for part in dist.allgather(self.comm, mine_histories):
             all_histories.update(part)
         self._ctx = ctx
         self._models = {"recomposed": model}  # rank 0's; None elsewhere

@@ -1,6 +1,7 @@
 """Everything that talks MPI, and the only package of mpidd that imports mpi4py.
 
-    collectives  sleeping waits, root_decides, agree, gather_to_root, gather_probabilities
+    collectives  sleeping waits, root_decides, agree, broadcast_from_root, allgather, gather_to_root,
+                 gather_probabilities
     exchange     ModelParallelExchange and its autograd operator GatherToRoot (coherent CNN-DNN)
     groups       DataParallelGroup and its autograd operator AllSum (P = G*N ranks)
     stop         StopAgreement: SIGTERM/SIGUSR1 on any rank stops every rank (exit 75)
@@ -14,7 +15,8 @@ Invariants the rest of mpidd relies on:
   waiting in a collective), after a message that names the rank.
 """
 
-from .collectives import agree, gather_probabilities, gather_to_root, root_decides, sleepy_barrier, sleepy_wait
+from .collectives import (agree, allgather, broadcast_from_root, gather_probabilities, gather_to_root, root_decides,
+                          sleepy_barrier, sleepy_wait)
 from .exchange import GatherToRoot, ModelParallelExchange
 from .groups import AllSum, DataParallelGroup
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
@@ -35,7 +37,7 @@ def world():
     return MPI.COMM_WORLD
 
 
-__all__ = ["agree", "gather_probabilities", "gather_to_root", "root_decides", "sleepy_barrier", "sleepy_wait",
+__all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides", "sleepy_barrier", "sleepy_wait",
            "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "node_comm", "node_cores_and_ranks", "oversubscribed", "peak_rss_bytes", "select_device", "tune_malloc",

@@ -33,6 +33,16 @@ def root_decides(comm, decide, root=0):
     return comm.bcast(decide() if comm.Get_rank() == root else None, root=root)
 
 
+def broadcast_from_root(comm, obj, root=0):
+    """`root`'s obj on every rank (what the other ranks pass is ignored)."""
+    return comm.bcast(obj, root=root)
+
+
+def allgather(comm, obj) -> list:
+    """Every rank's obj, as a list in rank order, on every rank."""
+    return comm.allgather(obj)
+
+
 def gather_to_root(comm, obj, root=0):
     """Every rank's `obj`, as a list in rank order on `root`; None elsewhere."""
     return comm.gather(obj, root=root)
