@@ -16,7 +16,10 @@ setup(
         "pillow>=9",  # mpidd.predict reads PNG/JPEG images
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3"],  # scikit-learn: its bundled real `digits` for tests
+        # data_prep's converters: nibabel reads NIfTI volumes; scikit-image ships lfw_subset and sample photos
+        "data": ["nibabel>=5", "scikit-image>=0.22"],
+        # scikit-learn: its bundled real `digits` for tests
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3", "nibabel>=5", "scikit-image>=0.22"],
         "mpich": ["mpich"],  # MPI from pip (make's default, MPI=pip); leave it out for a site MPI
     },
 )

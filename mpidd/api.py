@@ -15,7 +15,10 @@ Images come in one of two forms, in fit, predict_proba, predict and score alike:
       `local_boxes(image_shape)` names (pass `image_shape=`): no whole image ever exists
       anywhere, as in a solver that holds its field domain-decomposed.
 Labels y are (n,) integers 0..K-1, the same on every rank. uint8 images are divided by 255,
-float images are used as they are (as float32).
+float images are used as they are (as float32). normalization=(mean, std), one number per
+channel in those units (e.g. mpidd.data.inspect(FILE).mean and .std, the statistics data_prep
+writes into a data file), makes every model normalise its input, (x - mean) / std, as the
+command line does; the default None leaves the input as it is.
 
 Ranks: P <= N subdomains (rank r trains r, r+P, ...) or P a multiple of N (P/N ranks train
 each local CNN data parallel, each on its share of the samples). Nothing here touches
@@ -154,6 +157,13 @@ class _CollectiveEstimator:
             raise OSError(error)
         return written
 
+    def _cnn_config(self) -> CNNConfig:
+        mean, std = normalization_pair(self.normalization)
+        return CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
+                         hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
+                         batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage,
+                         input_mean=mean, input_std=std)
+
     def _fitted(self):
         if not self._models:
             raise RuntimeError(f"this {type(self).__name__} is not fitted: call fit (or load) first")
@@ -182,7 +192,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
                  coarse_epochs=5, coarse_lr=3e-3, coarse_batch_size=512, coherent_epochs=2, coherent_lr=2e-3,
                  transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, comm=None, device=None, threads=None, verbose=False):
+                 num_classes=None, class_names=None, normalization=None, comm=None, device=None, threads=None,
+                 verbose=False):
         self.grid, self.overlap = grid, overlap
         self.arch, self.width, self.depth, self.convs_per_block = arch, width, depth, convs_per_block
         self.blocks_per_stage, self.hidden, self.head_pool = blocks_per_stage, hidden, head_pool
@@ -195,7 +206,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.coherent_epochs, self.coherent_lr, self.transfer_lr = coherent_epochs, coherent_lr, transfer_lr
         self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
-        self.num_classes, self.class_names = num_classes, class_names
+        self.num_classes, self.class_names, self.normalization = num_classes, class_names, normalization
         self._setup(comm, device, threads, verbose)  # self._models: kind -> {"local": {i: module}, "dnn": ...}
 
     # --- configuration ------------------------------------------------------------------------
@@ -205,13 +216,11 @@ class TwoLevelClassifier(_CollectiveEstimator):
                        "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
                        "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "coherent_epochs",
                        "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
-                       "validation_fraction", "num_classes", "class_names")
+                       "validation_fraction", "num_classes", "class_names", "normalization")
 
     def config(self) -> twolevel.TwoLevelConfig:
         """The typed configuration the method runs with."""
-        cnn = CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
-                        hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
-                        batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage)
+        cnn = self._cnn_config()
         local = TrainOptions(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
                              momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
         coarse = TrainOptions(epochs=self.coarse_epochs, batch_size=self.coarse_batch_size, lr=self.coarse_lr,
@@ -517,7 +526,9 @@ class TwoLevelClassifier(_CollectiveEstimator):
         params.update(grid="x".join(map(str, state["grid"])), overlap=state["overlap"],
                       coarse_hidden=tuple(state["coarse_hidden"]), coarse_dropout=state["coarse_dropout"],
                       width_factor=state["width_factor"], class_names=state["classes"],
-                      num_classes=state["num_classes"])
+                      num_classes=state["num_classes"],
+                      normalization=(state["cnn"].get("input_mean") or None) and
+                      (tuple(state["cnn"]["input_mean"]), tuple(state["cnn"]["input_std"])))
         clf = cls(**params, comm=comm, device=device, threads=threads, verbose=verbose)
         clf._restore(state, str(path))
         return clf
@@ -575,22 +586,21 @@ class WidthClassifier(_CollectiveEstimator):
     HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "hidden",
                        "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer", "momentum",
                        "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard", "offdiag_noise",
-                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names")
+                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names", "normalization")
 
     def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
                  hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
                  optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine", eval_batch_size=256,
                  subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, comm=None, device=None, threads=None, verbose=False):
+                 num_classes=None, class_names=None, normalization=None, comm=None, device=None, threads=None,
+                 verbose=False):
         for k, v in locals().items():
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)
         self._setup(comm, device, threads, verbose)
 
     def config(self) -> width.WidthConfig:
-        cnn = CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
-                        hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
-                        batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage)
+        cnn = self._cnn_config()
         common = dict(batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
                       weight_decay=self.weight_decay, schedule=self.schedule)
         return width.WidthConfig(cnn=cnn, subnets=self.subnets,
@@ -681,6 +691,17 @@ class WidthClassifier(_CollectiveEstimator):
 
 def _count(x) -> int:
     return len(next(iter(x.values()))) if isinstance(x, dict) and x else (0 if isinstance(x, dict) else len(x))
+
+
+def normalization_pair(value) -> tuple[tuple, tuple]:
+    """normalization= None, (mean, std) or {"mean": ..., "std": ...} -> (mean tuple, std tuple)."""
+    if value is None:
+        return (), ()
+    mean, std = (value["mean"], value["std"]) if isinstance(value, dict) else value
+    mean, std = tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std))
+    if len(mean) != len(std) or not mean or not all(np.isfinite(mean)) or not all(s > 0 for s in std):
+        raise ValueError(f"normalization needs one finite mean and one std > 0 per channel, got {value!r}")
+    return mean, std
 
 
 def _dtype_name(x) -> str:

@@ -13,6 +13,7 @@ samples, so a rank never holds (or touches) more than its own subimages.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class DataInfo:
     num_classes: int
     classes: list
     sizes: dict = field(default_factory=dict)  # split -> n
+    mean: tuple | None = None  # per-channel mean and std of the training split, in the units
+    std: tuple | None = None   # mpidd trains on (uint8 / 255); None: the file has none
 
     @property
     def channels(self) -> int:
@@ -106,9 +109,27 @@ def inspect(path: str, check_labels: bool = True) -> DataInfo:
             raise DataError(f"{path}: need at least 2 classes, found {num_classes}")
         if not classes:
             classes = [str(k) for k in range(num_classes)]
+        mean, std = channel_stats(f, path, image_shape[0])
     return DataInfo(path=path, image_shape=tuple(int(s) for s in image_shape),
                     dtype=str(np.dtype(dtype)), num_classes=int(num_classes),
-                    classes=classes, sizes=sizes)
+                    classes=classes, sizes=sizes, mean=mean, std=std)
+
+
+def channel_stats(f, path: str, channels: int):
+    """The file's (channel_mean, channel_std) as tuples of floats, or (None, None) if it has none."""
+    if "channel_mean" not in f.attrs and "channel_std" not in f.attrs:
+        return None, None
+    try:
+        mean = np.asarray(f.attrs["channel_mean"], dtype=np.float64).reshape(-1)
+        std = np.asarray(f.attrs["channel_std"], dtype=np.float64).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: attributes channel_mean and channel_std must both be lists of numbers") from None
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"{path}: channel_mean and channel_std need {channels} values (one per channel), "
+                        f"found {len(mean)} and {len(std)}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise DataError(f"{path}: channel_mean must be finite and channel_std finite and > 0")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def read_box(images, box_slices, block: int = 4096, check_finite: bool = True, name: str = "images",
@@ -195,20 +216,165 @@ def atomic_path(path: str):
         raise
 
 
-def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None):
-    """Write {split: (images, labels)} in the mpidd layout, atomically (temporary file + rename)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        layout = None
-        for split, (images, labels) in splits.items():
-            images = np.asarray(images)
-            labels = np.asarray(labels, dtype=np.int64)
-            layout = "NCHW" if images.ndim == 4 else "NCDHW"
-            g = f.create_group(split)
-            g.create_dataset("images", data=images, chunks=default_chunks(images.shape, tile))
-            g.create_dataset("labels", data=labels)
-        if classes is not None:
-            f.attrs["classes"] = [str(c) for c in classes]
-        f.attrs["layout"] = layout or "NCHW"
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
+class DatasetWriter:
+    """Write the mpidd layout block by block, atomically, with the training split's per-channel
+    mean and standard deviation (the numbers mpidd normalises with).
+
+        with DatasetWriter(path, (C, H, W), "uint8", {"train": n1, "val": n2, "test": n3},
+                           classes=names) as w:
+            for x, y in blocks:            # any number of samples per call, in order
+                w.write("train", x, y)
+
+    Nothing is visible at `path` until every split is complete and the block exits cleanly; on an
+    error the temporary file is removed. Images are (n, C, H, W) or (n, C, D, H, W), uint8 or
+    float32 (float images must be finite); labels int in [0, len(classes)).
+    """
+
+    def __init__(self, path: str, image_shape, dtype, sizes: dict, classes, tile: int | None = None,
+                 attrs=None):
+        self.path, self.image_shape, self.dtype = path, tuple(int(s) for s in image_shape), np.dtype(dtype)
+        if self.dtype not in IMAGE_DTYPES:
+            raise DataError(f"images must be uint8 or float32, not {self.dtype}")
+        if len(self.image_shape) not in (3, 4):
+            raise DataError(f"image shape {self.image_shape}: expected (C, H, W) or (C, D, H, W)")
+        missing = [s for s in SPLITS if sizes.get(s, 0) < 1]
+        if missing:
+            raise DataError(f"split(s) {', '.join(missing)} would be empty: every one of train, val, test needs images")
+        self.sizes, self.classes = {s: int(sizes[s]) for s in SPLITS}, [str(c) for c in classes]
+        if len(self.classes) < 2:
+            raise DataError(f"need at least 2 classes, got {len(self.classes)}")
+        self.tile, self.attrs = tile, dict(attrs or {})
+        self.filled = dict.fromkeys(SPLITS, 0)
+        self.stats = ChannelStats(self.image_shape[0])
+
+    def __enter__(self):
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self.file = h5py.File(tmp, "w")
+            for split in SPLITS:
+                shape = (self.sizes[split],) + self.image_shape
+                g = self.file.create_group(split)
+                g.create_dataset("images", shape=shape, dtype=self.dtype, chunks=default_chunks(shape, self.tile))
+                g.create_dataset("labels", shape=(self.sizes[split],), dtype=np.int64)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, split: str, images, labels):
+        """Append a block of samples to `split`."""
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.shape[1:] != self.image_shape:
+            raise DataError(f"{split}: a block of images of shape {images.shape[1:]} does not match "
+                            f"the data set's {self.image_shape}")
+        if labels.shape != images.shape[:1]:
+            raise DataError(f"{split}: {len(images)} images but labels of shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise DataError(f"{split}: labels out of range: found {labels.min()}..{labels.max()}, "
+                            f"{len(self.classes)} classes")
+        if images.dtype != self.dtype:
+            if self.dtype == np.uint8 and not (images.dtype.kind in "ui" and images.min(initial=0) >= 0
+                                               and images.max(initial=0) <= 255):
+                raise DataError(f"{split}: {images.dtype} images cannot be stored as uint8 exactly")
+            images = images.astype(self.dtype)
+        if self.dtype.kind == "f" and not np.isfinite(images).all():
+            bad = self.filled[split] + int(np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))[0])
+            raise DataError(f"{split}: image {bad} holds NaN or inf values")
+        lo, hi = self.filled[split], self.filled[split] + len(images)
+        if hi > self.sizes[split]:
+            raise DataError(f"{split}: more than the {self.sizes[split]} images announced")
+        self.file[split]["images"][lo:hi] = images
+        self.file[split]["labels"][lo:hi] = labels.astype(np.int64)
+        self.filled[split] = hi
+        if split == "train":
+            self.stats.add(images)
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                short = [f"{s} {self.filled[s]} of {self.sizes[s]}" for s in SPLITS if self.filled[s] != self.sizes[s]]
+                if short:
+                    raise DataError(f"{self.path}: incomplete splits ({', '.join(short)})")
+                mean, std = self.stats.result()
+                f = self.file
+                f.attrs["classes"] = self.classes
+                f.attrs["layout"] = "NCHW" if len(self.image_shape) == 3 else "NCDHW"
+                f.attrs["channel_mean"], f.attrs["channel_std"] = mean, std
+                f.attrs["channel_stats_units"] = STATS_UNITS[self.dtype.name]
+                for k, v in self.attrs.items():
+                    f.attrs[k] = v
+        except BaseException:
+            self.file.close()
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self.file.close()
+        return self._atomic.__exit__(*exc)
+
+
+STATS_UNITS = {"uint8": "pixel values / 255 (what mpidd trains on)", "float32": "stored values"}
+
+
+class ChannelStats:
+    """Per-channel mean and standard deviation over a stream of image blocks, in the units
+    mpidd trains on (uint8 / 255), combined block by block (Chan et al.) in float64."""
+
+    def __init__(self, channels: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(channels), np.zeros(channels)
+
+    def add(self, images):
+        x = np.asarray(images, dtype=np.float64)
+        if images.dtype == np.uint8:
+            x /= 255.0
+        x = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+        n = x.shape[1]
+        if n == 0:
+            return
+        mean = x.mean(axis=1)
+        m2 = ((x - mean[:, None]) ** 2).sum(axis=1)
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + m2 + delta ** 2 * self.n * n / total
+        self.n = total
+
+    def result(self):
+        """(mean, std) float64 arrays; a constant channel gets std 1 (nothing to scale)."""
+        std = np.sqrt(self.m2 / max(self.n, 1))
+        return self.mean.copy(), np.where(std > 1e-12, std, 1.0)
+
+
+def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None,
+                  block: int = 1024) -> str:
+    """Write numpy arrays as an mpidd data file, atomically (temporary file + rename).
+
+    splits: {"train": (images, labels), "val": (...), "test": (...)}, images (n, C, H, W) or
+    (n, C, D, H, W), uint8 (stored as is; mpidd divides by 255) or float (stored float32);
+    labels integers 0..K-1. classes: K names (default "0".."K-1"). The training split's
+    per-channel mean and standard deviation go into the file (attributes channel_mean and
+    channel_std), and mpidd normalises every model's input with them. Returns `path`.
+    """
+    arrays = {}
+    for split in SPLITS:
+        if split not in splits:
+            raise DataError(f"split {split!r} is missing: pass train, val and test")
+        images, labels = splits[split]
+        images = np.asarray(images)
+        if images.ndim not in (4, 5):
+            raise DataError(f"{split}: images of shape {images.shape}; expected (n, C, H, W) or (n, C, D, H, W)")
+        arrays[split] = (images, np.asarray(labels))
+    first = arrays["train"][0]
+    dtype = np.uint8 if first.dtype == np.uint8 else np.float32
+    for split, (images, labels) in arrays.items():
+        if images.shape[1:] != first.shape[1:]:
+            raise DataError(f"{split}: images {images.shape[1:]} but train {first.shape[1:]}: one image shape for all splits")
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{split}: labels must be integers of shape ({len(images)},), not {labels.dtype}{labels.shape}")
+    if classes is None:
+        classes = [str(k) for k in range(int(max(y.max() for _, y in arrays.values())) + 1)]
+    sizes = {s: len(arrays[s][0]) for s in SPLITS}
+    with DatasetWriter(path, first.shape[1:], dtype, sizes, classes, tile=tile, attrs=attrs) as w:
+        for split, (images, labels) in arrays.items():
+            for lo in range(0, len(images), block):
+                w.write(split, images[lo:lo + block], labels[lo:lo + block])
     return path

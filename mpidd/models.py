@@ -32,6 +32,32 @@ class CNNConfig:
     batchnorm: bool = True     # BatchNorm after every convolution
     blocks_per_stage: int = 2  # resnet: residual blocks per stage (depth stages; 3 stages x 3
                                # blocks at width 16 is the CIFAR ResNet-20 of He et al.)
+    input_mean: tuple = ()     # per-channel input normalisation (x - mean) / std, the data
+    input_std: tuple = ()      # file's training-split statistics; () = none
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with mean and std stored as buffers, so that a saved model
+    carries the normalisation it was trained with."""
+
+    def __init__(self, mean, std, ndim: int):
+        super().__init__()
+        shape = (len(mean),) + (1,) * ndim
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def input_normalization(cfg: CNNConfig, in_channels: int, ndim: int) -> nn.Module:
+    """Normalize(cfg.input_mean, cfg.input_std), or an identity without state when there are none."""
+    if not cfg.input_mean:
+        return nn.Identity()
+    if len(cfg.input_mean) != in_channels or len(cfg.input_std) != in_channels:
+        raise ValueError(f"input normalisation has {len(cfg.input_mean)} means and {len(cfg.input_std)} standard "
+                         f"deviations for {in_channels} channels")
+    return Normalize(cfg.input_mean, cfg.input_std, ndim)
 
 
 def _layers(ndim):
@@ -55,6 +81,7 @@ class VGG(nn.Module):
         super().__init__()
         ndim = len(input_shape)
         conv, bn, pool, adaptive = _layers(ndim)
+        self.normalize = input_normalization(cfg, in_channels, ndim)
         layers, channels, sizes = [], in_channels, list(input_shape)
         for b in range(cfg.depth):
             out = scaled(cfg.width * 2 ** b, width_factor)
@@ -78,7 +105,7 @@ class VGG(nn.Module):
             nn.Dropout(cfg.dropout), nn.Linear(hidden, num_classes))
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.features(self.normalize(x)))
 
 
 class BasicBlock(nn.Module):
@@ -111,6 +138,7 @@ class ResNet(nn.Module):
         super().__init__()
         ndim = len(input_shape)
         conv, bn, _, adaptive = _layers(ndim)
+        self.normalize = input_normalization(cfg, in_channels, ndim)
         channels = scaled(cfg.width, width_factor)
         layers = [conv(in_channels, channels, 3, padding=1, bias=not cfg.batchnorm)]
         layers += [bn(channels)] if cfg.batchnorm else []
@@ -128,7 +156,7 @@ class ResNet(nn.Module):
                                   nn.Linear(channels, num_classes))
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.features(self.normalize(x)))
 
 
 def build_cnn(in_channels, num_classes, input_shape, cfg: CNNConfig, width_factor=1.0) -> nn.Module:

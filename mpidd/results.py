@@ -119,7 +119,8 @@ def common_results(args, plan, all_stats, size, threads, versions) -> dict:
     info = plan["info"]
     return {
         "mpidd_version": __version__, "data": args.data, "classes": info.classes,
-        "sizes": info.sizes, "world_size": size, "threads_per_rank": threads, "mode": args.mode,
+        "sizes": info.sizes, "normalization": getattr(args, "normalization", None),
+        "world_size": size, "threads_per_rank": threads, "mode": args.mode,
         "arch": args.arch,
         "per_rank": all_stats,
         "versions": versions,

@@ -28,7 +28,8 @@ from .rundir import atomic_write
 
 FORMAT, FORMAT_VERSION = "mpidd-model", 1
 MODEL_FILE = "model.pt"
-INPUT_SCALING = "uint8 images are divided by 255; float32 images are used as they are"
+INPUT_SCALING = ("uint8 images are divided by 255; float32 images are used as they are; then, where cnn has "
+                 "input_mean and input_std, each model normalises (x - mean) / std per channel")
 REQUIRED = ("image_shape", "input_dtype", "grid", "overlap", "num_classes", "classes", "cnn", "width_factor",
             "coarse_hidden", "coarse_dropout", "models")
 

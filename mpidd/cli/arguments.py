@@ -61,6 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "at least P subdomains (5 -> 3x3; 1 -> 2x2), printed first and stored in config.json")
     g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
     g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
+    g.add_argument("--normalize", choices=("file", "none"), default="file",
+                   help="file: every model's input is normalised per channel, (x - mean) / std, with the "
+                        "training split's statistics that data_prep wrote into the data file (none there: "
+                        "not normalised); none: uint8 pixels / 255 and float32 values as stored. The "
+                        "numbers used are stored in config.json and results.json as `normalization`")
     g = p.add_argument_group("what to train")
     g.add_argument("--mode", choices=MODES, default="compare",
                    help="twolevel: local CNNs, then average, vote and the coarse DNN; coherent: the "
@@ -192,7 +197,7 @@ def check_file_value(path, action, value):
 
 
 # Keys of a config.json that record what a run chose, not options: a --config file may hold them.
-INFORMATIONAL = ("grid_choice",)
+INFORMATIONAL = ("grid_choice", "normalization")
 
 # What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
 # the data file itself is checked against the run's fingerprint of it.)

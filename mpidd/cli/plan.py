@@ -22,9 +22,18 @@ class UsageError(ValueError):
 
 
 def cnn_config(args) -> CNNConfig:
+    norm = getattr(args, "normalization", None) or {}  # set by resolve_normalization
     return CNNConfig(arch=args.arch, width=args.width, depth=args.depth, convs_per_block=args.convs_per_block,
                      hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout,
-                     batchnorm=args.batchnorm, blocks_per_stage=args.blocks_per_stage)
+                     batchnorm=args.batchnorm, blocks_per_stage=args.blocks_per_stage,
+                     input_mean=tuple(norm.get("mean", ())), input_std=tuple(norm.get("std", ())))
+
+
+def resolve_normalization(args, info: data.DataInfo):
+    """args.normalization: the per-channel {"mean", "std"} every model's input is normalised
+    with (from the data file, --normalize file), or None."""
+    use = args.normalize == "file" and info.mean is not None
+    args.normalization = {"mean": list(info.mean), "std": list(info.std), "source": "data file"} if use else None
 
 
 def work_of(args) -> dict:
@@ -201,6 +210,7 @@ def plan_run(args, comm) -> dict:
             msg += ("; create it from Fashion-MNIST with `python -m data_prep.fashion_mnist` "
                     "(or `make data`), or pass --data FILE")
         raise UsageError(msg) from None
+    resolve_normalization(args, info)
     try:
         if args.grid == "auto" and args.mode != "width":
             resolve_auto_grid(args, size, info.spatial_shape)
