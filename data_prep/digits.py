@@ -53,7 +53,7 @@ def main(argv=None):
     try:
         convert(args.out, args.val, args.test, args.seed)
     except ValueError as e:
-        print(f"data_prep.digits: error: {e}", file=sys.stderr)
+        print(f"python -m data_prep.digits: error: {e}", file=sys.stderr)
         return 2
     sizes = {s: n for s, n in zip(("train", "val", "test"), (1797 - args.val - args.test, args.val, args.test))}
     print(f"wrote {args.out}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))

@@ -102,8 +102,8 @@ def main(argv=None):
     try:
         sizes = convert(args.src, args.out, args.val, args.dataset)
     except IDXError as e:
-        print(f"data_prep.fashion_mnist: error: {e}", file=sys.stderr)
-        return 1
+        print(f"python -m data_prep.fashion_mnist: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     return 0
 

@@ -3,6 +3,12 @@
     mpirun -n 4 python examples/insitu_heat.py                # 2D, 32x32 field, 2x2 process grid
     mpirun -n 8 python examples/insitu_heat.py --dim 3        # 3D, 16^3 field, 2x2x2 process grid
     mpirun -n 4 python examples/insitu_heat.py --tiny         # a smoke test (seconds)
+    mpirun -n 8 python examples/insitu_heat.py --dim 3 --write data/heat3d.h5   # the volumes, as a data file
+
+--write FILE stores the solved fields (float32, (n, 1, D, H, W) in 3D) and their labels as an mpidd
+data file instead of training, for `mpidd.train --data FILE` (the 3D end-to-end runs of the
+README): rank 0 assembles the fields block by block of samples from every rank's box and
+writes them through mpidd.write_dataset's writer, atomically.
 
 Every sample is the steady temperature of a plate (block) that loses heat to its surroundings:
 -Laplace(u) + kappa^2 u = f on the unit square (cube), u = 0 on the boundary, where f is 1..K
@@ -26,6 +32,7 @@ which is what the coarse DNN learns from the local class probabilities.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -49,6 +56,7 @@ parser.add_argument("--epochs", type=int, help="local CNN epochs (20)")
 parser.add_argument("--width", type=int, help="CNN width before the local width factor (2D: 32, 3D: 16)")
 parser.add_argument("--tiny", action="store_true", help="a smoke test: 16 (3D: 8) points per axis, few samples")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--write", metavar="FILE", help="write the fields as an mpidd data file instead of training")
 args = parser.parse_args()
 defaults = dict(DEFAULTS[args.dim], **(dict(TINY, size=16 if args.dim == 2 else 8) if args.tiny else {}))
 for key, value in defaults.items():
@@ -146,6 +154,35 @@ fields = fields.astype(np.float32)[:, None]  # (n, 1, *block): this rank's block
 splits = np.cumsum([args.train, args.val])
 x_train, x_val, x_test = np.split(fields, splits)
 y_train, y_val, y_test = np.split(labels, splits)
+
+
+
+def write_fields(path, block_samples=256):
+    """Rank 0 writes every split's whole fields: per block of samples, each rank's box is
+    gathered to rank 0 (never more than one block of whole fields in memory)."""
+    from mpidd.data import DatasetWriter
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    classes = [f"{k + 1} source{'s' if k else ''}" for k in range(args.classes)]
+    writer = DatasetWriter(path, image_shape, "float32", sizes, classes,
+                           attrs={"source": f"examples/insitu_heat.py --dim {args.dim} --size {size_1d} "
+                                            f"--classes {args.classes} --seed {args.seed}"}) if rank == 0 else None
+    with writer if writer is not None else contextlib.nullcontext():
+        for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+            for lo in range(0, len(x), block_samples):
+                parts = cart.gather((box, x[lo:lo + block_samples]), root=0)
+                if rank == 0:
+                    whole = np.empty((len(parts[0][1]),) + image_shape, np.float32)
+                    for b, part in parts:
+                        whole[(slice(None), slice(None)) + b] = part
+                    writer.write(split, whole, y[lo:lo + block_samples])
+
+
+if args.write:
+    write_fields(args.write)
+    if rank == 0:
+        print(f"wrote {args.write}: {args.train}/{args.val}/{args.test} fields of "
+              f"{'x'.join([str(size_1d)] * args.dim)} points, {args.classes} classes; solver {solver_s:.1f} s")
+    sys.exit(0)
 
 # --- the two-level classifier, on the solver's communicator ------------------------------------
 clf = mpidd.TwoLevelClassifier(

@@ -2,6 +2,8 @@
 
     import mpidd
     clf = mpidd.TwoLevelClassifier(grid="2x2", comm=comm).fit(x, y)   # see mpidd.api
+    mpidd.write_dataset("my.h5", {"train": (x, y), "val": ..., "test": ...})  # a data file for mpidd.train
+    info = mpidd.read_info("my.h5")     # shapes, classes, per-channel mean and std
 
 Importing mpidd imports neither torch nor mpi4py (the names below load on first use), and
 installs no signal handler or excepthook: those belong to the command line (python -m
@@ -10,13 +12,16 @@ saved, methods.context) import no MPI; mpidd.dist is the only package that impor
 """
 
 __version__ = "0.1.0"
-__all__ = ["TwoLevelClassifier", "WidthClassifier", "ModelFileError", "__version__"]
+__all__ = ["TwoLevelClassifier", "WidthClassifier", "ModelFileError", "write_dataset", "read_info", "__version__"]
 
 
 def __getattr__(name):
     if name in ("TwoLevelClassifier", "WidthClassifier"):
         from . import api
         return getattr(api, name)
+    if name in ("write_dataset", "read_info"):
+        from . import data
+        return {"write_dataset": data.write_dataset, "read_info": data.inspect}[name]
     if name == "ModelFileError":
         from .saved import ModelFileError
         return ModelFileError

@@ -16,7 +16,7 @@ Images come in one of two forms, in fit, predict_proba, predict and score alike:
       anywhere, as in a solver that holds its field domain-decomposed.
 Labels y are (n,) integers 0..K-1, the same on every rank. uint8 images are divided by 255,
 float images are used as they are (as float32). normalization=(mean, std), one number per
-channel in those units (e.g. mpidd.data.inspect(FILE).mean and .std, the statistics data_prep
+channel in those units (e.g. mpidd.read_info(FILE).mean and .std, the statistics data_prep
 writes into a data file), makes every model normalise its input, (x - mean) / std, as the
 command line does; the default None leaves the input as it is.
 

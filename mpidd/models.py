@@ -42,7 +42,7 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std, ndim: int):
         super().__init__()
-        shape = (len(mean),) + (1,) * ndim
+        shape = (1, len(mean)) + (1,) * ndim  # the rank of a batch: .to(memory_format=...) takes it
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 

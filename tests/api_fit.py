@@ -28,9 +28,16 @@ def splits(path):
         return {s: (f[s]["images"][...], f[s]["labels"][...]) for s in ("train", "val", "test")}
 
 
+def normalization(path):
+    """The data file's per-channel statistics, which the command line normalises with."""
+    info = mpidd.read_info(path)
+    return (info.mean, info.std) if info.mean is not None else None
+
+
 def fit_and_write(comm, path, out, name, **options):
     d = splits(path)
-    clf = mpidd.TwoLevelClassifier(**{**OPTIONS, **options}, comm=comm).fit(*d["train"], *d["val"])
+    clf = mpidd.TwoLevelClassifier(**{**OPTIONS, **options}, normalization=normalization(path),
+                                   comm=comm).fit(*d["train"], *d["val"])
     probs = {m: clf.predict_proba(d["test"][0], m) for m in ("cnn-dnn", "average", "vote")}
     if comm.rank == 0:
         np.savez(os.path.join(out, f"{name}.npz"), **probs)
@@ -47,7 +54,8 @@ elif mode == "alone":
     fit_and_write(world, sys.argv[3], out, "alone")
 elif mode == "width":
     d = splits(sys.argv[3])
-    clf = mpidd.WidthClassifier(4, width=16, hidden=32, subnet_epochs=3, epochs=2, batch_size=32, threads=1)
+    clf = mpidd.WidthClassifier(4, width=16, hidden=32, subnet_epochs=3, epochs=2, batch_size=32, threads=1,
+                                normalization=normalization(sys.argv[3]))
     clf.fit(*d["train"], *d["val"])
     result = {"test": clf.score(*d["test"]), "initial_val": clf.initial_score_, "subnets": clf.subnet_scores_,
               "val": clf.scores_["recomposed"]["val"], "sent": clf.bytes_sent_}

@@ -153,3 +153,64 @@ def test_write_is_atomic_on_failure(tmp_path):
         write_dataset(str(out), {"train": (np.zeros((4, 1, 8, 8), np.uint8), np.zeros(3))},
                       attrs={"bad": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_dataset_writer_streams_blocks_and_stores_channel_statistics(tmp_path):
+    """Blocks of any size, in order; the training split's per-channel mean and std (uint8 in
+    units of /255) match numpy's over the whole split; inspect returns them."""
+    from mpidd.data import DatasetWriter
+    rng = np.random.default_rng(1)
+    x = {s: rng.integers(0, 256, (n, 3, 6, 5), dtype=np.uint8) for s, n in (("train", 23), ("val", 4), ("test", 5))}
+    x["train"][:, 2] = 7  # a constant channel: std 1 (nothing to scale), not 0
+    y = {s: rng.integers(0, 3, len(v)) for s, v in x.items()}
+    path = str(tmp_path / "w.h5")
+    with DatasetWriter(path, (3, 6, 5), "uint8", {s: len(v) for s, v in x.items()}, ["a", "b", "c"]) as w:
+        for lo, hi in ((0, 1), (1, 10), (10, 23)):
+            w.write("train", x["train"][lo:hi], y["train"][lo:hi])
+        w.write("val", x["val"], y["val"])
+        w.write("test", x["test"], y["test"])
+        assert not os.path.exists(path)  # nothing visible before the block ends
+    info = inspect(path)
+    scaled = x["train"] / 255.0
+    assert np.allclose(info.mean, scaled.mean(axis=(0, 2, 3)), atol=1e-12)
+    assert np.allclose(info.std[:2], scaled.std(axis=(0, 2, 3))[:2], atol=1e-12) and info.std[2] == 1.0
+    with h5py.File(path) as f:
+        for s in x:
+            assert np.array_equal(f[s]["images"][...], x[s]) and np.array_equal(f[s]["labels"][...], y[s])
+
+
+def test_float_statistics_are_in_stored_units(tmp_path):
+    rng = np.random.default_rng(2)
+    splits = {s: (rng.normal(-500, 300, (n, 1, 4, 4, 4)).astype(np.float32), rng.integers(0, 2, n))
+              for s, n in (("train", 9), ("val", 3), ("test", 3))}
+    info = inspect(write_dataset(str(tmp_path / "f.h5"), splits, block=2))
+    assert info.mean[0] == pytest.approx(float(splits["train"][0].astype(np.float64).mean()), rel=1e-9)
+    assert info.std[0] == pytest.approx(float(splits["train"][0].astype(np.float64).std()), rel=1e-9)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s["train"][0].__setitem__((2, 0, 0, 0), np.nan), "image 2 holds NaN"),
+    (lambda s: s.pop("test"), "split 'test' is missing"),
+    (lambda s: s.__setitem__("val", (np.zeros((2, 1, 5, 4), np.float32), np.zeros(2, int))), "one image shape"),
+    (lambda s: s.__setitem__("val", (np.zeros((2, 1, 4, 4), np.float32), np.array([0, 7]))), "labels out of range"),
+    (lambda s: s.__setitem__("val", (np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 3), int))), "labels must be"),
+])
+def test_write_dataset_refuses_bad_arrays_and_writes_nothing(tmp_path, change, message):
+    splits = {s: (np.ones((3, 1, 4, 4), np.float32), np.array([0, 1, 1])) for s in ("train", "val", "test")}
+    change(splits)
+    with pytest.raises(DataError, match=message):
+        write_dataset(str(tmp_path / "bad.h5"), splits, classes=["a", "b"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"channel_mean": [0.5, 0.5]}, "one per channel"),
+    ({"channel_std": [0.0]}, "finite and > 0"),
+    ({"channel_mean": [np.nan]}, "finite"),
+])
+def test_inspect_refuses_bad_channel_statistics(tmp_path, attrs, message):
+    path = make_tiny_dataset(tmp_path / "t.h5", n=(20, 8, 8), size=12, num_classes=3)
+    with h5py.File(path, "a") as f:
+        f.attrs.update(attrs)
+    with pytest.raises(DataError, match=message):
+        inspect(path)

@@ -1,9 +1,14 @@
 """End to end: the examples under mpirun, in a subprocess, at their --tiny sizes."""
 
+import json
 import os
 import re
 
+import h5py
+import numpy as np
 import pytest
+
+from mpidd import data
 
 from conftest import ROOT
 from test_e2e import run
@@ -52,3 +57,64 @@ def test_insitu_heat_refuses_the_wrong_rank_count():
     proc = run(["--tiny"], np=2, timeout=60, script=(HEAT,))
     assert proc.returncode != 0
     assert "runs on 4 ranks (mpirun -n 4), not 2" in proc.stderr
+
+
+def heat_operator(u):
+    """h^2 (-Laplace u + kappa^2 u) of whole fields (n, *shape), u = 0 outside: the example's stencil."""
+    dim = u.ndim - 1
+    padded = np.pad(u, [(0, 0)] + [(1, 1)] * dim)
+    out = (2 * dim + 0.25) * u
+    for d in range(1, dim + 1):
+        for shift in (-1, 1):
+            out -= np.roll(padded, shift, axis=d)[(slice(None),) + (slice(1, -1),) * dim]
+    return out
+
+
+@pytest.fixture(scope="module")
+def heat_volumes(tmp_path_factory):
+    """The 3D example's tiny fields (8^3 points, 1600/200/400 samples), written with --write."""
+    path = str(tmp_path_factory.mktemp("heat") / "heat3d.h5")
+    proc = run(["--tiny", "--dim", "3", "--write", path], np=8, timeout=180, script=(HEAT,))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert f"wrote {path}: 1600/200/400 fields of 8x8x8 points" in proc.stdout
+    return path
+
+
+def test_insitu_heat_writes_whole_fields_assembled_from_the_ranks_boxes(heat_volumes):
+    """Rank 0 puts each rank's box where it belongs: the whole field solves the heat equation
+    with non-negative sources (a misplaced box would leave negative spikes at its faces)."""
+    info = data.inspect(heat_volumes)
+    assert info.image_shape == (1, 8, 8, 8) and info.dtype == "float32" and info.num_classes == 4
+    with h5py.File(heat_volumes) as f:
+        u = f["train/images"][:64, 0].astype(np.float64)
+        labels = f["train/labels"][...]
+        assert info.mean[0] == pytest.approx(float(f["train/images"][...].astype(np.float64).mean()), rel=1e-9)
+    source = heat_operator(u)
+    assert source.min() > -1e-4 * source.max() and (u > 0).all()
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3]
+    shuffled = u.copy()
+    shuffled[:, :4, :4, :4], shuffled[:, 4:, 4:, 4:] = u[:, 4:, 4:, 4:], u[:, :4, :4, :4]
+    assert heat_operator(shuffled).min() < -1e-2 * source.max()  # the check can fail
+
+
+@pytest.mark.parametrize("grid,flags", [
+    ("2x2x2", ["--mode", "compare", "--overlap", "1", "--arch", "resnet"]),  # every model, 3D ResNet
+    ("4x4x2", ["--mode", "twolevel"]),  # 32 subdomains on 4 ranks: 8 each, in turn
+])
+def test_training_on_the_heat_volumes(heat_volumes, tmp_path, grid, flags):
+    """mpidd.train on volumes (3D VGG/ResNet local, coherent and global CNNs), on 4 ranks."""
+    out = str(tmp_path / "run")
+    proc = run(["--data", heat_volumes, "--grid", grid, "--out", out, "--epochs", "1", "--coarse-epochs", "2",
+                "--coherent-epochs", "1", "--width", "8", "--hidden", "16", "--batch-size", "64", "--threads", "1",
+                *flags], np=4, timeout=240)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    with open(os.path.join(out, "results.json")) as f:
+        r = json.load(f)
+    N = 8 if grid == "2x2x2" else 32
+    assert r["decomposition"]["grid"] == grid and len(r["decomposition"]["rank_of_subdomain"]) == N
+    names = [m["name"] for m in r["models"]]
+    assert sum(n.startswith("local ") for n in names) == N and {"average", "majority vote", "CNN-DNN"} <= set(names)
+    if "compare" in flags:
+        assert {"coherent (random init)", "coherent (transfer learning)", "global CNN"} <= set(names)
+    assert r["normalization"]["mean"] == pytest.approx(list(data.inspect(heat_volumes).mean))
+    assert all(0 <= m["test_acc"] <= 1 for m in r["models"])

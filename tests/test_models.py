@@ -104,3 +104,26 @@ def test_resnet_local_width_factor_gives_about_one_nth_of_the_parameters(N, sub)
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_cnn(1, 10, (28, 28), CNNConfig(arch="densenet"))
+
+
+@pytest.mark.parametrize("arch,shape", [("vgg", (12, 12)), ("resnet", (6, 6, 6))])
+def test_input_normalization_is_part_of_the_model(arch, shape):
+    """A CNN built with input_mean/std computes on (x - mean) / std: equal to the plain CNN with
+    the same weights fed normalised images; the numbers travel in its state dict."""
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 2.0)
+    plain_cfg = CNNConfig(arch=arch, width=4, hidden=8)
+    norm_cfg = CNNConfig(arch=arch, width=4, hidden=8, input_mean=mean, input_std=std)
+    plain, normed = build_cnn(3, 5, shape, plain_cfg), build_cnn(3, 5, shape, norm_cfg)
+    assert not any(k.startswith("normalize.") for k in plain.state_dict())
+    state = normed.state_dict()
+    assert torch.equal(state["normalize.mean"].flatten(), torch.tensor(mean))
+    assert torch.equal(state["normalize.std"].flatten(), torch.tensor(std))
+    plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("normalize.")})
+    plain.eval(), normed.eval()
+    x = torch.rand((4, 3) + shape)
+    view = (1, 3) + (1,) * len(shape)
+    expected = plain((x - torch.tensor(mean).view(view)) / torch.tensor(std).view(view))
+    assert torch.allclose(normed(x), expected, atol=1e-5)
+    assert not torch.allclose(normed(x), plain(x), atol=1e-3)  # it does change the output
+    with pytest.raises(ValueError, match="2 means .* for 3 channels"):
+        build_cnn(3, 5, shape, CNNConfig(arch=arch, input_mean=(0, 0), input_std=(1, 1)))
