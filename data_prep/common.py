@@ -84,7 +84,7 @@ def main_of(module: str, doc: str, add_arguments, convert):
         try:
             sizes = convert(args)
         except (ConvertError, DataError) as e:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line
             return EXIT_BAD_INPUT
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), flush=True)
         return 0
