@@ -109,7 +109,10 @@ def test_checkpoints_reload(two_rank_run):
     out, _ = two_rank_run
     ck = torch.load(os.path.join(out, "checkpoints", "local_3.pt"), weights_only=False)
     assert ck["subdomain"] == 3 and ck["epoch"] == 3 and "optimizer" in ck
-    model = build_cnn(1, 4, (10, 10), CNNConfig(width=8, hidden=16), ck["width_factor"])
+    with open(os.path.join(out, "config.json")) as f:
+        norm = json.load(f)["normalization"]  # the data file's statistics: part of every CNN
+    model = build_cnn(1, 4, (10, 10), CNNConfig(width=8, hidden=16, input_mean=tuple(norm["mean"]),
+                                                input_std=tuple(norm["std"])), ck["width_factor"])
     model.load_state_dict(ck["model"])
 
 

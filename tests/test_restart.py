@@ -130,9 +130,10 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_last_checkpoints_resume(tiny, u
 def test_eight_ranks_on_four_subdomains_match_four_ranks(tiny, tmp_path):
     """P = 2N, the full comparison: each local CNN, and each subdomain's part of the coherent
     models, trained data parallel by 2 ranks, each reading half of the samples; the global CNN
-    data parallel over all 8. Documented tolerance: gathered probabilities within 1e-4,
-    accuracies within one test image."""
-    args = ["--data", tiny, "--grid", "2x2", "--mode", "compare", *TINY]
+    data parallel over all 8. Documented tolerance, after one epoch of the local CNNs: gathered
+    probabilities within 1e-5 (sums in another order: 9e-8 measured), accuracies within one test
+    image. (Each further epoch amplifies those last bits: 7e-4 after 3 epochs on this data.)"""
+    args = ["--data", tiny, "--grid", "2x2", "--mode", "compare", *TINY, "--epochs", "1"]
     out = {np_: str(tmp_path / f"np{np_}") for np_ in (4, 8)}
     for np_ in (4, 8):
         proc = run([*args, "--out", out[np_]], np=np_)
@@ -147,7 +148,7 @@ def test_eight_ranks_on_four_subdomains_match_four_ranks(tiny, tmp_path):
     p4, p8 = (np.load(os.path.join(out[n], "checkpoints", "probabilities.npz")) for n in (4, 8))
     for split in ("train", "val", "test"):
         assert p8[split].shape == p4[split].shape == ({"train": 512}.get(split, 128), 16)
-        assert np.abs(p8[split] - p4[split]).max() < 1e-4
+        assert np.abs(p8[split] - p4[split]).max() < 1e-5
     ranks = {s["rank"]: s for s in r8["per_rank"]}
     box_bytes = (512 + 128 + 128) * (8 * 8 + 8) // 2  # one 8x8 box, half of the samples
     for r in range(8):
