@@ -10,6 +10,12 @@ split, the test batch the test split. --labels (CIFAR-100 only) picks the 100 fi
 coarse classes. Batches are read one at a time (each twice: once to count, once to write).
 The batch files are pickles: only numpy arrays, lists, dicts and strings are unpickled, so a
 foreign or tampered file is refused instead of running code.
+
+Refused with one line, exit code 2 and nothing written: a missing folder or one that is neither
+layout, a missing batch or meta file, a truncated or non-pickle file, a pickle that refers to
+anything but arrays, lists, dicts and strings, data that is not uint8 (n, 3072) (wrong rank,
+width or dtype), a label count unlike the image count, labels out of range of the label names,
+--val outside 1..n_train-1, --labels on CIFAR-10.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ Images are converted to RGB (3 channels) or grey (L, 1 channel) with Pillow (an 
 is dropped) and stored uint8 (n, C, H, W). With --size HxW every image is resized to H rows by
 W columns with Pillow's BICUBIC filter (no crop: the aspect ratio is not kept); without it all
 images must have one size. One image at a time is read, so the images need not fit in memory.
+
+Refused with one line, exit code 2 and nothing written: a missing ROOT or one without class
+folders, fewer than 2 classes, an empty class folder, an unreadable or truncated image (named),
+images of mixed sizes without --size (two of them named), a bad --size, a class in val/ or test/
+that train/ lacks, a --val/--test fraction outside [0, 1) or too few files to draw them from.
 """
 
 from __future__ import annotations

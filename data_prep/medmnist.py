@@ -12,6 +12,12 @@ images stay uint8, other numbers become float32 (and must be finite). Labels (n,
 are class indices; (n, k > 1) are multi-label and refused. Class names are --classes or
 "0".."K-1" with K = the largest label + 1. The arrays are streamed a block of samples at a
 time, never held whole.
+
+Refused with one line, exit code 2 and nothing written: a missing file or one that is not an npz,
+a missing key, a wrong array rank, labels whose count differs from the images', different image
+shapes across splits, multi-label labels (n, k > 1), NaN or inf (or float64 values beyond float32)
+in float images, uint8 mixed with float splits, negative or non-integer labels, Fortran-ordered
+arrays, --classes with too few or empty names.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ for CT in Hounsfield units) clips to [LO, HI] and maps linearly to [0, 1]; witho
 are. Each volume is then resampled to --shape DxHxW by trilinear interpolation (torch,
 align_corners=False; the same shape leaves it unchanged). --dtype uint8 (needs --window) stores
 round(255 * windowed value). One volume at a time is read.
+
+Refused with one line, exit code 2 and nothing written: a missing ROOT or one without class
+folders, fewer than 2 classes, an empty class folder, an unreadable or truncated file (named), a
+volume that is not 3-D, NaN or inf in a volume (named), a bad --shape or --window, --dtype uint8
+without --window.
 """
 
 from __future__ import annotations

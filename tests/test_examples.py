@@ -117,4 +117,8 @@ def test_training_on_the_heat_volumes(heat_volumes, tmp_path, grid, flags):
     if "compare" in flags:
         assert {"coherent (random init)", "coherent (transfer learning)", "global CNN"} <= set(names)
     assert r["normalization"]["mean"] == pytest.approx(list(data.inspect(heat_volumes).mean))
+    # each rank read only its subvolumes' hyperslabs: float32 voxels of its boxes + int64 labels
+    voxels = int(np.prod([int(v) for v in r["decomposition"]["subimage_shape"].split("x")]))
+    for stats in r["per_rank"]:
+        assert stats["bytes_read_boxes"] == len(stats["subdomains"]) * 2200 * (4 * voxels + 8)
     assert all(0 <= m["test_acc"] <= 1 for m in r["models"])
