@@ -367,9 +367,11 @@ def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None
     dtype = np.uint8 if first.dtype == np.uint8 else np.float32
     for split, (images, labels) in arrays.items():
         if images.shape[1:] != first.shape[1:]:
-            raise DataError(f"{split}: images {images.shape[1:]} but train {first.shape[1:]}: one image shape for all splits")
+            raise DataError(f"{split}: images {images.shape[1:]} but train {first.shape[1:]}: "
+                            f"one image shape for all splits")
         if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{split}: labels must be integers of shape ({len(images)},), not {labels.dtype}{labels.shape}")
+            raise DataError(f"{split}: labels must be integers of shape ({len(images)},), "
+                            f"not {labels.dtype}{labels.shape}")
     if classes is None:
         classes = [str(k) for k in range(int(max(y.max() for _, y in arrays.values())) + 1)]
     sizes = {s: len(arrays[s][0]) for s in SPLITS}

@@ -307,6 +307,7 @@ def test_transfer_learning_from_an_earlier_run_on_other_ranks(two_rank_run, tiny
     (["--overlap", "0"], "trained with --overlap 1, this run has 0"),
     (["--arch", "resnet"], "trained with --arch vgg, this run has resnet"),
     (["--blocks-per-stage", "5", "--hidden", "99"], "trained with --hidden 16, this run has 99"),  # resnet-only key ignored
+    (["--normalize", "none"], "normalised with mean [0.5075] std [0.218], this run's are none: drop --normalize none"),
     ("nodir", "no config.json there"),
     ("nockpt", "missing checkpoints/local_2.pt"),
     ("garbage", "cannot read checkpoint"),

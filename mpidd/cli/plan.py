@@ -98,6 +98,7 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
         if mine != theirs:
             raise UsageError(f"--from {run}: it was trained with --{key.replace('_', '-')} {theirs}, "
                              f"this run has {mine}: use the same model options")
+    check_same_normalization(args, earlier)
     files = [f"local_{i}.pt" for i in range(dec.num_subdomains)]
     files += ["coarse_dnn.pt"] if args.dnn_init == "coarse" else []
     missing = [f for f in files if not os.path.isfile(os.path.join(run, "checkpoints", f))]
@@ -116,6 +117,22 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
     if args.dnn_init == "coarse":
         fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
                        load_pretrained_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
+
+
+def check_same_normalization(args, earlier: dict):
+    """--from: the pretrained CNNs saw inputs normalised as the earlier run's config.json says (no
+    key: an mpidd before normalisation, none); this run's must be the same."""
+    def numbers(norm):
+        return None if not norm else (list(norm["mean"]), list(norm["std"]))
+
+    theirs, mine = numbers(earlier.get("normalization")), numbers(args.normalization)
+    if theirs != mine:
+        def say(n):
+            return "none" if n is None else f"mean {[round(v, 4) for v in n[0]]} std {[round(v, 4) for v in n[1]]}"
+        hint = ("pass --normalize none" if theirs is None else
+                "use the data file that run was trained on" if mine is not None else "drop --normalize none")
+        raise UsageError(f"--from {args.from_run}: its CNNs were trained on inputs normalised with {say(theirs)}, "
+                         f"this run's are {say(mine)}: {hint}")
 
 
 def load_pretrained_checkpoint(run, name) -> dict:
