@@ -6,6 +6,8 @@
 #                             Debian's Open MPI is installed with apt when there is no mpicc),
 #                             mpi4py built against it, in .venv-system and build-system
 #   make test OPENMPI_TEST=0  leave the Open MPI end-to-end test (and its apt install) out
+#   make test SLURM_TEST=0    leave the Slurm suite out (it installs Debian's Slurm and munge with
+#                             apt when missing and runs a one-node cluster of its own, as root)
 PYTHON       ?= python3
 MPI          ?= pip
 NP           ?= 4
@@ -13,6 +15,7 @@ DATA         ?= data/fashion_mnist.h5
 FMNIST_SRC   ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT     ?= runs/demo
 OPENMPI_TEST ?= 1
+SLURM_TEST   ?= 1
 MPICC_OPENMPI ?= mpicc.openmpi
 
 ifeq ($(MPI),pip)
@@ -129,11 +132,12 @@ demo: $(STAMP) $(DATA)
 	$(MPIEXEC) -n $(NP) $(MPIEXEC_PREFLAGS) $(PY) -m mpidd.train --data $(DATA) --out $(DEMO_OUT) --overwrite
 
 # All suites through CTest: unit tests, MPI tests at 1 to 4 ranks, end-to-end runs (and the
-# Open MPI end-to-end run unless OPENMPI_TEST=0).
+# Open MPI end-to-end run unless OPENMPI_TEST=0, the Slurm suite unless SLURM_TEST=0).
 test: $(STAMP) $(CMAKE) $(if $(filter 1,$(OPENMPI_TEST)),$(OPENMPI_STAMP))
 	$(CMAKE) -S . -B $(BUILD) -DPython3_EXECUTABLE=$(CURDIR)/$(PY) -DMPIEXEC_EXECUTABLE=$(MPIEXEC) \
 	  "-DMPIEXEC_PREFLAGS=$(subst $(space),;,$(strip $(MPIEXEC_PREFLAGS)))" \
-	  -DMPIDD_REQUIRE_OPENMPI=$(if $(filter 1,$(OPENMPI_TEST)),ON,OFF)
+	  -DMPIDD_REQUIRE_OPENMPI=$(if $(filter 1,$(OPENMPI_TEST)),ON,OFF) \
+	  -DMPIDD_SLURM_TEST=$(if $(filter 1,$(SLURM_TEST)),ON,OFF)
 	$(CTEST) --test-dir $(BUILD) --output-on-failure
 
 clean:

@@ -11,13 +11,18 @@
 #
 # Environment: CONFIG (TOML, keys = mpidd.train flags; default jobs/fashion_mnist_2x2.toml);
 # RUN (run directory; default runs/<job name>-<job id>); PYTHON (default .venv-system/bin/python
-# from `make setup MPI=system`, else .venv/bin/python, else python3: srun needs an mpi4py built
-# against the site's MPI, which the pip MPICH of .venv is not; and a CUDA build of torch).
+# from `make setup MPI=system`, an mpi4py built against the site's MPI, else .venv/bin/python with
+# the pip MPICH, else python3); SRUN_MPI (srun's --mpi plugin: default pmi2 for the pip MPICH of
+# .venv, which speaks PMI-1/2 to Slurm's pmi2 plugin; else the site's MpiDefault; Open MPI builds
+# usually want pmix; `srun --mpi=list` shows what the site offers). torch must be a CUDA build.
 #
 # Time limit, preemption and restart: 300 s before the time limit Slurm sends SIGUSR1 to every
-# rank (SIGTERM on preemption or scancel); mpidd.train writes its checkpoints and exits with 75.
-# This script then requeues the job: same job id, so same RUN; the requeued job finds
-# RUN/config.json and runs `mpidd.train --resume RUN`. Resume by hand with
+# rank; `scancel --signal=USR1 [--batch|--full] JOB` does the same by hand, and SIGTERM (preemption)
+# too: this script forwards USR1 and TERM that reach its shell (--batch) to srun, which passes
+# them to the ranks. mpidd.train writes its checkpoints and exits with 75; this script then
+# requeues the job: same job id, so same RUN; the requeued job finds RUN/config.json and runs
+# `mpidd.train --resume RUN`. Any other exit code ends the job with it (a failing rank ends the
+# step at once: --kill-on-bad-exit). Resume by hand with
 # `sbatch --export=ALL,RUN=runs/NAME-ID jobs/slurm_gpu.sh`.
 #
 # Edit the resources (GPUs per node, and your site's --partition/--account):
@@ -45,6 +50,7 @@ RUN=${RUN:-runs/${SLURM_JOB_NAME:-mpidd-gpu}-$JOB_ID}
 if [[ -z "${PYTHON:-}" ]]; then
   for PYTHON in .venv-system/bin/python .venv/bin/python python3; do [[ -x $PYTHON ]] && break; done
 fi
+if [[ -z "${SRUN_MPI+set}" && $PYTHON == .venv/bin/python ]]; then SRUN_MPI=pmi2; fi
 THREADS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=$THREADS
 
@@ -59,7 +65,7 @@ fi
 # kill, so mpidd.train's ranks exit 75 together, once every checkpoint is written.)
 # --gpus-per-task=1: each rank gets its own GPU (Slurm binds it, so the rank sees one device).
 # --cpus-per-task again: some Slurm versions do not pass sbatch's on to srun.
-CMD=(srun --kill-on-bad-exit=1 --gpus-per-task=1 --cpus-per-task="$THREADS"
+CMD=(srun ${SRUN_MPI:+--mpi=$SRUN_MPI} --kill-on-bad-exit=1 --gpus-per-task=1 --cpus-per-task="$THREADS"
      "$PYTHON" -m mpidd.train "${TRAIN[@]}")
 
 show() { printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'; }
@@ -83,6 +89,15 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   echo "$0: not inside a Slurm job: submit it with sbatch (DRY_RUN=1 prints the command)" >&2
   exit 2
 fi
-code=0
-"${CMD[@]}" || code=$?
+# srun in the background: bash runs a trap only once the foreground command returns, and the
+# ranks must get the signal while they train.
+"${CMD[@]}" &
+step=$!
+trap 'kill -USR1 "$step" 2>/dev/null || true' USR1
+trap 'kill -TERM "$step" 2>/dev/null || true' TERM
+while :; do
+  code=0
+  wait "$step" || code=$?
+  kill -0 "$step" 2>/dev/null || break  # wait returned for a signal (code > 128) while srun runs on
+done
 finish "$code"

@@ -30,8 +30,9 @@ def test_suites_registered_at_1_to_4_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
     listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
-    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_openmpi"):
+    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_openmpi", "slurm"):
         assert f": {name}" in listed
+    assert "SLURM_TEST=1" in listed and "--ignore=tests/test_slurm.py" in listed
     assert f'{mpiexec} "-n" "4"' in listed and "--with-mpi" in listed
     assert "--ignore=tests/test_openmpi.py" in listed  # the unit suite leaves the Open MPI run to e2e_openmpi
 
@@ -41,13 +42,14 @@ def test_site_mpi_flags_reach_the_mpi_suites_and_end_to_end_tests(tmp_path):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     proc = subprocess.run([CMAKE, "-S", ROOT, "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
                            f"-DMPIEXEC_EXECUTABLE={mpiexec}", "-DMPIEXEC_PREFLAGS=--oversubscribe;--bind-to;none",
-                           "-DMPIDD_REQUIRE_OPENMPI=ON"], capture_output=True, text=True)
+                           "-DMPIDD_REQUIRE_OPENMPI=ON", "-DMPIDD_SLURM_TEST=OFF"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
     listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
     assert f'{mpiexec} "-n" "2" "--oversubscribe" "--bind-to" "none"' in listed
     assert "MPIDD_MPIEXEC_PREFLAGS=--oversubscribe --bind-to none" in listed  # e2e's environment
     assert "MPIDD_REQUIRE_OPENMPI=ON" in listed
+    assert "SLURM_TEST=0" in listed  # make test SLURM_TEST=0: the Slurm suite skips itself
 
 
 def test_install_puts_the_jobs_under_share(tmp_path):

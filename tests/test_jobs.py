@@ -23,7 +23,7 @@ SLURM = {"slurm_cpu.sh": "cpu", "slurm_gpu.sh": "cuda"}  # script -> the --devic
 def clean_env(**extra):
     """This process's environment without anything the scripts read, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "DRY_RUN", "MPIEXEC")) and k not in ("RUN", "CONFIG", "PYTHON")}
+           if not k.startswith(("SLURM_", "DRY_RUN", "MPIEXEC")) and k not in ("RUN", "CONFIG", "PYTHON", "SRUN_MPI")}
     env.update(extra)
     return env
 
@@ -116,6 +116,22 @@ def test_slurm_requeues_after_exit_code_75_only(script, code, tmp_path):
         assert "requeueing job 4242" in proc.stderr
     else:           # done, or failed: the job ends with mpidd.train's exit code
         assert proc.returncode == code and lines[1:] == []
+
+
+@pytest.mark.parametrize("script", sorted(SLURM))
+@pytest.mark.parametrize("venv,srun_mpi,expected", [
+    (True, None, ["--mpi=pmi2"]),    # the pip MPICH of .venv speaks PMI-1/2 to Slurm's pmi2 plugin
+    (True, "pmix", ["--mpi=pmix"]),  # SRUN_MPI wins
+    (True, "", []),                  # SRUN_MPI= : the site's MpiDefault
+    (False, None, []),               # python3: the site's MpiDefault
+])
+def test_slurm_mpi_plugin(script, venv, srun_mpi, expected, tmp_path):
+    if venv:
+        (tmp_path / ".venv" / "bin").mkdir(parents=True)
+        os.symlink(shutil.which("true"), tmp_path / ".venv" / "bin" / "python")
+    env = slurm_env(tmp_path, **({} if srun_mpi is None else {"SRUN_MPI": srun_mpi}))
+    args = shlex.split(run_script(os.path.join(ROOT, "jobs", script), env=env, cwd=tmp_path).stdout)
+    assert args[:1 + len(expected)] == ["srun", *expected] and args[1 + len(expected)] == "--kill-on-bad-exit=1"
 
 
 @pytest.mark.parametrize("script", sorted(SLURM))
