@@ -177,7 +177,7 @@ def test_the_time_limit_signal_stops_and_requeues(slurm, config, tmp_path):
     long.write_text(open(config).read().replace("epochs = 60", "epochs = 3000"))
     run_dir = str(tmp_path / "run")
     job_id = slurm.submit(str(long), run_dir, "--time=2", "--signal=USR1@100")
-    job = slurm.wait_for(job_id, lambda j: j["Restarts"] == "1", timeout=110, release=False)
+    slurm.wait_for(job_id, lambda j: j["Restarts"] == "1", timeout=110, release=False)
     slurm.cmd("scancel", job_id)  # not worth its 3000 epochs
     log = slurm.log(job_id)
     assert "mpidd: stopped (SIGUSR1)" in log and f"requeueing job {job_id}" in log, log
