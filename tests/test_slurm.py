@@ -3,8 +3,8 @@
 temporary folder), the jobs submitted with sbatch as a user would.
 
 Needs root (slurmd runs as root) and Slurm installed or apt to install it; skipped with the
-reason otherwise, and left out with SLURM_TEST=0. Slurm delays a requeued job's start by 120 s;
-the tests move it to now (scontrol update StartTime=now) instead of waiting.
+reason otherwise, and left out with SLURM_TEST=0. Slurm starts a requeued job again once its
+revoked credential has expired: 120 s by default, 10 s on this cluster (cred_expire).
 """
 
 import json
@@ -46,8 +46,17 @@ def cluster(tmp_path_factory):
     pids = [int(open(os.path.join(where, f"{d}.pid")).read()) for d in ("munged", "slurmctld", "slurmd")]
     yield os.path.join(where, "slurm.conf")
     subprocess.run(["bash", CLUSTER, "stop", where], timeout=60, check=True)
-    left = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    left = [p for p in pids if alive(p)]
     assert not left and not os.path.exists(where), f"daemons left running: {left}"
+
+
+def alive(pid) -> bool:
+    """Running (a zombie waiting for its parent to reap it is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def mpi_plugin():
@@ -61,6 +70,7 @@ class Slurm:
     def __init__(self, conf, folder):
         self.env = dict(os.environ, SLURM_CONF=conf, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         self.folder, self.mpi = folder, mpi_plugin()
+        self.submitted = []
 
     def cmd(self, *args, check=True):
         proc = subprocess.run(args, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -73,7 +83,9 @@ class Slurm:
         export = f"ALL,CONFIG={config},RUN={run_dir},PYTHON={python},SRUN_MPI={self.mpi}"
         out = self.cmd("sbatch", "--parsable", "--ntasks=4", "--cpus-per-task=1",
                        f"--output={self.folder}/job-%j.out", f"--export={export}", *options, script).stdout
-        return out.strip().split(";")[0]
+        job_id = out.strip().split(";")[0]
+        self.submitted.append(job_id)
+        return job_id
 
     def job(self, job_id) -> dict:
         """scontrol show job, as {key: value}."""
@@ -84,15 +96,13 @@ class Slurm:
         path = os.path.join(self.folder, f"job-{job_id}.out")
         return open(path).read() if os.path.exists(path) else ""
 
-    def wait_for(self, job_id, done, timeout=240, release=True):
-        """Poll until done(job) holds; a requeued job waiting for its BeginTime starts now."""
+    def wait_for(self, job_id, done, timeout=240):
+        """Poll scontrol until done(job) holds."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             job = self.job(job_id)
             if done(job):
                 return job
-            if release and job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime":
-                self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} did not get there in {timeout} s: {self.job(job_id)}\n{self.log(job_id)}")
 
@@ -105,8 +115,16 @@ class Slurm:
 
 
 @pytest.fixture(scope="module")
-def slurm(cluster, tmp_path_factory):
+def slurm_cluster(cluster, tmp_path_factory):
     return Slurm(cluster, str(tmp_path_factory.mktemp("jobs")))
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The cluster; a job a test leaves behind (it failed) is cancelled before the next test."""
+    yield slurm_cluster
+    while slurm_cluster.submitted:
+        slurm_cluster.cmd("scancel", slurm_cluster.submitted.pop(), check=False)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +195,7 @@ def test_the_time_limit_signal_stops_and_requeues(slurm, config, tmp_path):
     long.write_text(open(config).read().replace("epochs = 60", "epochs = 3000"))
     run_dir = str(tmp_path / "run")
     job_id = slurm.submit(str(long), run_dir, "--time=2", "--signal=USR1@100")
-    slurm.wait_for(job_id, lambda j: j["Restarts"] == "1", timeout=110, release=False)
+    slurm.wait_for(job_id, lambda j: j["Restarts"] == "1", timeout=110)
     slurm.cmd("scancel", job_id)  # not worth its 3000 epochs
     log = slurm.log(job_id)
     assert "mpidd: stopped (SIGUSR1)" in log and f"requeueing job {job_id}" in log, log
@@ -192,7 +210,7 @@ def test_a_failing_rank_fails_the_job_without_requeue(slurm, config, tmp_path):
                        f'exec {sys.executable} {ROOT}/tests/raise_on_rank.py 1 local "$@"\n')
     wrapper.chmod(0o755)
     job_id = slurm.submit(config, str(tmp_path / "run"), python=str(wrapper))
-    job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL, release=False)
+    job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL)
     log = slurm.log(job_id)
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0" and job["Restarts"] == "0", log
     assert "injected failure in the local phase" in log and "requeueing" not in log
@@ -203,9 +221,9 @@ def test_gpu_job_script_directives_are_accepted_by_the_scheduler(slurm):
     against the cluster (4 stand-in GPUs) and says when it would start it; more GPUs than the
     node has is refused, so the check can fail. (--cpus-per-task=1: the test node has 4 CPUs,
     the script asks 8 per task.)"""
-    proc = slurm.cmd("sbatch", "--test-only", "--time=10", "--cpus-per-task=1", "jobs/slurm_gpu.sh", check=False)
+    proc = slurm.cmd("sbatch", "--test-only", "--cpus-per-task=1", "jobs/slurm_gpu.sh", check=False)
     assert proc.returncode == 0 and re.search(r"to start at .* using \d+ processors on nodes mpiddnode", proc.stderr), \
         proc.stderr
-    proc = slurm.cmd("sbatch", "--test-only", "--time=10", "--cpus-per-task=1", "--gpus-per-task=2",
+    proc = slurm.cmd("sbatch", "--test-only", "--cpus-per-task=1", "--gpus-per-task=2",
                      "jobs/slurm_gpu.sh", check=False)
     assert proc.returncode != 0 and "not available" in proc.stderr, proc.stderr

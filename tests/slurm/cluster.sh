@@ -35,6 +35,7 @@ install() {
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 stop() {
+  local conf=$dir/slurm.conf
   for daemon in slurmd slurmctld munged; do
     local pidfile="$dir/$daemon.pid"
     [[ -f $pidfile ]] || continue
@@ -44,8 +45,14 @@ stop() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
-  # job steps that outlived slurmd (slurmstepd, the job's processes) belong to this cluster only
-  pkill -f "slurmstepd.*$dir" 2>/dev/null || true
+  # What the daemons started (slurmstepd, job scripts, srun, the ranks) carries this cluster's
+  # SLURM_CONF in its environment: nothing of it may outlive the cluster.
+  local environ pid
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}; pid=${pid%/environ}
+    [[ $pid == "$$" || $pid == "$PPID" ]] && continue
+    if { tr '\0' '\n' < "$environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$conf"; then kill -9 "$pid" 2>/dev/null || true; fi
+  done
   rm -rf "$dir"
 }
 
@@ -72,7 +79,9 @@ SlurmdPort=$(free_port)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+# cred_expire: a requeued job waits this long (120 s by default) before it starts again, and may
+# not start sooner: its old credential is revoked until then
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
@@ -91,6 +100,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 ReturnToService=2
+# job ids unlike any earlier test cluster's: MPICH names its shared memory after the PMI
+# key-value space, which Slurm's pmi2 names after the job id, and a killed job leaves it behind
+FirstJobId=$(( (RANDOM << 15 | RANDOM) % 50000000 + 1000000 ))
 JobRequeue=1
 MinJobAge=600
 KillWait=10
