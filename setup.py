@@ -14,6 +14,7 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
         "pillow>=9",  # mpidd.predict reads PNG/JPEG images
+        "matplotlib>=3.7",  # mpidd.report --out draws its figures
     ],
     extras_require={
         # data_prep's converters: nibabel reads NIfTI volumes; scikit-image ships lfw_subset and sample photos

@@ -1,11 +1,18 @@
-"""Readable tables from results.json. No MPI.
+"""Readable tables and figures from finished runs. No MPI.
 
-    python -m mpidd.report runs/NAME      # print the table of a finished run again
+    python -m mpidd.report runs/NAME                           # print the run's table again
+    python -m mpidd.report runs/A runs/B --out reports/AB      # report.md + PNG figures
+
+--out writes REPORT_DIR/report.md: for each run its table, a test image with the subdomain
+boxes, training curves, the accuracies of every model and combiner, and per-rank phase times;
+given several runs, first the papers' table across them (one row per run: decomposition, local
+CNNs min/max, average, vote, CNN-DNN, coherent from random weights, transfer learning, global).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from .coherent import NAMES as COHERENT_NAMES
@@ -104,14 +111,91 @@ def format_any(results: dict) -> str:
     return format_width_table(results) if results.get("mode") == "width" else format_table(results)
 
 
+COMPARISON = (("average", "average"), ("vote", "majority vote"), ("CNN-DNN", "CNN-DNN"),
+              ("coherent", "coherent (random init)"), ("transfer", "coherent (transfer learning)"),
+              ("global", "global CNN"))
+
+
+def comparison_table(named: list) -> str:
+    """The papers' table across runs, test accuracy in %: [(run name, results), ...] -> markdown."""
+    head = "| run | decomposition | locals min | locals max | " + " | ".join(c for c, _ in COMPARISON) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(COMPARISON))]
+    for name, r in named:
+        d = r.get("decomposition", {})
+        locals_ = [m["test_acc"] for m in r.get("models", []) if m.get("kind") == "local"]
+        acc = r.get("accuracy", {})
+        cells = [f"{100 * min(locals_):.2f}" if locals_ else "-", f"{100 * max(locals_):.2f}" if locals_ else "-"]
+        cells += [f"{100 * acc[key]['test']:.2f}" if key in acc else "-" for _, key in COMPARISON]
+        where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}" if d else r.get("mode")
+        lines.append(f"| {name} | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def models_table(r: dict) -> str:
+    lines = ["| model | parameters | val acc (%) | test acc (%) |", "| --- | --- | --- | --- |"]
+    for m in r.get("models", []):
+        val, test = m.get("val_acc"), m.get("test_acc")
+        lines.append(f"| {m['name']} | {_int(m.get('params'))} | {'-' if val is None else f'{100 * val:.2f}'} | "
+                     f"{'-' if test is None else f'{100 * test:.2f}'} |")
+    return "\n".join(lines)
+
+
+def load_results(path: str) -> dict:
+    path = path.rstrip("/")
+    with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
+        return json.load(f)
+
+
+def write_report(runs: list, out: str) -> str:
+    """REPORT_DIR/report.md and its figures for the run directories `runs`; returns report.md's path."""
+    from . import figures
+    os.makedirs(out, exist_ok=True)
+    named = [(os.path.basename(os.path.normpath(run)), load_results(run)) for run in runs]
+    parts = ["# mpidd report", ""]
+    if len(named) > 1:
+        parts += ["## Test accuracy across runs (%)", "", comparison_table(named), ""]
+    for (name, r), run in zip(named, runs):
+        parts += [f"## {name}", "", f"`{os.path.abspath(run)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
+                                    f"data `{r.get('data')}`", "", models_table(r), ""]
+        for kind, title, draw in (
+                ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
+                ("curves", "Training curves", lambda p: figures.training_curves(run, p)),
+                ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
+                ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p))):
+            file = f"{name}_{kind}.png"
+            if draw(os.path.join(out, file)):
+                parts += [f"![{title}]({file})", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def write_run_report(run: str):
+    """The end of a run: RUN/report/report.md; a failure to draw costs a warning, not the run."""
+    try:
+        return write_report([run], os.path.join(run, "report"))
+    except Exception as e:  # the results are written: a figure must not fail the run
+        print(f"mpidd: warning: no report ({type(e).__name__}: {e}); python -m mpidd.report {run} --out DIR "
+              f"tries again", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    path = argv[0].rstrip("/")
-    with open(path if path.endswith(".json") else f"{path}/results.json") as f:
-        print(format_any(json.load(f)))
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m mpidd.report", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (or results.json files)")
+    p.add_argument("--out", metavar="REPORT_DIR", help="write report.md and PNG figures there instead of printing")
+    args = p.parse_args(argv)
+    try:
+        if args.out:
+            print(f"report: {write_report(args.runs, args.out)}")
+        else:
+            print("\n\n".join(format_any(load_results(run)) for run in args.runs))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"mpidd.report: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

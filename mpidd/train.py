@@ -57,7 +57,7 @@ from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_err
 from .decomposition import format_grid, layout  # noqa: E402
 from .engine import Preempted  # noqa: E402
 from .methods.context import Phases  # noqa: E402
-from .report import format_any  # noqa: E402
+from .report import format_any, write_run_report  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
 
 
@@ -206,6 +206,8 @@ def main(argv=None):
         run.mark(state="finished")
         print(format_any(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
+        if args.report and write_run_report(args.out):
+            print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
     dist.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
     for init in work["coherent"]:
         for suffix in ("", ".prev"):

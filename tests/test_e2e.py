@@ -17,7 +17,7 @@ if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"
 
 BIN = os.path.dirname(sys.executable)
 MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(BIN, "mpirun")
-TINY = ["--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
+TINY = ["--no-report", "--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
         "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
 
 
@@ -42,7 +42,7 @@ def results(out):
 @pytest.fixture(scope="module")
 def two_rank_run(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "np2")
-    proc = run(["--data", tiny, "--grid", "2x2", "--overlap", "1", "--out", out, *TINY], np=2)
+    proc = run(["--data", tiny, "--grid", "2x2", "--overlap", "1", "--out", out, *TINY[1:]], np=2)  # with its report
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return out, proc
 
@@ -50,6 +50,9 @@ def two_rank_run(tiny, tmp_path_factory):
 def test_two_rank_run_writes_everything(two_rank_run):
     out, proc = two_rank_run
     r = results(out)
+    report = os.path.join(out, "report", "report.md")  # --report (the default): written at the end
+    assert f"report: {report}" in proc.stdout and "![Training curves](np2_curves.png)" in open(report).read()
+    assert os.path.getsize(os.path.join(out, "report", "np2_phases.png")) > 1000
     assert r["world_size"] == 2 and r["decomposition"]["grid"] == "2x2"
     assert r["decomposition"]["subimage_shape"] == "10x10"
     assert r["decomposition"]["rank_of_subdomain"] == [0, 1, 0, 1]
@@ -362,7 +365,7 @@ def digits(tmp_path_factory):
     return path
 
 
-WIDTH = ["--mode", "width", "--subnets", "4", "--width", "16", "--hidden", "32", "--subnet-epochs", "3",
+WIDTH = ["--no-report", "--mode", "width", "--subnets", "4", "--width", "16", "--hidden", "32", "--subnet-epochs", "3",
          "--epochs", "2", "--batch-size", "32", "--threads", "1", "--target-acc", "0.8"]
 
 
@@ -509,3 +512,35 @@ def test_grid_auto_follows_the_rank_count(tiny, tmp_path, np_, grid):
         proc = run(["--config", os.path.join(out, "config.json"), "--data", tiny, "--out", again], np=np_)
         assert proc.returncode == 0, proc.stderr
         assert "grid auto" not in proc.stdout and results(again)["accuracy"] == r["accuracy"]
+
+
+def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
+    """python -m mpidd.report RUN RUN --out DIR: report.md's tables hold results.json's numbers,
+    and every figure it links is a PNG with content."""
+    import re
+    from PIL import Image
+    runs = [two_rank_run[0], width_run[0]]
+    out = tmp_path / "report"
+    proc = run([*runs, "--out", str(out)], script=("-m", "mpidd.report"))
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    name = os.path.basename(runs[0])
+    assert {f"{name}_{k}.png" for k in ("decomposition", "curves", "accuracy", "phases")} <= set(figures)
+    for file in figures:
+        with Image.open(out / file) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+            pixels = np.asarray(im.convert("L"), dtype=float)
+        assert pixels.std() > 5, file  # not blank
+    r = results(runs[0])
+    for m in r["models"]:  # the run's own table
+        params = "-" if m.get("params") is None else f"{m['params']:,}"
+        assert f"| {m['name']} | {params} | {100 * m['val_acc']:.2f} | {100 * m['test_acc']:.2f} |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {name} | 2x2 overlap 1"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    locals_ = [m["test_acc"] for m in r["models"] if m["kind"] == "local"]
+    assert cells[2:5] == [f"{100 * min(locals_):.2f}", f"{100 * max(locals_):.2f}",
+                          f"{100 * r['accuracy']['average']['test']:.2f}"]
+    assert cells[6] == f"{100 * r['accuracy']['CNN-DNN']['test']:.2f}"
+    proc = run([str(tmp_path / "missing"), "--out", str(out)], script=("-m", "mpidd.report"))
+    assert proc.returncode == 2 and "error:" in proc.stderr

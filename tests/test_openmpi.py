@@ -37,7 +37,7 @@ ENV = dict(
     # depend on the container's ptrace policy.
     OMPI_MCA_btl_vader_single_copy_mechanism="none",
 )
-TINY = ["--grid", "2x2", "--mode", "twolevel", "--epochs", "3", "--batch-size", "32", "--width", "8",
+TINY = ["--no-report", "--grid", "2x2", "--mode", "twolevel", "--epochs", "3", "--batch-size", "32", "--width", "8",
         "--hidden", "16", "--coarse-epochs", "5", "--coarse-batch-size", "32", "--threads", "1"]
 HOW = ("`make openmpi` builds it: Debian's openmpi-bin and libopenmpi-dev (apt), then "
        "MPICC=mpicc.openmpi pip install --no-binary=mpi4py --target <venv>/openmpi mpi4py")

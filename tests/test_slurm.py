@@ -134,7 +134,7 @@ def config(tmp_path_factory):
     data = make_tiny_dataset(folder / "tiny.h5", n=(384, 96, 96))
     path = folder / "tiny.toml"
     path.write_text(f'data = "{data}"\ngrid = "2x2"\nmode = "twolevel"\nepochs = 60\nbatch-size = 32\n'
-                    f'width = 8\nhidden = 16\ncoarse-epochs = 5\ncoarse-batch-size = 32\n')
+                    f'width = 8\nhidden = 16\ncoarse-epochs = 5\ncoarse-batch-size = 32\nreport = false\n')
     return str(path)
 
 

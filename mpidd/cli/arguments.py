@@ -161,6 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="at the end, write RUN/report/report.md with its figures (python -m mpidd.report "
+                        "RUN --out DIR does it again, also across runs)")
     g.add_argument("--log-interval", type=int, default=100,
                    help="progress line every this many batches of the global and coherent models (0: per epoch)")
     return p
@@ -201,7 +204,7 @@ INFORMATIONAL = ("grid_choice", "normalization")
 
 # What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
 # the data file itself is checked against the run's fingerprint of it.)
-RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "resume", "config", "overwrite", "out", "data")
+RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "report", "resume", "config", "overwrite", "out", "data")
 
 
 def same_value(a, b) -> bool:
