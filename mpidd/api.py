@@ -527,8 +527,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
                       coarse_hidden=tuple(state["coarse_hidden"]), coarse_dropout=state["coarse_dropout"],
                       width_factor=state["width_factor"], class_names=state["classes"],
                       num_classes=state["num_classes"],
-                      normalization=(state["cnn"].get("input_mean") or None) and
-                      (tuple(state["cnn"]["input_mean"]), tuple(state["cnn"]["input_std"])))
+                      normalization=(tuple(state["cnn"]["input_mean"]), tuple(state["cnn"]["input_std"]))
+                      if state["cnn"].get("input_mean") else None)
         clf = cls(**params, comm=comm, device=device, threads=threads, verbose=verbose)
         clf._restore(state, str(path))
         return clf
