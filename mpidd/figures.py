@@ -125,3 +125,46 @@ def phase_times(results: dict, path: str):
     ax.set_xlabel("wall seconds")
     ax.legend(fontsize=7, ncol=3, loc="lower right")
     return _save(fig, path)
+
+
+def confusion(results: dict, path: str):
+    """The CNN-DNN's test confusion matrix (counts; rows: true class) with the class names."""
+    c = results.get("confusion")
+    if not c:
+        return None
+    counts = np.array(c["counts"])
+    names = results.get("classes") or [str(k) for k in range(len(counts))]
+    K = len(counts)
+    fig, ax = plt.subplots(figsize=(0.45 * K + 3, 0.45 * K + 2.5))
+    ax.imshow(counts, cmap="Blues")
+    for (t, p), n in np.ndenumerate(counts):  # counts on the cells (skipped when K makes them unreadable)
+        if K <= 20 and n:
+            ax.text(p, t, str(n), ha="center", va="center", fontsize=7,
+                    color="white" if n > counts.max() / 2 else "black")
+    ax.set_xticks(range(K), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(K), names, fontsize=7)
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"{c['model']}, {c['split']}: {100 * np.trace(counts) / counts.sum():.2f}% correct")
+    return _save(fig, path)
+
+
+def time_to_accuracy(results: dict, path: str):
+    """Width mode: test accuracy against critical-path CPU seconds of the recomposed network
+    (from the start of the run: sub-networks, gather, recompose, then its training) and of the
+    global CNN from random weights, with the target accuracy."""
+    t = results.get("time_to_target")
+    if not t or not t.get("curves"):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    start = t.get("recomposed_start_cpu_s", 0.0)
+    before = next((m["test_acc"] for m in results.get("models", []) if m.get("kind") == "recomposed_initial"), None)
+    recomposed = ([(start, before)] if before is not None else []) + \
+        [(start + p["cpu_s"], p["test_acc"]) for p in t["curves"]["recomposed"]]
+    for label, points in (("recomposed (sub-networks first)", recomposed),
+                          ("global CNN, random init", [(p["cpu_s"], p["test_acc"]) for p in t["curves"]["global"]])):
+        if points:
+            ax.plot(*zip(*[(s, 100 * a) for s, a in points]), marker=".", label=label)
+    ax.axhline(100 * t["target_test_acc"], color="grey", ls=":", label=f"target {100 * t['target_test_acc']:.1f}%")
+    ax.set(xlabel="critical-path CPU seconds (training steps)", ylabel="test accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)

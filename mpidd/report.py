@@ -4,7 +4,8 @@
     python -m mpidd.report runs/A runs/B --out reports/AB      # report.md + PNG figures
 
 --out writes REPORT_DIR/report.md: for each run its table, a test image with the subdomain
-boxes, training curves, the accuracies of every model and combiner, and per-rank phase times;
+boxes, training curves, the accuracies of every model and combiner, per-rank phase times, the
+CNN-DNN's test confusion matrix and, for --mode width, time-to-accuracy curves;
 given several runs, first the papers' table across them (one row per run: decomposition, local
 CNNs min/max, average, vote, CNN-DNN, coherent from random weights, transfer learning, global).
 """
@@ -140,6 +141,17 @@ def models_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def confusion_table(r: dict) -> str:
+    """The CNN-DNN's test confusion counts as markdown (rows: true class); '' without one."""
+    c = r.get("confusion")
+    if not c:
+        return ""
+    names = r.get("classes") or [str(k) for k in range(len(c["counts"]))]
+    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    lines += [f"| {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(names, c["counts"])]
+    return "\n".join(lines)
+
+
 def load_results(path: str) -> dict:
     path = path.rstrip("/")
     with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
@@ -161,10 +173,14 @@ def write_report(runs: list, out: str) -> str:
                 ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
                 ("curves", "Training curves", lambda p: figures.training_curves(run, p)),
                 ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
-                ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p))):
+                ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),
+                ("confusion", "Confusion matrix of the CNN-DNN (test)", lambda p: figures.confusion(r, p)),
+                ("time_to_accuracy", "Time to accuracy", lambda p: figures.time_to_accuracy(r, p))):
             file = f"{name}_{kind}.png"
             if draw(os.path.join(out, file)):
                 parts += [f"![{title}]({file})", ""]
+            if kind == "confusion" and r.get("confusion"):
+                parts += [f"{r['confusion']['model']} on {r['confusion']['split']}, counts:", "", confusion_table(r), ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))

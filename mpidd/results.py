@@ -111,6 +111,8 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
         "parameters": {"local": plan["local_params"], "global": plan["global_params"],
                        "coarse_dnn": plan["dnn_params"]},
         "timing": timing,
+        **({"confusion": {"model": "CNN-DNN", "split": "test", "rows": "true class", "columns": "predicted class",
+                          "counts": acc["cnn_dnn_confusion"]}} if "cnn_dnn_confusion" in acc else {}),
     }
 
 

@@ -52,3 +52,10 @@ def test_coarse_dnn_learns_which_subdomain_to_trust():
     assert dnn_acc > 0.95
     assert accuracy(average_vote(probs[1000:]), y[1000:]) < 0.6
     assert len(history) == 15 and sum(1 for h in history if h.get("best")) >= 1
+
+
+def test_confusion_matrix_counts_true_rows_predicted_columns():
+    from mpidd.methods.twolevel import confusion_matrix
+    m = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+    assert m == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert confusion_matrix([], [], 2) == [[0, 0], [0, 0]]

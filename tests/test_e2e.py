@@ -526,7 +526,8 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
     text = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     name = os.path.basename(runs[0])
-    assert {f"{name}_{k}.png" for k in ("decomposition", "curves", "accuracy", "phases")} <= set(figures)
+    assert {f"{name}_{k}.png" for k in ("decomposition", "curves", "accuracy", "phases", "confusion")} <= set(figures)
+    assert f"{os.path.basename(runs[1])}_time_to_accuracy.png" in figures
     for file in figures:
         with Image.open(out / file) as im:
             assert im.format == "PNG" and min(im.size) > 100
@@ -542,5 +543,9 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
     assert cells[2:5] == [f"{100 * min(locals_):.2f}", f"{100 * max(locals_):.2f}",
                           f"{100 * r['accuracy']['average']['test']:.2f}"]
     assert cells[6] == f"{100 * r['accuracy']['CNN-DNN']['test']:.2f}"
+    counts = np.array(r["confusion"]["counts"])  # the CNN-DNN's test predictions, row by row
+    assert counts.sum() == r["sizes"]["test"] and np.trace(counts) == round(r["accuracy"]["CNN-DNN"]["test"] * counts.sum())
+    for cls, row in zip(r["classes"], counts):
+        assert f"| {cls} | " + " | ".join(str(n) for n in row) + " |" in text
     proc = run([str(tmp_path / "missing"), "--out", str(out)], script=("-m", "mpidd.report"))
     assert proc.returncode == 2 and "error:" in proc.stderr

@@ -120,7 +120,8 @@ def combined_predictions(dnn, gathered: np.ndarray, num_subdomains: int, num_cla
 
 def accuracies(dnn, gathered: dict, labels: dict, num_subdomains: int, num_classes: int, splits=("val", "test"),
                stop=None) -> dict:
-    """Rank 0: {"cnn_dnn", "average", "vote": {split: acc}, "local": {i: {split: acc}}}."""
+    """Rank 0: {"cnn_dnn", "average", "vote": {split: acc}, "local": {i: {split: acc}}}; with
+    "test" in splits also "cnn_dnn_confusion": the CNN-DNN's (K, K) test confusion counts."""
     N, K = num_subdomains, num_classes
     acc = {"cnn_dnn": {}, "average": {}, "vote": {}, "local": {i: {} for i in range(N)}}
     for s in splits:
@@ -130,4 +131,13 @@ def accuracies(dnn, gathered: dict, labels: dict, num_subdomains: int, num_class
         acc["vote"][s] = combine.accuracy(combine.majority_vote(p), y)
         for i in range(N):
             acc["local"][i][s] = combine.accuracy(p[:, i].argmax(1), y)
+    if "test" in splits:
+        _, predicted = combined_predictions(dnn, gathered["test"], N, K)
+        acc["cnn_dnn_confusion"] = confusion_matrix(labels["test"], predicted, K)
     return acc
+
+
+def confusion_matrix(labels, predicted, num_classes: int) -> list:
+    """(K, K) counts as nested lists: row = true class, column = predicted class."""
+    pairs = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes).tolist()
