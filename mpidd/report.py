@@ -112,22 +112,29 @@ def format_any(results: dict) -> str:
     return format_width_table(results) if results.get("mode") == "width" else format_table(results)
 
 
-COMPARISON = (("average", "average"), ("vote", "majority vote"), ("CNN-DNN", "CNN-DNN"),
-              ("coherent", "coherent (random init)"), ("transfer", "coherent (transfer learning)"),
-              ("global", "global CNN"))
+COMPARISON = (("average", "average"), ("vote", "vote"), ("CNN-DNN", "cnn_dnn"), ("coherent", "coherent_random"),
+              ("transfer", "coherent_pretrained"), ("global", "global"), ("width recomposed", "recomposed"))
 
 
 def comparison_table(named: list) -> str:
-    """The papers' table across runs, test accuracy in %: [(run name, results), ...] -> markdown."""
+    """The papers' table across runs, test accuracy in %: [(run name, results), ...] -> markdown.
+    Columns by model kind; global: the global CNN (in width runs: from random init)."""
     head = "| run | decomposition | locals min | locals max | " + " | ".join(c for c, _ in COMPARISON) + " |"
     lines = [head, "|" + " --- |" * (4 + len(COMPARISON))]
     for name, r in named:
         d = r.get("decomposition", {})
-        locals_ = [m["test_acc"] for m in r.get("models", []) if m.get("kind") == "local"]
-        acc = r.get("accuracy", {})
+        models = r.get("models", [])
+        locals_ = [m["test_acc"] for m in models if m.get("kind") == "local"]
+        acc = {m.get("kind"): m.get("test_acc") for m in models}
         cells = [f"{100 * min(locals_):.2f}" if locals_ else "-", f"{100 * max(locals_):.2f}" if locals_ else "-"]
-        cells += [f"{100 * acc[key]['test']:.2f}" if key in acc else "-" for _, key in COMPARISON]
-        where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}" if d else r.get("mode")
+        cells += [f"{100 * acc[kind]:.2f}" if acc.get(kind) is not None else "-" for _, kind in COMPARISON]
+        if d:
+            where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}"
+        elif r.get("mode") == "width":
+            w = r.get("width", {})
+            where = f"width: {w.get('subnets')} sub-networks of {w.get('global_width')}, {r.get('arch', 'vgg')}"
+        else:
+            where = r.get("mode")
         lines.append(f"| {name} | {where} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
