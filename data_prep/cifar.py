@@ -118,7 +118,7 @@ def convert(args) -> dict:
     sizes = {"train": cut, "val": args.val, "test": sum(counts[name] for name in test_files)}
     progress = Progress(sum(counts.values()), "images")
     attrs = {"source": os.path.abspath(src), "dataset": dataset}
-    with DatasetWriter(args.out, (3, 32, 32), "uint8", sizes, classes, attrs=attrs) as w:
+    with DatasetWriter(args.out, (3, 32, 32), "uint8", sizes, classes, attrs=attrs, tile=args.tile) as w:
         seen = 0
         for name in train_files + test_files:
             x, y = load_batch(path(name), label_key, len(classes))

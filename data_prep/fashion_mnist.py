@@ -75,7 +75,7 @@ def load_pair(src: str, prefix: str, num_classes: int):
     return images[:, None, :, :], labels.astype(np.int64)
 
 
-def convert(src: str, out: str, val: int = 5000, dataset: str = "fashion") -> dict:
+def convert(src: str, out: str, val: int = 5000, dataset: str = "fashion", tile: int | None = None) -> dict:
     classes = FASHION_CLASSES if dataset == "fashion" else MNIST_CLASSES
     x_train, y_train = load_pair(src, "train", len(classes))
     x_test, y_test = load_pair(src, "test", len(classes))
@@ -87,7 +87,8 @@ def convert(src: str, out: str, val: int = 5000, dataset: str = "fashion") -> di
     cut = len(x_train) - val
     splits = {"train": (x_train[:cut], y_train[:cut]), "val": (x_train[cut:], y_train[cut:]),
               "test": (x_test, y_test)}
-    write_dataset(out, splits, classes=classes, attrs={"source": os.path.abspath(src), "dataset": dataset})
+    write_dataset(out, splits, classes=classes, tile=tile,
+                  attrs={"source": os.path.abspath(src), "dataset": dataset})
     return {k: len(v[0]) for k, v in splits.items()}
 
 
@@ -98,9 +99,10 @@ def main(argv=None):
     p.add_argument("--out", default="data/fashion_mnist.h5", help="HDF5 file to write")
     p.add_argument("--val", type=int, default=5000, help="last VAL training images become the validation split")
     p.add_argument("--dataset", choices=("fashion", "mnist"), default="fashion", help="class names to store")
+    p.add_argument("--tile", type=int, default=None, help="spatial edge of the HDF5 chunks (default: 7 when the image edges are multiples of 7, else 8); a rank reads whole chunks, so a grid whose subimage edges are multiples of the tile reads no more than its share: 7 suits 2x2 and 4x4 on 28x28, 4 suits 7x7 (benchmarks/io_chunks.py)")
     args = p.parse_args(argv)
     try:
-        sizes = convert(args.src, args.out, args.val, args.dataset)
+        sizes = convert(args.src, args.out, args.val, args.dataset, args.tile)
     except IDXError as e:
         print(f"python -m data_prep.fashion_mnist: error: {e}", file=sys.stderr)
         return 2

@@ -104,13 +104,13 @@ def find_samples(root: str, suffixes: tuple, val: float, test: float, seed: int)
 
 
 def write_samples(out: str, samples: dict, classes: list, sample_shape: tuple, dtype, load, what: str,
-                  attrs: dict) -> dict:
+                  attrs: dict, tile: int | None = None) -> dict:
     """Write `load(path)` (an array of `sample_shape`) for every sample, a block at a time."""
     sizes = {s: len(samples[s]) for s in SPLITS}
     dtype = np.dtype(dtype)
     block = int(max(1, min(256, BLOCK_BYTES // (np.prod(sample_shape) * dtype.itemsize))))
     progress = Progress(sum(sizes.values()), what)
-    with DatasetWriter(out, sample_shape, dtype, sizes, classes, attrs=attrs) as w:
+    with DatasetWriter(out, sample_shape, dtype, sizes, classes, attrs=attrs, tile=tile) as w:
         for split in SPLITS:
             images = np.empty((min(block, sizes[split]),) + tuple(sample_shape), dtype)
             labels = np.empty(len(images), np.int64)
@@ -172,7 +172,7 @@ def convert(args) -> dict:
     shape = (3 if mode == "RGB" else 1, h, w)
     attrs = {"source": os.path.abspath(args.root), "color": args.color,
              "resize": f"{h}x{w} bicubic" if size else "none"}
-    return write_samples(args.out, samples, classes, shape, np.uint8, load, "images", attrs)
+    return write_samples(args.out, samples, classes, shape, np.uint8, load, "images", attrs, tile=args.tile)
 
 
 def first_line(e: BaseException) -> str:

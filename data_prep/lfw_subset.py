@@ -44,7 +44,7 @@ def add_arguments(p):
 def convert(args) -> dict:
     images, labels = load()
     parts = seeded_split(len(labels), args.val, args.test, args.seed)
-    write_dataset(args.out, {s: (images[i], labels[i]) for s, i in parts.items()}, classes=CLASSES,
+    write_dataset(args.out, {s: (images[i], labels[i]) for s, i in parts.items()}, classes=CLASSES, tile=args.tile,
                   attrs={"source": "skimage.data.lfw_subset"})
     return {s: len(parts[s]) for s in ("train", "val", "test")}
 

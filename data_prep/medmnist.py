@@ -141,7 +141,7 @@ def convert(args) -> dict:
         sizes = {s: images[s].shape[0] for s in SPLITS}
         progress = Progress(sum(sizes.values()), "images")
         attrs = {"source": os.path.abspath(path), "dataset": os.path.splitext(os.path.basename(path))[0]}
-        with DatasetWriter(args.out, image_shape, dtype, sizes, classes, attrs=attrs) as w:
+        with DatasetWriter(args.out, image_shape, dtype, sizes, classes, attrs=attrs, tile=args.tile) as w:
             for s in SPLITS:
                 done = 0
                 for x, y in zip(images[s].blocks(), m[f"{s}_labels"].blocks()):

@@ -102,7 +102,8 @@ def convert(args) -> dict:
     attrs = {"source": os.path.abspath(args.root), "orientation": "RAS+ canonical, (D, H, W) = (x, y, z)",
              "window": list(window) if window else "none", "resample": "trilinear, align_corners=False"}
     # uint8 blocks are filled from float arrays of integers 0..255: the assignment casts them exactly
-    return write_samples(args.out, samples, classes, (1,) + shape, args.dtype, load, "volumes", attrs)
+    return write_samples(args.out, samples, classes, (1,) + shape, args.dtype, load, "volumes", attrs,
+                         tile=args.tile)
 
 
 _main = main_of("data_prep.nifti", __doc__, add_arguments, convert)

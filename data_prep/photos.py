@@ -65,7 +65,7 @@ def convert(args) -> dict:
     photos = photographs()
     rng = np.random.default_rng(args.seed)
     sizes = {s: n * len(photos) for s, n in counts.items()}
-    with DatasetWriter(args.out, (3, args.size, args.size), "uint8", sizes, list(photos),
+    with DatasetWriter(args.out, (3, args.size, args.size), "uint8", sizes, list(photos), tile=args.tile,
                        attrs={"source": "skimage.data " + " ".join(SKIMAGE) + "; sklearn " + " ".join(SKLEARN),
                               "labels": "by construction: the photograph a patch is cut from"}) as w:
         for split, band in BANDS.items():
