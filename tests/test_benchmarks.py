@@ -1,0 +1,40 @@
+"""benchmarks/: the scripts that print BENCHMARKS.md's figures are not timed tests, but they must
+keep running: each answers --help with its own command, and the I/O benchmark's chunk accounting
+is checked on a tiny file."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+
+
+def test_every_benchmark_of_the_issue_is_there():
+    names = {os.path.basename(s)[:-3] for s in SCRIPTS}
+    assert {"time_to_accuracy", "overhead", "io_chunks", "communication", "scaling"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_benchmark_answers_help_with_its_command(script):
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"benchmarks/{os.path.basename(script)}" in open(script).read().split('"""')[1]
+
+
+def test_io_benchmark_counts_the_chunks_a_subimage_touches(tiny):
+    """16x16 images in 8x8 tiles: 2x2 subimages are single chunks (1.00x their share); with
+    overlap 1 each 10x10 subimage meets all 4 chunks (4.00x)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "io_chunks.py"), "--data", tiny,
+                           "--grids", "2x2", "--overlaps", "0,1", "--chunks", ""],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {int(m[0]): m for m in re.findall(r"^\s*2x2\s+(\d)\s+4\s+(\d+x\d+)\s+(yes|no)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+                                             r".*?(PASS|FAIL|--)\s*$", proc.stdout, re.M)}
+    assert rows[0][1:] == ("8x8", "yes", "1.00", "1.00", "1.00", "PASS")
+    assert rows[1][1:3] == ("10x10", "no") and rows[1][4] == "4.00" and rows[1][6] == "--"
