@@ -72,17 +72,25 @@ def read_metrics(run_dir: str) -> dict:
 
 
 def training_curves(run_dir: str, path: str):
-    """Training loss and validation accuracy per epoch of every model the run trained."""
+    """Training loss and validation accuracy per epoch of every model the run trained (beyond 8
+    local CNNs, they are thin grey lines with one legend entry)."""
     metrics = read_metrics(run_dir)
     if not metrics:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for model, rows in sorted(metrics.items()):
+    locals_ = sorted((m for m in metrics if m.startswith("local_")), key=lambda m: int(m.split("_")[1]))
+    many = len(locals_) > 8
+    for model in locals_ + sorted(set(metrics) - set(locals_)):
+        rows = metrics[model]
+        style = {"color": "grey", "lw": 0.6, "alpha": 0.6, "label": None} if many and model in locals_ else \
+            {"marker": ".", "label": model}
+        if many and model == locals_[0]:
+            style["label"] = f"local CNNs ({len(locals_)})"
         epochs = [float(r["epoch"]) for r in rows]
-        left.plot(epochs, [float(r["loss"]) for r in rows], marker=".", label=model)
+        left.plot(epochs, [float(r["loss"]) for r in rows], **style)
         val = [float(r["val_acc"]) * 100 for r in rows if r.get("val_acc")]
         if val:
-            right.plot(epochs[:len(val)], val, marker=".", label=model)
+            right.plot(epochs[:len(val)], val, **style)
     left.set(xlabel="epoch", ylabel="training loss", yscale="log")
     right.set(xlabel="epoch", ylabel="validation accuracy (%)")
     right.legend(fontsize=7, loc="lower right")
@@ -94,7 +102,7 @@ def accuracies(results: dict, path: str):
     models = [m for m in results.get("models", []) if m.get("test_acc") is not None]
     if not models:
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(models) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(models) + 1.6))
     y = np.arange(len(models))
     ax.barh(y - 0.2, [100 * (m.get("val_acc") or 0) for m in models], 0.4, label="val")
     ax.barh(y + 0.2, [100 * m["test_acc"] for m in models], 0.4, label="test")
@@ -113,7 +121,7 @@ def phase_times(results: dict, path: str):
     phases = [p for p in PHASES if any(p in r.get("phases", {}) for r in ranks)]
     phases += sorted({p for r in ranks for p in r.get("phases", {})} - set(phases) -
                      {p for r in ranks for p in r.get("phases", {}) if p.startswith("subdomain_")})
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(ranks) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(ranks) + 2.2))
     left = np.zeros(len(ranks))
     for phase in phases:
         seconds = np.array([r.get("phases", {}).get(phase, {}).get("wall_s", 0.0) for r in ranks])
@@ -123,7 +131,7 @@ def phase_times(results: dict, path: str):
             left += seconds
     ax.invert_yaxis()
     ax.set_xlabel("wall seconds")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # off the bars
     return _save(fig, path)
 
 
