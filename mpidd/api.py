@@ -38,7 +38,7 @@ from .decomposition import Decomposition, DecompositionError, choose_grid, layou
 from .engine import Shard, TrainOptions, evaluate, predict_logits, predict_proba, seed_for
 from .methods import coherent, twolevel, width
 from .methods.context import Context
-from .models import CNNConfig, CoarseDNN, build_cnn, local_width_factor
+from .models import COARSE_INPUTS, CNNConfig, CoarseDNN, build_cnn, local_width_factor
 from .width import WidthError, subnet_config as width_subnet_config
 
 COMBINERS = ("cnn-dnn", "average", "vote")
@@ -190,7 +190,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
                  blocks_per_stage=2, hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
                  epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
-                 coarse_epochs=5, coarse_lr=3e-3, coarse_batch_size=512, coherent_epochs=2, coherent_lr=2e-3,
+                 coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
+                 coarse_batch_size=128, coherent_epochs=2, coherent_lr=2e-3,
                  transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
                  num_classes=None, class_names=None, normalization=None, comm=None, device=None, threads=None,
                  verbose=False):
@@ -202,7 +203,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.momentum, self.weight_decay, self.schedule = momentum, weight_decay, schedule
         self.eval_batch_size = eval_batch_size
         self.coarse_hidden, self.coarse_dropout = tuple(coarse_hidden), coarse_dropout
-        self.coarse_epochs, self.coarse_lr, self.coarse_batch_size = coarse_epochs, coarse_lr, coarse_batch_size
+        self.coarse_input, self.coarse_epochs, self.coarse_steps = coarse_input, coarse_epochs, coarse_steps
+        self.coarse_lr, self.coarse_weight_decay, self.coarse_batch_size = coarse_lr, coarse_weight_decay, coarse_batch_size
         self.coherent_epochs, self.coherent_lr, self.transfer_lr = coherent_epochs, coherent_lr, transfer_lr
         self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
@@ -214,7 +216,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
     HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
                        "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
                        "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
-                       "coarse_dropout", "coarse_epochs", "coarse_lr", "coarse_batch_size", "coherent_epochs",
+                       "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
+                       "coarse_weight_decay", "coarse_batch_size", "coherent_epochs",
                        "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
                        "validation_fraction", "num_classes", "class_names", "normalization")
 
@@ -224,9 +227,11 @@ class TwoLevelClassifier(_CollectiveEstimator):
         local = TrainOptions(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
                              momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
         coarse = TrainOptions(epochs=self.coarse_epochs, batch_size=self.coarse_batch_size, lr=self.coarse_lr,
-                              optimizer="adam", schedule="cosine", select_best=True)
+                              optimizer="adam", weight_decay=self.coarse_weight_decay, schedule="cosine",
+                              select_best=True)
         return twolevel.TwoLevelConfig(cnn=cnn, local=local, coarse=coarse, coarse_hidden=tuple(self.coarse_hidden),
-                                       coarse_dropout=self.coarse_dropout, seed=self.seed,
+                                       coarse_dropout=self.coarse_dropout, coarse_input=self.coarse_input,
+                                       coarse_min_steps=self.coarse_steps, seed=self.seed,
                                        eval_batch_size=self.eval_batch_size)
 
     def decomposition(self, image_shape) -> Decomposition:
@@ -287,6 +292,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         {subdomain: array} with `image_shape`; y: (n,) labels on every rank. Without x_val, a
         seeded `validation_fraction` of the training samples is held out for validation (the
         local CNNs' per-epoch scores and the coarse DNN's model selection)."""
+        if self.coarse_input not in COARSE_INPUTS:  # before any training, on every rank alike
+            raise ValueError(f"coarse_input must be one of {', '.join(COARSE_INPUTS)}, not {self.coarse_input!r}")
         ctx, dec, subsets, labels = self._prepare(x, y, x_val, y_val, image_shape)
         N, K, C, cfg = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config()
         probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, self.width_factor_, cfg,

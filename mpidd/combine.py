@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import torch
 
 from .engine import TrainOptions, seed_for, train_classifier
-from .models import CoarseDNN
+from .models import COARSE_INPUTS, CoarseDNN
 
 
 def average_vote(probs: np.ndarray) -> np.ndarray:
@@ -35,12 +38,27 @@ def accuracy(pred, labels) -> float:
     return float((np.asarray(pred) == np.asarray(labels)).mean())
 
 
+def coarse_epochs(n: int, opts: TrainOptions, min_steps: int) -> int:
+    """opts.epochs, or more when n samples give fewer than min_steps optimizer steps: a budget
+    in steps, so that small training sets still train the coarse DNN (a 2,000-image set gives
+    16 steps an epoch at batch 128)."""
+    steps_per_epoch = max(1, math.ceil(n / opts.batch_size))
+    return max(opts.epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOptions, seed: int, log=None,
-                     control=None):
-    """Train the coarse DNN on flattened (n, N*K) probabilities; model selection on val.
-    `control`: stop, checkpoint and resume (mpidd.engine.Control)."""
+                     control=None, inputs: str = "logprob", min_steps: int = 0):
+    """Train the coarse DNN on flattened (n, N*K) probabilities for coarse_epochs(...) epochs;
+    the best epoch on val is kept (opts.select_best). inputs: "logprob" (standardised
+    log-probabilities, see CoarseDNN) or "prob" (as they are). `control`: stop, checkpoint and
+    resume (mpidd.engine.Control)."""
     x, y = train
+    if inputs not in COARSE_INPUTS:
+        raise ValueError(f"coarse DNN inputs {inputs!r}: one of {', '.join(COARSE_INPUTS)}")
     torch.manual_seed(seed_for(seed, "coarse"))
     model = CoarseDNN(x.shape[1], num_classes, hidden, dropout)
+    if inputs == "logprob":
+        model.use_log_probabilities(x)
+    opts = dataclasses.replace(opts, epochs=coarse_epochs(len(y), opts, min_steps))
     history, _ = train_classifier(model, (x, y), val, opts, seed_for(seed, "coarse_order"), log, control=control)
     return model, history

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,8 +183,19 @@ def local_width_factor(in_channels, num_classes, image_shape, subimage_shape, nu
     return round(hi, 4)
 
 
+COARSE_INPUTS = ("logprob", "prob")  # what the coarse DNN's first layer sees (see CoarseDNN)
+PROBABILITY_FLOOR = 1e-7  # log(0) guard: a probability below this is taken as this
+
+
 class CoarseDNN(nn.Module):
-    """The coarse network of the two-level method: N*K local probabilities -> K class logits."""
+    """The coarse network of the two-level method: N*K local probabilities -> K class logits.
+
+    Its input transform is part of the model (buffers, saved with it): with log_inputs, the
+    log of each probability (floored at PROBABILITY_FLOOR), then (x - input_mean) / input_std
+    per feature. Built, it is the identity (no log, mean 0, std 1): the papers' probabilities
+    as they are; `use_log_probabilities(train)` switches to standardised log-probabilities with
+    the statistics of the training inputs. Model files written before the transform existed
+    load as the identity."""
 
     def __init__(self, in_features: int, num_classes: int, hidden=(64, 64), dropout: float = 0.0):
         super().__init__()
@@ -193,9 +205,32 @@ class CoarseDNN(nn.Module):
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        self.register_buffer("log_inputs", torch.tensor(False))
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+
+    def use_log_probabilities(self, train) -> "CoarseDNN":
+        """Standardised log-probabilities, with the mean and std of `train` (n, N*K) per feature
+        (a feature constant on the training split keeps std 1)."""
+        logs = np.log(np.maximum(np.asarray(train, dtype=np.float64), PROBABILITY_FLOOR))
+        mean, std = logs.mean(axis=0), logs.std(axis=0)
+        std[std < 1e-6] = 1.0
+        self.log_inputs.fill_(True)
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        return self
 
     def forward(self, x):
-        return self.net(x)
+        if self.log_inputs:
+            x = torch.log(x.clamp_min(PROBABILITY_FLOOR))
+        return self.net((x - self.input_mean) / self.input_std)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        identity = {"log_inputs": torch.tensor(False), "input_mean": torch.zeros_like(self.input_mean),
+                    "input_std": torch.ones_like(self.input_std)}
+        for name, value in identity.items():  # a file written before the transform existed
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):

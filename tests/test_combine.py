@@ -59,3 +59,65 @@ def test_confusion_matrix_counts_true_rows_predicted_columns():
     m = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
     assert m == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     assert confusion_matrix([], [], 2) == [[0, 0], [0, 0]]
+
+
+def weak_local_probabilities(n, N=4, K=4, signal=0.8, seed=0):
+    """(n, N*K) probabilities of N weak local models: softmax(noise + signal at the true class),
+    each model confident in its own way (a per-model temperature), and the labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    logits = rng.normal(size=(n, N, K)) + signal * np.eye(K)[y][:, None, :]
+    logits *= rng.uniform(0.2, 3.0, size=(1, N, 1))
+    p = np.exp(logits - logits.max(axis=2, keepdims=True))
+    return (p / p.sum(axis=2, keepdims=True)).reshape(n, N * K).astype(np.float32), y
+
+
+def test_coarse_dnn_learns_from_weak_locals_on_small_data():
+    import dataclasses
+    """200 training samples: the coarse DNN must not end at the uniform prediction while the
+    average beats chance (the papers' probabilities with 5 epochs of batch 512 did)."""
+    from mpidd.combine import accuracy, average_vote, train_coarse_dnn
+    from mpidd.engine import TrainOptions, predict_proba
+    N, K = 4, 4
+    (x, y), (xv, yv), (xt, yt) = (weak_local_probabilities(n, N, K, seed=s) for n, s in ((200, 0), (200, 1), (1000, 2)))
+    average = accuracy(average_vote(xt.reshape(-1, N, K)), yt)
+    assert average > 1 / K + 0.1  # the locals carry signal
+    opts = TrainOptions(epochs=5, batch_size=128, lr=3e-3, optimizer="adam", weight_decay=1e-4, select_best=True)
+    dnn, history = train_coarse_dnn((x, y), (xv, yv), K, (64, 64), 0.0, opts, seed=0, min_steps=400)
+    assert len(history) == 200  # 2 steps an epoch at batch 128: 400 steps are 200 epochs
+    predicted = predict_proba(dnn, xt).argmax(1)
+    assert len(set(predicted.tolist())) == K and accuracy(predicted, yt) > 1 / K + 0.2
+    papers = dataclasses.replace(opts, batch_size=512, weight_decay=0.0)  # 5 steps on raw probabilities
+    dnn, _ = train_coarse_dnn((x, y), (xv, yv), K, (64, 64), 0.0, papers, seed=0, inputs="prob", min_steps=0)
+    assert accuracy(predict_proba(dnn, xt).argmax(1), yt) < 1 / K + 0.2  # what the step budget fixes
+
+
+def test_coarse_dnn_input_transform_is_part_of_the_model():
+    import torch
+    from mpidd.models import PROBABILITY_FLOOR, CoarseDNN
+    x, _ = weak_local_probabilities(300)
+    x[0, 0] = 0.0  # a probability that underflowed
+    dnn = CoarseDNN(16, 4)
+    plain = dnn.net(torch.as_tensor(x))
+    assert torch.equal(dnn(torch.as_tensor(x)), plain)  # built: the papers' probabilities as they are
+    old = {k: v for k, v in dnn.state_dict().items() if k.startswith("net.")}  # a file from before
+    dnn.use_log_probabilities(x)
+    logs = np.log(np.maximum(x.astype(np.float64), PROBABILITY_FLOOR))
+    assert np.allclose(dnn.input_mean.numpy(), logs.mean(0), atol=1e-5)
+    assert np.allclose(dnn.input_std.numpy(), logs.std(0), rtol=1e-5)
+    expected = dnn.net(torch.as_tensor(((logs - logs.mean(0)) / logs.std(0)).astype(np.float32)))
+    assert torch.allclose(dnn(torch.as_tensor(x)), expected, atol=1e-4)
+    again = CoarseDNN(16, 4)
+    again.load_state_dict(dnn.state_dict())  # saved and loaded with the model
+    assert torch.equal(again(torch.as_tensor(x)), dnn(torch.as_tensor(x)))
+    again.load_state_dict(old)  # a file written before the transform: the identity
+    assert torch.equal(again(torch.as_tensor(x)), plain)
+
+
+def test_coarse_epochs_are_a_budget_in_steps():
+    from mpidd.combine import coarse_epochs
+    from mpidd.engine import TrainOptions
+    opts = TrainOptions(epochs=5, batch_size=128)
+    assert coarse_epochs(55000, opts, 2000) == 5      # 430 steps an epoch: the epochs suffice
+    assert coarse_epochs(2000, opts, 2000) == 125     # 16 steps an epoch
+    assert coarse_epochs(2000, opts, 0) == 5

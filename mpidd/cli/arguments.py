@@ -110,9 +110,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("coarse DNN (rank 0)")
     g.add_argument("--coarse-hidden", default="64,64", help="hidden layer widths, comma separated")
     g.add_argument("--coarse-dropout", type=float, default=0.0, help="dropout after each hidden layer")
-    g.add_argument("--coarse-epochs", type=int, default=5, help="epochs; the best on val is kept")
+    g.add_argument("--coarse-input", choices=("logprob", "prob"), default="logprob",
+                   help="logprob: the log of every local probability, standardised with the training "
+                        "split's mean and std per input (stored in the model); prob: the probabilities as "
+                        "they are, as in the papers (on small training sets it may not leave the uniform "
+                        "prediction)")
+    g.add_argument("--coarse-epochs", type=int, default=5, help="epochs, at least; the best on val is kept")
+    g.add_argument("--coarse-steps", type=int, default=2000,
+                   help="optimizer steps, at least: small training sets get more epochs (2,000 images at "
+                        "batch 128: 125 epochs); 0: --coarse-epochs alone")
     g.add_argument("--coarse-lr", type=float, default=3e-3, help="peak learning rate (Adam, cosine)")
-    g.add_argument("--coarse-batch-size", type=int, default=512, help="mini-batch size")
+    g.add_argument("--coarse-weight-decay", type=float, default=1e-4, help="Adam's L2 weight decay")
+    g.add_argument("--coarse-batch-size", type=int, default=128, help="mini-batch size")
     g = p.add_argument_group("coherent CNN-DNN (model parallel)")
     g.add_argument("--init", choices=("random", "pretrained"), default="pretrained",
                    help="--mode coherent: start from random weights, or from the local phase's trained "
@@ -254,8 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("lr", "coarse_lr", "coherent_lr", "transfer_lr"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("dropout", "coarse_dropout", "weight_decay", "momentum"):
-        if not 0 <= getattr(args, name) < 1 + (name == "weight_decay") * 1e9:
+    for name in ("dropout", "coarse_dropout", "weight_decay", "coarse_weight_decay", "momentum"):
+        if not 0 <= getattr(args, name) < 1 + (name.endswith("weight_decay")) * 1e9:
             raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")
     for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block",
                  "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool",
@@ -264,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.offdiag_noise < 0:
         raise ConfigError(f"--offdiag-noise must be >= 0, got {args.offdiag_noise}")
+    if args.coarse_steps < 0:
+        raise ConfigError(f"--coarse-steps must be >= 0, got {args.coarse_steps}")
     if not 0 < args.target_acc <= 1:
         raise ConfigError(f"--target-acc is a fraction in (0, 1], got {args.target_acc}")
     if args.threads is not None and args.threads < 1:

@@ -51,13 +51,14 @@ def cnn_options(args) -> TrainOptions:
 
 
 def coarse_options(args) -> TrainOptions:
-    return TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size,
-                        lr=args.coarse_lr, optimizer="adam", schedule="cosine", select_best=True)
+    return TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size, lr=args.coarse_lr,
+                        optimizer="adam", weight_decay=args.coarse_weight_decay, schedule="cosine", select_best=True)
 
 
 def twolevel_config(args) -> twolevel.TwoLevelConfig:
     return twolevel.TwoLevelConfig(cnn=cnn_config(args), local=cnn_options(args), coarse=coarse_options(args),
                                    coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   coarse_input=args.coarse_input, coarse_min_steps=args.coarse_steps,
                                    seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 
@@ -273,6 +274,7 @@ def plan_run(args, comm) -> dict:
 def coherent_config(args, init) -> coherent.CoherentConfig:
     return coherent.CoherentConfig(opts=coherent_options(args, init), output=args.exchange,
                                    coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
+                                   coarse_input=args.coarse_input, coarse_min_steps=args.coarse_steps,
                                    seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 

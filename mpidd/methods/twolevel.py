@@ -5,7 +5,8 @@ bottom as its data flow:
                  subimages (no communication, but within a data-parallel group), then its
                  class probabilities on every split                         (n, K) each
     gather       gather: MPI_Gatherv to rank 0 of the communicator          (n, N*K), subdomain order
-    rank 0       fit_coarse: the coarse DNN on the gathered probabilities (selected on val);
+    rank 0       fit_coarse: the coarse DNN on the gathered probabilities (standardised
+                 log-probabilities by default; at least coarse_min_steps steps; selected on val);
                  combine: CNN-DNN, average and vote, and every local CNN's own accuracy
 
 Input: `subsets[i][split]` is an engine.Shard of subdomain i's subimages (n, C, *box) and
@@ -33,9 +34,11 @@ class TwoLevelConfig:
     cnn: CNNConfig = field(default_factory=CNNConfig)
     local: TrainOptions = field(default_factory=TrainOptions)
     coarse: TrainOptions = field(default_factory=lambda: TrainOptions(
-        epochs=5, batch_size=512, lr=3e-3, optimizer="adam", schedule="cosine", select_best=True))
+        epochs=5, batch_size=128, lr=3e-3, optimizer="adam", weight_decay=1e-4, schedule="cosine", select_best=True))
     coarse_hidden: tuple = (64, 64)
     coarse_dropout: float = 0.0
+    coarse_input: str = "logprob"   # logprob: standardised log-probabilities; prob: as they are (the papers')
+    coarse_min_steps: int = 2000    # at least this many optimizer steps: more epochs on small sets
     seed: int = 0
     eval_batch_size: int = 256
 
@@ -94,9 +97,11 @@ def fit_coarse(ctx: Context, gathered: dict, labels: dict, num_subdomains: int, 
     N, K = num_subdomains, num_classes
     control = ctx.control("coarse_dnn.pt", ctx.poll, in_features=N * K, num_classes=K, hidden=list(cfg.coarse_hidden),
                           dropout=cfg.coarse_dropout)
+    epochs = combine.coarse_epochs(len(labels["train"]), cfg.coarse, cfg.coarse_min_steps)
     return combine.train_coarse_dnn(
         (gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K, cfg.coarse_hidden,
-        cfg.coarse_dropout, cfg.coarse, cfg.seed, ctx.log_progress("coarse DNN", cfg.coarse.epochs), control=control)
+        cfg.coarse_dropout, cfg.coarse, cfg.seed, ctx.log_progress("coarse DNN", epochs), control=control,
+        inputs=cfg.coarse_input, min_steps=cfg.coarse_min_steps)
 
 
 def combined_predictions(dnn, gathered: np.ndarray, num_subdomains: int, num_classes: int, model="cnn-dnn",
