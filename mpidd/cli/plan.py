@@ -274,7 +274,6 @@ def plan_run(args, comm) -> dict:
 def coherent_config(args, init) -> coherent.CoherentConfig:
     return coherent.CoherentConfig(opts=coherent_options(args, init), output=args.exchange,
                                    coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
-                                   coarse_input=args.coarse_input, coarse_min_steps=args.coarse_steps,
                                    seed=args.seed, eval_batch_size=args.eval_batch_size)
 
 
