@@ -17,7 +17,8 @@ if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"
 
 BIN = os.path.dirname(sys.executable)
 MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(BIN, "mpirun")
-TINY = ["--no-report", "--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16",
+# --coarse-steps 200: the coarse DNN's step budget, smaller than the default 2,000 to keep the suite short
+TINY = ["--no-report", "--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16", "--coarse-steps", "200",
         "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
 
 
@@ -97,7 +98,9 @@ def test_two_rank_run_writes_everything(two_rank_run):
     with open(os.path.join(out, "metrics.csv")) as f:
         lines = f.read().splitlines()
     assert lines[0].startswith("model,epoch,loss")
-    assert len(lines) == 1 + 4 * 3 + 5 + 2 * 2 + 3  # 4 locals x 3 epochs, DNN 5, 2 coherent x 2, global 3
+    # 4 locals x 3 epochs, 2 coherent x 2, global 3; the coarse DNN: 512 samples at batch 32 are 16
+    # steps an epoch, so --coarse-steps 200 gives 13 epochs (more than --coarse-epochs 5)
+    assert len(lines) == 1 + 4 * 3 + 13 + 2 * 2 + 3
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["grid"] == "2x2" and cfg["epochs"] == 3 and "out" not in cfg
     # rank 0 printed progress and the table; only rank 0 prints
@@ -488,7 +491,7 @@ def test_width_classifier_from_python_equals_the_command_line(width_run, digits,
         assert f"accuracy {100 * cli[name]['test']:.2f}%" in proc.stdout, (source, model)
 
 
-FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coherent-epochs", "1", "--width", "8", "--hidden", "16",
+FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coarse-steps", "0", "--coherent-epochs", "1", "--width", "8", "--hidden", "16",
         "--batch-size", "64", "--threads", "1"]
 
 

@@ -71,10 +71,12 @@ class Run(Context):
             if self.stopper.sync():
                 raise SyncedStop("stop agreed at a phase boundary")
 
-    def control(self, name, stop, write=True, **fields) -> Control:
-        """Checkpoint `name` each epoch and at a stop (if `write`), resumed from when resuming."""
+    def control(self, name, stop, write=True, epoch_saves=True, **fields) -> Control:
+        """Checkpoint `name` each epoch (epoch_saves; else only the last) and at a stop (if
+        `write`), resumed from when resuming. A loop saved only at its end and at stops is redone
+        from its start after a kill, computing the same: cheaper for short epochs than a file each."""
         def save(state):
-            if write:
+            if write and (epoch_saves or state.get("stopped") or state.get("done")):
                 rundir.save_checkpoint(self.path(name), **checkpoint_fields(state), **fields, args=vars(self.args))
         return Control(stop=stop, save=save, resume=loop_state(self.saved(name)))
 

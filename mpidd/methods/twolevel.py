@@ -95,8 +95,9 @@ def fit_coarse(ctx: Context, gathered: dict, labels: dict, num_subdomains: int, 
     """Rank 0: the coarse DNN on the gathered (n, N*K) probabilities, the best epoch on val.
     Returns (dnn, history)."""
     N, K = num_subdomains, num_classes
-    control = ctx.control("coarse_dnn.pt", ctx.poll, in_features=N * K, num_classes=K, hidden=list(cfg.coarse_hidden),
-                          dropout=cfg.coarse_dropout)
+    # the coarse DNN trains for seconds, in many short epochs on small sets: no file per epoch
+    control = ctx.control("coarse_dnn.pt", ctx.poll, epoch_saves=False, in_features=N * K, num_classes=K,
+                          hidden=list(cfg.coarse_hidden), dropout=cfg.coarse_dropout)
     epochs = combine.coarse_epochs(len(labels["train"]), cfg.coarse, cfg.coarse_min_steps)
     return combine.train_coarse_dnn(
         (gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K, cfg.coarse_hidden,
