@@ -221,8 +221,8 @@ class CoarseDNN(nn.Module):
         return self
 
     def forward(self, x):
-        if self.log_inputs:
-            x = torch.log(x.clamp_min(PROBABILITY_FLOOR))
+        # where, not `if self.log_inputs`: no device-to-host sync per step on a GPU
+        x = torch.where(self.log_inputs, torch.log(x.clamp_min(PROBABILITY_FLOOR)), x)
         return self.net((x - self.input_mean) / self.input_std)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
