@@ -19,7 +19,7 @@ API_FIT = (os.path.join(ROOT, "tests", "api_fit.py"),)
 PREDICT = ("-m", "mpidd.predict")
 # the command line's flags for api_fit.OPTIONS
 CLI = ["--grid", "2x2", "--epochs", "2", "--batch-size", "32", "--width", "8", "--hidden", "16",
-       "--coarse-epochs", "4", "--coarse-batch-size", "32", "--coherent-epochs", "1", "--threads", "1", "--seed", "2"]
+       "--coarse-epochs", "4", "--coarse-steps", "200", "--coarse-batch-size", "32", "--coherent-epochs", "1", "--threads", "1", "--seed", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from test_e2e import results, run
 from test_prep_cifar_medmnist import write_cifar10
 from test_prep_folder_nifti import save_nifti
 
-TINY = ["--no-report", "--epochs", "1", "--batch-size", "16", "--width", "8", "--hidden", "16", "--coarse-epochs", "2",
+TINY = ["--no-report", "--epochs", "1", "--batch-size", "16", "--width", "8", "--hidden", "16", "--coarse-epochs", "2", "--coarse-steps", "200",
         "--threads", "1", "--mode", "twolevel"]
 
 
