@@ -24,12 +24,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mpidd import combine  # noqa: E402
-from mpidd.data import inspect, load_labels, write_dataset  # noqa: E402
+from mpidd.data import inspect, load_labels, write_subset  # noqa: E402
 from mpidd.engine import TrainOptions, predict_proba  # noqa: E402
 
 PAPERS = TrainOptions(epochs=5, batch_size=512, lr=3e-3, optimizer="adam", schedule="cosine", select_best=True)
@@ -37,11 +36,7 @@ PAPERS = TrainOptions(epochs=5, batch_size=512, lr=3e-3, optimizer="adam", sched
 
 def subset(src, n, out):
     """The first n training and the first 500 validation and test images of src."""
-    if not os.path.exists(out):
-        with h5py.File(src) as f:
-            splits = {s: (f[s]["images"][:m], f[s]["labels"][:m]) for s, m in (("train", n), ("val", 500), ("test", 500))}
-        write_dataset(out, splits, classes=inspect(src).classes)
-    return out
+    return out if os.path.exists(out) else write_subset(src, out, {"train": n, "val": 500, "test": 500})
 
 
 def run(data, grid, epochs, out, np_):

@@ -206,11 +206,7 @@ def one_thread_env():
 def quick_subset(a, path):
     """A small data file (the first --limit training images, a quarter as many val and test)."""
     from mpidd import data
-    info = data.inspect(a.data)
-    whole = tuple(slice(0, s) for s in info.spatial_shape)
-    sizes = {"train": a.limit, "val": a.limit // 4, "test": a.limit // 4}
-    splits = {s: data.load_split(a.data, s, whole, rows=(0, min(n, info.sizes[s])))[:2] for s, n in sizes.items()}
-    return data.write_dataset(path, splits, classes=info.classes)
+    return data.write_subset(a.data, path, {"train": a.limit, "val": a.limit // 4, "test": a.limit // 4})
 
 
 def run_mpidd(a, work):

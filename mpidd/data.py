@@ -380,3 +380,12 @@ def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None
             for lo in range(0, len(images), block):
                 w.write(split, images[lo:lo + block], labels[lo:lo + block])
     return path
+
+
+def write_subset(src: str, dst: str, sizes: dict) -> str:
+    """dst: the first sizes[split] samples of every split of src (fewer where src has fewer),
+    its class names, and the subset's own channel statistics: small data for quick runs."""
+    info = inspect(src)
+    with h5py.File(src, "r") as f:
+        splits = {s: (f[s]["images"][:n], f[s]["labels"][:n]) for s, n in sizes.items()}
+    return write_dataset(dst, splits, classes=info.classes)

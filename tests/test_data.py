@@ -217,3 +217,16 @@ def test_inspect_refuses_bad_channel_statistics(tmp_path, attrs, message):
         f.attrs.update(attrs)
     with pytest.raises(DataError, match=message):
         inspect(path)
+
+
+def test_write_subset_takes_the_first_samples_of_each_split(tmp_path, tiny):
+    from mpidd.data import write_subset
+    out = write_subset(tiny, str(tmp_path / "sub.h5"), {"train": 100, "val": 10, "test": 1000})
+    info, whole = inspect(out), inspect(tiny)
+    assert info.sizes == {"train": 100, "val": 10, "test": whole.sizes["test"]}  # test: all it has
+    assert info.classes == whole.classes and info.mean is not None
+    with h5py.File(out) as f, h5py.File(tiny) as g:
+        assert np.array_equal(f["train/images"][...], g["train/images"][:100])
+        assert np.array_equal(f["val/labels"][...], g["val/labels"][:10])
+    x = h5py.File(out)["train/images"][...] / 255.0
+    assert np.allclose(info.mean, x.mean(axis=(0, 2, 3)), atol=1e-6)  # its own statistics

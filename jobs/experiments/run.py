@@ -47,14 +47,8 @@ def get_args_parser():
 
 def quick_data(src: str, dst: str) -> str:
     """The first QUICK_SIZES images of every split of src, as a data file of its own."""
-    import h5py
-    from mpidd.data import inspect, write_dataset
-    if os.path.exists(dst):
-        return dst
-    info = inspect(src)
-    with h5py.File(src, "r") as f:
-        splits = {s: (f[s]["images"][:n], f[s]["labels"][:n]) for s, n in QUICK_SIZES.items()}
-    return write_dataset(dst, splits, classes=info.classes)
+    from mpidd.data import write_subset
+    return dst if os.path.exists(dst) else write_subset(src, dst, QUICK_SIZES)
 
 
 def main(argv=None):
