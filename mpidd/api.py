@@ -35,7 +35,7 @@ import torch
 
 from . import __version__, dist, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
-from .engine import Shard, TrainOptions, evaluate, predict_logits, predict_proba, seed_for
+from .engine import Shard, TrainOptions, evaluate, precision_error, predict_logits, predict_proba, seed_for
 from .methods import coherent, twolevel, width
 from .methods.context import Context
 from .models import COARSE_INPUTS, CNNConfig, CoarseDNN, build_cnn, local_width_factor
@@ -93,6 +93,16 @@ class _CollectiveEstimator:
         if not hasattr(self, "_device"):
             self._device = dist.select_device("auto", self.comm, set_current=False)[0]
         return self._device
+
+    def _context_of(self, mine, group=None) -> Context:
+        """This rank's Context; ValueError on every rank if `precision` cannot run on a rank's device."""
+        device = self._torch_device()
+        error = precision_error(self.precision, device)
+        failed = dist.agree(self.comm, error)
+        if failed:
+            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
+        return Context(comm=self.comm, device=device, precision=self.precision, mine=mine, group=group,
+                       verbose=self.verbose)
 
     def _check(self, x, y, image_shape, what) -> tuple:
         """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
@@ -193,8 +203,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
                  coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
                  coarse_batch_size=128, coherent_epochs=2, coherent_lr=2e-3,
                  transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, normalization=None, comm=None, device=None, threads=None,
-                 verbose=False):
+                 num_classes=None, class_names=None, normalization=None, precision="32", comm=None, device=None,
+                 threads=None, verbose=False):
         self.grid, self.overlap = grid, overlap
         self.arch, self.width, self.depth, self.convs_per_block = arch, width, depth, convs_per_block
         self.blocks_per_stage, self.hidden, self.head_pool = blocks_per_stage, hidden, head_pool
@@ -209,6 +219,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
         self.num_classes, self.class_names, self.normalization = num_classes, class_names, normalization
+        self.precision = precision
         self._setup(comm, device, threads, verbose)  # self._models: kind -> {"local": {i: module}, "dnn": ...}
 
     # --- configuration ------------------------------------------------------------------------
@@ -219,7 +230,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
                        "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
                        "coarse_weight_decay", "coarse_batch_size", "coherent_epochs",
                        "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
-                       "validation_fraction", "num_classes", "class_names", "normalization")
+                       "validation_fraction", "num_classes", "class_names", "normalization", "precision")
 
     def config(self) -> twolevel.TwoLevelConfig:
         """The typed configuration the method runs with."""
@@ -265,7 +276,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         group = None
         if replicas > 1:
             group = dist.DataParallelGroup(self.comm, color=mine[0], key=member)
-        return Context(comm=self.comm, device=self._torch_device(), mine=mine, group=group, verbose=self.verbose)
+        return self._context_of(mine, group)
 
     # --- data ----------------------------------------------------------------------------------
 
@@ -427,7 +438,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
             self._check_shape(x, None)
             result = None
             if self._ctx.master_process:
-                probs = predict_proba(self._models[kind]["model"], _pixels(x), self.eval_batch_size)
+                probs = predict_proba(self._models[kind]["model"], _pixels(x), self.eval_batch_size,
+                                      precision=self._ctx.precision)
                 result = (probs, probs.argmax(1))
             return self._from_root(result)
         gathered = self._gather_outputs(x, kind, image_shape)
@@ -456,7 +468,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         subsets = {i: {"test": s} for i, s in self._shards(ctx, dec, x, None).items()}
         if bundle.get("exchange", "probabilities") == "logits":
             local = {i: {"test": predict_logits(bundle["local"][i], subsets[i]["test"].x, self.eval_batch_size,
-                                                group=ctx.group, total=n).numpy()} for i in ctx.mine}
+                                                group=ctx.group, total=n, precision=ctx.precision).numpy()}
+                     for i in ctx.mine}
         else:
             local = twolevel.local_probabilities(ctx, bundle["local"], subsets, ("test",), self.eval_batch_size)
         gathered = twolevel.gather(ctx, local, subsets, N, K, {"test": n})
@@ -512,11 +525,12 @@ class TwoLevelClassifier(_CollectiveEstimator):
         return self._write_on_root(path, lambda: (self.manifest(), models))
 
     @classmethod
-    def load(cls, path, comm=None, device=None, threads=None, verbose=False) -> "TwoLevelClassifier":
+    def load(cls, path, comm=None, device=None, threads=None, verbose=False, precision=None) -> "TwoLevelClassifier":
         """A saved model (save's file, or a finished mpidd.train run directory) on `comm`, any
         rank count that training allows (1..N, or a multiple of N). Collective over comm; every
         rank reads the file. Raises saved.ModelFileError (one line) for a missing, corrupt,
-        foreign or incompatible file."""
+        foreign or incompatible file. precision None: the one it was trained in where this
+        rank's device supports it, else "32" (the saved weights are float32 either way)."""
         comm = comm if comm is not None else dist.world_dup()
         error, state = None, None
         try:
@@ -537,6 +551,10 @@ class TwoLevelClassifier(_CollectiveEstimator):
                       normalization=(tuple(state["cnn"]["input_mean"]), tuple(state["cnn"]["input_std"]))
                       if state["cnn"].get("input_mean") else None)
         clf = cls(**params, comm=comm, device=device, threads=threads, verbose=verbose)
+        if precision is not None:
+            clf.precision = precision
+        elif precision_error(clf.precision, clf._torch_device()) is not None:
+            clf.precision = "32"
         clf._restore(state, str(path))
         return clf
 
@@ -593,14 +611,15 @@ class WidthClassifier(_CollectiveEstimator):
     HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "hidden",
                        "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer", "momentum",
                        "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard", "offdiag_noise",
-                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names", "normalization")
+                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names", "normalization",
+                       "precision")
 
     def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
                  hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
                  optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine", eval_batch_size=256,
                  subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, normalization=None, comm=None, device=None, threads=None,
-                 verbose=False):
+                 num_classes=None, class_names=None, normalization=None, precision="32", comm=None, device=None,
+                 threads=None, verbose=False):
         for k, v in locals().items():
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)
@@ -631,7 +650,7 @@ class WidthClassifier(_CollectiveEstimator):
         if self.comm.Get_size() > self.subnets:
             raise ValueError(f"{self.comm.Get_size()} ranks but only {self.subnets} sub-networks: use at most "
                              f"{self.subnets} ranks or more sub-networks")
-        ctx = Context(comm=self.comm, device=self._torch_device(), mine=mine, verbose=self.verbose)
+        ctx = self._context_of(mine)
         C, shape = image_shape[0], image_shape[1:]
         whole = {"train": Shard(_pixels(x), y.astype(np.int64)), "val": Shard(_pixels(x_val), y_val.astype(np.int64))}
         states, scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg, score_splits=("val",))
@@ -641,7 +660,7 @@ class WidthClassifier(_CollectiveEstimator):
         result = model = None
         if ctx.master_process:
             model = width.recompose(ctx, states, C, K, shape, cfg)
-            initial = evaluate(model, whole["val"].x, whole["val"].y, self.eval_batch_size)[1]
+            initial = evaluate(model, whole["val"].x, whole["val"].y, self.eval_batch_size, precision=ctx.precision)[1]
             history = width.fit_recomposed(ctx, model, whole, cfg)
             result = ({m: {"val": scores[m]["val"][1]} for m in sorted(scores)}, initial, history)
         subnet_scores, initial, history = self._from_root(result)
@@ -676,7 +695,8 @@ class WidthClassifier(_CollectiveEstimator):
             raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on {self.image_shape_}")
         result = None
         if self.comm.Get_rank() == 0:
-            probs = predict_proba(self._models["recomposed"], _pixels(x), self.eval_batch_size)
+            probs = predict_proba(self._models["recomposed"], _pixels(x), self.eval_batch_size,
+                                  precision=self._ctx.precision)
             result = (probs, probs.argmax(1))
         return self._from_root(result)
 

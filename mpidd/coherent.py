@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .engine import (Control, Preempted, TrainOptions, never, batch_bounds, make_optimizer, run_epochs,
+from .engine import (Control, Preempted, TrainOptions, autocast, never, batch_bounds, make_optimizer, run_epochs,
                      to_channels_last, to_float)
 
 OUTPUTS = ("probabilities", "logits")  # what the local CNNs send to the DNN
@@ -37,24 +37,31 @@ class SerialExchange:
         return local
 
 
-def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0) -> torch.Tensor:
-    """(b, m*K): this rank's local CNN outputs, its subdomains in ascending order, on the samples
-    of `idx` (global indices) that it holds: xs[i] holds samples start, start + 1, ..."""
+def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, precision: str = "32") -> torch.Tensor:
+    """(b, m*K) float32: this rank's local CNN outputs, its subdomains in ascending order, on the
+    samples of `idx` (global indices) that it holds: xs[i] holds samples start, start + 1, ...
+    The CNNs' forward passes run in `precision` (engine.PRECISIONS); what is sent is float32."""
     idx = torch.as_tensor(idx)
     n_held = len(next(iter(xs.values()))) if xs else 0
     mine = idx[(idx >= start) & (idx < start + n_held)] - start
-    outs = [models[i](to_float(xs[i][mine])) for i in sorted(models)]
+    outs = []
+    for i in sorted(models):
+        x = to_float(xs[i][mine])
+        with autocast(x.device, precision):
+            outs.append(models[i](x).float())
     if output == "probabilities":
         outs = [torch.softmax(o, dim=1) for o in outs]
     return torch.cat(outs, dim=1)
 
 
-def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", start=0, group=None):
+def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", start=0, group=None,
+                  precision="32"):
     """Forward, exchange and backward of one mini-batch (the caller steps the optimizer);
     returns (loss summed over the batch, correct) on the root, None elsewhere. y: the labels of
     every sample of the split. In a data-parallel group (P = G*N) the rank holds the samples
-    from `start` on (xs), and its local CNNs' gradients are summed over the group."""
-    z = exchange(local_outputs(models, xs, idx, output, start), idx, len(y))
+    from `start` on (xs), and its local CNNs' gradients are summed over the group. `precision`:
+    the local CNNs' forward passes (the DNN and the loss are float32)."""
+    z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, len(y))
     if exchange.is_root:
         logits = dnn(z)
         loss = nn.functional.cross_entropy(logits, y[idx])
@@ -72,7 +79,7 @@ def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", 
 
 @torch.no_grad()
 def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabilities", batch_size=256, stop=never,
-                      start=0):
+                      start=0, precision="32"):
     """(loss, accuracy) of the coherent model on the root; None elsewhere. Collective (and so
     must `stop` be: it is polled before every batch). y: every sample's label; xs: this rank's
     samples from `start` on (all of them unless data parallel)."""
@@ -88,7 +95,7 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
         if stop():
             raise Preempted
         idx = torch.arange(first, min(first + batch_size, n))
-        z = exchange(local_outputs(models, xs, idx, output, start), idx, n)
+        z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, n)
         if exchange.is_root:
             logits.append(dnn(z))
     if not exchange.is_root:
@@ -99,7 +106,7 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
 
 def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val_y, opts: TrainOptions,
                    seed: int, *, exchange, output="probabilities", eval_batch_size=256, log=None,
-                   control: Control | None = None, train_start=0, val_start=0, group=None):
+                   control: Control | None = None, train_start=0, val_start=0, group=None, precision="32"):
     """Train the coherent model for opts.epochs; returns (history, optimizer, timing).
 
     `models` are this rank's local CNNs {subdomain: module}; `dnn` is the coarse DNN on the
@@ -109,7 +116,8 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     wall and CPU seconds and the parts of them spent in the exchange. `control` (stop,
     checkpoint, resume) as in mpidd.engine; its stop must be collective over the ranks.
     Data parallel inside each subdomain (P = G*N, `group`): `*_xs` hold this rank's share, the
-    samples from `train_start` / `val_start` on; `*_y` are every sample's labels.
+    samples from `train_start` / `val_start` on; `*_y` are every sample's labels. `precision`:
+    the local CNNs' forward passes (engine.PRECISIONS).
     """
     xs = {i: torch.as_tensor(x) for i, x in train_xs.items()}
     y = torch.as_tensor(train_y)
@@ -125,7 +133,7 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     def step(idx):
         seconds, cpu, nbytes = exchange.seconds, exchange.cpu_seconds, exchange.bytes
         result = coherent_step(models, dnn, xs, y, idx, exchange=exchange, output=output, start=train_start,
-                               group=group)
+                               group=group, precision=precision)
         spent["exchange_s"] += exchange.seconds - seconds
         spent["exchange_cpu_s"] += exchange.cpu_seconds - cpu
         spent["exchange_bytes"] += exchange.bytes - nbytes
@@ -133,7 +141,8 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
 
     def validate(stop):
         return evaluate_coherent(models, dnn, val_xs, val_y, exchange=exchange, output=output,
-                                 batch_size=eval_batch_size, stop=stop, start=val_start) or (math.nan, math.nan)
+                                 batch_size=eval_batch_size, stop=stop, start=val_start,
+                                 precision=precision) or (math.nan, math.nan)
 
     save = None
     if control.save is not None:

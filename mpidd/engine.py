@@ -18,6 +18,7 @@ BatchNorm statistics summed over the group too, see models.GroupBatchNorm).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -129,6 +130,42 @@ def to_channels_last(model: nn.Module, ndim: int) -> nn.Module:
     return model.to(memory_format=_memory_format(ndim)) if ndim in (4, 5) else model
 
 
+# How the CNNs' forward passes compute (the command line's --precision). The weights, their
+# gradients, the optimizer state, the loss and everything that leaves a model (probabilities,
+# logits, the coherent exchange) stay float32 in both; the coarse DNN always runs in float32.
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def autocast(device, precision: str = "32"):
+    """The context of a forward pass: nothing for "32"; for "bf16-mixed", torch.autocast to
+    bfloat16 (convolutions and linear layers in bf16, reductions and the loss in float32)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r} ({' or '.join(PRECISIONS)})")
+
+
+def _cpu_has_bf16() -> bool:
+    """oneDNN's bf16 kernels need AVX512 (native bf16 with AVX512-BF16 or AMX); without them
+    autocast would fall back to slow reference kernels."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision_error(precision: str, device, name: str = "precision") -> str | None:
+    """Why `precision` cannot run on `device` (one line that calls the option `name`), or None."""
+    if precision not in PRECISIONS:
+        return f"unknown {name} {precision!r} ({' or '.join(PRECISIONS)})"
+    if precision == "32":
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{name} {precision}: {torch.cuda.get_device_name(device)} has no bfloat16 support; use {name} 32"
+    if device.type == "cpu" and not _cpu_has_bf16():
+        return f"{name} {precision}: this CPU has no bfloat16 support in oneDNN (it needs AVX512 or AMX); use {name} 32"
+    return None
+
+
 def module_device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.zeros(0)).device
 
@@ -173,8 +210,10 @@ def eval_batches(n: int, total: int, batch_size: int, group=None) -> list[slice]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None) -> torch.Tensor:
-    """Logits of `model` on x (this rank's share in a data-parallel group), in batches."""
+def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None,
+                   precision: str = "32") -> torch.Tensor:
+    """Float32 logits of `model` on x (this rank's share in a data-parallel group), in batches,
+    the forward passes in `precision` (see PRECISIONS)."""
     model.eval()
     device = module_device(model)
     x = torch.as_tensor(x)
@@ -183,20 +222,24 @@ def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group
     for batch in eval_batches(len(x), total if total is not None else len(x), batch_size, group):
         if stop():
             raise Preempted
-        out.append(model(to_float(x[batch].to(device))).float().cpu())
+        with autocast(device, precision):
+            logits = model(to_float(x[batch].to(device)))
+        out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_proba(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None) -> np.ndarray:
+def predict_proba(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None,
+                  precision: str = "32") -> np.ndarray:
     """Softmax class probabilities, float32 (n, K)."""
-    logits = predict_logits(model, x, batch_size, stop, group, total)
+    logits = predict_logits(model, x, batch_size, stop, group, total, precision)
     return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
 
-def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=None, total=None) -> tuple[float, float]:
+def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=None, total=None,
+             precision: str = "32") -> tuple[float, float]:
     """(cross-entropy loss, accuracy) of `model` on (x, y); in a data-parallel group, over the
     group's samples (each rank passes its share and the split's `total`)."""
-    logits = predict_logits(model, x, batch_size, stop, group, total)
+    logits = predict_logits(model, x, batch_size, stop, group, total, precision)
     y = torch.as_tensor(y)
     if group is None:
         loss = nn.functional.cross_entropy(logits, y).item()
@@ -207,7 +250,7 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=No
 
 
 def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None, test=None,
-                     control: Control | None = None, group=None):
+                     control: Control | None = None, group=None, precision: str = "32"):
     """Train `model` on train=(x, y) (or a Shard), validating on val each epoch.
 
     `log(record)` is called after every epoch (record has epoch, loss, acc, val_loss, val_acc,
@@ -219,7 +262,8 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     curves only (nothing is chosen by them), and their evaluations are left out of the seconds
     and cpu_seconds. Returns (history, optimizer); with select_best the model ends with the
     weights of the best validation epoch. `control`: stop, checkpoint and resume (see Control);
-    `group`: data parallel over a group of ranks (see the module docstring).
+    `group`: data parallel over a group of ranks (see the module docstring); `precision`: of the
+    forward passes (see PRECISIONS; the loss is float32 in both).
     """
     train, val, test = as_shard(train), as_shard(val), as_shard(test)
     device = module_device(model)
@@ -231,20 +275,22 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     def step(idx):
         if group is None:
             xb, yb = to_float(x[idx.to(device)]), y[idx.to(device)]
-            out = model(xb)
-            loss = nn.functional.cross_entropy(out, yb)
+            with autocast(device, precision):
+                out = model(xb)
+            loss = nn.functional.cross_entropy(out.float(), yb)
             loss.backward()
             return loss.item() * len(idx), (out.argmax(1) == yb).sum().item()
         mine = idx[(idx >= lo) & (idx < hi)].to(device) - lo  # this rank's samples of the global batch
         xb, yb = to_float(x[mine]), y[mine]
-        out = model(xb)  # GroupBatchNorm: batch statistics of the whole global batch
-        loss = nn.functional.cross_entropy(out, yb, reduction="sum") / len(idx)
+        with autocast(device, precision):
+            out = model(xb)  # GroupBatchNorm: batch statistics of the whole global batch
+        loss = nn.functional.cross_entropy(out.float(), yb, reduction="sum") / len(idx)
         loss.backward()
         group.sum_gradients(model)
         return loss.item() * len(idx), (out.argmax(1) == yb).sum().item()
 
     def scores(data: Shard, stop):
-        return evaluate(model, data.x, data.y, stop=stop, group=group, total=data.total)
+        return evaluate(model, data.x, data.y, stop=stop, group=group, total=data.total, precision=precision)
 
     history = run_epochs(model, optimizer, opts, seed, train.total, step,
                          validate=(lambda stop: scores(val, stop)) if val is not None else None,

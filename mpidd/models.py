@@ -259,6 +259,9 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                             False, 0.0, self.eps)
         dims = [0, *range(2, x.dim())]
+        out_dtype = x.dtype
+        if x.dtype in (torch.bfloat16, torch.float16):  # autocast: normalise in float32, as nn.BatchNorm does
+            x = x.float()
         count = torch.full((1,), x.numel() / max(x.shape[1], 1), dtype=torch.float64, device=x.device)
         total = self.allreduce(torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64),
                                           count]))
@@ -276,7 +279,7 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(out_dtype)
 
 
 def group_batchnorm(model: nn.Module, allreduce) -> nn.Module:

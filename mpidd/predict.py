@@ -25,6 +25,7 @@ import numpy as np
 
 from . import data, dist, saved
 from .cli.arguments import ArgumentParser
+from .engine import PRECISIONS
 from .rundir import atomic_write
 
 EXIT_USAGE = 2
@@ -57,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: this rank's GPU when torch sees one, else the CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="of the CNNs' forward passes (default: the one the model was trained in where this "
+                        "device supports it, else 32)")
     return p
 
 
@@ -245,7 +249,7 @@ def main(argv=None):
         device = None if args.device == "auto" else args.device
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda, but torch sees no GPU: use --device cpu or auto")
-        clf = TwoLevelClassifier.load(args.model, comm=comm, device=device)
+        clf = TwoLevelClassifier.load(args.model, comm=comm, device=device, precision=args.precision)
         clf.eval_batch_size = args.batch_size
         if args.kind not in clf.available_models():
             raise InputError(f"{args.model} has no {args.kind!r} model (it has: {', '.join(clf.available_models())})")

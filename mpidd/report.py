@@ -31,12 +31,17 @@ def _sec(x):
     return "-" if x is None else f"{x:8.1f}"
 
 
+def _precision(results: dict) -> str:
+    p = results.get("precision", "32")
+    return "" if p == "32" else f", precision {p}"
+
+
 def format_table(results: dict) -> str:
     d = results["decomposition"]
     rule = "-" * 92
     lines = [f"mpidd: grid {d['grid']} overlap {d['overlap']} on {results['data']} "
              f"({d['image_shape']} -> subimages {d['subimage_shape']}), {results.get('arch', 'vgg')}, "
-             f"{results['world_size']} ranks x {results['threads_per_rank']} threads",
+             f"{results['world_size']} ranks x {results['threads_per_rank']} threads{_precision(results)}",
              f"{'model':<30}{'params':>12}{'val acc':>10}{'test acc':>10}{'critical CPU s':>16}"
              f"{'total CPU s':>14}",
              rule]
@@ -81,7 +86,7 @@ def format_width_table(results: dict) -> str:
              f"{w['subnets']} sub-networks of width {w['subnet_width']} "
              f"({'disjoint shards' if w['shard'] else 'full training set each'}, off-diagonal "
              f"{'noise ' + str(w['offdiag_noise']) if w['offdiag_noise'] else 'zero'}) on {results['data']}, "
-             f"{results['world_size']} ranks x {results['threads_per_rank']} threads",
+             f"{results['world_size']} ranks x {results['threads_per_rank']} threads{_precision(results)}",
              f"{'model':<34}{'params':>10}{'val acc':>10}{'test acc':>10}{'test loss':>11}"
              f"{'critical CPU s':>15}{'total CPU s':>12}",
              rule]
@@ -129,10 +134,11 @@ def comparison_table(named: list) -> str:
         cells = [f"{100 * min(locals_):.2f}" if locals_ else "-", f"{100 * max(locals_):.2f}" if locals_ else "-"]
         cells += [f"{100 * acc[kind]:.2f}" if acc.get(kind) is not None else "-" for _, kind in COMPARISON]
         if d:
-            where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}"
+            where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}{_precision(r)}"
         elif r.get("mode") == "width":
             w = r.get("width", {})
-            where = f"width: {w.get('subnets')} sub-networks of {w.get('global_width')}, {r.get('arch', 'vgg')}"
+            where = (f"width: {w.get('subnets')} sub-networks of {w.get('global_width')}, {r.get('arch', 'vgg')}"
+                     f"{_precision(r)}")
         else:
             where = r.get("mode")
         lines.append(f"| {name} | {where} | " + " | ".join(cells) + " |")

@@ -123,7 +123,7 @@ def common_results(args, plan, all_stats, size, threads, versions) -> dict:
         "mpidd_version": __version__, "data": args.data, "classes": info.classes,
         "sizes": info.sizes, "normalization": getattr(args, "normalization", None),
         "world_size": size, "threads_per_rank": threads, "mode": args.mode,
-        "arch": args.arch,
+        "arch": args.arch, "precision": getattr(args, "precision", "32"),
         "per_rank": all_stats,
         "versions": versions,
         "config": {k: v for k, v in vars(args).items() if k not in ("config",)},

@@ -55,7 +55,7 @@ from .cli.phases import load_local_data, load_or_refuse, load_whole_images, run_
 from .cli.plan import UsageError, plan_run  # noqa: E402
 from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging  # noqa: E402
 from .decomposition import format_grid, layout  # noqa: E402
-from .engine import Preempted  # noqa: E402
+from .engine import Preempted, precision_error  # noqa: E402
 from .methods.context import Phases  # noqa: E402
 from .report import format_any, write_run_report  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
@@ -112,6 +112,7 @@ def main(argv=None):
     device, error = torch.device("cpu"), None
     try:
         device, local_rank = dist.select_device(args.device, comm)  # before any CUDA allocation
+        error = precision_error(args.precision, device, "--precision")
     except dist.StartupError as e:
         error = str(e)
     failed = dist.agree(comm, error)
@@ -124,7 +125,7 @@ def main(argv=None):
     dist.tune_malloc()
     dist.warm_up_torch()
     resume = plan["progress"]
-    run = Run(comm=comm, args=args, plan=plan, device=device, threads=threads,
+    run = Run(comm=comm, args=args, plan=plan, device=device, precision=args.precision, threads=threads,
               stopper=dist.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
               # ranks that share cores sleep while they wait for each other; ranks with cores
               # of their own spin in MPI_Wait (lowest latency)
@@ -237,6 +238,9 @@ def print_header(run: Run, devices):
               f"overlap {dec.overlap}, subimages {format_grid(dec.subimage_shape)}, {args.arch} local width "
               f"factor {plan['width_factor']:g} ({plan['local_params']:,} vs {plan['global_params']:,} "
               f"global parameters); run directory {args.out}", flush=True)
+    if args.precision != "32":
+        print(f"mpidd: precision {args.precision}: the CNNs' forward passes in bfloat16 (autocast), weights, "
+              f"optimizer state, loss and coarse DNN in float32", flush=True)
     unique = sorted(set(devices))
     print("mpidd: devices " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
           if len(unique) > 1 or "cuda" in unique[0] else f"mpidd: every rank on {unique[0]}", flush=True)

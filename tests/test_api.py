@@ -231,3 +231,28 @@ def test_width_classifier_fit_predict_save(data, tmp_path):
     assert loaded.available_models() == ["recomposed"] and np.array_equal(loaded.predict_proba(x, "recomposed"), p)
     with pytest.raises(ValueError, match="not divisible by --subnets 3"):
         mpidd.WidthClassifier(3, width=8, comm=MPI.COMM_SELF).fit(*data["train"])
+
+
+def test_bf16_mixed_from_python(data, tmp_path, monkeypatch):
+    import mpidd
+    from mpi4py import MPI
+    from mpidd import engine
+    if engine.precision_error("bf16-mixed", "cpu") is not None:
+        pytest.skip("this CPU has no bfloat16")
+    x = data["test"][0]
+    clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, precision="bf16-mixed", **SMALL)
+    clf.fit(*data["train"], *data["val"])
+    assert clf.get_params()["precision"] == "bf16-mixed"
+    path = clf.save(str(tmp_path / "m.pt"))
+    loaded = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF)  # in the precision it was trained in
+    assert loaded.precision == "bf16-mixed" and np.array_equal(loaded.predict_proba(x), clf.predict_proba(x))
+    as32 = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF, precision="32").predict_proba(x)
+    assert not np.array_equal(as32, clf.predict_proba(x)) and np.abs(as32 - clf.predict_proba(x)).max() < 0.1
+    width = mpidd.WidthClassifier(2, width=8, hidden=16, subnet_epochs=1, epochs=1, batch_size=32, threads=1,
+                                  precision="bf16-mixed", comm=MPI.COMM_SELF).fit(*data["train"], *data["val"])
+    assert width.predict_proba(x).dtype == np.float32 and width.get_params()["precision"] == "bf16-mixed"
+
+    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: False)  # a CPU without bfloat16:
+    assert mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF).precision == "32"  # predicts in float32
+    with pytest.raises(ValueError, match="precision bf16-mixed: this CPU has no bfloat16 support"):
+        mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, precision="bf16-mixed", **SMALL).fit(*data["train"])

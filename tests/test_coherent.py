@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpidd.coherent import SerialExchange, coherent_step, evaluate_coherent, local_outputs, train_coherent
-from mpidd.engine import TrainOptions, make_optimizer
+from mpidd.engine import TrainOptions, make_optimizer, precision_error
 from mpidd.models import CNNConfig, CoarseDNN, build_cnn
 
 
@@ -78,3 +78,27 @@ def test_evaluate_coherent_matches_a_direct_forward():
         logits = dnn(torch.cat([torch.softmax(models[i](torch.as_tensor(xs[i]).float() / 255), 1) for i in range(2)], 1))
     assert acc == pytest.approx((logits.argmax(1).numpy() == y).mean())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)).item(), rel=1e-5)
+
+
+@pytest.mark.skipif(precision_error("bf16-mixed", "cpu") is not None, reason="this CPU has no bfloat16")
+def test_bf16_mixed_sends_float32_and_trains_reproducibly():
+    """The local CNNs compute in bf16, what crosses the exchange is float32 (within bf16 rounding
+    of the float32 outputs), the DNN runs in float32, and training is reproducible and learns."""
+    torch.set_num_threads(1)
+    xs, y = problem()
+    models, dnn = build(2, 3)
+    txs = {i: torch.as_tensor(x) for i, x in xs.items()}
+    for output in ("probabilities", "logits"):
+        z32 = local_outputs(models, txs, torch.arange(16), output)
+        z16 = local_outputs(models, txs, torch.arange(16), output, precision="bf16-mixed")
+        assert z16.dtype == torch.float32 and not torch.equal(z16, z32)
+        torch.testing.assert_close(z16, z32, rtol=0.05, atol=0.02)
+    runs = []
+    for _ in range(2):
+        models, dnn = build(2, 3)
+        hist, _, _ = train_coherent(models, dnn, xs, y, xs, y, TrainOptions(epochs=8, batch_size=16, lr=1e-2), 5,
+                                    exchange=SerialExchange(), precision="bf16-mixed")
+        assert all(p.dtype == torch.float32 for m in [*models.values(), dnn] for p in m.parameters())
+        runs.append(hist)
+    assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
+    assert runs[0][-1]["val_acc"] > 0.6 and runs[0][-1]["loss"] < 0.9 * runs[0][0]["loss"]

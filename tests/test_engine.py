@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from mpidd import engine
 from mpidd.engine import (Control, Preempted, Shard, TrainOptions, batch_bounds, derive_seed, eval_batches,
-                          predict_proba, train_classifier)
+                          precision_error, predict_proba, train_classifier)
 from mpidd.models import CNNConfig, GroupBatchNorm, build_cnn, group_batchnorm
 
 SCORES = ("epoch", "loss", "acc", "val_loss", "val_acc", "lr")
@@ -123,3 +124,66 @@ def test_group_batchnorm_with_one_member_is_batchnorm():
 def test_shard_knows_its_place():
     s = Shard(np.zeros((5, 1, 2, 2)), np.zeros(5), start=10, total=20)
     assert (s.start, s.total, len(s.y)) == (10, 20, 5)
+
+
+# --- precision (--precision 32 | bf16-mixed) ---------------------------------------------------
+
+def conv_output_dtypes(model):
+    """Record the dtype of every convolution's output (the forward pass's compute type)."""
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.skipif(precision_error("bf16-mixed", "cpu") is not None, reason="this CPU has no bfloat16")
+def test_bf16_mixed_training_computes_in_bf16_keeps_float32_state_and_is_reproducible():
+    torch.set_num_threads(1)
+    x, y = problem()
+    opts = TrainOptions(epochs=6, batch_size=16)
+    runs = {}
+    for name, precision in (("32", "32"), ("bf16", "bf16-mixed"), ("bf16 again", "bf16-mixed")):
+        model = fresh_model(3)
+        dtypes = conv_output_dtypes(model)
+        history, optimizer = train_classifier(model, (x, y), (x[:40], y[:40]), opts, 3, precision=precision)
+        state = optimizer.state_dict()["state"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(t.dtype == torch.float32 for s in state.values() for k, t in s.items() if k != "step")
+        assert set(dtypes) == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}
+        probs = predict_proba(model, x[:10], precision=precision)
+        assert probs.dtype == np.float32
+        runs[name] = (scores(history), [p.detach().clone() for p in model.parameters()], probs)
+    assert runs["bf16"][0] == runs["bf16 again"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["bf16"][1], runs["bf16 again"][1]))
+    assert runs["bf16"][0] != runs["32"][0]  # the forward passes really ran in bf16
+    assert runs["bf16"][0][-1]["val_acc"] > 0.9 and runs["32"][0][-1]["val_acc"] > 0.9  # and both learn
+
+
+def test_precision_errors(monkeypatch):
+    assert precision_error("32", "cpu") is None
+    assert "unknown --precision 'fp8'" in precision_error("fp8", "cpu", "--precision")
+    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: False)
+    assert precision_error("bf16-mixed", "cpu", "--precision") == (
+        "--precision bf16-mixed: this CPU has no bfloat16 support in oneDNN (it needs AVX512 or AMX); "
+        "use --precision 32")
+    assert precision_error("32", "cpu") is None
+    with pytest.raises(ValueError, match="unknown precision"):
+        engine.autocast("cpu", "16")
+
+
+@pytest.mark.skipif(precision_error("bf16-mixed", "cpu") is not None, reason="this CPU has no bfloat16")
+def test_group_batchnorm_under_bf16_autocast_is_batchnorm():
+    """A data-parallel group's BatchNorm normalises bf16 activations in float32, as nn.BatchNorm
+    does: outputs in bf16 and within bf16 rounding of it, running statistics close."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    group_bn = GroupBatchNorm(copy.deepcopy(bn), lambda t: t)
+    x = torch.randn(32, 4, 6, 6) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.functional.conv2d(x, torch.eye(4).view(4, 4, 1, 1))  # bf16, as a conv's output
+        a, b = bn(h), group_bn(h)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_mean, group_bn.running_mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, group_bn.running_var, rtol=1e-3, atol=1e-4)

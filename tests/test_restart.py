@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_tiny_dataset
+from mpidd.engine import precision_error
 from test_e2e import TINY, results, run
 
 SIGNAL = (os.path.join(ROOT, "tests", "signal_on_rank.py"),)
+NO_BF16 = (os.path.join(ROOT, "tests", "no_bf16_on_rank.py"),)
 COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
 SCORES = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
 EXIT_PREEMPTED = 75
@@ -175,6 +177,47 @@ def test_global_cnn_data_parallel_on_two_ranks(tiny, tmp_path):
     loss = {n: [float(s[2]) for s in scores(str(tmp_path / f"g{n}"))] for n in (1, 2)}
     assert np.allclose(loss[1], loss[2], rtol=1e-3)
     assert [s["data_parallel"] for s in two["per_rank"]] == [[0, 2], [1, 2]]
+
+
+@pytest.mark.skipif(precision_error("bf16-mixed", "cpu") is not None, reason="this CPU has no bfloat16")
+def test_bf16_mixed_is_the_same_at_1_2_and_4_ranks_resumes_exactly_and_predicts(tiny, uninterrupted, tmp_path):
+    """--precision bf16-mixed: every model (locals, combiners, the coherent models' exchange, the
+    global CNN) computes the same numbers at 1, 2 and 4 ranks, and not float32's; a stop in the
+    coherent phase resumes to them; the saved model predicts the run's test accuracy."""
+    flags = [*COMPARE, "--precision", "bf16-mixed"]
+    runs = {}
+    for np_ in (1, 2, 4):
+        runs[np_] = str(tmp_path / f"np{np_}")
+        proc = run(["--data", tiny, "--out", runs[np_], *flags], np=np_)
+        assert proc.returncode == 0, proc.stderr
+        assert "mpidd: precision bf16-mixed" in proc.stdout
+    assert scores(runs[1]) == scores(runs[2]) == scores(runs[4])
+    assert results(runs[1])["accuracy"] == results(runs[2])["accuracy"] == results(runs[4])["accuracy"]
+    assert results(runs[4])["precision"] == "bf16-mixed" and results(uninterrupted)["precision"] == "32"
+    assert scores(runs[4]) != scores(uninterrupted)  # the same run in float32 (and 4 ranks)
+
+    out = str(tmp_path / "stopped")
+    proc = run(["1", "coherent_random", "20", "TERM", "--data", tiny, "--out", out, *flags], np=2, script=SIGNAL)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    proc = run(["--resume", out], np=2)
+    assert proc.returncode == 0, proc.stderr
+    assert scores(out) == scores(runs[2])
+
+    test_acc = results(runs[2])["accuracy"]["CNN-DNN"]["test"]
+    proc = run([runs[2], "--data", tiny, "--out", str(tmp_path / "p.csv"), "--threads", "1"], np=2,
+               script=("-m", "mpidd.predict"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"accuracy {100 * test_acc:.2f}%" in proc.stdout
+
+
+def test_bf16_mixed_is_refused_where_a_rank_has_no_bfloat16(tiny, tmp_path):
+    out = tmp_path / "r"
+    proc = run(["1", "--data", tiny, "--mode", "twolevel", "--out", str(out), *TINY, "--precision", "bf16-mixed"],
+               np=2, timeout=120, script=NO_BF16)
+    assert proc.returncode == 2, proc.stderr
+    assert ("rank 1: --precision bf16-mixed: this CPU has no bfloat16 support in oneDNN (it needs AVX512 or AMX); "
+            "use --precision 32") in proc.stderr
+    assert not out.exists()
 
 
 def test_device_cuda_without_a_gpu_and_slurm_task_mismatch_are_refused(tiny, tmp_path):

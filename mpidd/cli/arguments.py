@@ -12,6 +12,7 @@ import os
 import tomllib
 
 from ..coherent import OUTPUTS
+from ..engine import PRECISIONS
 from ..models import ARCHITECTURES
 
 DEMO_DATA = "data/fashion_mnist.h5"
@@ -167,6 +168,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: one GPU per rank (node-local rank modulo the visible GPUs) when torch sees a "
                         "GPU, else the CPU")
+    g.add_argument("--precision", choices=PRECISIONS, default="32",
+                   help="32: float32 throughout. bf16-mixed: the forward passes of the local, global, coherent "
+                        "and width CNNs in bfloat16 (torch.autocast), with float32 weights, gradients, "
+                        "optimizer state and loss; the coarse DNN and what ranks exchange stay float32. Needs "
+                        "a GPU with bfloat16 or a CPU with AVX512 (fast with AVX512-BF16 or AMX); refused "
+                        "before training otherwise")
     g.add_argument("--seed", type=int, default=0, help="subdomain i's model is seeded from (seed, i)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")

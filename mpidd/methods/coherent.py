@@ -84,7 +84,8 @@ def fit(ctx: Context, name: str, local: dict, dnn, subsets: dict, labels: dict, 
         local, dnn, xs["train"], labels["train"], xs["val"], labels["val"], cfg.opts,
         seed_for(cfg.seed, "coherent_order"), exchange=exchange, output=cfg.output,
         eval_batch_size=cfg.eval_batch_size, log=ctx.log_progress(NAMES.get(init, name), cfg.opts.epochs),
-        control=ctx.coherent_control(name), train_start=start["train"], val_start=start["val"], group=ctx.group)
+        control=ctx.coherent_control(name), train_start=start["train"], val_start=start["val"], group=ctx.group,
+        precision=ctx.precision)
 
 
 def score(ctx: Context, local: dict, dnn, subsets: dict, labels, cfg: CoherentConfig, exchange, split="test"):
@@ -92,4 +93,4 @@ def score(ctx: Context, local: dict, dnn, subsets: dict, labels, cfg: CoherentCo
     xs = {i: subsets[i][split].x for i in sorted(subsets)}
     return evaluate_coherent(local, dnn, xs, labels, exchange=exchange, output=cfg.output,
                              batch_size=cfg.eval_batch_size, stop=ctx.poll_world,
-                             start=next(iter(subsets.values()))[split].start)
+                             start=next(iter(subsets.values()))[split].start, precision=ctx.precision)

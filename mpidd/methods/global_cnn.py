@@ -23,7 +23,7 @@ def train_whole_image_model(ctx: Context, model, split: dict, opts: TrainOptions
     return train_classifier(model, split["train"], split["val"], opts, seed,
                             ctx.log_progress(label, opts.epochs, models_after),
                             test=split["test"] if test else None, control=control,
-                            group=None if alone else ctx.group)
+                            group=None if alone else ctx.group, precision=ctx.precision)
 
 
 def fit(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: CNNConfig, opts: TrainOptions,
@@ -43,4 +43,5 @@ def fit(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: 
 def scores(ctx: Context, model, split: dict, batch_size: int, alone=True, splits=("val", "test")) -> dict:
     """{split: (loss, accuracy)} (over the group's samples when not alone: collective there)."""
     return {s: evaluate(model, split[s].x, split[s].y, batch_size, stop=ctx.poll if alone else ctx.poll_group,
-                        group=None if alone else ctx.group, total=split[s].total) for s in splits}
+                        group=None if alone else ctx.group, total=split[s].total, precision=ctx.precision)
+            for s in splits}

@@ -66,7 +66,7 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
             histories[i], _ = train_classifier(
                 model, split["train"], split["val"], cfg.local, seed,
                 ctx.log_progress(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
-                control=control, group=ctx.group)
+                control=control, group=ctx.group, precision=ctx.precision)
             probs[i] = local_probabilities(ctx, {i: model}, {i: split}, splits, cfg.eval_batch_size)[i]
         models[i] = model
     return probs, models, histories
@@ -75,7 +75,7 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
 def local_probabilities(ctx: Context, models: dict, subsets: dict, splits, batch_size=256) -> dict:
     """{subdomain: {split: (rows, K) float32 class probabilities}} of this rank's local CNNs."""
     return {i: {s: predict_proba(models[i], subsets[i][s].x, batch_size, stop=ctx.poll_group, group=ctx.group,
-                                 total=subsets[i][s].total) for s in splits}
+                                 total=subsets[i][s].total, precision=ctx.precision) for s in splits}
             for i in models}
 
 

@@ -55,7 +55,8 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
         # the training steps alone (no validation), for the time to the target accuracy
         phases.add("subnet_steps", sum(r["seconds"] for r in histories[m]), sum(r["cpu_seconds"] for r in histories[m]))
         with phases("subnet_eval"):  # for the table only: not on the recomposed network's path
-            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, cfg.eval_batch_size, stop=ctx.poll)
+            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, cfg.eval_batch_size, stop=ctx.poll,
+                                     precision=ctx.precision)
                          for s in score_splits}
         states[m] = {key: v.cpu() for key, v in model.state_dict().items()}
     return states, scores, histories
