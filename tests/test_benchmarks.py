@@ -38,3 +38,18 @@ def test_io_benchmark_counts_the_chunks_a_subimage_touches(tiny):
                                              r".*?(PASS|FAIL|--)\s*$", proc.stdout, re.M)}
     assert rows[0][1:] == ("8x8", "yes", "1.00", "1.00", "1.00", "PASS")
     assert rows[1][1:3] == ("10x10", "no") and rows[1][4] == "4.00" and rows[1][6] == "--"
+
+
+def test_precision_benchmark_prints_both_precisions(tiny_h5):
+    from mpidd.engine import precision_error
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "precision.py"), "--data", tiny_h5,
+                           "--samples", "96", "--rounds", "1", "--grids", "2x2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if precision_error("bf16-mixed", "cpu") is not None:
+        assert "part 1 skipped" in proc.stdout
+        return
+    rows = re.findall(r"^(local CNN 2x2 \(8x8|global CNN \(16x16).*?\s(\d+)\s+(\d+)\s+([\d.]+)x", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["local CNN 2x2 (8x8", "global CNN (16x16"], proc.stdout
+    for _, rate32, rate16, ratio in rows:
+        assert int(rate32) > 0 and int(rate16) > 0 and float(ratio) == pytest.approx(int(rate16) / int(rate32), abs=0.02)

@@ -17,6 +17,7 @@ from test_e2e import TINY, results, run
 
 SIGNAL = (os.path.join(ROOT, "tests", "signal_on_rank.py"),)
 NO_BF16 = (os.path.join(ROOT, "tests", "no_bf16_on_rank.py"),)
+BENCHMARK = os.path.join(ROOT, "benchmarks", "precision.py")
 COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
 SCORES = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
 EXIT_PREEMPTED = 75
@@ -195,6 +196,13 @@ def test_bf16_mixed_is_the_same_at_1_2_and_4_ranks_resumes_exactly_and_predicts(
     assert results(runs[1])["accuracy"] == results(runs[2])["accuracy"] == results(runs[4])["accuracy"]
     assert results(runs[4])["precision"] == "bf16-mixed" and results(uninterrupted)["precision"] == "32"
     assert scores(runs[4]) != scores(uninterrupted)  # the same run in float32 (and 4 ranks)
+    proc = run(["--skip-throughput", "--runs", uninterrupted, runs[4]], script=(BENCHMARK,))  # its part 2
+    assert proc.returncode == 0, proc.stderr
+    acc = {name: [a["accuracy"][name]["test"] for a in (results(uninterrupted), results(runs[4]))]
+           for name in ("CNN-DNN", "coherent (random init)", "global CNN")}
+    for name, (a32, a16) in acc.items():
+        assert f"{name:<32}{100 * a32:>11.2f}%{100 * a16:>13.2f}%{100 * (a16 - a32):>+11.2f}" in proc.stdout
+    assert "two-level critical path CPU s" in proc.stdout and "global CNN training CPU s" in proc.stdout
 
     out = str(tmp_path / "stopped")
     proc = run(["1", "coherent_random", "20", "TERM", "--data", tiny, "--out", out, *flags], np=2, script=SIGNAL)
