@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .engine import (Control, Preempted, TrainOptions, autocast, never, batch_bounds, make_optimizer, run_epochs,
-                     to_channels_last, to_float)
+from .engine import (Control, Preempted, TrainOptions, autocast, never, batch_bounds, make_optimizer, module_device,
+                     run_epochs, to_channels_last, to_float)
 
 OUTPUTS = ("probabilities", "logits")  # what the local CNNs send to the DNN
 NAMES = {"random": "coherent (random init)", "pretrained": "coherent (transfer learning)"}  # by init
@@ -46,7 +46,7 @@ def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, prec
     mine = idx[(idx >= start) & (idx < start + n_held)] - start
     outs = []
     for i in sorted(models):
-        x = to_float(xs[i][mine])
+        x = to_float(xs[i][mine].to(module_device(models[i])))
         with autocast(x.device, precision):
             outs.append(models[i](x).float())
     if output == "probabilities":
@@ -63,10 +63,10 @@ def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", 
     the local CNNs' forward passes (the DNN and the loss are float32)."""
     z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, len(y))
     if exchange.is_root:
-        logits = dnn(z)
-        loss = nn.functional.cross_entropy(logits, y[idx])
+        logits, target = dnn(z), y[idx].to(z.device)
+        loss = nn.functional.cross_entropy(logits, target)
         loss.backward()
-        result = loss.item() * len(idx), (logits.argmax(1) == y[idx]).sum().item()
+        result = loss.item() * len(idx), (logits.argmax(1) == target).sum().item()
     else:
         # root owns the loss: this only receives dL/d(local outputs) and back-propagates it
         torch.autograd.backward(z, torch.zeros_like(z))
@@ -97,7 +97,7 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
         idx = torch.arange(first, min(first + batch_size, n))
         z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, n)
         if exchange.is_root:
-            logits.append(dnn(z))
+            logits.append(dnn(z).cpu())
     if not exchange.is_root:
         return None
     logits, y = torch.cat(logits), torch.as_tensor(y)
