@@ -172,7 +172,7 @@ class _CollectiveEstimator:
         return CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
                          hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
                          batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage,
-                         input_mean=mean, input_std=std)
+                         dense_layers=tuple(self.dense_layers), input_mean=mean, input_std=std)
 
     def _fitted(self):
         if not self._models:
@@ -197,7 +197,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
     """
 
     def __init__(self, grid="auto", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
-                 blocks_per_stage=2, hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
+                 blocks_per_stage=2, dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
                  epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
                  coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
@@ -208,6 +208,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.grid, self.overlap = grid, overlap
         self.arch, self.width, self.depth, self.convs_per_block = arch, width, depth, convs_per_block
         self.blocks_per_stage, self.hidden, self.head_pool = blocks_per_stage, hidden, head_pool
+        self.dense_layers = tuple(dense_layers)
         self.dropout, self.batchnorm, self.width_factor = dropout, batchnorm, width_factor
         self.epochs, self.batch_size, self.lr, self.optimizer = epochs, batch_size, lr, optimizer
         self.momentum, self.weight_decay, self.schedule = momentum, weight_decay, schedule
@@ -225,7 +226,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
     # --- configuration ------------------------------------------------------------------------
 
     HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
-                       "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
+                       "dense_layers", "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
                        "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
                        "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
                        "coarse_weight_decay", "coarse_batch_size", "coherent_epochs",
@@ -544,6 +545,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         params = {k: v for k, v in state.get("hyperparameters", {}).items() if k in known}
         params.update({k: state["cnn"][k] for k in ("arch", "width", "depth", "convs_per_block", "blocks_per_stage",
                                                    "hidden", "head_pool", "dropout", "batchnorm")})
+        params["dense_layers"] = tuple(state["cnn"].get("dense_layers", CNNConfig.dense_layers))
         params.update(grid="x".join(map(str, state["grid"])), overlap=state["overlap"],
                       coarse_hidden=tuple(state["coarse_hidden"]), coarse_dropout=state["coarse_dropout"],
                       width_factor=state["width_factor"], class_names=state["classes"],
@@ -608,14 +610,14 @@ class WidthClassifier(_CollectiveEstimator):
     initial_score_ (the recomposed network's val accuracy before further training), scores_,
     history_ ({"subnet_m": [...], "recomposed": [...]})."""
 
-    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "hidden",
+    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "dense_layers", "hidden",
                        "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer", "momentum",
                        "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard", "offdiag_noise",
                        "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names", "normalization",
                        "precision")
 
     def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
-                 hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
+                 dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
                  optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine", eval_batch_size=256,
                  subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0, validation_fraction=0.1,
                  num_classes=None, class_names=None, normalization=None, precision="32", comm=None, device=None,

@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .engine import (Control, Preempted, TrainOptions, autocast, never, batch_bounds, make_optimizer, module_device,
-                     run_epochs, to_channels_last, to_float)
+from .engine import (Control, Preempted, TrainOptions, as_feed, autocast, never, batch_bounds, make_optimizer,
+                     module_device, run_epochs, to_channels_last, to_float)
 
 OUTPUTS = ("probabilities", "logits")  # what the local CNNs send to the DNN
 NAMES = {"random": "coherent (random init)", "pretrained": "coherent (transfer learning)"}  # by init
@@ -39,19 +39,38 @@ class SerialExchange:
 
 def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, precision: str = "32") -> torch.Tensor:
     """(b, m*K) float32: this rank's local CNN outputs, its subdomains in ascending order, on the
-    samples of `idx` (global indices) that it holds: xs[i] holds samples start, start + 1, ...
-    The CNNs' forward passes run in `precision` (engine.PRECISIONS); what is sent is float32."""
-    idx = torch.as_tensor(idx)
-    n_held = len(next(iter(xs.values()))) if xs else 0
-    mine = idx[(idx >= start) & (idx < start + n_held)] - start
+    samples of `idx` (global indices) that it holds: xs[i] (an array, or an engine.Feed) holds
+    samples start, start + 1, ... The CNNs' forward passes run in `precision`
+    (engine.PRECISIONS); what is sent is float32."""
+    mine = held(idx, xs, start)
     outs = []
     for i in sorted(models):
-        x = to_float(xs[i][mine].to(module_device(models[i])))
+        x = to_float(as_feed(xs[i]).take(mine).to(module_device(models[i])))
         with autocast(x.device, precision):
             outs.append(models[i](x).float())
     if output == "probabilities":
         outs = [torch.softmax(o, dim=1) for o in outs]
     return torch.cat(outs, dim=1)
+
+
+def held(idx, xs: dict, start: int) -> torch.Tensor:
+    """The samples of global indices `idx` that xs (samples start, start + 1, ...) hold, as
+    indices into xs."""
+    idx = torch.as_tensor(idx)
+    n_held = len(next(iter(xs.values()))) if xs else 0
+    return idx[(idx >= start) & (idx < start + n_held)] - start
+
+
+def plan_feeds(feeds: dict, batches, start: int):
+    """Announce the batches (global indices) to come to every subdomain's feed."""
+    mine = [held(b, feeds, start) for b in batches]
+    for feed in feeds.values():
+        feed.plan(mine)
+
+
+def close_feeds(feeds: dict):
+    for feed in feeds.values():
+        feed.close()
 
 
 def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", start=0, group=None,
@@ -86,18 +105,22 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
     for m in [*models.values(), dnn]:
         if m is not None:
             m.eval()
-    xs = {i: torch.as_tensor(x) for i, x in xs.items()}
+    xs = {i: as_feed(x) for i, x in xs.items()}
     for i in models:
         to_channels_last(models[i], xs[i].dim())
     n = len(y)
+    batches = [torch.arange(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
+    plan_feeds(xs, batches, start)
     logits = []
-    for first in range(0, n, batch_size):
-        if stop():
-            raise Preempted
-        idx = torch.arange(first, min(first + batch_size, n))
-        z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, n)
-        if exchange.is_root:
-            logits.append(dnn(z).cpu())
+    try:
+        for idx in batches:
+            if stop():
+                raise Preempted
+            z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, n)
+            if exchange.is_root:
+                logits.append(dnn(z).cpu())
+    finally:
+        close_feeds(xs)
     if not exchange.is_root:
         return None
     logits, y = torch.cat(logits), torch.as_tensor(y)
@@ -119,7 +142,7 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     samples from `train_start` / `val_start` on; `*_y` are every sample's labels. `precision`:
     the local CNNs' forward passes (engine.PRECISIONS).
     """
-    xs = {i: torch.as_tensor(x) for i, x in train_xs.items()}
+    xs = {i: as_feed(x) for i, x in train_xs.items()}
     y = torch.as_tensor(train_y)
     for i in models:
         to_channels_last(models[i], xs[i].dim())
@@ -148,9 +171,12 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     if control.save is not None:
         def save(state):
             control.save(dict(state, exchange=dict(spent)))
-    history = run_epochs(owned, optimizer, opts, seed, len(y), step, validate=validate, log=log,
-                         control=Control(stop=control.stop, save=save, resume=control.resume),
-                         root=exchange.is_root)
+    try:
+        history = run_epochs(owned, optimizer, opts, seed, len(y), step, validate=validate, log=log,
+                             control=Control(stop=control.stop, save=save, resume=control.resume),
+                             root=exchange.is_root, plan=lambda batches: plan_feeds(xs, batches, train_start))
+    finally:
+        close_feeds(xs)
     steps_per_epoch = len(batch_bounds(len(y), opts.batch_size)) - 1
     timing = {"steps": steps_per_epoch * len(history), "step_s": sum(r["seconds"] for r in history),
               "step_cpu_s": sum(r["cpu_seconds"] for r in history), **spent}

@@ -39,6 +39,7 @@ class DataInfo:
     sizes: dict = field(default_factory=dict)  # split -> n
     mean: tuple | None = None  # per-channel mean and std of the training split, in the units
     std: tuple | None = None   # mpidd trains on (uint8 / 255); None: the file has none
+    chunk_samples: int | None = None  # the training images' chunk extent along the samples (None: not chunked)
 
     @property
     def channels(self) -> int:
@@ -110,9 +111,11 @@ def inspect(path: str, check_labels: bool = True) -> DataInfo:
         if not classes:
             classes = [str(k) for k in range(num_classes)]
         mean, std = channel_stats(f, path, image_shape[0])
+        chunks = f["train"]["images"].chunks
     return DataInfo(path=path, image_shape=tuple(int(s) for s in image_shape),
                     dtype=str(np.dtype(dtype)), num_classes=int(num_classes),
-                    classes=classes, sizes=sizes, mean=mean, std=std)
+                    classes=classes, sizes=sizes, mean=mean, std=std,
+                    chunk_samples=int(chunks[0]) if chunks else None)
 
 
 def channel_stats(f, path: str, channels: int):
@@ -164,6 +167,13 @@ def load_split(path: str, split: str, box_slices, block: int = 4096, rows: tuple
         x, nbytes = read_box(grp["images"], box_slices, block=block, name=f"{path}:/{split}/images", rows=rows)
         y = (grp["labels"][rows[0]:rows[1]] if rows is not None else grp["labels"][...]).astype(np.int64)
     return x, y, nbytes + y.nbytes
+
+
+def load_split_labels(path: str, split: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One split's labels, samples `rows` = (lo, hi) only if given, as int64."""
+    with h5py.File(path, "r") as f:
+        labels = f[split]["labels"]
+        return (labels[rows[0]:rows[1]] if rows is not None else labels[...]).astype(np.int64)
 
 
 def load_labels(path: str) -> dict:
@@ -231,7 +241,7 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str, image_shape, dtype, sizes: dict, classes, tile: int | None = None,
-                 attrs=None):
+                 attrs=None, chunk_samples: int = 1024):
         self.path, self.image_shape, self.dtype = path, tuple(int(s) for s in image_shape), np.dtype(dtype)
         if self.dtype not in IMAGE_DTYPES:
             raise DataError(f"images must be uint8 or float32, not {self.dtype}")
@@ -243,7 +253,7 @@ class DatasetWriter:
         self.sizes, self.classes = {s: int(sizes[s]) for s in SPLITS}, [str(c) for c in classes]
         if len(self.classes) < 2:
             raise DataError(f"need at least 2 classes, got {len(self.classes)}")
-        self.tile, self.attrs = tile, dict(attrs or {})
+        self.tile, self.attrs, self.chunk_samples = tile, dict(attrs or {}), int(chunk_samples)
         self.filled = dict.fromkeys(SPLITS, 0)
         self.stats = ChannelStats(self.image_shape[0])
 
@@ -255,7 +265,7 @@ class DatasetWriter:
             for split in SPLITS:
                 shape = (self.sizes[split],) + self.image_shape
                 g = self.file.create_group(split)
-                g.create_dataset("images", shape=shape, dtype=self.dtype, chunks=default_chunks(shape, self.tile))
+                g.create_dataset("images", shape=shape, dtype=self.dtype, chunks=default_chunks(shape, self.tile, self.chunk_samples))
                 g.create_dataset("labels", shape=(self.sizes[split],), dtype=np.int64)
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
@@ -345,14 +355,15 @@ class ChannelStats:
 
 
 def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None, attrs=None,
-                  block: int = 1024) -> str:
+                  block: int = 1024, chunk_samples: int = 1024) -> str:
     """Write numpy arrays as an mpidd data file, atomically (temporary file + rename).
 
     splits: {"train": (images, labels), "val": (...), "test": (...)}, images (n, C, H, W) or
     (n, C, D, H, W), uint8 (stored as is; mpidd divides by 255) or float (stored float32);
     labels integers 0..K-1. classes: K names (default "0".."K-1"). The training split's
     per-channel mean and standard deviation go into the file (attributes channel_mean and
-    channel_std), and mpidd normalises every model's input with them. Returns `path`.
+    channel_std), and mpidd normalises every model's input with them. Chunks hold up to
+    `chunk_samples` samples (the blocks that streaming and --shuffle blocks read). Returns `path`.
     """
     arrays = {}
     for split in SPLITS:
@@ -375,7 +386,8 @@ def write_dataset(path: str, splits: dict, classes=None, tile: int | None = None
     if classes is None:
         classes = [str(k) for k in range(int(max(y.max() for _, y in arrays.values())) + 1)]
     sizes = {s: len(arrays[s][0]) for s in SPLITS}
-    with DatasetWriter(path, first.shape[1:], dtype, sizes, classes, tile=tile, attrs=attrs) as w:
+    with DatasetWriter(path, first.shape[1:], dtype, sizes, classes, tile=tile, attrs=attrs,
+                       chunk_samples=chunk_samples) as w:
         for split, (images, labels) in arrays.items():
             for lo in range(0, len(images), block):
                 w.write(split, images[lo:lo + block], labels[lo:lo + block])

@@ -9,6 +9,9 @@ state (weights, optimizer, position in the epoch, random generators, running sum
 `save` and raises `Preempted`; given that state back as `resume`, it continues with the
 very next step, so the resumed run computes what the uninterrupted one would have.
 
+Images may live in memory (numpy or torch) or in the file (mpidd.stream.BoxStream): a `Feed`
+hands a loop its batches either way, the same images for the same indices.
+
 Data parallel (`group`, see mpidd.dist.DataParallelGroup): the ranks of a group each hold
 a contiguous share of the samples (`Shard`); every rank draws the same global mini-batch and
 computes the samples of it that it holds; the loss is normalised by the global batch size and
@@ -42,6 +45,8 @@ class TrainOptions:
     select_best: bool = False    # keep the weights of the epoch with the best validation accuracy
     test_points: int = 1         # with a test set: test accuracy this many times per epoch (curve)
     log_interval: int = 0        # progress every this many batches (0: per epoch only)
+    shuffle_block: int = 1       # batch order: 1, a permutation of the samples; B > 1, of blocks of B (epoch_order)
+    shuffle_buffer: int = 8      # blocks (of shuffle_block samples) shuffled together
 
 
 class Preempted(Exception):
@@ -192,6 +197,65 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r} (cosine, step or constant)")
 
 
+def epoch_order(n: int, generator: torch.Generator, block: int = 1, buffer: int = 8) -> torch.Tensor:
+    """The order of an epoch's n samples, drawn from `generator` alone (so the same at every
+    rank count and data access, and again after a resume from the generator's state).
+
+    block 1: a uniform permutation. block B > 1: the blocks of B consecutive samples (the file's
+    chunk rows) in a random order, and the samples of every `buffer` consecutive blocks of that
+    order shuffled together: an epoch then reads each block once, `buffer` of them at a time."""
+    if block <= 1:
+        return torch.randperm(n, generator=generator)
+    blocks = torch.randperm(-(-n // block), generator=generator)
+    order = []
+    for w in range(0, len(blocks), buffer):
+        samples = torch.cat([torch.arange(b * block, min((b + 1) * block, n)) for b in blocks[w:w + buffer].tolist()])
+        order.append(samples[torch.randperm(len(samples), generator=generator)])
+    return torch.cat(order)
+
+
+class Feed:
+    """A loop's images, batch by batch: from an array in memory (indexed directly, moved to
+    `device` once) or from a stream (mpidd.stream.BoxStream), whose batches are announced in
+    order with plan() so that they are read ahead. take(idx): the images of sample indices idx,
+    in idx's order, as a tensor (a stream's on the CPU)."""
+
+    def __init__(self, x, device=None):
+        self.stream = x if hasattr(x, "batches") else None
+        self.x = None if self.stream is not None else torch.as_tensor(x)
+        if self.x is not None and device is not None:
+            self.x = self.x.to(device)
+        self.pending = None
+
+    def __len__(self):
+        return len(self.stream if self.stream is not None else self.x)
+
+    def dim(self) -> int:
+        return self.stream.ndim if self.stream is not None else self.x.dim()
+
+    def plan(self, index_lists):
+        """The batches that take() will be asked for next, in order (a stream reads them ahead)."""
+        if self.stream is not None:
+            self.close()
+            self.pending = self.stream.batches([torch.as_tensor(i).cpu().numpy() for i in index_lists])
+
+    def take(self, idx) -> torch.Tensor:
+        if self.stream is None:
+            return self.x[idx]
+        if self.pending is None:  # nothing announced: read now
+            return torch.from_numpy(self.stream[torch.as_tensor(idx).cpu().numpy()])
+        return torch.from_numpy(self.pending.take(idx))
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.close()
+            self.pending = None
+
+
+def as_feed(x, device=None) -> Feed:
+    return x if isinstance(x, Feed) else Feed(x, device)
+
+
 def batch_bounds(n: int, batch_size: int) -> list[int]:
     """Start indices of the mini-batches of an epoch, plus n. No batch of one image: BatchNorm
     cannot normalise it on 1x1 maps, so a last batch of one joins the one before."""
@@ -216,15 +280,20 @@ def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group
     the forward passes in `precision` (see PRECISIONS)."""
     model.eval()
     device = module_device(model)
-    x = torch.as_tensor(x)
-    to_channels_last(model, x.dim())
+    feed = Feed(x)
+    to_channels_last(model, feed.dim())
     out = []
-    for batch in eval_batches(len(x), total if total is not None else len(x), batch_size, group):
-        if stop():
-            raise Preempted
-        with autocast(device, precision):
-            logits = model(to_float(x[batch].to(device)))
-        out.append(logits.float().cpu())
+    batches = eval_batches(len(feed), total if total is not None else len(feed), batch_size, group)
+    feed.plan([torch.arange(b.start, b.stop) for b in batches])
+    try:
+        for batch in batches:
+            if stop():
+                raise Preempted
+            with autocast(device, precision):
+                logits = model(to_float(feed.take(batch).to(device)))
+            out.append(logits.float().cpu())
+    finally:
+        feed.close()
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -267,21 +336,24 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     """
     train, val, test = as_shard(train), as_shard(val), as_shard(test)
     device = module_device(model)
-    x, y = torch.as_tensor(train.x).to(device), torch.as_tensor(train.y).to(device)
+    x, y = Feed(train.x, device), torch.as_tensor(train.y).to(device)
     to_channels_last(model, x.dim())
     optimizer = make_optimizer(model, opts)
     lo, hi = train.start, train.start + len(train.y)
 
+    def mine_of(idx):  # this rank's samples of a global batch, as indices into its share
+        return idx if group is None else idx[(idx >= lo) & (idx < hi)] - lo
+
     def step(idx):
         if group is None:
-            xb, yb = to_float(x[idx.to(device)]), y[idx.to(device)]
+            xb, yb = to_float(x.take(idx.to(device)).to(device)), y[idx.to(device)]
             with autocast(device, precision):
                 out = model(xb)
             loss = nn.functional.cross_entropy(out.float(), yb)
             loss.backward()
             return loss.item() * len(idx), (out.argmax(1) == yb).sum().item()
-        mine = idx[(idx >= lo) & (idx < hi)].to(device) - lo  # this rank's samples of the global batch
-        xb, yb = to_float(x[mine]), y[mine]
+        mine = mine_of(idx).to(device)  # this rank's samples of the global batch
+        xb, yb = to_float(x.take(mine).to(device)), y[mine]
         with autocast(device, precision):
             out = model(xb)  # GroupBatchNorm: batch statistics of the whole global batch
         loss = nn.functional.cross_entropy(out.float(), yb, reduction="sum") / len(idx)
@@ -292,15 +364,19 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     def scores(data: Shard, stop):
         return evaluate(model, data.x, data.y, stop=stop, group=group, total=data.total, precision=precision)
 
-    history = run_epochs(model, optimizer, opts, seed, train.total, step,
-                         validate=(lambda stop: scores(val, stop)) if val is not None else None,
-                         test=(lambda stop: scores(test, stop)) if test is not None else None,
-                         log=log, control=control, group=group)
+    try:
+        history = run_epochs(model, optimizer, opts, seed, train.total, step,
+                             validate=(lambda stop: scores(val, stop)) if val is not None else None,
+                             test=(lambda stop: scores(test, stop)) if test is not None else None,
+                             log=log, control=control, group=group,
+                             plan=lambda batches: x.plan([mine_of(b) for b in batches]))
+    finally:
+        x.close()
     return history, optimizer
 
 
 def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: int, step, *, validate=None,
-               test=None, log=None, control: Control | None = None, group=None, root: bool = True):
+               test=None, log=None, control: Control | None = None, group=None, root: bool = True, plan=None):
     """The epoch loop shared by every model of mpidd: mini-batches of a permutation of the n
     samples drawn from `seed` (the same on every rank), the learning-rate schedule, validation,
     progress, the test-accuracy curve, and stop / checkpoint / resume (see Control).
@@ -309,6 +385,8 @@ def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: i
     indices idx, and returns (loss summed over the batch, correct predictions) of the samples this
     rank scores, or None where the rank does not see the loss (coherent model, ranks but root).
     validate(stop) and test(stop) return (loss, accuracy). The optimizer is stepped here.
+    plan(batches), if given, is told the index tensors of the epoch's steps still to run before
+    the first of them (streamed images are read ahead; see Feed).
     """
     control = control or Control()
     torch.manual_seed(seed)
@@ -335,9 +413,11 @@ def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: i
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, opts.epochs + 1):
         epoch_generator = generator.get_state()  # this epoch's permutation can be drawn again
-        order = torch.randperm(n, generator=generator)
+        order = epoch_order(n, generator, opts.shuffle_block, opts.shuffle_buffer)
         partial = state["partial"] if epoch == first_epoch else _fresh_partial()
         begin = state["step"] if epoch == first_epoch else 0
+        if plan is not None:
+            plan([order[bounds[b]:bounds[b + 1]] for b in range(begin, steps_per_epoch)])
 
         def stopped(steps_done):
             """Hand the position after `steps_done` steps of this epoch to control.save."""

@@ -1,8 +1,9 @@
-"""Model families: VGG-type and ResNet-type CNNs (2D and 3D, configurable depth and width) and
-the coarse DNN.
+"""Model families: VGG-type, ResNet-type and DenseNet-type CNNs, and the small CT CNN of the Keras
+example "3D image classification from CT scans" (all in 2D and 3D, configurable depth and width),
+and the coarse DNN.
 
-Both CNN heads pool adaptively (VGG: to a fixed `head_pool`^d grid before its dense layers;
-ResNet: global average pool), so the parameter count does not depend on the input size: a
+Every CNN head pools adaptively (VGG: to a fixed `head_pool`^d grid before its dense layers;
+ResNet, DenseNet, CT CNN: global average pool), so the parameter count does not depend on the input size: a
 local CNN on a subimage and the global CNN on the whole image differ only through their
 width, and the width factor that makes a local model "proportionally smaller" (about 1/N of
 the global parameters) is close to 1/sqrt(N). `local_width_factor` finds it numerically for
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 
-ARCHITECTURES = ("vgg", "resnet")
+ARCHITECTURES = ("vgg", "resnet", "densenet", "ctcnn")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class CNNConfig:
     batchnorm: bool = True     # BatchNorm after every convolution
     blocks_per_stage: int = 2  # resnet: residual blocks per stage (depth stages; 3 stages x 3
                                # blocks at width 16 is the CIFAR ResNet-20 of He et al.)
+    dense_layers: tuple = (6, 12, 24, 16)  # densenet: layers of dense block b (its first `depth`);
+                               # with depth 4 and width 64 (growth rate 32) this is DenseNet-121
     input_mean: tuple = ()     # per-channel input normalisation (x - mean) / std, the data
     input_std: tuple = ()      # file's training-split statistics; () = none
 
@@ -160,11 +163,110 @@ class ResNet(nn.Module):
         return self.head(self.features(self.normalize(x)))
 
 
+class DenseLayer(nn.Module):
+    """DenseNet's bottleneck layer: BN-ReLU-conv1x1 (4 x growth channels)-BN-ReLU-conv3x3 (growth
+    channels); its output is concatenated to its input."""
+
+    def __init__(self, ndim, cin, growth, batchnorm):
+        super().__init__()
+        conv, bn, _, _ = _layers(ndim)
+        norm = (lambda c: bn(c)) if batchnorm else (lambda c: nn.Identity())
+        self.body = nn.Sequential(norm(cin), nn.ReLU(inplace=True), conv(cin, 4 * growth, 1, bias=False),
+                                  norm(4 * growth), nn.ReLU(inplace=True),
+                                  conv(4 * growth, growth, 3, padding=1, bias=False))
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], 1)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-type CNN (Huang et al. 2017, the layout of DenseNet-121): a stem of width channels
+    (on inputs of 64 pixels or more a side, DenseNet-121's 7x7 stride-2 convolution and 3x3
+    stride-2 max-pool; on smaller ones a 3x3 convolution), `depth` dense blocks of
+    dense_layers[b] bottleneck layers with growth rate width/2, each block but the last followed by
+    a transition (BN-ReLU-conv1x1 halving the channels, 2x average pool while the map is at least 2
+    wide), then BN-ReLU, global average pool, dropout, linear classifier (logits)."""
+
+    def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
+                 width_factor: float = 1.0):
+        super().__init__()
+        ndim = len(input_shape)
+        conv, bn, pool, adaptive = _layers(ndim)
+        avg = nn.AvgPool2d if ndim == 2 else nn.AvgPool3d
+        norm = (lambda c: bn(c)) if cfg.batchnorm else (lambda c: nn.Identity())
+        if cfg.depth > len(cfg.dense_layers):
+            raise ValueError(f"densenet: --depth {cfg.depth} but --dense-layers names {len(cfg.dense_layers)} blocks")
+        self.normalize = input_normalization(cfg, in_channels, ndim)
+        growth = scaled(cfg.width / 2, width_factor)
+        channels, sizes = 2 * growth, list(input_shape)
+        if min(sizes) >= 64:  # DenseNet-121's stem for large images: 4x smaller maps
+            layers = [conv(in_channels, channels, 7, 2, 3, bias=False), norm(channels), nn.ReLU(inplace=True),
+                      pool(3, 2, 1)]
+            sizes = [(s - 1) // 2 + 1 for s in sizes]
+            sizes = [(s - 1) // 2 + 1 for s in sizes]
+        else:
+            layers = [conv(in_channels, channels, 3, padding=1, bias=False)]
+        for b in range(cfg.depth):
+            for _ in range(cfg.dense_layers[b]):
+                layers.append(DenseLayer(ndim, channels, growth, cfg.batchnorm))
+                channels += growth
+            if b < cfg.depth - 1:
+                out = channels // 2
+                layers += [norm(channels), nn.ReLU(inplace=True), conv(channels, out, 1, bias=False)]
+                channels = out
+                if min(sizes) >= 2:
+                    layers.append(avg(2))
+                    sizes = [s // 2 for s in sizes]
+        layers += [norm(channels), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(channels, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(self.normalize(x)))
+
+
+class CTCNN(nn.Module):
+    """The small CNN of the Keras example "3D image classification from CT scans" (Zunair): `depth`
+    layers of [conv3x3 with bias, ReLU, 2x max-pool, BatchNorm] with width, width, 2 width,
+    4 width, ... channels (depth 4 at width 64: 64, 64, 128, 256), global average pool, dense
+    hidden layer, ReLU, dropout, linear classifier (logits); its 2D counterpart on images. As in
+    Keras the convolutions are unpadded while the map stays at least 2 wide after them (else
+    padded: small subimages), and pool while it is at least 2 wide. --width 64 --hidden 512
+    --dropout 0.3 --depth 4 is the Keras model."""
+
+    def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
+                 width_factor: float = 1.0):
+        super().__init__()
+        ndim = len(input_shape)
+        conv, bn, pool, adaptive = _layers(ndim)
+        self.normalize = input_normalization(cfg, in_channels, ndim)
+        layers, channels, sizes = [], in_channels, list(input_shape)
+        for b in range(cfg.depth):
+            out = scaled(cfg.width * 2 ** max(b - 1, 0), width_factor)
+            padding = 0 if min(sizes) - 2 >= 2 else 1
+            sizes = [s - 2 + 2 * padding for s in sizes]
+            layers += [conv(channels, out, 3, padding=padding), nn.ReLU(inplace=True)]
+            if min(sizes) >= 2:
+                layers.append(pool(2))
+                sizes = [s // 2 for s in sizes]
+            layers += [bn(out)] if cfg.batchnorm else []
+            channels = out
+        self.features = nn.Sequential(*layers)
+        hidden = scaled(cfg.hidden, width_factor)
+        self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(cfg.dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(self.normalize(x)))
+
+
+FAMILIES = {"vgg": VGG, "resnet": ResNet, "densenet": DenseNet, "ctcnn": CTCNN}
+
+
 def build_cnn(in_channels, num_classes, input_shape, cfg: CNNConfig, width_factor=1.0) -> nn.Module:
     if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {cfg.arch!r} ({' or '.join(ARCHITECTURES)})")
-    family = VGG if cfg.arch == "vgg" else ResNet
-    return family(in_channels, num_classes, tuple(input_shape), cfg, width_factor)
+        raise ValueError(f"unknown architecture {cfg.arch!r} ({', '.join(ARCHITECTURES)})")
+    return FAMILIES[cfg.arch](in_channels, num_classes, tuple(input_shape), cfg, width_factor)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -51,7 +51,9 @@ import torch  # noqa: E402
 
 from . import __version__, data, dist, rundir  # noqa: E402
 from .cli.arguments import ConfigError, parse_args  # noqa: E402
-from .cli.phases import load_local_data, load_or_refuse, load_whole_images, run_phases, write_model_file  # noqa: E402
+from .cli.phases import (load_local_data, load_or_refuse, load_whole_images, run_phases, share_bytes,  # noqa: E402
+                         write_model_file)
+from .stream import choose_access  # noqa: E402
 from .cli.plan import UsageError, plan_run  # noqa: E402
 from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging  # noqa: E402
 from .decomposition import format_grid, layout  # noqa: E402
@@ -141,6 +143,11 @@ def main(argv=None):
         if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
             run.group = dist.DataParallelGroup(comm, color=mine[0], key=member)
 
+    run.access, why = choose_access(args.data_access, share_bytes(run), dist.memory_per_rank(comm))
+    log_access = dist.gather_to_root(comm, (run.access, why))
+    if master_process:
+        args.data_access_choice = access_choice(log_access)
+
     # Read the data before the run directory exists, so that bad data leaves nothing behind.
     subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
     if work["boxes"]:
@@ -185,8 +192,10 @@ def main(argv=None):
 
     stats = {"rank": rank, "host": socket.gethostname(), "device": where, "threads": threads,
              "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
-             "bytes_read": bytes_boxes + run.bytes_whole, "bytes_read_boxes": bytes_boxes,
+             "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
              "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": dist.peak_rss_bytes(),
+             "data_access": run.access, "share_bytes": share_bytes(run),
+             "stream": run.io.as_dict() if run.access == "stream" else None,
              "phases": run.phases.seconds, "coherent": coherent_timing}
     gathered_reports = dist.gather_to_root(comm, (stats, rows))
     if master_process:
@@ -217,6 +226,15 @@ def main(argv=None):
     return 0
 
 
+def access_choice(per_rank) -> dict:
+    """config.json's data_access_choice from every rank's (mode, why)."""
+    modes = [m for m, _ in per_rank]
+    return {"modes": modes, "why": [w for _, w in per_rank],
+            "summary": (f"data access {modes[0]} on every rank ({per_rank[0][1]} on rank 0)" if len(set(modes)) == 1
+                        else "data access " + ", ".join(f"rank {r} {m}" for r, m in enumerate(modes))
+                        + f" ({per_rank[0][1]} on rank 0)")}
+
+
 def print_header(run: Run, devices):
     args, plan, size, threads = run.args, run.plan, run.comm.Get_size(), run.threads
     dec, work = plan["decomposition"], plan["work"]
@@ -224,6 +242,7 @@ def print_header(run: Run, devices):
         print(f"mpidd: {args.grid_choice}", flush=True)
     if plan.get("note"):
         print(f"mpidd: {plan['note']}", flush=True)
+    print(f"mpidd: {args.data_access_choice['summary']}", flush=True)
     if run.resuming:
         print(f"mpidd: resuming {args.out} (stopped {len(run.progress.get('stops', []))} time(s) before)", flush=True)
     if work["width"]:

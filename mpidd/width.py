@@ -1,6 +1,6 @@
 """Channel-width decomposition and recomposition (Gu, Zhang, Liu & Cai, ETNA 56, 2022). No MPI.
 
-A global CNN of width C (VGG or ResNet family) is split along its channels into M thin
+A global CNN of width C (VGG, ResNet or CT CNN family) is split along its channels into M thin
 sub-networks of width C/M and the same depth, each seeing the whole image. They are trained
 independently (in parallel, no communication); then their weights are placed into the
 global network, which is trained further ("sub-network transfer learning").
@@ -42,14 +42,17 @@ def subnet_config(cfg: CNNConfig, subnets: int) -> CNNConfig:
     """The configuration of one of M sub-networks: every width divided by M, same depth."""
     if subnets < 1:
         raise WidthError(f"--subnets must be >= 1, got {subnets}")
+    if cfg.arch == "densenet":
+        raise WidthError("--mode width splits vgg, resnet and ctcnn networks: a DenseNet's concatenated features "
+                         "do not fall into one channel block per sub-network; choose another --arch")
     if cfg.width % subnets:
         raise WidthError(f"--width {cfg.width} is not divisible by --subnets {subnets}: every layer's "
                          f"channels must split into {subnets} equal blocks")
-    if cfg.arch == "vgg" and cfg.hidden % subnets:
+    if cfg.arch in ("vgg", "ctcnn") and cfg.hidden % subnets:
         raise WidthError(f"--hidden {cfg.hidden} is not divisible by --subnets {subnets}: the dense "
                          f"layer splits into {subnets} equal blocks too")
     return dataclasses.replace(cfg, width=cfg.width // subnets,
-                               hidden=cfg.hidden // subnets if cfg.arch == "vgg" else cfg.hidden)
+                               hidden=cfg.hidden // subnets if cfg.arch in ("vgg", "ctcnn") else cfg.hidden)
 
 
 def build_subnet(in_channels, num_classes, input_shape, cfg: CNNConfig, subnets: int) -> nn.Module:

@@ -103,7 +103,7 @@ def test_resnet_local_width_factor_gives_about_one_nth_of_the_parameters(N, sub)
 
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="unknown architecture"):
-        build_cnn(1, 10, (28, 28), CNNConfig(arch="densenet"))
+        build_cnn(1, 10, (28, 28), CNNConfig(arch="inception"))
 
 
 @pytest.mark.parametrize("arch,shape", [("vgg", (12, 12)), ("resnet", (6, 6, 6))])
@@ -127,3 +127,40 @@ def test_input_normalization_is_part_of_the_model(arch, shape):
     assert not torch.allclose(normed(x), plain(x), atol=1e-3)  # it does change the output
     with pytest.raises(ValueError, match="2 means .* for 3 channels"):
         build_cnn(3, 5, shape, CNNConfig(arch=arch, input_mean=(0, 0), input_std=(1, 1)))
+
+
+def test_densenet121_and_the_keras_ct_cnn_have_their_references_parameters():
+    """DenseNet-121 (torchvision's densenet121: 7,978,856 parameters on 224x224 RGB, 1000 classes)
+    and the Keras CT example's 3D CNN (1,351,873 trainable parameters on 128x128x64 volumes, one
+    sigmoid output; Keras adds BatchNorm's 1,024 running statistics, which torch keeps as buffers)."""
+    dense = build_cnn(3, 1000, (224, 224), CNNConfig(arch="densenet", width=64, depth=4))
+    assert count_parameters(dense) == 7_978_856
+    assert len([m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]) == 120  # + the classifier: 121
+    ct = build_cnn(1, 1, (64, 128, 128), CNNConfig(arch="ctcnn", width=64, depth=4, hidden=512, dropout=0.3))
+    assert count_parameters(ct) == 1_351_873
+    convs = [m for m in ct.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 256] and all(c.padding == (0, 0, 0) for c in convs)
+
+
+@pytest.mark.parametrize("arch", ["densenet", "ctcnn"])
+@pytest.mark.parametrize("shape", [(28, 28), (14, 14), (7, 7), (16, 16, 8), (8, 8, 4)])
+def test_densenet_and_ct_cnn_shapes_parameter_ratios_and_a_training_step(arch, shape):
+    """2D and 3D, whole images and subimages: logits of the right shape, parameters independent
+    of the input size, a local CNN at about 1/N of the global one, and a training step that
+    changes every weight."""
+    torch.manual_seed(0)
+    cfg = CNNConfig(arch=arch, width=32, depth=2, hidden=32, dense_layers=(2, 3))
+    model = build_cnn(2, 5, shape, cfg)
+    x = torch.rand(4, 2, *shape)
+    assert model(x).shape == (4, 5)
+    whole = tuple(2 * s for s in shape)
+    assert count_parameters(model) == count_parameters(build_cnn(2, 5, whole, cfg))
+    N = 2 ** len(shape)
+    wf = local_width_factor(2, 5, whole, shape, N, cfg)
+    ratio = count_parameters(build_cnn(2, 5, shape, cfg, wf)) / count_parameters(build_cnn(2, 5, whole, cfg))
+    assert 0.7 / N < ratio < 1.3 / N
+    before = [p.detach().clone() for p in model.parameters()]
+    history, _ = train_classifier(model, (x.numpy(), torch.tensor([0, 1, 2, 3]).numpy()), None,
+                                  TrainOptions(epochs=1, batch_size=4), seed=0)
+    assert history[0]["loss"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -15,6 +15,8 @@ CONFIGS = {
     "vgg-nobn-3d": CNNConfig(arch="vgg", width=8, depth=2, hidden=8, batchnorm=False),
     "resnet": CNNConfig(arch="resnet", width=8, depth=3, blocks_per_stage=2),
     "resnet-nobn-3d": CNNConfig(arch="resnet", width=4, depth=2, blocks_per_stage=1, batchnorm=False),
+    "ctcnn": CNNConfig(arch="ctcnn", width=8, depth=3, hidden=16),
+    "ctcnn-3d": CNNConfig(arch="ctcnn", width=8, depth=2, hidden=8),
 }
 
 
@@ -97,6 +99,10 @@ def test_subnet_config_splits_every_width_and_refuses_what_does_not_split():
         subnet_config(cfg, 5)
     with pytest.raises(WidthError, match="--hidden 100"):
         subnet_config(CNNConfig(width=48, hidden=100), 8)
+    with pytest.raises(WidthError, match="--hidden 100"):
+        subnet_config(CNNConfig(arch="ctcnn", width=48, hidden=100), 8)
+    with pytest.raises(WidthError, match="a DenseNet's concatenated features"):
+        subnet_config(CNNConfig(arch="densenet", width=48), 4)
     # M thin networks hold fewer weights than the global one: the off-diagonal blocks
     sub, glob = build_subnet(1, 10, (28, 28), cfg, 4), build_cnn(1, 10, (28, 28), cfg)
     assert 4 * count_parameters(sub) < count_parameters(glob)

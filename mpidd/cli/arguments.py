@@ -14,6 +14,7 @@ import tomllib
 from ..coherent import OUTPUTS
 from ..engine import PRECISIONS
 from ..models import ARCHITECTURES
+from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
 DEMO_DATA = "data/fashion_mnist.h5"
 MODES = ("twolevel", "coherent", "global", "compare", "width")
@@ -62,6 +63,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "at least P subdomains (5 -> 3x3; 1 -> 2x2), printed first and stored in config.json")
     g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
     g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
+    g.add_argument("--data-access", choices=ACCESS_MODES, default="auto",
+                   help="memory: each rank reads its share of the data (its subimage boxes of every split) "
+                        "into memory before training; stream: every phase reads its batches from the file as "
+                        "it goes, a background thread ahead of the model, and never holds a whole split (the "
+                        "same numbers: only the reading differs); auto: memory where a rank's share is at most "
+                        f"{MEMORY_FRACTION:g} x the memory available to it (MemAvailable, or a cgroup's limit as "
+                        "under Slurm, divided by the ranks on its node), else stream. Printed first and stored "
+                        "in config.json as data_access_choice")
+    g.add_argument("--shuffle", choices=("exact", "blocks"), default="exact",
+                   help="the order of the training samples each epoch, the same at every rank count and data "
+                        "access: exact: a uniform permutation; blocks: the file's chunk rows (its chunk extent "
+                        "along the samples) in a random order, the samples of every --shuffle-buffer of them "
+                        "shuffled together, so that streaming reads each chunk once an epoch (with exact, a "
+                        "stream reads a batch's samples apart, which is fast only where a chunk holds few samples)")
+    g.add_argument("--shuffle-buffer", type=int, default=8,
+                   help="--shuffle blocks: chunk rows shuffled together (held at once when streaming)")
     g.add_argument("--normalize", choices=("file", "none"), default="file",
                    help="file: every model's input is normalised per channel, (x - mean) / std, with the "
                         "training split's statistics that data_prep wrote into the data file (none there: "
@@ -81,7 +98,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("CNN family (local, global and coherent models)")
     g.add_argument("--arch", choices=ARCHITECTURES, default="vgg",
                    help="vgg: conv blocks with max-pools and a dense head; resnet: small ResNet "
-                        "(stem, residual stages, global average pool)")
+                        "(stem, residual stages, global average pool); densenet: DenseNet (bottleneck dense "
+                        "layers, growth rate --width/2, --dense-layers per block, transitions; --depth 4 --width 64 "
+                        "is DenseNet-121); ctcnn: the CNN of the Keras example '3D image classification from CT "
+                        "scans' (--depth conv layers of --width, --width, 2x, 4x ... channels, each with max-pool "
+                        "and BatchNorm, global average pool, dense --hidden, dropout; --depth 4 --width 64 "
+                        "--hidden 512 --dropout 0.3 is that model), in 3D on volumes and 2D on images")
     g.add_argument("--width", type=int, default=48, help="channels of the first block/stage of the global CNN")
     g.add_argument("--depth", type=int, default=2,
                    help="vgg: conv blocks (each ends in a max-pool); resnet: stages (each after the "
@@ -90,7 +112,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks-per-stage", type=int, default=2,
                    help="resnet: residual blocks per stage (--depth 3 --blocks-per-stage 3 --width 16 "
                         "is ResNet-20)")
-    g.add_argument("--hidden", type=int, default=128, help="vgg: dense layer width of the global CNN head")
+    g.add_argument("--dense-layers", default="6,12,24,16",
+                   help="densenet: bottleneck layers of each dense block, comma separated (the first --depth "
+                        "are used)")
+    g.add_argument("--hidden", type=int, default=128, help="vgg, ctcnn: dense layer width of the global CNN head")
     g.add_argument("--head-pool", type=int, default=3, help="vgg: adaptive pool size before the dense head")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True,
@@ -207,7 +232,7 @@ def check_file_value(path, action, value):
     elif action.type is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
-        ok = isinstance(value, str) or (action.dest == "coarse_hidden" and isinstance(value, list))
+        ok = isinstance(value, str) or (action.dest in ("coarse_hidden", "dense_layers") and isinstance(value, list))
     if not ok:
         raise ConfigError(f"config file {path}: {flag} = {value!r} has the wrong type")
     if action.choices is not None and value not in action.choices:
@@ -216,11 +241,12 @@ def check_file_value(path, action, value):
 
 
 # Keys of a config.json that record what a run chose, not options: a --config file may hold them.
-INFORMATIONAL = ("grid_choice", "normalization")
+INFORMATIONAL = ("grid_choice", "normalization", "data_access_choice", "shuffle_block")
 
 # What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
 # the data file itself is checked against the run's fingerprint of it.)
-RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "report", "resume", "config", "overwrite", "out", "data")
+RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "report", "resume", "config", "overwrite", "out", "data",
+                     "data_access", "data_access_choice")
 
 
 def same_value(a, b) -> bool:
@@ -262,6 +288,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   f"{getattr(args, key)}: a resumed run keeps its options (drop {flag}, or start "
                                   f"a new run)")
     try:
+        args.dense_layers = hidden_sizes(args.dense_layers)
+    except ValueError:
+        raise ConfigError(f"--dense-layers must be comma-separated integers, got {args.dense_layers!r}") from None
+    if not args.dense_layers or any(n < 1 for n in args.dense_layers):
+        raise ConfigError(f"--dense-layers needs layer counts >= 1, got {args.dense_layers}")
+    if args.arch == "densenet" and args.depth > len(args.dense_layers):
+        raise ConfigError(f"--arch densenet --depth {args.depth}: --dense-layers names only "
+                          f"{len(args.dense_layers)} blocks ({','.join(map(str, args.dense_layers))})")
+    try:
         args.coarse_hidden = hidden_sizes(args.coarse_hidden)
     except ValueError:
         raise ConfigError(f"--coarse-hidden must be comma-separated integers, got {args.coarse_hidden!r}") from None
@@ -273,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("dropout", "coarse_dropout", "weight_decay", "coarse_weight_decay", "momentum"):
         if not 0 <= getattr(args, name) < 1 + (name.endswith("weight_decay")) * 1e9:
             raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")
-    for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block",
+    for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block", "shuffle_buffer",
                  "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool",
                  "blocks_per_stage", "coherent_epochs", "subnets", "subnet_epochs", "curve_points"):
         if getattr(args, name) < 1:

@@ -9,8 +9,9 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 
-from .. import data, dist, rundir, saved
+from .. import data, dist, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
@@ -19,20 +20,51 @@ from .plan import (cnn_config, cnn_options, coherent_config, fit_checkpoint, loa
 from .run import EXIT_USAGE, Run, refuse
 
 
-def read_split(run: Run, split: str, slices) -> tuple[Shard, int]:
-    """One split inside `slices`: all samples, or this rank's share in a data-parallel group."""
+def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard, int]:
+    """One split inside `slices`: all samples, or this rank's share in a data-parallel group.
+    Memory access reads the images now; stream access makes a stream.BoxStream of them and, with
+    `check`, reads them once in blocks to refuse NaN and inf before any training (phase "check").
+    Returns (the Shard, bytes read now)."""
     n = run.plan["info"].sizes[split]
     rows = run.group.share(n) if run.group is not None else None
+    if run.access == "stream":
+        x = stream.BoxStream(run.args.data, split, slices, range(*rows) if rows else None, stats=run.io)
+        y = data.load_split_labels(run.args.data, split, rows)
+        nbytes = 0
+        if check:
+            with run.phases("check"):
+                nbytes = stream.check_finite(x, block=run.args.read_block)
+        return Shard(x, y, rows[0] if rows else 0, n), nbytes + y.nbytes
     x, y, nbytes = data.load_split(run.args.data, split, slices, block=run.args.read_block, rows=rows)
     return Shard(x, y, rows[0] if rows else 0, n), nbytes
 
 
+def share_bytes(run: Run) -> int:
+    """What this rank's data takes in memory: its subimage boxes of every split (and, where it
+    trains on whole images, the whole images too), its share of the samples if data parallel."""
+    info, dec, work = run.plan["info"], run.plan["decomposition"], run.plan["work"]
+    per_voxel = info.channels * np.dtype(info.dtype).itemsize
+
+    def samples(split):
+        n = info.sizes[split]
+        return n if run.group is None else -(-n // run.group.size)
+    total = 0
+    if work["boxes"]:
+        total += sum(samples(s) for s in data.SPLITS) * len(run.mine) * int(np.prod(dec.subimage_shape)) * per_voxel
+    whole = work["width"] or (work["global"] and (run.master_process or run.group is not None
+                                                  or run.args.mode == "global"))
+    if whole:
+        total += sum(samples(s) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
+    return total
+
+
 def load_local_data(run: Run):
     """Phase load: read this rank's subimage boxes (train/val/test, its share of the samples in
-    a data-parallel group) and nothing else.
+    a data-parallel group) and nothing else; streamed, check them (phase check) and keep streams.
 
-    All of the rank's subdomains are read before any training, so bad data (NaN, inf) is
-    refused before training starts; memory is this rank's share of the data set.
+    All of the rank's subdomains are read (or checked) before any training, so bad data (NaN,
+    inf) is refused before training starts; memory is this rank's share of the data set, or,
+    streamed, the batches in flight.
     """
     dec = run.plan["decomposition"]
     subsets, bytes_read = {}, 0
@@ -45,13 +77,13 @@ def load_local_data(run: Run):
     return subsets, bytes_read
 
 
-def load_whole_images(run: Run):
+def load_whole_images(run: Run, check: bool = True):
     """Every split's whole images (this rank's share of the samples if data parallel)."""
     whole = tuple(slice(0, s) for s in run.plan["info"].spatial_shape)
     split, nbytes = {}, 0
     with run.phases("global_load"):
         for s in data.SPLITS:
-            split[s], n = read_split(run, s, whole)
+            split[s], n = read_split(run, s, whole, check=check)
             nbytes += n
     return split, nbytes
 
@@ -267,8 +299,7 @@ def run_phases(run: Run, subsets, whole):
             grun = dataclasses.replace(run, group=dist.DataParallelGroup(run.comm, color=0, key=run.rank))
         if run.master_process or not alone:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
-                whole, _ = load_whole_images(grun)
-                run.bytes_whole = sum(s.x.nbytes + s.y.nbytes for s in whole.values())
+                whole, run.bytes_whole = load_whole_images(grun, check=False)
             acc, global_rows = global_phase(grun, whole, alone=alone)
             if run.master_process:
                 accuracies["global"] = acc

@@ -26,6 +26,7 @@ def cnn_config(args) -> CNNConfig:
     return CNNConfig(arch=args.arch, width=args.width, depth=args.depth, convs_per_block=args.convs_per_block,
                      hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout,
                      batchnorm=args.batchnorm, blocks_per_stage=args.blocks_per_stage,
+                     dense_layers=tuple(args.dense_layers),
                      input_mean=tuple(norm.get("mean", ())), input_std=tuple(norm.get("std", ())))
 
 
@@ -44,10 +45,20 @@ def work_of(args) -> dict:
             "boxes": args.mode not in ("global", "width"), "width": args.mode == "width"}
 
 
+def resolve_shuffle(args, info: data.DataInfo):
+    """args.shuffle_block: the samples of one block of the training order (engine.epoch_order):
+    1 for --shuffle exact, the file's chunk extent along the samples for blocks."""
+    args.shuffle_block = 1 if args.shuffle == "exact" else (info.chunk_samples or 1024)
+
+
+def order_options(args) -> dict:
+    return {"shuffle_block": getattr(args, "shuffle_block", 1), "shuffle_buffer": args.shuffle_buffer}
+
+
 def cnn_options(args) -> TrainOptions:
     return TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, momentum=args.momentum,
-                        weight_decay=args.weight_decay, schedule=args.schedule)
+                        weight_decay=args.weight_decay, schedule=args.schedule, **order_options(args))
 
 
 def coarse_options(args) -> TrainOptions:
@@ -66,7 +77,7 @@ def coherent_options(args, init) -> TrainOptions:
     return TrainOptions(epochs=args.coherent_epochs, batch_size=args.batch_size,
                         lr=args.coherent_lr if init == "random" else args.transfer_lr,
                         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                        schedule=args.schedule, log_interval=args.log_interval)
+                        schedule=args.schedule, log_interval=args.log_interval, **order_options(args))
 
 
 # Keys of config.json that shape the local CNNs and the coarse DNN, by family (with their
@@ -76,7 +87,8 @@ MODEL_KEYS = {"grid": None, "overlap": None, "arch": "vgg", "width": None, "dept
 
 
 FAMILY_KEYS = {"vgg": {"convs_per_block": None, "hidden": None, "head_pool": None},
-               "resnet": {"blocks_per_stage": 2}}
+               "resnet": {"blocks_per_stage": 2}, "densenet": {"dense_layers": None},
+               "ctcnn": {"hidden": None}}
 
 
 def check_pretrained_run(args, info, dec, cfg, width_factor):
@@ -229,6 +241,7 @@ def plan_run(args, comm) -> dict:
                     "(or `make data`), or pass --data FILE")
         raise UsageError(msg) from None
     resolve_normalization(args, info)
+    resolve_shuffle(args, info)
     try:
         if args.grid == "auto" and args.mode != "width":
             resolve_auto_grid(args, size, info.spatial_shape)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .. import dist, rundir
 from ..engine import Control, Preempted
 from ..methods.context import Context, progress_printer
+from ..stream import StreamStats
 
 
 EXIT_USAGE = 2
@@ -40,6 +41,8 @@ class Run(Context):
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
     resuming: bool = False
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
+    access: str = "memory"         # this rank's data access: memory or stream (--data-access)
+    io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
     wait_interval: float | None = None  # sleep between tests of a pending MPI request (None: spin)
     polls: dict = field(default_factory=dict)  # collective stop polls so far, per communicator
 

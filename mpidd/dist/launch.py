@@ -168,6 +168,19 @@ def oversubscribed(comm, threads: int) -> bool:
     return ranks * threads > cores
 
 
+def memory_per_rank(comm) -> int | None:
+    """The memory available on this node (stream.memory_available) divided by its ranks;
+    collective over comm."""
+    from ..stream import memory_available
+    local = node_comm(comm)
+    try:
+        ranks = local.Get_size()
+    finally:
+        local.Free()
+    available = memory_available()
+    return None if available is None else available // ranks
+
+
 def library_version() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 

@@ -16,6 +16,7 @@ import torch
 from .. import dist
 from ..engine import Shard, TrainOptions, evaluate, seed_for
 from ..models import CNNConfig, build_cnn
+from ..stream import is_stream
 from ..width import build_subnet, recompose as recompose_weights
 from .context import Context
 from .global_cnn import train_whole_image_model
@@ -48,7 +49,7 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
             seed = seed_for(cfg.seed, "subnet", m)
             torch.manual_seed(seed)
             model = build_subnet(channels, num_classes, shape, cfg.cnn, M).to(ctx.device)
-            train = Shard(train_all.x[m::M], train_all.y[m::M]) if cfg.shard else train_all
+            train = Shard(every(train_all.x, m, M), train_all.y[m::M]) if cfg.shard else train_all
             histories[m], _ = train_whole_image_model(
                 ctx, model, dict(whole, train=train), cfg.subnet_opts, seed, f"subnet_{m}.pt", f"subnet {m}",
                 models_after=len(ctx.mine) - k - 1, subnet=m, subnets=M, shard=cfg.shard, train_samples=len(train.y))
@@ -60,6 +61,11 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
                          for s in score_splits}
         states[m] = {key: v.cpu() for key, v in model.state_dict().items()}
     return states, scores, histories
+
+
+def every(x, start: int, step: int):
+    """Samples start, start + step, ... of an array or a stream."""
+    return x.subset(start, step) if is_stream(x) else x[start::step]
 
 
 def gather(ctx: Context, states: dict, scores: dict):
