@@ -14,6 +14,11 @@ Images come in one of two forms, in fit, predict_proba, predict and score alike:
   (b) only this rank's subimages, {subdomain: (n, C, *subimage_shape)}, for the subdomains that
       `local_boxes(image_shape)` names (pass `image_shape=`): no whole image ever exists
       anywhere, as in a solver that holds its field domain-decomposed.
+  (c) images in an HDF5 file: an h5py.Dataset (n, C, ...), or the path of an mpidd data file
+      (fit: its train split, and its val split unless x_val is given; predict and score: its test
+      split; "FILE.h5:val" names another), with its labels unless y is given. Each rank then
+      reads only its own boxes, batch by batch (streamed, as --data-access stream), never the
+      whole set.
 Labels y are (n,) integers 0..K-1, the same on every rank. uint8 images are divided by 255,
 float images are used as they are (as float32). normalization=(mean, std), one number per
 channel in those units (e.g. mpidd.read_info(FILE).mean and .std, the statistics data_prep
@@ -29,6 +34,7 @@ sets torch's threads unless `threads` is given.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -39,6 +45,7 @@ from .engine import Shard, TrainOptions, evaluate, precision_error, predict_logi
 from .methods import coherent, twolevel, width
 from .methods.context import Context
 from .models import COARSE_INPUTS, CNNConfig, CoarseDNN, build_cnn, local_width_factor
+from .stream import StreamStats, check_finite, file_images, is_stream
 from .width import WidthError, subnet_config as width_subnet_config
 
 COMBINERS = ("cnn-dnn", "average", "vote")
@@ -59,6 +66,7 @@ class _CollectiveEstimator:
         self._models = {}
         # payload this rank contributed to the estimator's collectives, by kind (see bytes_sent_)
         self._sent = {"probabilities": 0, "exchange": 0, "parameters": 0, "gradients": 0, "results": 0, "metadata": 0}
+        self._io = StreamStats()  # what this rank's reads of data files (input form c) did
 
     @property
     def bytes_sent_(self) -> dict:
@@ -74,6 +82,11 @@ class _CollectiveEstimator:
         sent["gradients"] += group.bytes if group is not None else 0
         sent["total"] = sum(sent.values())
         return sent
+
+    @property
+    def bytes_read_(self) -> int:
+        """Bytes of images this rank has read from data files (input form c): its boxes only."""
+        return self._io.bytes_read
 
     def _count(self, kind, payload):
         """Count `payload` (a byte count, an array, or any object as pickled) as sent by this rank."""
@@ -104,6 +117,21 @@ class _CollectiveEstimator:
         return Context(comm=self.comm, device=device, precision=self.precision, mine=mine, group=group,
                        verbose=self.verbose)
 
+    def _from_file(self, x, y, split, what, labels=True):
+        return from_file(x, y, split, what, labels, stats=self._io)
+
+    def _agreed(self, step):
+        """step() on every rank; a ValueError on any rank is raised on every rank."""
+        error, result = None, None
+        try:
+            result = step()
+        except ValueError as e:
+            error = str(e)
+        failed = dist.agree(self.comm, error)
+        if failed:
+            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
+        return result
+
     def _check(self, x, y, image_shape, what) -> tuple:
         """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
         error = None
@@ -132,7 +160,7 @@ class _CollectiveEstimator:
         n_val = max(1, int(round(self.validation_fraction * n)))
         val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
         pick = (lambda a, idx: {i: np.asarray(v)[idx] for i, v in a.items()}) if isinstance(x, dict) else \
-            (lambda a, idx: a[idx])
+            (lambda a, idx: a.take(idx)) if is_stream(x) else (lambda a, idx: a[idx])
         return pick(x, train), y[train], pick(x, val), y[val]
 
     def _training_data(self, x, y, x_val, y_val, image_shape):
@@ -140,6 +168,14 @@ class _CollectiveEstimator:
         torch's threads if asked, image_shape_, input_dtype_, classes_ and class_names_."""
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        named_file = isinstance(x, (str, os.PathLike))
+        x, y = self._agreed(lambda: self._from_file(x, y, "train", "x"))
+        if x_val is None and named_file:  # the data file's validation split
+            x_val, y_val = self._agreed(lambda: self._from_file(x.path, None, "val", "x"))
+        elif x_val is not None:
+            x_val, y_val = self._agreed(lambda: self._from_file(x_val, y_val, "val", "x_val"))
+        if y is None:
+            raise ValueError("fit needs the labels y of x (or x naming a data file, whose labels it reads)")
         y = np.asarray(y)
         image_shape, n = self._check(x, y, image_shape, "x")
         if x_val is None:
@@ -289,15 +325,19 @@ class TwoLevelClassifier(_CollectiveEstimator):
         for i in ctx.mine:
             if isinstance(x, dict):
                 part = np.asarray(x[i])[rows[0]:rows[1]]
+            elif is_stream(x):  # its box of the file, read batch by batch
+                part = x.share(*rows).in_box(dec.slices(i))
             else:
                 part = x[(slice(rows[0], rows[1]), slice(None)) + dec.slices(i)]
             labels = np.zeros(rows[1] - rows[0], np.int64) if y is None else np.asarray(y[rows[0]:rows[1]], np.int64)
             out[i] = Shard(_pixels(part), labels, rows[0], n)
+        if is_stream(x):  # NaN and inf, in this rank's boxes only: read once, in blocks
+            self._agreed(lambda: [check_finite(s.x) for s in out.values()])
         return out
 
     # --- fit -----------------------------------------------------------------------------------
 
-    def fit(self, x, y, x_val=None, y_val=None, *, image_shape=None):
+    def fit(self, x, y=None, x_val=None, y_val=None, *, image_shape=None):
         """Train the local CNNs and the coarse DNN. Collective over comm. Returns self.
 
         x: whole images (n, C, H, W) / (n, C, D, H, W) on every rank, or this rank's subimages
@@ -330,7 +370,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.history_ = {**{f"local_{i}": all_histories[i] for i in sorted(all_histories)}, "coarse": coarse_history}
         return self
 
-    def fit_coherent(self, x, y, x_val=None, y_val=None, *, init="pretrained", image_shape=None):
+    def fit_coherent(self, x, y=None, x_val=None, y_val=None, *, init="pretrained", image_shape=None):
         """Train the CNN-DNN as one coherent model, model parallel (Klawonn, Lanser & Weber,
         arXiv 2408.14442): from the fitted local CNNs and coarse DNN (init="pretrained", transfer
         learning; call fit first; dnn_init="random" starts a fresh DNN) or from random weights
@@ -409,14 +449,17 @@ class TwoLevelClassifier(_CollectiveEstimator):
         """(predict_proba, predict) in one pass. Collective over comm."""
         return self._predict(x, model, image_shape)
 
-    def score(self, x, y, model="cnn-dnn", *, image_shape=None) -> float:
-        """Accuracy on (x, y), the same on every rank. Collective over comm."""
+    def score(self, x, y=None, model="cnn-dnn", *, image_shape=None) -> float:
+        """Accuracy on (x, y), the same on every rank (y None: the labels of a data file x).
+        Collective over comm."""
+        x, y = self._agreed(lambda: self._from_file(x, y, "test", "x"))
         return float((self.predict(x, model, image_shape=image_shape) == np.asarray(y)).mean())
 
-    def score_all(self, x, y, *, image_shape=None) -> dict:
+    def score_all(self, x, y=None, *, image_shape=None) -> dict:
         """Test accuracies of every two-level model in one pass (one inference, one gather):
         {"cnn-dnn": acc, "average": acc, "vote": acc, "local": {subdomain: acc}}, the same on
-        every rank. Collective over comm."""
+        every rank (y None: the labels of a data file x). Collective over comm."""
+        x, y = self._agreed(lambda: self._from_file(x, y, "test", "x"))
         y = np.asarray(y)
         gathered = self._gather_outputs(x, "twolevel", image_shape)
         result = None
@@ -432,11 +475,14 @@ class TwoLevelClassifier(_CollectiveEstimator):
     def _predict(self, x, model, image_shape):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
+        x = self._agreed(lambda: self._from_file(x, None, "test", "x", labels=False)[0])
         kind = self._kind(model)
         if kind in WHOLE_IMAGE:
             if isinstance(x, dict):
                 raise ValueError(f"model={model!r} classifies whole images: pass them as one array")
             self._check_shape(x, None)
+            if is_stream(x):  # rank 0 reads them all: it checks them first
+                self._agreed(lambda: check_finite(x) if self._ctx.master_process else None)
             result = None
             if self._ctx.master_process:
                 probs = predict_proba(self._models[kind]["model"], _pixels(x), self.eval_batch_size,
@@ -637,8 +683,9 @@ class WidthClassifier(_CollectiveEstimator):
                                  shard=self.shard, offdiag_noise=self.offdiag_noise, seed=self.seed,
                                  eval_batch_size=self.eval_batch_size)
 
-    def fit(self, x, y, x_val=None, y_val=None):
-        """Sub-networks in parallel, recomposition and further training on rank 0. Collective. Returns self."""
+    def fit(self, x, y=None, x_val=None, y_val=None):
+        """Sub-networks in parallel, recomposition and further training on rank 0. Collective. Returns self.
+        x, x_val: arrays or images in an HDF5 file, as TwoLevelClassifier.fit takes them."""
         if isinstance(x, dict):
             raise ValueError("the width decomposition trains on whole images: pass them as one array")
         x, y, x_val, y_val = self._training_data(x, y, x_val, y_val, None)
@@ -654,6 +701,8 @@ class WidthClassifier(_CollectiveEstimator):
                              f"{self.subnets} ranks or more sub-networks")
         ctx = self._context_of(mine)
         C, shape = image_shape[0], image_shape[1:]
+        if is_stream(x) or is_stream(x_val):  # every rank trains on whole images: each checks them
+            self._agreed(lambda: [check_finite(a) for a in (x, x_val) if is_stream(a)])
         whole = {"train": Shard(_pixels(x), y.astype(np.int64)), "val": Shard(_pixels(x_val), y_val.astype(np.int64))}
         states, scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg, score_splits=("val",))
         if not ctx.master_process:
@@ -686,15 +735,19 @@ class WidthClassifier(_CollectiveEstimator):
         """Predicted classes (n,) on every rank. Collective."""
         return self._predict(x)[1]
 
-    def score(self, x, y) -> float:
-        """Accuracy on (x, y), the same on every rank. Collective."""
+    def score(self, x, y=None) -> float:
+        """Accuracy on (x, y), the same on every rank (y None: the labels of a data file x). Collective."""
+        x, y = self._agreed(lambda: self._from_file(x, y, "test", "x"))
         return float((self.predict(x) == np.asarray(y)).mean())
 
     def _predict(self, x):
         self._fitted()
+        x = self._agreed(lambda: self._from_file(x, None, "test", "x", labels=False)[0])
         image_shape, _ = self._check(x, None, None, "x")
         if tuple(image_shape) != self.image_shape_:
             raise ValueError(f"images of shape {tuple(image_shape)}, but the model was trained on {self.image_shape_}")
+        if is_stream(x):  # rank 0 reads them all: it checks them first
+            self._agreed(lambda: check_finite(x) if self.comm.Get_rank() == 0 else None)
         result = None
         if self.comm.Get_rank() == 0:
             probs = predict_proba(self._models["recomposed"], _pixels(x), self.eval_batch_size,
@@ -718,6 +771,20 @@ class WidthClassifier(_CollectiveEstimator):
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+def from_file(x, y, split: str, what: str, labels: bool = True, stats=None):
+    """(x, y) with images in an HDF5 file (see the module docstring, form c) as a
+    stream.BoxStream (counting its reads in `stats`) and, where y is None, the labels beside
+    them; arrays pass as they are."""
+    images, file_labels = file_images(x, split, stats)
+    if images is None:
+        return x, y
+    if y is None and labels:
+        if file_labels is None:
+            raise ValueError(f"{what}: {images.name} has no labels beside it: pass them")
+        y = file_labels
+    return images, y
+
+
 def _count(x) -> int:
     return len(next(iter(x.values()))) if isinstance(x, dict) and x else (0 if isinstance(x, dict) else len(x))
 
@@ -735,11 +802,14 @@ def normalization_pair(value) -> tuple[tuple, tuple]:
 
 def _dtype_name(x) -> str:
     first = next(iter(x.values())) if isinstance(x, dict) else x
-    return "uint8" if np.asarray(first).dtype == np.uint8 else "float32"
+    return "uint8" if (first.dtype if is_stream(first) else np.asarray(first).dtype) == np.uint8 else "float32"
 
 
 def _pixels(a) -> np.ndarray:
-    """uint8 stays uint8 (scaled batch by batch); anything else becomes float32."""
+    """uint8 stays uint8 (scaled batch by batch); anything else becomes float32. A stream stays
+    as it is (its batches are read as they are needed)."""
+    if is_stream(a):
+        return a
     a = np.asarray(a)
     return np.ascontiguousarray(a) if a.dtype == np.uint8 else np.ascontiguousarray(a, dtype=np.float32)
 
@@ -772,7 +842,11 @@ def _check_images(clf, x, y, image_shape, what):
         if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
             raise ValueError(f"{what} has images of shape {tuple(x.shape[1:])}, expected {tuple(image_shape)}")
         image_shape, n = tuple(int(s) for s in x.shape[1:]), len(x)
-        _check_values(x, what)
+        if is_stream(x):  # (its values: in each rank's boxes, when they are read: see _shards)
+            if x.dtype != np.uint8 and x.dtype.kind != "f":
+                raise ValueError(f"{what} ({x.name}) has dtype {x.dtype}: expected uint8 or float images")
+        else:
+            _check_values(x, what)
     if y is not None:
         if y.ndim != 1 or len(y) != n:
             raise ValueError(f"labels for {what} have shape {y.shape}, expected ({n},)")

@@ -6,7 +6,8 @@ written by TwoLevelClassifier.save.
     python -m mpidd.predict runs/demo --data x.npy --model average --format h5 --out p.h5
 
 P ranks: any count training allows, 1..N subdomains (rank r classifies subdomains r, r+P, ...)
-or a multiple of N. From an HDF5 file each rank reads only its subdomains' boxes of --split.
+or a multiple of N. From an HDF5 file each rank reads only its subdomains' boxes of --split,
+batch by batch (streamed: the file may be larger than memory).
 Rank 0 writes, per image, the predicted class, its name and the K probabilities (CSV, or HDF5
 with --format h5), atomically, and prints the accuracy when the input has labels. Bad input
 (a model of another image size or channel count, a missing or corrupt model, an image of the
@@ -23,7 +24,7 @@ import sys
 
 import numpy as np
 
-from . import data, dist, saved
+from . import data, dist, saved, stream
 from .cli.arguments import ArgumentParser
 from .engine import PRECISIONS
 from .rundir import atomic_write
@@ -68,7 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def read_input(path, split, image_shape, input_dtype, boxes, whole=False):
     """(x, labels or None, names or None): x is {subdomain: (n, C, *box)} for this rank's
-    `boxes`, or the whole images (n, C, ...) when `whole`. InputError if they do not fit."""
+    `boxes`, or the whole images (n, C, ...) when `whole`, or, from an HDF5 file, a stream of
+    the whole images. InputError if they do not fit."""
     if not os.path.exists(path):
         raise InputError(f"--data {path} does not exist")
     if os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES):
@@ -78,7 +80,7 @@ def read_input(path, split, image_shape, input_dtype, boxes, whole=False):
         x, labels = read_array(path, image_shape)
         names = None
     else:
-        return read_hdf5(path, split, image_shape, input_dtype, boxes, whole) + (None,)
+        return read_hdf5(path, split, image_shape, input_dtype) + (None,)
     check_dtype(x.dtype, input_dtype, path)
     if whole:
         return np.asarray(x), labels, names
@@ -98,25 +100,16 @@ def check_dtype(dtype, input_dtype, what):
                          f"({saved.INPUT_SCALING}): convert them first")
 
 
-def read_hdf5(path, split, image_shape, input_dtype, boxes, whole):
+def read_hdf5(path, split, image_shape, input_dtype):
+    """(a stream of --split's whole images, its labels): the classifier reads each rank's boxes
+    of it batch by batch (TwoLevelClassifier's input form c)."""
     try:
         info = data.inspect(path)
     except data.DataError as e:
         raise InputError(str(e)) from None
     check_shape(info.image_shape, image_shape, path)
     check_dtype(np.dtype(info.dtype), input_dtype, path)
-    try:
-        if whole:
-            x, y, _ = data.load_split(path, split, tuple(slice(0, s) for s in image_shape[1:]))
-            return x, y
-        x = {}
-        for i, box in boxes.items():
-            x[i], y, _ = data.load_split(path, split, box)
-        if not boxes:
-            y = data.load_labels(path)[split]
-        return x, y
-    except data.DataError as e:
-        raise InputError(str(e)) from None
+    return stream.file_images(path, split)
 
 
 def read_array(path, image_shape):

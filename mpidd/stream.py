@@ -54,25 +54,34 @@ class StreamStats:
 
 
 class BoxStream:
-    """images[rows, :, *box] of /split in the file at `path`, read on demand.
+    """images[rows, :, *box] of an images dataset of the HDF5 file at `path`, read on demand.
 
-    rows: a range of the file's samples (default all): a data-parallel rank's share, or every
-    M-th sample. Sample k of the stream is file row rows[k]. Indexing (stream[idx], idx a slice,
-    an integer array or tensor) reads at once; `batches` reads a sequence of batches ahead.
+    dataset: a split of the mpidd layout ("train", "val", "test": /SPLIT/images) or the path of
+    any (n, C, *spatial) dataset in the file. box: slices of the spatial axes (default: whole
+    images). rows: the file's samples the stream holds (a range or an array of increasing
+    indices; default all): a data-parallel rank's share, every M-th sample, a hold-out. Sample k
+    of the stream is file row rows[k]. Indexing (stream[idx], idx a slice, an integer array or
+    tensor) reads at once; `batches` reads a sequence of batches ahead.
     """
 
-    def __init__(self, path: str, split: str, box_slices, rows: range | None = None,
-                 stats: StreamStats | None = None, lookahead: int = 2):
-        self.path, self.split, self.box = path, split, tuple(box_slices)
-        self.name = f"{path}:/{split}/images"
+    def __init__(self, path: str, dataset: str, box_slices=None, rows=None, stats: StreamStats | None = None,
+                 lookahead: int = 2):
+        self.path = str(path)
+        self.dataset_name = f"/{dataset}/images" if dataset in ("train", "val", "test") else dataset
+        self.name = f"{self.path}:{self.dataset_name}"
         self.stats = stats if stats is not None else StreamStats()
         self.lookahead = lookahead
         self._file = None
         ds = self.dataset
         self.file_samples = ds.shape[0]
+        self.box = tuple(box_slices) if box_slices is not None else tuple(slice(0, s) for s in ds.shape[2:])
         self.rows = rows if rows is not None else range(self.file_samples)
-        if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= self.file_samples or self.rows.step < 1):
-            raise ValueError(f"rows {self.rows} outside {self.name}'s {self.file_samples} samples")
+        if not isinstance(self.rows, range):
+            self.rows = np.asarray(self.rows, dtype=np.int64)
+            if len(self.rows) > 1 and not (np.diff(self.rows) > 0).all():
+                raise ValueError(f"{self.name}: rows must be increasing")
+        if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= self.file_samples):
+            raise ValueError(f"rows {self.rows[0]}..{self.rows[-1]} outside {self.name}'s {self.file_samples} samples")
         self.dtype = ds.dtype
         self.shape = (len(self.rows), ds.shape[1]) + tuple(s.stop - s.start for s in self.box)
         # chunk-aligned reads: one block is the chunk's extent along the samples
@@ -82,7 +91,7 @@ class BoxStream:
     def dataset(self):
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        return self._file[self.split]["images"]
+        return self._file[self.dataset_name]
 
     def close(self):
         if self._file is not None:
@@ -105,12 +114,34 @@ class BoxStream:
 
     @property
     def nbytes(self) -> int:
-        """What the share would take in memory (it is never held)."""
+        """What the stream's images would take in memory (they are never held)."""
         return len(self) * self.sample_bytes
+
+    def _derived(self, rows=None, box_slices=None) -> "BoxStream":
+        return BoxStream(self.path, self.dataset_name, box_slices if box_slices is not None else self.box,
+                         rows if rows is not None else self.rows, self.stats, self.lookahead)
 
     def subset(self, start: int, step: int) -> "BoxStream":
         """Samples start, start + step, ... of this stream (e.g. a width sub-network's shard)."""
-        return BoxStream(self.path, self.split, self.box, self.rows[start::step], self.stats, self.lookahead)
+        return self._derived(rows=self.rows[start::step])
+
+    def share(self, lo: int, hi: int) -> "BoxStream":
+        """Samples lo..hi-1 of this stream (a data-parallel rank's share)."""
+        return self._derived(rows=self.rows[lo:hi])
+
+    def take(self, idx) -> "BoxStream":
+        """Samples idx (increasing) of this stream, as a stream (e.g. a validation hold-out)."""
+        return self._derived(rows=self._file_rows(np.asarray(idx, dtype=np.int64)))
+
+    def in_box(self, box_slices) -> "BoxStream":
+        """The same samples inside `box_slices` (slices of the spatial axes of the whole images)."""
+        return self._derived(box_slices=tuple(slice(self.box[a].start + s.start, self.box[a].start + s.stop)
+                                              for a, s in enumerate(box_slices)))
+
+    def _file_rows(self, idx: np.ndarray) -> np.ndarray:
+        if isinstance(self.rows, range):
+            return self.rows.start + idx * self.rows.step
+        return self.rows[idx]
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -122,7 +153,7 @@ class BoxStream:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range 0..{len(self) - 1}")
-        return self._read_file_rows(self.rows.start + idx * self.rows.step)
+        return self._read_file_rows(self._file_rows(idx))
 
     def _read_file_rows(self, rows: np.ndarray) -> np.ndarray:
         if rows.size == 0:
@@ -150,7 +181,7 @@ class BoxStream:
         the first batch that needs it to the last, where those held at once stay within
         BLOCK_BUFFER_BYTES; else each batch's samples apart."""
         B = self.block
-        rows = [self.rows.start + np.asarray(i, dtype=np.int64).reshape(-1) * self.rows.step for i in index_lists]
+        rows = [self._file_rows(np.asarray(i, dtype=np.int64).reshape(-1)) for i in index_lists]
         blocks = [np.unique(r // B) for r in rows]
         first_use, last_use = {}, {}
         for k, b in enumerate(blocks):
@@ -162,7 +193,7 @@ class BoxStream:
             live[k] += 1
             live[last_use[block] + 1] -= 1
         whole = B > 1 and len(rows) > 0 and np.cumsum(live).max() * B * self.sample_bytes <= BLOCK_BUFFER_BYTES
-        first, end = self.rows[0] if len(self.rows) else 0, self.rows[-1] + 1 if len(self.rows) else 0
+        first, end = (int(self.rows[0]), int(self.rows[-1]) + 1) if len(self.rows) else (0, 0)
         cache = {}
         for k, r in enumerate(rows):
             if not whole:
@@ -235,6 +266,38 @@ class Prefetcher:
 
 def is_stream(x) -> bool:
     return isinstance(x, BoxStream)
+
+
+def file_images(x, split: str, stats: StreamStats | None = None):
+    """x as a stream of whole images if it names images in an HDF5 file: an h5py.Dataset, or the
+    path of an mpidd data file (its `split`, or the split after a colon: "data.h5:val"); else
+    None (x is an array). The labels come along: (stream, labels or None)."""
+    import os
+    if isinstance(x, h5py.Dataset):
+        path, name = x.file.filename, x.name
+    elif isinstance(x, (str, os.PathLike)):
+        path, name = str(x), f"/{split}/images"
+        head, _, tail = path.rpartition(":")
+        if not os.path.exists(path) and head and tail in ("train", "val", "test"):
+            path, name = head, f"/{tail}/images"
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist")
+        try:
+            h5py.File(path, "r").close()
+        except OSError as e:
+            raise ValueError(f"{path} is not a readable HDF5 file ({e})") from None
+    else:
+        return None, None
+    with h5py.File(path, "r") as f:
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise ValueError(f"{path} has no dataset {name}")
+        ds = f[name]
+        if ds.ndim not in (4, 5):
+            raise ValueError(f"{path}:{name} has shape {ds.shape}: expected (n, C, H, W) or (n, C, D, H, W)")
+        labels_name = name.rsplit("/", 1)[0] + "/labels"
+        labels = f[labels_name][...].astype(np.int64) if labels_name in f and f[labels_name].shape == ds.shape[:1] \
+            else None
+    return BoxStream(path, name, stats=stats), labels
 
 
 def check_finite(stream: BoxStream, block: int = 4096) -> int:

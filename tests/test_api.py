@@ -62,7 +62,7 @@ def test_every_keyword_has_the_command_lines_default():
         shared = [k for k in params if k in cli and k not in ("device", "threads")]  # API: None leaves them alone
         assert len(shared) >= least
         for k in shared:
-            expected = hidden_sizes(cli[k]) if k == "coarse_hidden" else cli[k]
+            expected = hidden_sizes(cli[k]) if k in ("coarse_hidden", "dense_layers") else cli[k]
             assert params[k].default == expected, (estimator, k)
         assert set(estimator.HYPERPARAMETERS) <= set(params)
     params = inspect.signature(mpidd.TwoLevelClassifier).parameters
@@ -256,3 +256,46 @@ def test_bf16_mixed_from_python(data, tmp_path, monkeypatch):
     assert mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF).precision == "32"  # predicts in float32
     with pytest.raises(ValueError, match="precision bf16-mixed: this CPU has no bfloat16 support"):
         mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, precision="bf16-mixed", **SMALL).fit(*data["train"])
+
+
+def test_images_in_a_data_file_equal_the_arrays_read_from_it(data, fitted, tmp_path):
+    """Input form (c): an h5py.Dataset (a seeded hold-out when no x_val) and a file's path (its
+    splits; FILE:SPLIT) give, bit for bit, what the arrays give, with the same hold-out; the
+    width classifier too; NaN in a float file and missing labels are refused with one line."""
+    import h5py
+
+    import mpidd
+    from mpi4py import MPI
+    from mpidd.data import write_dataset
+    path = write_dataset(str(tmp_path / "d.h5"), data, chunk_samples=16)
+    x_test = data["test"][0]
+    by_path = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(path)
+    assert np.array_equal(by_path.predict_proba(path), fitted.predict_proba(x_test))
+    assert by_path.score(path) == fitted.score(*data["test"]) == by_path.score(f"{path}:test")
+    assert by_path.score(f"{path}:val") == fitted.score(*data["val"])
+    assert by_path.bytes_read_ > 0 and fitted.bytes_read_ == 0
+    held_out = mpidd.TwoLevelClassifier("1x2", comm=MPI.COMM_SELF, validation_fraction=0.25, **SMALL)
+    held_out.fit(*data["train"])
+    with h5py.File(path, "r") as f:
+        dataset = mpidd.TwoLevelClassifier("1x2", comm=MPI.COMM_SELF, validation_fraction=0.25, **SMALL)
+        dataset.fit(f["train"]["images"], data["train"][1])
+        assert np.array_equal(dataset.predict_proba(f["test"]["images"]), held_out.predict_proba(x_test))
+        assert dataset.scores_ == held_out.scores_
+    width = dict(width=8, hidden=16, subnet_epochs=1, epochs=1, batch_size=32, threads=1, comm=MPI.COMM_SELF)
+    w_file = mpidd.WidthClassifier(2, **width).fit(path)
+    w_arrays = mpidd.WidthClassifier(2, **width).fit(*data["train"], *data["val"])
+    assert np.array_equal(w_file.predict_proba(path), w_arrays.predict_proba(x_test))
+
+    bad_path = write_dataset(str(tmp_path / "bad.h5"), {s: (x.astype(np.float32), y) for s, (x, y) in data.items()})
+    with h5py.File(bad_path, "r+") as f:
+        f["train"]["images"][7, 0, 12, 3] = np.inf
+    with pytest.raises(ValueError, match=r"bad.h5:/train/images: image 7 holds NaN or inf values"):
+        mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(bad_path)
+    with h5py.File(tmp_path / "bare.h5", "w") as f:
+        f["x"] = data["train"][0]
+    with h5py.File(tmp_path / "bare.h5", "r") as f, pytest.raises(ValueError, match="/x has no labels beside it"):
+        by_path.score(f["x"])
+    with pytest.raises(ValueError, match="does not exist"):
+        by_path.predict(str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="fit needs the labels y"):
+        mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(data["train"][0])

@@ -21,7 +21,7 @@ def test_file_then_command_line(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ('mode = "bogus"', "not one of"),
-    ('arch = "densenet"', "not one of"),
+    ('arch = "alexnet"', "not one of"),
     ('optimizer = "lbfgs"', "not one of"),
     ("epochs = 2.5", "wrong type"),
     ('epochs = "3"', "wrong type"),

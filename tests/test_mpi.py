@@ -125,8 +125,10 @@ def test_default_threads_divides_cores_among_node_ranks(comm):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
-    """mpidd.train's own load phase, recorded at the h5py level."""
+@pytest.mark.parametrize("access", ["memory", "stream"])
+def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch, access):
+    """mpidd.train's own load phase, recorded at the h5py level (streamed: the load reads only
+    labels, and the streams read only the boxes, here through a whole inference pass)."""
     from types import SimpleNamespace
 
     from mpidd.decomposition import Decomposition, subdomains_of_rank
@@ -139,11 +141,33 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch):
     original = h5py.Dataset.__getitem__
     monkeypatch.setattr(h5py.Dataset, "__getitem__",
                         lambda self, key: reads.append((self.name, key)) or original(self, key))
+    from mpidd.stream import StreamStats
     run = SimpleNamespace(args=SimpleNamespace(data=shared_h5, read_block=40), mine=mine, group=None,
-                          plan={"decomposition": dec, "info": data.inspect(shared_h5)}, phases=Phases())
+                          plan={"decomposition": dec, "info": data.inspect(shared_h5)}, phases=Phases(),
+                          access=access, io=StreamStats())
     reads.clear()
     subsets, nbytes = load_local_data(run)
     boxes = [dec.slices(i) for i in mine]
+    if access == "stream":  # uint8: nothing to check for NaN; the labels alone are read now
+        assert not [k for name, k in reads if name.endswith("images")]
+        assert nbytes == len(mine) * 150 * 8
+        import torch
+        from mpidd.engine import predict_proba
+        from mpidd.models import CNNConfig, build_cnn
+        model = build_cnn(1, 4, dec.subimage_shape, CNNConfig(width=4, hidden=8))
+        for i in mine:
+            for s in ("train", "val", "test"):
+                with h5py.File(shared_h5, "r") as f:  # (unrecorded: the reference)
+                    expected = original(f[s]["images"], (slice(None), slice(None)) + dec.slices(i))
+                torch.manual_seed(0)
+                assert np.array_equal(predict_proba(model, subsets[i][s].x, batch_size=32),
+                                      predict_proba(model, expected, batch_size=32))
+        image_reads = [k for name, k in reads if name.endswith("images")]
+        assert len(image_reads) == len(mine) * 3  # each split in one block (one chunk row): 90, 30, 30 samples
+        for key in image_reads:
+            assert any(all(k.start >= b.start and k.stop <= b.stop for k, b in zip(key[2:], box)) for box in boxes)
+        assert run.io.bytes_read == len(mine) * 150 * 12 * 12
+        return
     image_reads = [k for name, k in reads if name.endswith("images")]
     assert len(image_reads) == len(mine) * (3 + 1 + 1)  # 90 train in blocks of 40, 30 val, 30 test
     for key in image_reads:
@@ -457,6 +481,38 @@ def test_api_fit_on_a_communicator_equals_one_process(comm, tmp_path_factory):
     assert clf.bytes_sent_["parameters"] > 0 or comm.rank == 0
     again = mpidd.TwoLevelClassifier.load(path, comm=MPI.COMM_SELF)
     assert np.array_equal(again.predict_proba(test), alone.predict_proba(test))
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_api_on_a_data_file_reads_only_the_ranks_boxes_and_equals_arrays(comm, shared_h5, monkeypatch):
+    """fit(FILE) and predict_proba(FILE) (its train, val and test splits) on `comm`: the same
+    probabilities, bit for bit, as the arrays read from it; every image read of the streams,
+    in the background threads too, lies in one of the rank's boxes."""
+    import mpidd
+    if comm.size > 4:
+        pytest.skip("more ranks than subdomains: see the data-parallel tests")
+    with h5py.File(shared_h5, "r") as f:
+        arrays = {s: (f[s]["images"][...], f[s]["labels"][...]) for s in ("train", "val", "test")}
+    opts = dict(grid="2x2", overlap=1, epochs=2, batch_size=16, width=8, hidden=16, coarse_steps=50, threads=1,
+                seed=2)
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: reads.append((self.name, key)) or original(self, key))
+    clf = mpidd.TwoLevelClassifier(**opts, comm=comm).fit(shared_h5)
+    streamed = clf.predict_proba(shared_h5)
+    boxes = list(clf.local_boxes((1, 16, 16)).values())
+    image_reads = [k for name, k in reads if name.endswith("images")]
+    assert image_reads and clf.bytes_read_ > 0
+    for key in image_reads:
+        assert any(all(k.start >= b.start and k.stop <= b.stop for k, b in zip(key[2:], box)) for box in boxes), key
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", original)
+    in_memory = mpidd.TwoLevelClassifier(**opts, comm=comm).fit(*arrays["train"], *arrays["val"])
+    assert np.array_equal(streamed, in_memory.predict_proba(arrays["test"][0]))
+    assert clf.score(shared_h5) == in_memory.score(*arrays["test"]) == clf.score(f"{shared_h5}:test")
+    mine = len(boxes)  # 9x9 subimages (overlap 1): 2 training epochs of 90 images each, at least
+    assert clf.bytes_read_ >= mine * 2 * 90 * 81 and in_memory.bytes_read_ == 0
     comm.Barrier()
 
 
