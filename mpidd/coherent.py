@@ -111,19 +111,22 @@ def evaluate_coherent(models, dnn, xs: dict, y, *, exchange, output="probabiliti
     n = len(y)
     batches = [torch.arange(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
     plan_feeds(xs, batches, start)
-    logits = []
+    logits = None
     try:
         for idx in batches:
             if stop():
                 raise Preempted
             z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, n)
             if exchange.is_root:
-                logits.append(dnn(z).cpu())
+                out = dnn(z).cpu()
+                if logits is None:  # one array, not a list of small tensors (see engine.predict_logits)
+                    logits = torch.empty((n,) + tuple(out.shape[1:]), dtype=out.dtype)
+                logits[idx] = out
     finally:
         close_feeds(xs)
     if not exchange.is_root:
         return None
-    logits, y = torch.cat(logits), torch.as_tensor(y)
+    y = torch.as_tensor(y)
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 

@@ -76,16 +76,27 @@ def scaled(n: int, factor: float) -> int:
     return max(1, int(round(n * factor)))
 
 
-class VGG(nn.Module):
+class CNN(nn.Module):
+    """What every family shares: input normalisation, then `features`, then `head` (logits)."""
+
+    def __init__(self, in_channels: int, input_shape, cfg: CNNConfig):
+        super().__init__()
+        self.ndim = len(input_shape)
+        self.normalize = input_normalization(cfg, in_channels, self.ndim)
+
+    def forward(self, x):
+        return self.head(self.features(self.normalize(x)))
+
+
+class VGG(CNN):
     """VGG-type CNN: [conv3x3-BN-ReLU] x convs_per_block, max-pool, repeated `depth` times,
     then adaptive average pool, dense hidden layer, dropout, linear classifier (logits)."""
 
     def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
                  width_factor: float = 1.0):
-        super().__init__()
-        ndim = len(input_shape)
+        super().__init__(in_channels, input_shape, cfg)
+        ndim = self.ndim
         conv, bn, pool, adaptive = _layers(ndim)
-        self.normalize = input_normalization(cfg, in_channels, ndim)
         layers, channels, sizes = [], in_channels, list(input_shape)
         for b in range(cfg.depth):
             out = scaled(cfg.width * 2 ** b, width_factor)
@@ -108,9 +119,6 @@ class VGG(nn.Module):
             nn.Linear(channels * head ** ndim, hidden), nn.ReLU(inplace=True),
             nn.Dropout(cfg.dropout), nn.Linear(hidden, num_classes))
 
-    def forward(self, x):
-        return self.head(self.features(self.normalize(x)))
-
 
 class BasicBlock(nn.Module):
     """Residual block: conv3x3-BN-ReLU-conv3x3-BN, plus the input (1x1 projection when the
@@ -131,7 +139,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(CNN):
     """Small ResNet for 28x28 / 32x32 images (He et al.'s CIFAR family): conv3x3 stem, `depth`
     stages of `blocks_per_stage` basic blocks with width * 2**stage channels (stages after the
     first halve the map while it is at least 2 pixels wide), global average pool, dropout,
@@ -139,10 +147,9 @@ class ResNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
                  width_factor: float = 1.0):
-        super().__init__()
-        ndim = len(input_shape)
+        super().__init__(in_channels, input_shape, cfg)
+        ndim = self.ndim
         conv, bn, _, adaptive = _layers(ndim)
-        self.normalize = input_normalization(cfg, in_channels, ndim)
         channels = scaled(cfg.width, width_factor)
         layers = [conv(in_channels, channels, 3, padding=1, bias=not cfg.batchnorm)]
         layers += [bn(channels)] if cfg.batchnorm else []
@@ -158,9 +165,6 @@ class ResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Dropout(cfg.dropout),
                                   nn.Linear(channels, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(self.normalize(x)))
 
 
 class DenseLayer(nn.Module):
@@ -179,7 +183,7 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.body(x)], 1)
 
 
-class DenseNet(nn.Module):
+class DenseNet(CNN):
     """DenseNet-type CNN (Huang et al. 2017, the layout of DenseNet-121): a stem of width channels
     (on inputs of 64 pixels or more a side, DenseNet-121's 7x7 stride-2 convolution and 3x3
     stride-2 max-pool; on smaller ones a 3x3 convolution), `depth` dense blocks of
@@ -189,14 +193,13 @@ class DenseNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
                  width_factor: float = 1.0):
-        super().__init__()
-        ndim = len(input_shape)
+        super().__init__(in_channels, input_shape, cfg)
+        ndim = self.ndim
         conv, bn, pool, adaptive = _layers(ndim)
         avg = nn.AvgPool2d if ndim == 2 else nn.AvgPool3d
         norm = (lambda c: bn(c)) if cfg.batchnorm else (lambda c: nn.Identity())
         if cfg.depth > len(cfg.dense_layers):
             raise ValueError(f"densenet: --depth {cfg.depth} but --dense-layers names {len(cfg.dense_layers)} blocks")
-        self.normalize = input_normalization(cfg, in_channels, ndim)
         growth = scaled(cfg.width / 2, width_factor)
         channels, sizes = 2 * growth, list(input_shape)
         if min(sizes) >= 64:  # DenseNet-121's stem for large images: 4x smaller maps
@@ -221,11 +224,8 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(channels, num_classes))
 
-    def forward(self, x):
-        return self.head(self.features(self.normalize(x)))
 
-
-class CTCNN(nn.Module):
+class CTCNN(CNN):
     """The small CNN of the Keras example "3D image classification from CT scans" (Zunair): `depth`
     layers of [conv3x3 with bias, ReLU, 2x max-pool, BatchNorm] with width, width, 2 width,
     4 width, ... channels (depth 4 at width 64: 64, 64, 128, 256), global average pool, dense
@@ -236,10 +236,9 @@ class CTCNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, input_shape, cfg: CNNConfig,
                  width_factor: float = 1.0):
-        super().__init__()
-        ndim = len(input_shape)
+        super().__init__(in_channels, input_shape, cfg)
+        ndim = self.ndim
         conv, bn, pool, adaptive = _layers(ndim)
-        self.normalize = input_normalization(cfg, in_channels, ndim)
         layers, channels, sizes = [], in_channels, list(input_shape)
         for b in range(cfg.depth):
             out = scaled(cfg.width * 2 ** max(b - 1, 0), width_factor)
@@ -255,9 +254,6 @@ class CTCNN(nn.Module):
         hidden = scaled(cfg.hidden, width_factor)
         self.head = nn.Sequential(adaptive(1), nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(inplace=True),
                                   nn.Dropout(cfg.dropout), nn.Linear(hidden, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(self.normalize(x)))
 
 
 FAMILIES = {"vgg": VGG, "resnet": ResNet, "densenet": DenseNet, "ctcnn": CTCNN}

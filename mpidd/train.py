@@ -194,6 +194,7 @@ def main(argv=None):
              "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
              "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
              "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": dist.peak_rss_bytes(),
+             "peak_rss_bytes_after_phase": run.phases.peak_rss,
              "data_access": run.access, "share_bytes": share_bytes(run),
              "stream": run.io.as_dict() if run.access == "stream" else None,
              "phases": run.phases.seconds, "coherent": coherent_timing}

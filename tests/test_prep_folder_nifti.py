@@ -394,3 +394,34 @@ def test_nifti_refusals(tmp_path, capsys, case):
     out = str(tmp_path / "out.h5")
     argv = [str(root), "--out", out] + (extra if "--shape" in extra else extra + ["--shape", "2x3x4"])
     check_refused(capsys, nifti.main, argv, out, phrase)
+
+
+def test_ct_phantom_volumes(tmp_path, capsys):
+    """data_prep.ct_phantom: uint8 volumes of --shape in one-sample chunks, seeded, four balanced
+    lesion counts; the lungs are dark, and their density rises with the number of lesions."""
+    from data_prep import ct_phantom
+    from mpidd.data import inspect
+    out = str(tmp_path / "ct.h5")
+    assert ct_phantom.main(["--out", out, "--shape", "32x32x16", "--train", "60", "--val", "4", "--test", "4",
+                            "--tile", "8"]) == 0
+    info = inspect(out)
+    assert info.image_shape == (1, 32, 32, 16) and info.dtype == "uint8" and info.classes == ct_phantom.CLASSES
+    assert info.sizes == {"train": 60, "val": 4, "test": 4} and info.chunk_samples == 1
+    with h5py.File(out, "r") as f:
+        assert f["train/images"].chunks == (1, 1, 8, 8, 8)
+        labels = f["train/labels"][...]
+        assert sorted(set(labels.tolist())) == [0, 1, 2, 3]
+    assert ct_phantom.main(["--out", str(tmp_path / "again.h5"), "--shape", "32x32x16", "--train", "60", "--val", "4",
+                            "--test", "4", "--tile", "8"]) == 0
+    with h5py.File(out, "r") as a, h5py.File(tmp_path / "again.h5", "r") as b:
+        assert np.array_equal(a["train/images"][...], b["train/images"][...])  # seeded
+    rng = np.random.default_rng(5)
+    shape = (64, 64, 32)
+    lung_hu = {}
+    for k in range(4):
+        vols = [ct_phantom.phantom(rng, shape, k) for _ in range(6)]
+        lung_hu[k] = np.mean([v[(v > -1000) & (v < -500)].size for v in vols])  # lung voxels not covered
+    assert lung_hu[0] > lung_hu[1] > lung_hu[2] > lung_hu[3]  # each lesion fills part of a lung
+    assert ct_phantom.windowed(np.array([-2000.0, -1000.0, 400.0, 3000.0])).tolist() == [0, 0, 255, 255]
+    assert ct_phantom.main(["--out", str(tmp_path / "bad.h5"), "--shape", "4x32x32"]) == 2
+    assert "at least 8 voxels" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()

@@ -19,10 +19,12 @@ from ..models import group_batchnorm
 
 
 class Phases:
-    """Wall and CPU seconds per phase of this rank (CPU: process time, all threads)."""
+    """Wall and CPU seconds per phase of this rank (CPU: process time, all threads), and the
+    process's peak resident memory when each phase ended (`peak_rss`: which phase set it)."""
 
     def __init__(self, seconds=None):
         self.seconds = seconds or {}
+        self.peak_rss = {}
 
     @contextmanager
     def __call__(self, name):
@@ -31,12 +33,22 @@ class Phases:
             yield
         finally:
             self.add(name, time.perf_counter() - w, time.process_time() - c)
+            self.peak_rss[name] = peak_rss_bytes()
 
     def add(self, name, wall_s, cpu_s):
         """Count seconds measured elsewhere (e.g. the part of a phase spent in training steps)."""
         entry = self.seconds.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
         entry["wall_s"] += wall_s
         entry["cpu_s"] += cpu_s
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB; 0 where unknown)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return 0
 
 
 def progress_printer(name, epochs, models_after=0, sinks=(print,)):
