@@ -1,19 +1,20 @@
 """CT-sized volumes: the CT CNN on 4x4x2 subvolumes of 128x128x64, streamed, against the global 3D CNN.
 
-    python benchmarks/ct_volumes.py                               # data, then 8 and 32 ranks
-    python benchmarks/ct_volumes.py --nps 8 --width 16 --epochs 2 # a quicker look
+    python benchmarks/ct_volumes.py                               # data, compare on 32 ranks, twolevel on 8
+    python benchmarks/ct_volumes.py --nps 8,32 --epochs 3         # compare on 8 ranks too
 
 The data: `python -m data_prep.ct_phantom --out --data` (written once if missing; --train/--val/
 --test volumes of 128x128x64, uint8, one chunk per 32^3 subvolume). Then, each through
 jobs/local.sh (MPIEXEC, PYTHON, MPIEXEC_PREFLAGS as there), one thread per rank:
 
 1. for each P of --nps: `mpirun -n P python -m mpidd.train --mode compare --grid 4x4x2 --arch ctcnn
-   --data-access stream ...` (32 local CNNs, P/32 of them per rank, the coherent models, and the
+   --data-access stream ...` (32 local CNNs, 32/P of them per rank, the coherent models, and the
    global CNN on rank 0): every model's test accuracy; the two-level critical path (the slowest
    rank's load + local CNNs, the gather, the coarse DNN) against the global CNN's training CPU
    seconds, the ratio the follow-up reports as 31 for its 3D CNN on 4x4x2; per rank the peak RSS
    and the bytes read against its share of the data.
-2. `--mode twolevel` on the first P in memory and in stream mode: peak RSS per rank of each.
+2. `--mode twolevel` on --twolevel-np ranks in memory and in stream mode: peak RSS per rank of
+   each, and their two-level critical paths.
 
 The model: --arch ctcnn --depth 4 --width W --hidden 8W --dropout 0.3 (W = 64 is the Keras
 model; the default 16 is what two cores can train on in minutes). The runs go to --out/NAME and
@@ -67,11 +68,13 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=200, help="training volumes of a new data file (default: 200)")
     p.add_argument("--val", type=int, default=50, help="validation volumes (default: 50)")
     p.add_argument("--test", type=int, default=50, help="test volumes (default: 50)")
-    p.add_argument("--nps", default="8,32", help="rank counts of the comparison (default: 8,32)")
+    p.add_argument("--nps", default="32", help="rank counts of --mode compare, comma separated (default: 32; the "
+                                               "global CNN, the same work on rank 0 at every P, costs minutes)")
+    p.add_argument("--twolevel-np", type=int, default=8, help="ranks of the --mode twolevel runs (default: 8)")
     p.add_argument("--width", type=int, default=16, help="CT CNN width (default: 16; 64 is the Keras model)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the local and global CNNs (default: 3)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the local and global CNNs (default: 2)")
     p.add_argument("--coherent-epochs", type=int, default=1, help="coherent epochs (default: 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="mini-batch size (default: 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="mini-batch size (default: 4)")
     p.add_argument("--out", default="runs/ct_volumes", help="run directories (default: runs/ct_volumes)")
     p.add_argument("extra", nargs="*", help="after --: more mpidd.train flags for every run")
     args = p.parse_args(argv)
@@ -85,8 +88,8 @@ def main(argv=None):
     nps = [int(n) for n in args.nps.split(",")]
     compare = {np_: train(args, f"compare_np{np_}", np_, "--mode", "compare", "--data-access", "stream")
                for np_ in nps}
-    access = {a: train(args, f"twolevel_np{nps[0]}_{a}", nps[0], "--mode", "twolevel", "--data-access", a)
-              for a in ("memory", "stream")}
+    access = {a: train(args, f"twolevel_np{args.twolevel_np}_{a}", args.twolevel_np, "--mode", "twolevel",
+                       "--data-access", a) for a in ("memory", "stream")}
     first = compare[nps[0]]
     print(f"\nCT CNN (--width {args.width}) on {first['sizes']} volumes of {first['decomposition']['image_shape']}, "
           f"grid 4x4x2 (32 subvolumes of {first['decomposition']['subimage_shape']}), {args.epochs} epochs, batch "
@@ -105,7 +108,10 @@ def main(argv=None):
               f"CNN training {t['global_train_cpu_s']:.1f} CPU s = {t['global_train_cpu_s'] / cp['cpu_s']:.1f}x "
               f"(the follow-up: {FOLLOW_UP_FACTOR}x); {per_rank(r)}")
     for a, r in access.items():
-        print(f"--mode twolevel on {nps[0]} ranks, {a}: {per_rank(r)}")
+        acc = {m["name"]: m["test_acc"] for m in r["models"]}
+        print(f"--mode twolevel on {args.twolevel_np} ranks, {a}: CNN-DNN {100 * acc['CNN-DNN']:.2f}%, average "
+              f"{100 * acc['average']:.2f}%, vote {100 * acc['majority vote']:.2f}%; two-level critical path "
+              f"{r['timing']['critical_path']['cpu_s']:.1f} CPU s; {per_rank(r)}")
     return 0
 
 

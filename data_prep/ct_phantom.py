@@ -12,8 +12,8 @@ scans to, 128x128x64 voxels, in the axis order data_prep.nifti gives real scans 
 Each volume, in Hounsfield units before the window: air (-1000) around an elliptic body of soft
 tissue (+40) with a denser spine (+400), two elliptic lungs (-850) and voxel noise (sd 60 HU); the
 shape, size and position of each part vary from volume to volume. The class is the number of
-lesions, 0, 1, 2 or 3 (equally likely): ground-glass opacities, blobs of +450 HU and a random
-radius of 3 to 7 voxels centred anywhere in either lung. One subvolume of a decomposition sees
+lesions, 0, 1, 2 or 3 (equally likely): opacities, blobs of up to +600 HU and a random radius of
+5 to 10 voxels centred anywhere in either lung. One subvolume of a decomposition sees
 some of a volume's lesions at most, so the count needs every subvolume: what the coarse DNN
 combines. Chunks hold one sample of --tile^3 voxels (default 32: on 128x128x64 each subvolume of
 4x4x2 is one chunk, and `--shuffle exact` streams as fast as in memory).
@@ -55,10 +55,10 @@ def phantom(rng: np.random.Generator, shape=(128, 128, 64), lesions: int = 0) ->
     inside = np.flatnonzero(lungs)
     for _ in range(lesions):  # a blob centred at a random lung voxel, confined to the lungs
         centre = np.unravel_index(inside[rng.integers(len(inside))], shape)
-        radius = u(3.0, 7.0)
+        radius = u(5.0, 10.0)
         d2 = sum(((np.arange(n, dtype=np.float32) - c) ** 2).reshape([-1 if a == k else 1 for a in range(3)])
                  for k, (n, c) in enumerate(zip(shape, centre)))
-        vol += np.where(lungs, 450.0 * np.exp(-d2 / (2 * (radius / 1.5) ** 2)), 0.0).astype(np.float32)
+        vol += np.where(lungs, 600.0 * np.exp(-d2 / (2 * (radius / 1.5) ** 2)), 0.0).astype(np.float32)
     vol += rng.normal(0.0, 60.0, shape).astype(np.float32)
     return vol
 
