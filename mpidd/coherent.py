@@ -16,13 +16,14 @@ the single-process reference of the model-parallel one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
-from .engine import (Control, Preempted, TrainOptions, as_feed, autocast, never, batch_bounds, make_optimizer,
-                     module_device, run_epochs, to_channels_last, to_float)
+from .engine import (Control, Preempted, TrainOptions, as_feed, autocast, derive_seed, never, batch_bounds,
+                     make_optimizer, module_device, run_epochs, to_channels_last, to_float)
 
 OUTPUTS = ("probabilities", "logits")  # what the local CNNs send to the DNN
 NAMES = {"random": "coherent (random init)", "pretrained": "coherent (transfer learning)"}  # by init
@@ -37,16 +38,47 @@ class SerialExchange:
         return local
 
 
-def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, precision: str = "32") -> torch.Tensor:
+class DropoutStreams:
+    """A random stream of its own for each model of the coherent CNN-DNN (key: subdomain i, or
+    "dnn"), so that dropout draws the same masks whichever rank runs a model and whatever else
+    that rank runs: the same numbers at every rank count. use(key, device) runs a forward pass on
+    the model's stream and leaves the process's generator as it was. `states` is what a
+    checkpoint keeps."""
+
+    def __init__(self, keys, seed: int, num_subdomains: int, device=None):
+        device = torch.device(device or "cpu")
+        self.states = {k: torch.Generator(device=device).manual_seed(
+            derive_seed(seed, num_subdomains if k == "dnn" else int(k))).get_state() for k in keys}
+
+    @contextlib.contextmanager
+    def use(self, key, device):
+        cuda = torch.device(device).type == "cuda"
+        get = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+        put = (lambda state: torch.cuda.set_rng_state(state, device)) if cuda else torch.set_rng_state
+        process = get()
+        put(self.states[key])
+        try:
+            yield
+        finally:
+            self.states[key] = get()
+            put(process)
+
+
+def on_stream(streams, key, device):
+    return streams.use(key, device) if streams is not None else contextlib.nullcontext()
+
+
+def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, precision: str = "32",
+                  streams: DropoutStreams | None = None) -> torch.Tensor:
     """(b, m*K) float32: this rank's local CNN outputs, its subdomains in ascending order, on the
     samples of `idx` (global indices) that it holds: xs[i] (an array, or an engine.Feed) holds
     samples start, start + 1, ... The CNNs' forward passes run in `precision`
-    (engine.PRECISIONS); what is sent is float32."""
+    (engine.PRECISIONS); what is sent is float32. `streams`: each CNN's dropout stream."""
     mine = held(idx, xs, start)
     outs = []
     for i in sorted(models):
         x = to_float(as_feed(xs[i]).take(mine).to(module_device(models[i])))
-        with autocast(x.device, precision):
+        with autocast(x.device, precision), on_stream(streams, i, x.device):
             outs.append(models[i](x).float())
     if output == "probabilities":
         outs = [torch.softmax(o, dim=1) for o in outs]
@@ -74,15 +106,18 @@ def close_feeds(feeds: dict):
 
 
 def coherent_step(models, dnn, xs, y, idx, *, exchange, output="probabilities", start=0, group=None,
-                  precision="32"):
+                  precision="32", streams: DropoutStreams | None = None):
     """Forward, exchange and backward of one mini-batch (the caller steps the optimizer);
     returns (loss summed over the batch, correct) on the root, None elsewhere. y: the labels of
     every sample of the split. In a data-parallel group (P = G*N) the rank holds the samples
     from `start` on (xs), and its local CNNs' gradients are summed over the group. `precision`:
-    the local CNNs' forward passes (the DNN and the loss are float32)."""
-    z = exchange(local_outputs(models, xs, idx, output, start, precision), idx, len(y))
+    the local CNNs' forward passes (the DNN and the loss are float32). `streams`: every model's
+    own dropout stream (DropoutStreams; None: the process's generator)."""
+    z = exchange(local_outputs(models, xs, idx, output, start, precision, streams), idx, len(y))
     if exchange.is_root:
-        logits, target = dnn(z), y[idx].to(z.device)
+        with on_stream(streams, "dnn", z.device):
+            logits = dnn(z)
+        target = y[idx].to(z.device)
         loss = nn.functional.cross_entropy(logits, target)
         loss.backward()
         result = loss.item() * len(idx), (logits.argmax(1) == target).sum().item()
@@ -153,13 +188,17 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     optimizer = make_optimizer(owned, opts)
     control = control or Control()
     spent = {"exchange_s": 0.0, "exchange_cpu_s": 0.0, "exchange_bytes": 0}  # in training steps
+    devices = [module_device(m) for m in owned]
+    streams = DropoutStreams([*sorted(models), *(["dnn"] if exchange.is_root else [])], seed,
+                             getattr(exchange, "N", len(models)), devices[0] if devices else None)
     if control.resume is not None:
         spent = dict(control.resume["exchange"])
+        streams.states.update(control.resume.get("dropout", {}))
 
     def step(idx):
         seconds, cpu, nbytes = exchange.seconds, exchange.cpu_seconds, exchange.bytes
         result = coherent_step(models, dnn, xs, y, idx, exchange=exchange, output=output, start=train_start,
-                               group=group, precision=precision)
+                               group=group, precision=precision, streams=streams)
         spent["exchange_s"] += exchange.seconds - seconds
         spent["exchange_cpu_s"] += exchange.cpu_seconds - cpu
         spent["exchange_bytes"] += exchange.bytes - nbytes
@@ -173,7 +212,7 @@ def train_coherent(models: dict, dnn, train_xs: dict, train_y, val_xs: dict, val
     save = None
     if control.save is not None:
         def save(state):
-            control.save(dict(state, exchange=dict(spent)))
+            control.save(dict(state, exchange=dict(spent), dropout=dict(streams.states)))
     try:
         history = run_epochs(owned, optimizer, opts, seed, len(y), step, validate=validate, log=log,
                              control=Control(stop=control.stop, save=save, resume=control.resume),

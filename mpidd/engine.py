@@ -111,6 +111,7 @@ SEED_STREAMS = {
     "recompose_noise": (8,),   # off-diagonal noise of the recomposition
     "recomposed_order": (9,),  # recomposed network: batch order
     "validation": (10,),       # API: validation samples held out of the training set
+    "coherent_dropout": (11,), # coherent model: dropout of local CNN i (+ i) and of the DNN (+ N)
 }
 
 

@@ -102,3 +102,40 @@ def test_bf16_mixed_sends_float32_and_trains_reproducibly():
         runs.append(hist)
     assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
     assert runs[0][-1]["val_acc"] > 0.6 and runs[0][-1]["loss"] < 0.9 * runs[0][0]["loss"]
+
+
+@pytest.mark.parametrize("stop_at", [3, 8])  # in epoch 1, and in epoch 2 (6 steps + 1 validation batch an epoch)
+def test_coherent_training_with_dropout_stopped_and_resumed_is_the_uninterrupted_one(stop_at):
+    """Every model's dropout stream is part of the saved state (DropoutStreams), so a resumed run
+    draws the masks the uninterrupted one drew; the stream, not the process's generator."""
+    from mpidd.engine import Control, Preempted
+    torch.set_num_threads(1)
+    xs, y = problem()
+    opts = TrainOptions(epochs=3, batch_size=16, lr=1e-2)
+
+    def models():
+        torch.manual_seed(0)
+        local = {i: build_cnn(1, 3, (6, 6), CNNConfig(width=4, hidden=8, dropout=0.5)) for i in range(2)}
+        return local, CoarseDNN(6, 3, (8,), dropout=0.5)
+
+    local, dnn = models()
+    reference, _, _ = train_coherent(local, dnn, xs, y, xs, y, opts, 5, exchange=SerialExchange())
+    torch.manual_seed(123)  # the process's generator must not matter
+    saved, calls = [], {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] == stop_at
+
+    local, dnn = models()
+    with pytest.raises(Preempted):
+        train_coherent(local, dnn, xs, y, xs, y, opts, 5, exchange=SerialExchange(),
+                       control=Control(stop=stop, save=saved.append))
+    state = saved[-1]
+    assert state["stopped"] and set(state["dropout"]) == {0, 1, "dnn"}
+    torch.manual_seed(456)
+    local, dnn = models()
+    resumed, _, _ = train_coherent(local, dnn, xs, y, xs, y, opts, 5, exchange=SerialExchange(),
+                                   control=Control(resume=state))
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in reference]
+    assert [h["val_acc"] for h in resumed] == [h["val_acc"] for h in reference]

@@ -176,14 +176,14 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch, 
     assert nbytes == len(mine) * (150 * 12 * 12 + 150 * 8)
 
 
-def _coherent_problem(N=4, K=5, n=40, size=(8, 8), arch="vgg"):
+def _coherent_problem(N=4, K=5, n=40, size=(8, 8), arch="vgg", dropout=0.0):
     """Data, labels and deterministic builders of every local CNN and the DNN."""
     import torch
     from mpidd.models import CNNConfig, CoarseDNN, build_cnn
     rng = np.random.default_rng(0)
     xs = {i: rng.integers(0, 256, (n, 1, *size), dtype=np.uint8) for i in range(N)}
     y = rng.integers(0, K, n)
-    cfg = CNNConfig(arch=arch, width=4, hidden=8, blocks_per_stage=1)
+    cfg = CNNConfig(arch=arch, width=4, hidden=8, blocks_per_stage=1, dropout=dropout)
 
     def local(i):
         torch.manual_seed(100 + i)
@@ -191,7 +191,7 @@ def _coherent_problem(N=4, K=5, n=40, size=(8, 8), arch="vgg"):
 
     def dnn():
         torch.manual_seed(7)
-        return CoarseDNN(N * K, K, (16,))
+        return CoarseDNN(N * K, K, (16,), dropout)
     return xs, y, local, dnn
 
 
@@ -253,9 +253,11 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_coherent_training_is_the_same_on_any_number_of_ranks(comm, dropout):
     """Two epochs of model-parallel training end with the parameters and accuracies that the
-    single-process run (SerialExchange) reaches."""
+    single-process run (SerialExchange) reaches; with dropout too (every model draws its masks
+    from a stream of its own, whichever rank runs it)."""
     import torch
     from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
     from mpidd.decomposition import subdomains_of_rank
@@ -265,7 +267,7 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm):
     N, K = 4, 5
     if comm.size > N:
         pytest.skip("more ranks than subdomains")
-    xs, y, local, dnn = _coherent_problem(N, K)
+    xs, y, local, dnn = _coherent_problem(N, K, dropout=dropout)
     opts = TrainOptions(epochs=2, batch_size=16, lr=5e-3)
     val = {i: x[:24] for i, x in xs.items()}
 
