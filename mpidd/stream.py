@@ -98,9 +98,6 @@ class BoxStream:
             self._file.close()
             self._file = None
 
-    def __getstate__(self):  # (a stream travels as its description; the file is reopened)
-        return dict(self.__dict__, _file=None)
-
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -282,13 +279,13 @@ def file_images(x, split: str, stats: StreamStats | None = None):
             path, name = head, f"/{tail}/images"
         if not os.path.exists(path):
             raise ValueError(f"{path} does not exist")
-        try:
-            h5py.File(path, "r").close()
-        except OSError as e:
-            raise ValueError(f"{path} is not a readable HDF5 file ({e})") from None
     else:
         return None, None
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 file ({e})") from None
+    with f:
         if name not in f or not isinstance(f[name], h5py.Dataset):
             raise ValueError(f"{path} has no dataset {name}")
         ds = f[name]

@@ -58,7 +58,7 @@ from .cli.plan import UsageError, plan_run  # noqa: E402
 from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging  # noqa: E402
 from .decomposition import format_grid, layout  # noqa: E402
 from .engine import Preempted, precision_error  # noqa: E402
-from .methods.context import Phases  # noqa: E402
+from .methods.context import Phases, peak_rss_bytes  # noqa: E402
 from .report import format_any, write_run_report  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
 
@@ -143,7 +143,8 @@ def main(argv=None):
         if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
             run.group = dist.DataParallelGroup(comm, color=mine[0], key=member)
 
-    run.access, why = choose_access(args.data_access, share_bytes(run), dist.memory_per_rank(comm))
+    share = share_bytes(run)
+    run.access, why = choose_access(args.data_access, share, dist.memory_per_rank(comm))
     log_access = dist.gather_to_root(comm, (run.access, why))
     if master_process:
         args.data_access_choice = access_choice(log_access)
@@ -193,9 +194,9 @@ def main(argv=None):
     stats = {"rank": rank, "host": socket.gethostname(), "device": where, "threads": threads,
              "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
              "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
-             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": dist.peak_rss_bytes(),
+             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": peak_rss_bytes(),
              "peak_rss_bytes_after_phase": run.phases.peak_rss,
-             "data_access": run.access, "share_bytes": share_bytes(run),
+             "data_access": run.access, "share_bytes": share,
              "stream": run.io.as_dict() if run.access == "stream" else None,
              "phases": run.phases.seconds, "coherent": coherent_timing}
     gathered_reports = dist.gather_to_root(comm, (stats, rows))

@@ -183,8 +183,3 @@ def memory_per_rank(comm) -> int | None:
 
 def library_version() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
-
-
-def peak_rss_bytes() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
