@@ -276,9 +276,10 @@ def eval_batches(n: int, total: int, batch_size: int, group=None) -> list[slice]
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None,
-                   precision: str = "32") -> torch.Tensor:
+                   precision: str = "32", post=None) -> torch.Tensor:
     """Float32 logits of `model` on x (this rank's share in a data-parallel group), in batches,
-    the forward passes in `precision` (see PRECISIONS)."""
+    the forward passes in `precision` (see PRECISIONS); post(logits), where given, is applied to
+    each batch's float32 logits and stored instead (one (n, ...) array for every use)."""
     model.eval()
     device = module_device(model)
     feed = Feed(x)
@@ -295,7 +296,8 @@ def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group
             if out is None:  # one array for every batch: small tensors kept between the batches'
                 # large transient ones would pin the heap (the process grew ~1.4 KB per sample)
                 out = torch.empty((len(feed),) + tuple(logits.shape[1:]), dtype=torch.float32)
-            out[batch] = logits.float().cpu()
+            logits = logits.float().cpu()
+            out[batch] = post(logits) if post is not None else logits
     finally:
         feed.close()
     return out if out is not None else torch.zeros(0)
@@ -303,9 +305,10 @@ def predict_logits(model: nn.Module, x, batch_size: int = 256, stop=never, group
 
 def predict_proba(model: nn.Module, x, batch_size: int = 256, stop=never, group=None, total=None,
                   precision: str = "32") -> np.ndarray:
-    """Softmax class probabilities, float32 (n, K)."""
-    logits = predict_logits(model, x, batch_size, stop, group, total, precision)
-    return torch.softmax(logits, dim=1).numpy().astype(np.float32)
+    """Softmax class probabilities, float32 (n, K). The softmax of each batch (a row's softmax
+    does not depend on the other rows): no second (n, K) array."""
+    return predict_logits(model, x, batch_size, stop, group, total, precision,
+                          post=lambda logits: torch.softmax(logits, dim=1)).numpy()
 
 
 def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=None, total=None,

@@ -285,6 +285,19 @@ COARSE_INPUTS = ("logprob", "prob")  # what the coarse DNN's first layer sees (s
 PROBABILITY_FLOOR = 1e-7  # log(0) guard: a probability below this is taken as this
 
 
+def log_moments(x, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std of log(max(x, PROBABILITY_FLOOR)) over the rows of x (n, F), in
+    float64, in two passes over blocks of `rows` rows: the temporaries are a block's, not the
+    whole array's (rank 0 calls this on the gathered probabilities of the training split)."""
+    def logs(a):
+        return np.log(np.maximum(np.asarray(x[a:a + rows], dtype=np.float64), PROBABILITY_FLOOR))
+
+    n = len(x)
+    mean = sum(logs(a).sum(axis=0) for a in range(0, n, rows)) / n
+    var = sum(((logs(a) - mean) ** 2).sum(axis=0) for a in range(0, n, rows)) / n
+    return mean, np.sqrt(var)
+
+
 class CoarseDNN(nn.Module):
     """The coarse network of the two-level method: N*K local probabilities -> K class logits.
 
@@ -310,8 +323,7 @@ class CoarseDNN(nn.Module):
     def use_log_probabilities(self, train) -> "CoarseDNN":
         """Standardised log-probabilities, with the mean and std of `train` (n, N*K) per feature
         (a feature constant on the training split keeps std 1)."""
-        logs = np.log(np.maximum(np.asarray(train, dtype=np.float64), PROBABILITY_FLOOR))
-        mean, std = logs.mean(axis=0), logs.std(axis=0)
+        mean, std = log_moments(train)
         std[std < 1e-6] = 1.0
         self.log_inputs.fill_(True)
         self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))

@@ -114,6 +114,17 @@ def test_coarse_dnn_input_transform_is_part_of_the_model():
     assert torch.equal(again(torch.as_tensor(x)), plain)
 
 
+def test_log_moments_in_blocks_equal_the_whole_array():
+    from mpidd.models import PROBABILITY_FLOOR, log_moments
+    x, _ = weak_local_probabilities(1001)
+    x[3, 2] = 0.0
+    logs = np.log(np.maximum(x.astype(np.float64), PROBABILITY_FLOOR))
+    for rows in (1, 100, 1000, 5000):  # blocks of one row, a ragged last block, one block
+        mean, std = log_moments(x, rows=rows)
+        assert np.allclose(mean, logs.mean(0), rtol=1e-12, atol=1e-12)
+        assert np.allclose(std, logs.std(0), rtol=1e-12, atol=1e-12)
+
+
 def test_coarse_epochs_are_a_budget_in_steps():
     from mpidd.combine import coarse_epochs
     from mpidd.engine import TrainOptions

@@ -46,10 +46,14 @@ def shared_h5():
 
 
 @pytest.mark.mpi(min_size=1)
-def test_gatherv_assembles_subdomain_order(comm):
+@pytest.mark.parametrize("round_rows", [None, 1, 2])
+def test_gatherv_assembles_subdomain_order(comm, monkeypatch, round_rows):
+    """Whole, then in rounds of 1 and 2 samples (a ragged last round)."""
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.dist import gather_probabilities
+    from mpidd.dist import collectives, gather_probabilities
     N, n, K = 6, 5, 3
+    if round_rows:
+        monkeypatch.setattr(collectives, "GATHER_ROUND_BYTES", round_rows * N * K * 4)
 
     def probs(i):  # a value that names (subdomain, sample, class)
         return (100 * i + 10 * np.arange(n)[:, None] + np.arange(K)[None, :]).astype(np.float32)
@@ -62,6 +66,18 @@ def test_gatherv_assembles_subdomain_order(comm):
         assert np.array_equal(out, expected)
     else:
         assert out is None
+
+
+@pytest.mark.mpi(min_size=1)
+def test_gather_refuses_samples_missing_or_sent_twice(comm):
+    """Every rank sends subdomain 0 whole (twice over at 2+ ranks), nobody sends subdomain 1."""
+    from mpidd.dist import gather_probabilities
+    n, K = 4, 2
+    if comm.rank == 0:
+        with pytest.raises(RuntimeError, match="subdomain 0" if comm.size > 1 else "subdomain 1"):
+            gather_probabilities(comm, {0: np.zeros((n, K), np.float32)}, 2, n, K)
+    else:
+        assert gather_probabilities(comm, {0: np.zeros((n, K), np.float32)}, 2, n, K) is None
 
 
 @pytest.mark.mpi(min_size=1)
@@ -295,12 +311,16 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm, dropout):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_gather_of_data_parallel_shares(comm):
-    """P = G*N: the G members of a subdomain each send their share of its samples."""
+@pytest.mark.parametrize("round_rows", [None, 3])
+def test_gather_of_data_parallel_shares(comm, monkeypatch, round_rows):
+    """P = G*N: the G members of a subdomain each send their share of its samples (whole, and
+    in rounds of 3 samples that cut across the shares)."""
     from mpidd.decomposition import layout
-    from mpidd.dist import DataParallelGroup, gather_probabilities
+    from mpidd.dist import DataParallelGroup, collectives, gather_probabilities
     N = 2 if comm.size % 2 == 0 else 1
     n, K = 7, 3
+    if round_rows:
+        monkeypatch.setattr(collectives, "GATHER_ROUND_BYTES", round_rows * N * K * 4)
     mine, replicas, member = layout(comm.rank, comm.size, N)
     group = DataParallelGroup(comm, color=mine[0], key=member)
     assert group.size == replicas and group.rank == member

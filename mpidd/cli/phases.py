@@ -269,6 +269,7 @@ def run_phases(run: Run, subsets, whole):
             rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if run.leader else []
             run.sync()  # so that "gather" times the exchange, not the slowest rank
             gathered = gather_phase(run, probs, subsets)
+            del probs  # rank 0 holds them gathered now
             run.mark(gathered=True)
         dnn = None
         if run.master_process:

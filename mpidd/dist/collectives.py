@@ -56,6 +56,9 @@ def agree(comm, error: str | None):
     return None
 
 
+GATHER_ROUND_BYTES = 1 << 20  # the root's receive buffer per round: the gather's transient, whatever n
+
+
 def gather_probabilities(comm, local: dict, num_subdomains: int, n: int, num_classes: int, root: int = 0,
                          starts: dict | None = None):
     """MPI_Gatherv of each rank's {subdomain: (rows, K) float32 probabilities} to `root`.
@@ -64,23 +67,39 @@ def gather_probabilities(comm, local: dict, num_subdomains: int, n: int, num_cla
     samples from 0; data parallel, several ranks hold parts of one subdomain). Returns, on
     root, the (n, N*K) array whose columns [i*K:(i+1)*K] are subdomain i's probabilities
     (subdomain order, whatever rank computed them); None elsewhere.
+
+    The samples go in rounds of GATHER_ROUND_BYTES on the root (one Gatherv each, the same
+    rounds on every rank since n, N and K are): the root holds the result and one round's
+    buffer, never a second copy of the whole.
     """
+    N, K = num_subdomains, num_classes
     mine = sorted(local)
     blocks = [(i, (starts or {}).get(i, 0), len(local[i])) for i in mine]
-    send = np.ascontiguousarray(
-        np.concatenate([local[i].reshape(-1) for i in mine]) if mine else np.empty(0), dtype=np.float32)
     owners = comm.gather(blocks, root=root)
-    if comm.Get_rank() != root:
-        comm.Gatherv(send, None, root=root)
+    is_root = comm.Get_rank() == root
+    out = np.empty((n, N, K), dtype=np.float32) if is_root else None
+    rows_per_round = max(1, GATHER_ROUND_BYTES // (N * K * 4))
+    for lo in range(0, n, rows_per_round):
+        hi = min(lo + rows_per_round, n)
+        # this round's samples lo..hi of each block (a block holds samples start..start+rows)
+        parts = [local[i][max(lo - start, 0):max(hi - start, 0)].reshape(-1) for i, start, _ in blocks]
+        send = np.ascontiguousarray(np.concatenate(parts) if parts else np.empty(0), dtype=np.float32)
+        if not is_root:
+            comm.Gatherv(send, None, root=root)
+            continue
+        spans = [[(i, max(lo, start), min(hi, start + rows)) for i, start, rows in o] for o in owners]
+        counts = [sum(max(b - a, 0) for _, a, b in o) * K for o in spans]
+        recv = np.empty(sum(counts), dtype=np.float32)
+        comm.Gatherv(send, (recv, counts), root=root)
+        offset = 0
+        for i, a, b in (span for o in spans for span in o if span[2] > span[1]):
+            out[a:b, i] = recv[offset:offset + (b - a) * K].reshape(b - a, K)
+            offset += (b - a) * K
+    if not is_root:
         return None
-    counts = [sum(rows for _, _, rows in o) * num_classes for o in owners]
-    recv = np.empty(sum(counts), dtype=np.float32)
-    comm.Gatherv(send, (recv, counts), root=root)
-    out = np.full((n, num_subdomains, num_classes), np.nan, dtype=np.float32)
-    offset = 0
-    for i, start, rows in (b for o in owners for b in o):
-        out[start:start + rows, i] = recv[offset:offset + rows * num_classes].reshape(rows, num_classes)
-        offset += rows * num_classes
-    if np.isnan(out).any():  # every sample of every subdomain must have come from some rank
-        raise RuntimeError("gather_probabilities: some samples of some subdomains came from no rank")
-    return out.reshape(n, num_subdomains * num_classes)
+    for i in range(N):  # every sample of every subdomain must have come from exactly one rank
+        spans = sorted((start, start + rows) for o in owners for j, start, rows in o if j == i and rows > 0)
+        if [a for a, _ in spans] != [0] + [b for _, b in spans[:-1]] or (spans[-1][1] if spans else 0) != n:
+            raise RuntimeError(f"gather_probabilities: the samples of subdomain {i} do not come from the ranks "
+                               f"exactly once ({spans} for {n} samples)")
+    return out.reshape(n, N * K)
