@@ -2,6 +2,7 @@
 
     python benchmarks/streaming.py --data data/fashion_mnist.h5            # both parts, 4 ranks
     python benchmarks/streaming.py --part speed --np 2                     # a quicker look
+    python benchmarks/streaming.py --part order                            # shuffle buffers
 
 1. memory: the same `--mode twolevel` run (--epochs local epochs, --shuffle blocks) on --data and
    on a file --factor times larger (its training split repeated --factor times, the same image
@@ -11,6 +12,10 @@
    --shuffle blocks and exact (the page cache is warm: the file is read once first), and every
    rank's I/O wait (seconds its loops waited for a batch the reader had not finished), read
    seconds (in the reader thread) and bytes read against its share.
+3. order (not in `both`): the training order's effect on accuracy, on --data and on a copy whose
+   training split is sorted by class (written once to --out/sorted.h5, the same chunks): the
+   exact permutation against --shuffle blocks with --shuffle-buffer 1, 8 and 64 chunk rows,
+   stream mode; the test accuracy of every model and the local CNNs' images/s.
 
 Each run is `jobs/local.sh NP --data ... --mode twolevel --grid 2x2 ...` (MPIEXEC, PYTHON,
 MPIEXEC_PREFLAGS as there), one thread per rank; the runs go to --out/NAME and are kept.
@@ -30,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import h5py  # noqa: E402
+import numpy as np  # noqa: E402
 
 from mpidd.data import SPLITS, DatasetWriter, inspect  # noqa: E402
 
@@ -50,12 +56,34 @@ def larger_file(src: str, dst: str, factor: int) -> str:
     return dst
 
 
-def train(args, name, data, access, shuffle) -> dict:
+def sorted_file(src: str, dst: str) -> str:
+    """src with its training split sorted by class (stable; val and test as they are), the
+    same chunks: the worst case for an order that shuffles only nearby samples."""
+    if os.path.exists(dst):
+        return dst
+    info = inspect(src)
+    with h5py.File(src, "r") as f:
+        chunk = f["train"]["images"].chunks[0]
+        with DatasetWriter(dst, info.image_shape, info.dtype, info.sizes, info.classes, chunk_samples=chunk) as w:
+            labels = f["train"]["labels"][:]
+            order = np.argsort(labels, kind="stable")
+            for lo in range(0, len(order), 8192):
+                rows = order[lo:lo + 8192]
+                ascending = np.sort(rows)  # h5py reads increasing indices; put them back in class order
+                images = f["train"]["images"][ascending]
+                w.write("train", images[np.searchsorted(ascending, rows)], labels[rows])
+            for split in ("val", "test"):
+                for lo in range(0, info.sizes[split], 8192):
+                    w.write(split, f[split]["images"][lo:lo + 8192], f[split]["labels"][lo:lo + 8192])
+    return dst
+
+
+def train(args, name, data, access, shuffle, *flags) -> dict:
     """One run; returns its results.json with the local CNNs' mean training images/s added."""
     out = os.path.join(args.out, name)
     cmd = ["bash", "jobs/local.sh", str(args.np), "--data", data, "--mode", "twolevel", "--grid", "2x2",
            "--epochs", str(args.epochs), "--coarse-steps", "200", "--threads", "1", "--no-report", "--overwrite",
-           "--data-access", access, "--shuffle", shuffle, "--out", out, *args.extra]
+           "--data-access", access, "--shuffle", shuffle, "--out", out, *flags, *args.extra]
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
@@ -113,11 +141,29 @@ def speed_part(args):
                   f"{ratios:>26}{r['wall_s']:>8.0f}")
 
 
+def order_part(args):
+    files = {"as is": args.data, "by class": sorted_file(args.data, os.path.join(args.out, "sorted.h5"))}
+    orders = [("exact", [])] + [(f"blocks {b}", ["--shuffle-buffer", str(b)]) for b in (1, 8, 64)]
+    runs = {(data, order): train(args, f"order_{'sorted' if data == 'by class' else 'asis'}_{order.replace(' ', '')}",
+                                 path, "stream", order.split()[0], *flags)
+            for data, path in files.items() for order, flags in orders}
+    print(f"\ntest accuracy %, --mode twolevel 2x2, {args.epochs} local epoch(s), {args.np} ranks, stream; "
+          f"training split of {args.data} as is and sorted by class; blocks N: --shuffle-buffer N chunk rows")
+    head = f"{'train split':>12}{'order':>10}{'CNN-DNN':>9}{'average':>9}{'vote':>7}{'locals min-max':>16}{'img/s':>7}"
+    print(head + "\n" + "-" * len(head))
+    for (data, order), r in runs.items():
+        acc = r["accuracy"]
+        local = [v["test"] * 100 for k, v in acc.items() if k.startswith("local")]
+        print(f"{data:>12}{order:>10}{acc['CNN-DNN']['test'] * 100:>9.2f}{acc['average']['test'] * 100:>9.2f}"
+              f"{acc['majority vote']['test'] * 100:>7.2f}{f'{min(local):.1f}-{max(local):.1f}':>16}"
+              f"{r['local_images_per_s']:>7.0f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/streaming.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/fashion_mnist.h5")
-    p.add_argument("--part", choices=("memory", "speed", "both"), default="both")
+    p.add_argument("--part", choices=("memory", "speed", "both", "order"), default="both")
     p.add_argument("--factor", type=int, default=4, help="the larger file's training split, x (default: 4)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of every local CNN (default: 1)")
     p.add_argument("--np", type=int, default=4, help="ranks (default: 4, one per subdomain of 2x2)")
@@ -130,6 +176,8 @@ def main(argv=None):
         memory_part(args)
     if args.part in ("speed", "both"):
         speed_part(args)
+    if args.part == "order":
+        order_part(args)
     return 0
 
 

@@ -53,3 +53,24 @@ def test_precision_benchmark_prints_both_precisions(tiny_h5):
     assert [r[0] for r in rows] == ["local CNN 2x2 (8x8", "global CNN (16x16"], proc.stdout
     for _, rate32, rate16, ratio in rows:
         assert int(rate32) > 0 and int(rate16) > 0 and float(ratio) == pytest.approx(int(rate16) / int(rate32), abs=0.02)
+
+
+def test_streaming_benchmark_sorts_the_training_split_by_class(tiny_h5, tmp_path):
+    """The order part's worst case: the same training images and labels, sorted by class (stable),
+    in the source's chunks; val and test as they are."""
+    import importlib.util
+
+    import h5py
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("streaming", os.path.join(ROOT, "benchmarks", "streaming.py"))
+    streaming = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(streaming)
+    out = streaming.sorted_file(tiny_h5, str(tmp_path / "sorted.h5"))
+    with h5py.File(tiny_h5, "r") as src, h5py.File(out, "r") as dst:
+        y, x = src["train/labels"][:], src["train/images"][:]
+        order = np.argsort(y, kind="stable")
+        assert np.array_equal(dst["train/labels"][:], y[order]) and np.all(np.diff(dst["train/labels"][:]) >= 0)
+        assert np.array_equal(dst["train/images"][:], x[order])
+        assert dst["train/images"].chunks[0] == src["train/images"].chunks[0]
+        for split in ("val", "test"):
+            assert np.array_equal(dst[split]["images"][:], src[split]["images"][:])
