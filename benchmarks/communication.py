@@ -5,7 +5,7 @@ Communication against compute in mpidd's three parallel modes, with message size
 
 Prints on rank 0 one table row per message pattern, all measured on the same ranks in one run:
 
-1. two-level: dist.gather_probabilities of the n x K float32 class probabilities of every
+1. two-level: parallel.gather_probabilities of the n x K float32 class probabilities of every
    subdomain to rank 0, once per split (train, validation, test), for grids 2x2 and 4x4. Compared
    with the local phase: the run's own (--results RUN_DIR: max over ranks of
    per_rank[r]["phases"]["local"]), or an estimate from timing --steps training steps of the
@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from mpidd import dist
+from mpidd import parallel
 from mpidd.bench import exchange_benchmark
 from mpidd.decomposition import Decomposition, parse_grid, subdomains_of_rank
 from mpidd.engine import TrainOptions, make_optimizer, to_channels_last, to_float
@@ -67,14 +67,14 @@ def get_args_parser():
 
 def slowest(comm, value):
     """Max over ranks, on every rank."""
-    return max(dist.allgather(comm, value))
+    return max(parallel.allgather(comm, value))
 
 
 def time_calls(comm, call, repeats, warmup=3):
     """Wall seconds per call of call() (max over ranks) and CPU seconds (max over ranks)."""
     for _ in range(warmup):
         call()
-    dist.sleepy_barrier(comm)
+    parallel.sleepy_barrier(comm)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         call()
@@ -108,12 +108,12 @@ def read_results(run_dir):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    comm = dist.world()
+    comm = parallel.world()
     rank, size = comm.Get_rank(), comm.Get_size()
-    dist.install_abort_on_error(comm)
-    torch.set_num_threads(args.threads or dist.default_threads(comm))
-    dist.tune_malloc()
-    dist.warm_up_torch()
+    parallel.install_abort_on_error(comm)
+    torch.set_num_threads(args.threads or parallel.default_threads(comm))
+    parallel.tune_malloc()
+    parallel.warm_up_torch()
     image, K, B = parse_grid(args.image), args.classes, args.batch_size
     sizes = [int(n) for n in args.sizes.split(",")]
     cfg = CNNConfig(arch=args.arch, width=args.width)
@@ -133,7 +133,7 @@ def main(argv=None):
 
         def gather_all_splits():
             for n, probs in zip(sizes, local):
-                dist.gather_probabilities(comm, probs, N, n, K)
+                parallel.gather_probabilities(comm, probs, N, n, K)
         gather_s, _ = time_calls(comm, gather_all_splits, args.gather_repeats, warmup=1)
         steps = math.ceil(sizes[0] / B) * args.epochs
         to_root = sum(sizes) * N * K * 4
@@ -150,12 +150,12 @@ def main(argv=None):
         bench = argparse.Namespace(image=args.image, grid=grid, classes=K, batch_size=B, steps=args.comm_steps,
                                    compute_steps=1, arch=args.arch, width=args.width)
         measured = exchange_benchmark(comm, bench)  # its own step timing (1 step) is not used
-        exchange_s = dist.broadcast_from_root(comm, measured and max(r[0] for r in measured))
+        exchange_s = parallel.broadcast_from_root(comm, measured and max(r[0] for r in measured))
         rows.append((f"coherent exchange (B={B})", grid, f"{2 * B * N * K * 4:,} (2 x {B}x{N}x{K})", exchange_s,
                      f"local step, {len(mine)} CNN, batch {B}", step_s, step_cpu))
 
     # 3. data parallel: allreduce of every gradient, all ranks one group
-    group = dist.DataParallelGroup(comm, color=0, key=rank)
+    group = parallel.DataParallelGroup(comm, color=0, key=rank)
     dec = Decomposition(image, (2, 2), 0)
     wf = local_width_factor(1, K, image, dec.subimage_shape, dec.num_subdomains, cfg)
     for name, shape, factor in (("local CNN 2x2", dec.subimage_shape, wf), ("global CNN", image, 1.0)):
@@ -167,9 +167,9 @@ def main(argv=None):
                      f"{count_parameters(model) * 4:,} ({count_parameters(model):,} params)", sum_s,
                      f"step, batch {B // size} per rank", step_s, step_cpu))
 
-    cores, ranks = dist.node_cores_and_ranks(comm)  # collective: every rank
+    cores, ranks = parallel.node_cores_and_ranks(comm)  # collective: every rank
     if rank == 0:
-        print(f"{dist.library_version()}")
+        print(f"{parallel.library_version()}")
         print(f"{size} ranks x {torch.get_num_threads()} torch threads, {cores} cores for {ranks} ranks on this node"
               + (" (oversubscribed: wall times include waits for descheduled ranks)"
                  if ranks * torch.get_num_threads() > cores else ""))

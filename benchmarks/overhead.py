@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mpidd.data import inspect, load_split
 from mpidd.decomposition import Decomposition, format_grid, parse_grid
-from mpidd.dist import tune_malloc, warm_up_torch
+from mpidd.parallel import tune_malloc, warm_up_torch
 from mpidd.engine import TrainOptions, lr_factor, make_optimizer, to_channels_last, to_float, train_classifier
 from mpidd.models import CNNConfig, build_cnn, count_parameters, local_width_factor
 

@@ -23,7 +23,7 @@ import torch
 
 from mpidd.data import inspect, load_split
 from mpidd.decomposition import Decomposition, parse_grid
-from mpidd.dist import tune_malloc, warm_up_torch
+from mpidd.parallel import tune_malloc, warm_up_torch
 from mpidd.engine import PRECISIONS, TrainOptions, precision_error, to_channels_last, train_classifier
 from mpidd.models import CNNConfig, build_cnn, local_width_factor
 

@@ -65,8 +65,8 @@ def parse_args():
 def one_thread():
     """One torch thread per process, and what every mpidd rank does at start-up (mpidd.train):
     glibc kept from returning freed memory at every batch (else page faults inflate CPU time)
-    and torch's lazy imports paid before any clock. Copied from mpidd.dist.tune_malloc and
-    warm_up_torch, because importing mpidd.dist imports mpi4py (MPI_Init), which the workers
+    and torch's lazy imports paid before any clock. Copied from mpidd.parallel.tune_malloc and
+    warm_up_torch, because importing mpidd.parallel imports mpi4py (MPI_Init), which the workers
     must not do."""
     import ctypes
     import ctypes.util

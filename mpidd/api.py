@@ -39,7 +39,7 @@ import os
 import numpy as np
 import torch
 
-from . import __version__, dist, saved
+from . import __version__, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, TrainOptions, evaluate, precision_error, predict_logits, predict_proba, seed_for
 from .methods import coherent, twolevel, width
@@ -61,7 +61,7 @@ class _CollectiveEstimator:
     HYPERPARAMETERS: tuple = ()
 
     def _setup(self, comm, device, threads, verbose):
-        self.comm = comm if comm is not None else dist.world_dup()
+        self.comm = comm if comm is not None else parallel.world_dup()
         self.device, self.threads, self.verbose = device, threads, verbose
         self._models = {}
         # payload this rank contributed to the estimator's collectives, by kind (see bytes_sent_)
@@ -104,14 +104,14 @@ class _CollectiveEstimator:
         if self.device is not None:
             return torch.device(self.device)
         if not hasattr(self, "_device"):
-            self._device = dist.select_device("auto", self.comm, set_current=False)[0]
+            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
         return self._device
 
     def _context_of(self, mine, group=None) -> Context:
         """This rank's Context; ValueError on every rank if `precision` cannot run on a rank's device."""
         device = self._torch_device()
         error = precision_error(self.precision, device)
-        failed = dist.agree(self.comm, error)
+        failed = parallel.agree(self.comm, error)
         if failed:
             raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
         return Context(comm=self.comm, device=device, precision=self.precision, mine=mine, group=group,
@@ -127,7 +127,7 @@ class _CollectiveEstimator:
             result = step()
         except ValueError as e:
             error = str(e)
-        failed = dist.agree(self.comm, error)
+        failed = parallel.agree(self.comm, error)
         if failed:
             raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
         return result
@@ -140,7 +140,7 @@ class _CollectiveEstimator:
         except ValueError as e:
             error = str(e)
         self._count("metadata", error)
-        failed = dist.agree(self.comm, error)
+        failed = parallel.agree(self.comm, error)
         if failed:
             raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
         return image_shape, n
@@ -149,7 +149,7 @@ class _CollectiveEstimator:
         """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
         if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
             self._count("results", obj)
-        return dist.broadcast_from_root(self.comm, obj)
+        return parallel.broadcast_from_root(self.comm, obj)
 
     def _hold_out(self, x, y, n):
         """(train part, its labels, validation part, its labels): a seeded split, the same on every rank."""
@@ -198,7 +198,7 @@ class _CollectiveEstimator:
                 written = saved.save_model(path, *contents())
             except OSError as e:
                 error = f"cannot write {path}: {e}"
-        error, written = dist.broadcast_from_root(self.comm, (error, written))
+        error, written = parallel.broadcast_from_root(self.comm, (error, written))
         if error:
             raise OSError(error)
         return written
@@ -312,7 +312,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         mine, replicas, member = self._layout(dec)
         group = None
         if replicas > 1:
-            group = dist.DataParallelGroup(self.comm, color=mine[0], key=member)
+            group = parallel.DataParallelGroup(self.comm, color=mine[0], key=member)
         return self._context_of(mine, group)
 
     # --- data ----------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
         mine = {i: h for i, h in histories.items()} if ctx.leader else {}
         self._count("metadata", mine)
         all_histories = {}
-        for part in dist.allgather(self.comm, mine):
+        for part in parallel.allgather(self.comm, mine):
             all_histories.update(part)
         self._models = {"twolevel": {"local": models, "dnn": dnn, "exchange": "probabilities"}}
         self.local_scores_ = {i: {"val": scores["local"][i]["val"]} for i in range(N)}
@@ -402,8 +402,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
             two = self._models["twolevel"]
             start = {"local": two["local"], "dnn": two["dnn"] if self.dnn_init == "coarse" else None}
         local, dnn = coherent.initial_models(ctx, dec, C, K, self.width_factor_, self.config().cnn, cfg, start)
-        exchange = dist.ModelParallelExchange(
-            self.comm, ctx.mine, N, K, poll_interval=1e-4 if dist.oversubscribed(self.comm, torch.get_num_threads())
+        exchange = parallel.ModelParallelExchange(
+            self.comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(self.comm, torch.get_num_threads())
             else None, member=(ctx.group.rank, ctx.group.size) if ctx.group is not None else None)
         name = f"coherent_{init}"
         history, _, timing = coherent.fit(ctx, name, local, dnn, subsets, labels, cfg, exchange)
@@ -565,7 +565,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
             mine = {i: _cpu_state(m) for i, m in bundle["local"].items()} if self._ctx.leader else {}
             if not self._ctx.master_process:
                 self._sent["parameters"] += sum(t.nbytes for st in mine.values() for t in st.values())
-            parts = dist.gather_to_root(self.comm, mine)
+            parts = parallel.gather_to_root(self.comm, mine)
             if self._ctx.master_process:
                 models[kind] = {"local": {i: s for part in parts for i, s in sorted(part.items())},
                                 "dnn": _cpu_state(bundle["dnn"]), "exchange": bundle.get("exchange", "probabilities")}
@@ -578,13 +578,13 @@ class TwoLevelClassifier(_CollectiveEstimator):
         rank reads the file. Raises saved.ModelFileError (one line) for a missing, corrupt,
         foreign or incompatible file. precision None: the one it was trained in where this
         rank's device supports it, else "32" (the saved weights are float32 either way)."""
-        comm = comm if comm is not None else dist.world_dup()
+        comm = comm if comm is not None else parallel.world_dup()
         error, state = None, None
         try:
             state = saved.load_model(path)
         except saved.ModelFileError as e:
             error = str(e)
-        failed = dist.agree(comm, error)
+        failed = parallel.agree(comm, error)
         if failed:
             raise saved.ModelFileError(failed[1])
         known = set(cls.HYPERPARAMETERS)
@@ -635,7 +635,7 @@ class TwoLevelClassifier(_CollectiveEstimator):
                 models[kind] = {"local": local, "dnn": dnn, "exchange": bundle.get("exchange", "probabilities")}
         except saved.ModelFileError as e:
             error = str(e)
-        failed = dist.agree(self.comm, error)
+        failed = parallel.agree(self.comm, error)
         if failed:
             raise saved.ModelFileError(failed[1])
         self._ctx, self._dec, self._models = ctx, dec, models
@@ -718,7 +718,7 @@ class WidthClassifier(_CollectiveEstimator):
         mine_histories = {m: h for m, h in histories.items()}
         self._count("metadata", mine_histories)
         all_histories = {}
-        for part in dist.allgather(self.comm, mine_histories):
+        for part in parallel.allgather(self.comm, mine_histories):
             all_histories.update(part)
         self._ctx = ctx
         self._models = {"recomposed": model}  # rank 0's; None elsewhere

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import dist
+from . import parallel
 from .decomposition import Decomposition, parse_grid, subdomains_of_rank
 from .engine import TrainOptions, make_optimizer, to_channels_last, to_float
 from .models import CNNConfig, build_cnn, local_width_factor
@@ -44,12 +44,12 @@ def exchange_benchmark(comm, args):
     dec = Decomposition(image, parse_grid(args.grid), 0)
     N, K, B = dec.num_subdomains, args.classes, args.batch_size
     mine = subdomains_of_rank(rank, size, N)
-    exchange = dist.ModelParallelExchange(comm, mine, N, K)
+    exchange = parallel.ModelParallelExchange(comm, mine, N, K)
     local = torch.rand(B, len(mine) * K, requires_grad=True)
     for _ in range(10):  # warm-up
         z = exchange(local)
         torch.autograd.backward(z, torch.ones_like(z))
-    dist.sleepy_barrier(comm)
+    parallel.sleepy_barrier(comm)
     start = time.perf_counter()
     for _ in range(args.steps):
         z = exchange(local)
@@ -62,7 +62,7 @@ def exchange_benchmark(comm, args):
     optimizer = make_optimizer(torch.nn.ModuleList(models.values()), TrainOptions())
     x = torch.randint(0, 256, (B, 1, *dec.subimage_shape), dtype=torch.uint8)
     y = torch.randint(0, K, (B,))
-    dist.sleepy_barrier(comm)
+    parallel.sleepy_barrier(comm)
     start = time.perf_counter()
     for s in range(args.compute_steps + 3):
         if s == 3:  # after warm-up
@@ -72,16 +72,16 @@ def exchange_benchmark(comm, args):
         loss.backward()
         optimizer.step()
     step_s = (time.perf_counter() - start) / args.compute_steps
-    return dist.gather_to_root(comm, (exchange_s, step_s, len(mine)))
+    return parallel.gather_to_root(comm, (exchange_s, step_s, len(mine)))
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    comm = dist.world()
-    dist.install_abort_on_error(comm)
-    torch.set_num_threads(args.threads or dist.default_threads(comm))
-    dist.tune_malloc()
-    dist.warm_up_torch()
+    comm = parallel.world()
+    parallel.install_abort_on_error(comm)
+    torch.set_num_threads(args.threads or parallel.default_threads(comm))
+    parallel.tune_malloc()
+    parallel.warm_up_torch()
     results = exchange_benchmark(comm, args)
     if comm.Get_rank() == 0:
         exchange_s = max(r[0] for r in results)
@@ -89,7 +89,7 @@ def main(argv=None):
         N = sum(r[2] for r in results)
         print(f"mpidd.bench exchange: {comm.Get_size()} ranks x {torch.get_num_threads()} threads, "
               f"grid {args.grid} (N={N}), K={args.classes}, batch {args.batch_size}; "
-              f"{dist.library_version()}")
+              f"{parallel.library_version()}")
         print(f"exchange (gather {args.batch_size}x{N}x{args.classes} float32 + scatter of the gradients): "
               f"{1e6 * exchange_s:.0f} us per step (max over ranks, {args.steps} steps)")
         print(f"local CNN training step ({args.arch}, all ranks at once): {1e3 * step_s:.1f} ms "

@@ -9,7 +9,7 @@ Model parallel, one step on a mini-batch (the same sample indices on every rank)
     exchange     dL/dout_r scattered back to rank r
     every rank   backward through its CNNs; its optimizer steps its own parameters (root: + DNN)
 
-`exchange` is a callable with an `is_root` attribute: mpidd.dist.ModelParallelExchange
+`exchange` is a callable with an `is_root` attribute: mpidd.parallel.ModelParallelExchange
 under MPI, or `SerialExchange` (all N subdomains in one process), which makes the same code
 the single-process reference of the model-parallel one.
 """

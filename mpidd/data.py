@@ -1,6 +1,6 @@
 """The mpidd HDF5 layout, its validation and per-subdomain hyperslab reads. No MPI.
 
-Layout (see shared DESIGN.md):
+Layout (docs/data.md describes it for users):
     /train, /val, /test             groups
         images  (n, C, H, W) or (n, C, D, H, W), uint8 or float32, chunked in small tiles
         labels  (n,) int64 in [0, K)

@@ -12,7 +12,7 @@ very next step, so the resumed run computes what the uninterrupted one would hav
 Images may live in memory (numpy or torch) or in the file (mpidd.stream.BoxStream): a `Feed`
 hands a loop its batches either way, the same images for the same indices.
 
-Data parallel (`group`, see mpidd.dist.DataParallelGroup): the ranks of a group each hold
+Data parallel (`group`, see mpidd.parallel.DataParallelGroup): the ranks of a group each hold
 a contiguous share of the samples (`Shard`); every rank draws the same global mini-batch and
 computes the samples of it that it holds; the loss is normalised by the global batch size and
 the gradients are summed over the group, so the group computes the single-process step (with

@@ -346,7 +346,7 @@ class CoarseDNN(nn.Module):
 class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics cover every rank of a data-parallel group.
 
-    `allreduce(t)` sums a tensor over the group, differentiably (mpidd.dist.DataParallelGroup
+    `allreduce(t)` sums a tensor over the group, differentiably (mpidd.parallel.DataParallelGroup
     .allreduce). In training, the per-channel sums of x and x^2 and the sample count are summed
     over the group (float64), so every rank normalises with the mean and variance of the whole
     global batch and the gradients flow through the statistics as in nn.BatchNorm on one rank.

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from . import data, dist, saved, stream
+from . import data, parallel, saved, stream
 from .cli.arguments import ArgumentParser
 from .engine import PRECISIONS
 from .rundir import atomic_write
@@ -214,15 +214,15 @@ def agree_or_refuse(comm, step):
         result = step()
     except (InputError, saved.ModelFileError, ValueError) as e:
         error = str(e)
-    failed = dist.agree(comm, error)
+    failed = parallel.agree(comm, error)
     if failed:
         refuse(comm, failed)
     return result
 
 
 def main(argv=None):
-    comm = dist.world()
-    dist.install_abort_on_error(comm)
+    comm = parallel.world()
+    parallel.install_abort_on_error(comm)
     rank = comm.Get_rank()
 
     def parse():
@@ -230,12 +230,12 @@ def main(argv=None):
             return "run", get_args_parser().parse_args(argv)
         except SystemExit as e:  # --help, or argparse's usage error (printed)
             return "exit", e.code or 0
-    kind, args = dist.root_decides(comm, parse)
+    kind, args = parallel.root_decides(comm, parse)
     if kind == "exit":
         sys.exit(args)
     fmt = args.format or ("h5" if args.out.endswith((".h5", ".hdf5")) else "csv")
     import torch
-    torch.set_num_threads(args.threads or dist.default_threads(comm))
+    torch.set_num_threads(args.threads or parallel.default_threads(comm))
     from .api import TwoLevelClassifier
 
     def load():

@@ -3,7 +3,7 @@
 Importing torch takes seconds (more when ranks share cores); a stop signal that arrived
 then would be lost (MPICH's own SIGUSR1 handler swallows it) or would kill the rank (the
 default action of SIGTERM). mpidd.train calls catch() right after MPI_Init, before torch is
-imported; dist.StopAgreement later takes over and picks up what was received.
+imported; parallel.StopAgreement later takes over and picks up what was received.
 """
 
 import signal

@@ -23,7 +23,7 @@ RUN/logs/rank<r>.log.
 
 Stops: SIGTERM or SIGUSR1 to any rank (Slurm's warning before the walltime, a preemption)
 makes every rank stop at its next step boundary, save, and exit with code 75
-(dist.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
+(parallel.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
 checkpoint is written each epoch, atomically, so a killed run resumes from its last epochs.
 """
 
@@ -35,7 +35,7 @@ import os
 import socket
 import sys
 
-# The launch's one direct use of mpi4py (the rest goes through mpidd.dist): MPI_Init first, before
+# The launch's one direct use of mpi4py (the rest goes through mpidd.parallel): MPI_Init first, before
 # signals.catch(), because MPICH installs a SIGUSR1 handler of its own.
 import mpi4py
 from mpi4py import MPI
@@ -49,7 +49,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, data, dist, rundir  # noqa: E402
+from . import __version__, data, parallel, rundir  # noqa: E402
 from .cli.arguments import ConfigError, parse_args  # noqa: E402
 from .cli.phases import (load_local_data, load_or_refuse, load_whole_images, run_phases, share_bytes,  # noqa: E402
                          write_model_file)
@@ -73,11 +73,11 @@ def start(comm, argv):
             return "run", args, plan_run(args, comm)
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
             return "exit", e.code or 0, None
-        except (ConfigError, UsageError, dist.StartupError) as e:
+        except (ConfigError, UsageError, parallel.StartupError) as e:
             print_error(e)
             return "exit", EXIT_USAGE, None
 
-    kind, args, plan = dist.root_decides(comm, decide)
+    kind, args, plan = parallel.root_decides(comm, decide)
     if kind == "exit":
         sys.exit(args)
     return args, plan
@@ -105,7 +105,7 @@ def stop_here(run: Run, error: Preempted) -> int:
 def main(argv=None):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    dist.install_abort_on_error(comm)
+    parallel.install_abort_on_error(comm)
     master_process = rank == 0
     args, plan = start(comm, argv)
     dec, work = plan["decomposition"], plan["work"]
@@ -113,25 +113,25 @@ def main(argv=None):
 
     device, error = torch.device("cpu"), None
     try:
-        device, local_rank = dist.select_device(args.device, comm)  # before any CUDA allocation
+        device, local_rank = parallel.select_device(args.device, comm)  # before any CUDA allocation
         error = precision_error(args.precision, device, "--precision")
-    except dist.StartupError as e:
+    except parallel.StartupError as e:
         error = str(e)
-    failed = dist.agree(comm, error)
+    failed = parallel.agree(comm, error)
     if failed and master_process:
         refuse(f"rank {failed[0]}: {failed[1]}")
     elif failed:
         sys.exit(EXIT_USAGE)
-    threads = args.threads or dist.default_threads(comm)
+    threads = args.threads or parallel.default_threads(comm)
     torch.set_num_threads(threads)
-    dist.tune_malloc()
-    dist.warm_up_torch()
+    parallel.tune_malloc()
+    parallel.warm_up_torch()
     resume = plan["progress"]
     run = Run(comm=comm, args=args, plan=plan, device=device, precision=args.precision, threads=threads,
-              stopper=dist.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
+              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
               # ranks that share cores sleep while they wait for each other; ranks with cores
               # of their own spin in MPI_Wait (lowest latency)
-              wait_interval=1e-4 if dist.oversubscribed(comm, threads) else None)
+              wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
     if run.resuming:
         run.progress = resume
         run.phases = Phases(rundir.read_json(run.path(f"phases_rank{rank}.json"), {}))
@@ -141,11 +141,11 @@ def main(argv=None):
         mine, replicas, member = layout(rank, size, N if work["boxes"] else 1)
         run.mine = mine if work["boxes"] else []
         if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
-            run.group = dist.DataParallelGroup(comm, color=mine[0], key=member)
+            run.group = parallel.DataParallelGroup(comm, color=mine[0], key=member)
 
     share = share_bytes(run)
-    run.access, why = choose_access(args.data_access, share, dist.memory_per_rank(comm))
-    log_access = dist.gather_to_root(comm, (run.access, why))
+    run.access, why = choose_access(args.data_access, share, parallel.memory_per_rank(comm))
+    log_access = parallel.gather_to_root(comm, (run.access, why))
     if master_process:
         args.data_access_choice = access_choice(log_access)
 
@@ -171,15 +171,15 @@ def main(argv=None):
                             "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
                                           "threads": threads, "device": args.device}]}
             run.mark()
-    run.progress = dist.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
-    dist.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
+    run.progress = parallel.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
+    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
     setup_logging(args.out, rank, append=run.resuming)
-    where = dist.device_name(device)
+    where = parallel.device_name(device)
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
-             __version__, torch.__version__, dist.library_version(), size, threads, where, run.mine,
+             __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
              [dec.box(i) for i in run.mine] if work["boxes"] else "whole images",
              f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "", bytes_boxes + bytes_whole)
-    devices = dist.gather_to_root(comm, f"{socket.gethostname()}:{where}")
+    devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
     if master_process:
         print_header(run, devices)
 
@@ -199,11 +199,11 @@ def main(argv=None):
              "data_access": run.access, "share_bytes": share,
              "stream": run.io.as_dict() if run.access == "stream" else None,
              "phases": run.phases.seconds, "coherent": coherent_timing}
-    gathered_reports = dist.gather_to_root(comm, (stats, rows))
+    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
     if master_process:
         all_stats = [st for st, _ in gathered_reports]
         all_rows = [r for _, rs in gathered_reports for r in rs]
-        versions = {"mpi_library": dist.library_version(), "mpi4py": mpi4py.__version__,
+        versions = {"mpi_library": parallel.library_version(), "mpi4py": mpi4py.__version__,
                     "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
                     "python": sys.version.split()[0]}
         if work["width"]:
@@ -220,7 +220,7 @@ def main(argv=None):
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
         if args.report and write_run_report(args.out):
             print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
-    dist.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
+    parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
     for init in work["coherent"]:
         for suffix in ("", ".prev"):
             with contextlib.suppress(FileNotFoundError):

@@ -12,12 +12,12 @@ import sys
 
 from mpi4py import MPI
 
-import mpidd.dist as dist
+import mpidd.parallel as parallel
 import mpidd.train as train
 from mpidd.methods import twolevel
 
 failing_rank, where = int(sys.argv[1]), sys.argv[2]
-original_local, original_scatter = twolevel.fit_local_models, dist.ModelParallelExchange.scatter
+original_local, original_scatter = twolevel.fit_local_models, parallel.ModelParallelExchange.scatter
 
 
 def fit_local_models(*args, **kwargs):
@@ -35,5 +35,5 @@ def scatter(self, grad, rows, batch):
 if where == "local":
     twolevel.fit_local_models = fit_local_models
 else:
-    dist.ModelParallelExchange.scatter = scatter
+    parallel.ModelParallelExchange.scatter = scatter
 sys.exit(train.main(sys.argv[3:]))

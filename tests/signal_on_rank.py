@@ -15,7 +15,7 @@ import sys
 
 from mpi4py import MPI
 
-import mpidd.dist as dist
+import mpidd.parallel as parallel
 import mpidd.train as train
 from mpidd.methods import coherent, global_cnn, twolevel, width
 
@@ -43,7 +43,7 @@ twolevel.fit_coarse = in_phase("coarse", twolevel.fit_coarse)
 coherent.fit = in_phase("coherent", coherent.fit)
 global_cnn.fit = in_phase("global", global_cnn.fit)
 width.fit_subnets = in_phase("subnets", width.fit_subnets)
-original_poll = dist.StopAgreement.poll
+original_poll = parallel.StopAgreement.poll
 
 
 def poll(self):
@@ -54,5 +54,5 @@ def poll(self):
     return original_poll(self)
 
 
-dist.StopAgreement.poll = poll
+parallel.StopAgreement.poll = poll
 sys.exit(train.main(argv))

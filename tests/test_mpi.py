@@ -50,7 +50,7 @@ def shared_h5():
 def test_gatherv_assembles_subdomain_order(comm, monkeypatch, round_rows):
     """Whole, then in rounds of 1 and 2 samples (a ragged last round)."""
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.dist import collectives, gather_probabilities
+    from mpidd.parallel import collectives, gather_probabilities
     N, n, K = 6, 5, 3
     if round_rows:
         monkeypatch.setattr(collectives, "GATHER_ROUND_BYTES", round_rows * N * K * 4)
@@ -71,7 +71,7 @@ def test_gatherv_assembles_subdomain_order(comm, monkeypatch, round_rows):
 @pytest.mark.mpi(min_size=1)
 def test_gather_refuses_samples_missing_or_sent_twice(comm):
     """Every rank sends subdomain 0 whole (twice over at 2+ ranks), nobody sends subdomain 1."""
-    from mpidd.dist import gather_probabilities
+    from mpidd.parallel import gather_probabilities
     n, K = 4, 2
     if comm.rank == 0:
         with pytest.raises(RuntimeError, match="subdomain 0" if comm.size > 1 else "subdomain 1"):
@@ -110,7 +110,7 @@ def test_each_rank_reads_only_its_box(comm, shared_h5, monkeypatch):
 
 @pytest.mark.mpi(min_size=1)
 def test_agree_spreads_one_ranks_error(comm):
-    from mpidd.dist import agree
+    from mpidd.parallel import agree
     assert agree(comm, None) is None
     last = comm.size - 1
     failed = agree(comm, "bad box" if comm.rank == last else None)
@@ -120,7 +120,7 @@ def test_agree_spreads_one_ranks_error(comm):
 @pytest.mark.mpi(min_size=2)
 def test_sleepy_barrier_waits_for_the_slowest_rank(comm):
     import time
-    from mpidd.dist import sleepy_barrier
+    from mpidd.parallel import sleepy_barrier
     start = time.perf_counter()
     if comm.rank == 1:
         time.sleep(0.3)
@@ -134,7 +134,7 @@ def test_sleepy_barrier_waits_for_the_slowest_rank(comm):
 
 @pytest.mark.mpi(min_size=1)
 def test_default_threads_divides_cores_among_node_ranks(comm):
-    from mpidd.dist import default_threads
+    from mpidd.parallel import default_threads
     threads = default_threads(comm)
     cores = len(os.sched_getaffinity(0))
     assert threads == max(1, cores // comm.size)  # all ranks of these tests share one node
@@ -220,7 +220,7 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     from mpidd.coherent import coherent_step
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions, make_optimizer, to_float
-    from mpidd.dist import ModelParallelExchange
+    from mpidd.parallel import ModelParallelExchange
     torch.set_num_threads(1)
     N, K = 4, 5
     if comm.size > N:
@@ -278,7 +278,7 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm, dropout):
     from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions
-    from mpidd.dist import ModelParallelExchange
+    from mpidd.parallel import ModelParallelExchange
     torch.set_num_threads(1)
     N, K = 4, 5
     if comm.size > N:
@@ -316,7 +316,7 @@ def test_gather_of_data_parallel_shares(comm, monkeypatch, round_rows):
     """P = G*N: the G members of a subdomain each send their share of its samples (whole, and
     in rounds of 3 samples that cut across the shares)."""
     from mpidd.decomposition import layout
-    from mpidd.dist import DataParallelGroup, collectives, gather_probabilities
+    from mpidd.parallel import DataParallelGroup, collectives, gather_probabilities
     N = 2 if comm.size % 2 == 0 else 1
     n, K = 7, 3
     if round_rows:
@@ -342,7 +342,7 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(comm):
     import torch
     from mpidd.engine import Shard, TrainOptions, derive_seed, evaluate, train_classifier
     from mpidd.models import CNNConfig, build_cnn, group_batchnorm
-    from mpidd.dist import DataParallelGroup
+    from mpidd.parallel import DataParallelGroup
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     n, K = 100, 3
@@ -376,7 +376,7 @@ def test_a_signal_on_one_rank_stops_every_rank(comm):
     """The last rank gets SIGUSR1; every rank learns it by polling, and the phase boundary agrees."""
     import signal
     import time
-    from mpidd.dist import StopAgreement
+    from mpidd.parallel import StopAgreement
     stopper = StopAgreement(comm)
     try:
         assert not stopper.sync()  # nobody stops: a boundary says so everywhere
@@ -401,7 +401,7 @@ def test_a_rank_stopping_mid_phase_stops_ranks_waiting_at_the_boundary(comm):
     """Rank 0 stops between boundaries (as after its own poll) while the others wait at the
     next boundary: they learn the stop from that boundary's agreement."""
     import signal
-    from mpidd.dist import StopAgreement
+    from mpidd.parallel import StopAgreement
     stopper = StopAgreement(comm)
     try:
         if comm.rank == 0:
@@ -426,7 +426,7 @@ def test_model_parallel_exchange_is_adjoint_to_its_backward(comm):
     must be F* (Scatterv of the root's columns), so <F x, y> on the root = sum over ranks <x_r, F* y>."""
     import torch
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.dist import ModelParallelExchange
+    from mpidd.parallel import ModelParallelExchange
     N, K, B = 5, 3, 7
     if comm.size > N:
         pytest.skip("more ranks than subdomains")
@@ -447,7 +447,7 @@ def test_group_sum_is_adjoint_to_its_backward(comm):
     """F: (x_1..x_G) -> (s, ..., s), s = sum of x_r (each member gets the sum); F* sums too:
     sum_r <F(x)_r, y_r> = sum_r <x_r, F*(y)_r>."""
     import torch
-    from mpidd.dist import DataParallelGroup
+    from mpidd.parallel import DataParallelGroup
     group = DataParallelGroup(comm, color=0, key=comm.rank)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64,
                     requires_grad=True)
@@ -543,7 +543,7 @@ def test_api_on_a_data_file_reads_only_the_ranks_boxes_and_equals_arrays(comm, s
 def _groups(comm):
     """N subdomains (2, or 1 on an odd number of ranks) and this rank's data-parallel group of G = P/N."""
     from mpidd.decomposition import layout
-    from mpidd.dist import DataParallelGroup
+    from mpidd.parallel import DataParallelGroup
     N = 2 if comm.size % 2 == 0 else 1
     mine, _, member = layout(comm.rank, comm.size, N)
     return N, mine, DataParallelGroup(comm, color=mine[0], key=member)
@@ -557,7 +557,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
     BatchNorm statistics: the step is the assembled model's single-process step."""
     import torch
     from mpidd.coherent import coherent_step
-    from mpidd.dist import ModelParallelExchange
+    from mpidd.parallel import ModelParallelExchange
     from mpidd.engine import TrainOptions, make_optimizer, to_float
     from mpidd.models import group_batchnorm
     torch.set_num_threads(1)
@@ -600,7 +600,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
 def test_coherent_training_on_data_parallel_groups_ends_where_one_process_ends(comm):
     import torch
     from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
-    from mpidd.dist import ModelParallelExchange
+    from mpidd.parallel import ModelParallelExchange
     from mpidd.engine import TrainOptions
     from mpidd.models import group_batchnorm
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .. import data, dist, rundir, saved, stream
+from .. import data, parallel, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
@@ -95,7 +95,7 @@ def load_or_refuse(run: Run, load):
         result = load()
     except data.DataError as e:
         error = str(e)
-    failed = dist.agree(run.comm, error)
+    failed = parallel.agree(run.comm, error)
     if failed and run.master_process:
         refuse(f"{failed[1]} (found by rank {failed[0]})" if run.comm.Get_size() > 1 else failed[1])
     elif failed:
@@ -279,7 +279,7 @@ def run_phases(run: Run, subsets, whole):
         pretrained = {"local": local_models, "dnn": dnn}
     if work["coherent"]:
         member = (run.group.rank, run.group.size) if run.group is not None else None
-        exchange = dist.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval,
+        exchange = parallel.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval,
                                               member=member)
         for init in work["coherent"]:
             run.sync()  # all ranks start together: no rank's phase holds the wait
@@ -297,7 +297,7 @@ def run_phases(run: Run, subsets, whole):
             run.sync()
         grun = run
         if args.mode == "compare" and not alone:  # one data-parallel group of every rank
-            grun = dataclasses.replace(run, group=dist.DataParallelGroup(run.comm, color=0, key=run.rank))
+            grun = dataclasses.replace(run, group=parallel.DataParallelGroup(run.comm, color=0, key=run.rank))
         if run.master_process or not alone:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
                 whole, run.bytes_whole = load_whole_images(grun, check=False)

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .. import data, dist, rundir
+from .. import data, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, choose_grid, format_grid, layout, parse_grid
 from ..engine import TrainOptions
 from ..methods import coherent, twolevel, width
@@ -231,7 +231,7 @@ def resolve_auto_grid(args, size: int, shape):
 def plan_run(args, comm) -> dict:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
     size = comm.Get_size()
-    note = dist.check_slurm_tasks(comm)
+    note = parallel.check_slurm_tasks(comm)
     try:
         info = data.inspect(args.data)
     except data.DataError as e:

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 
-from .. import dist, rundir
+from .. import parallel, rundir
 from ..engine import Control, Preempted
 from ..methods.context import Context, progress_printer
 from ..stream import StreamStats
@@ -18,7 +18,7 @@ from ..stream import StreamStats
 EXIT_USAGE = 2
 
 
-EXIT_PREEMPTED = dist.EXIT_PREEMPTED
+EXIT_PREEMPTED = parallel.EXIT_PREEMPTED
 
 
 # Ranks that train one model together agree on a stop every this many steps (or evaluation
@@ -37,7 +37,7 @@ class Run(Context):
     args: object
     plan: dict
     threads: int
-    stopper: dist.StopAgreement
+    stopper: parallel.StopAgreement
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
     resuming: bool = False
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)

@@ -1,6 +1,10 @@
 """The methods of mpidd, each a module that reads top to bottom as its data flow:
 
-    twolevel   local CNNs on their subimages, gather of their probabilities, coarse DNN
+    twolevel    local CNNs on their subimages, gather of their probabilities, coarse DNN
+    coherent    the CNN-DNN as one model parallel model, from random or pre-trained local CNNs
+    width       Gu et al.: thin sub-networks along the channels, recomposed into the global CNN
+    global_cnn  the global CNN on whole images (rank 0 alone, or data parallel over the ranks)
+    context     the Context every method receives (no MPI of its own)
 
 They take numpy arrays, typed configuration and a `Context` (communicator, device, this
 rank's subdomains, and the hooks through which the command line adds checkpoints, stops and

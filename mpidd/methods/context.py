@@ -77,7 +77,7 @@ class Context:
     comm:    the communicator every collective of the method runs on (never COMM_WORLD
              unless the caller passed it);
     mine:    this rank's subdomains (or width sub-networks);
-    group:   the mpidd.dist.DataParallelGroup that trains this rank's model(s) with it, if any;
+    group:   the mpidd.parallel.DataParallelGroup that trains this rank's model(s) with it, if any;
     precision: the CNNs' forward passes, "32" or "bf16-mixed" (engine.PRECISIONS); the coarse
              DNN runs in float32 either way.
     """

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import combine, dist
+from .. import combine, parallel
 from ..engine import TrainOptions, evaluate, predict_proba, seed_for, train_classifier
 from ..models import CNNConfig, build_cnn
 from .context import Context
@@ -85,7 +85,7 @@ def gather(ctx: Context, probs: dict, subsets: dict, num_subdomains: int, num_cl
     gathered = {}
     for s, n in sizes.items():
         mine = sorted(probs)
-        gathered[s] = dist.gather_probabilities(ctx.comm, {i: probs[i][s] for i in mine}, num_subdomains,
+        gathered[s] = parallel.gather_probabilities(ctx.comm, {i: probs[i][s] for i in mine}, num_subdomains,
                                                     n, num_classes, starts={i: subsets[i][s].start for i in mine})
     return gathered if ctx.master_process else None
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import dist
+from .. import parallel
 from ..engine import Shard, TrainOptions, evaluate, seed_for
 from ..models import CNNConfig, build_cnn
 from ..stream import is_stream
@@ -71,7 +71,7 @@ def every(x, start: int, step: int):
 def gather(ctx: Context, states: dict, scores: dict):
     """Collective: every sub-network's weights and scores to rank 0, ({m: state}, {m: scores})
     there; (None, None) elsewhere."""
-    gathered = dist.gather_to_root(ctx.comm, (states, scores))
+    gathered = parallel.gather_to_root(ctx.comm, (states, scores))
     if not ctx.master_process:
         return None, None
     return ({m: st for part, _ in gathered for m, st in part.items()},
