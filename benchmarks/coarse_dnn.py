@@ -60,7 +60,8 @@ def papers_coarse_dnn(out, data, N, K):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/fashion_mnist.h5")
     p.add_argument("--sizes", default="500,2000,10000,55000", help="training-set sizes of --data")
     p.add_argument("--grids", default="2x2,4x4")

@@ -63,7 +63,8 @@ def per_rank(r) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/ct_volumes.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/ct_phantom.h5")
     p.add_argument("--train", type=int, default=200, help="training volumes of a new data file (default: 200)")
     p.add_argument("--val", type=int, default=50, help="validation volumes (default: 50)")

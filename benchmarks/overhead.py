@@ -27,7 +27,8 @@ from mpidd.parallel import tune_malloc, warm_up_torch
 from mpidd.engine import TrainOptions, lr_factor, make_optimizer, to_channels_last, to_float, train_classifier
 from mpidd.models import CNNConfig, build_cnn, count_parameters, local_width_factor
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--data", default="data/fashion_mnist.h5", help="mpidd HDF5 data file")
 p.add_argument("--samples", type=int, default=8192, help="training images of part 1 (one epoch per run)")
 p.add_argument("--rounds", type=int, default=3, help="part 1: rounds of (plain epoch, mpidd epoch)")
@@ -100,7 +101,8 @@ for r in range(args.rounds):
     model.load_state_dict(init)
     # val=None: run_epochs skips validation (val_loss/val_acc NaN), so only training is timed
     runs["mpidd"].append(timed(train_classifier, model, (x, y), None, opts, args.seed))
-    print(f"  round {r + 1}: plain {n / runs['plain'][-1][0]:7.0f} img/s, mpidd {n / runs['mpidd'][-1][0]:7.0f} img/s (wall)")
+    print(f"  round {r + 1}: plain {n / runs['plain'][-1][0]:7.0f} img/s, "
+          f"mpidd {n / runs['mpidd'][-1][0]:7.0f} img/s (wall)")
 # the same batch order (randperm of a Generator seeded alike) and steps: both loops did the same work
 same = all(torch.equal(v, plain_weights[k]) for k, v in model.state_dict().items())
 print(f"  final weights of the last round identical in both loops: {same}")
@@ -175,6 +177,7 @@ for name, (m, xm, ym, conv_flops) in models.items():
               f"{100 * e.self_cpu_time_total / total:5.1f}%  {e.count / args.profile_steps:5.0f} calls/step")
     by_type = dict.fromkeys([*TYPES, "other"], 0.0)
     for e in events:
-        by_type[next((t for t, keys in TYPES.items() if any(k in e.key for k in keys)), "other")] += e.self_cpu_time_total
+        by_type[next((t for t, keys in TYPES.items() if any(k in e.key for k in keys)),
+                     "other")] += e.self_cpu_time_total
     print("    by type: " + ", ".join(f"{t} {100 * v / total:.0f}%" for t, v in by_type.items())
           + f"; convolutions at {3 * conv_flops * B * args.profile_steps / (by_type['conv'] * 1e-6) / 1e9:.0f} GFLOP/s")

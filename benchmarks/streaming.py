@@ -161,7 +161,8 @@ def order_part(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/streaming.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/fashion_mnist.h5")
     p.add_argument("--part", choices=("memory", "speed", "both", "order"), default="both")
     p.add_argument("--factor", type=int, default=4, help="the larger file's training split, x (default: 4)")

@@ -113,7 +113,8 @@ def convert(args) -> dict:
     counts = {name: len(load_batch(path(name), label_key, len(classes))[1]) for name in train_files + test_files}
     n_train = sum(counts[name] for name in train_files)
     if not 0 < args.val < n_train:
-        raise ConvertError(f"--val {args.val} must be between 1 and {n_train - 1} (there are {n_train} training images)")
+        raise ConvertError(f"--val {args.val} must be between 1 and {n_train - 1} "
+                           f"(there are {n_train} training images)")
     cut = n_train - args.val
     sizes = {"train": cut, "val": args.val, "test": sum(counts[name] for name in test_files)}
     progress = Progress(sum(counts.values()), "images")

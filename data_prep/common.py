@@ -80,7 +80,11 @@ def main_of(module: str, doc: str, add_arguments, convert):
         p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(p)
-        p.add_argument("--tile", type=int, default=None, help="spatial edge of the HDF5 chunks (default: 7 when the image edges are multiples of 7, else 8); a rank reads whole chunks, so a grid whose subimage edges are multiples of the tile reads no more than its share: 7 suits 2x2 and 4x4 on 28x28, 4 suits 7x7 (benchmarks/io_chunks.py)")
+        p.add_argument("--tile", type=int, default=None,
+                       help="spatial edge of the HDF5 chunks (default: 7 when the image edges are multiples of 7, "
+                       "else 8); a rank reads whole chunks, so a grid whose subimage edges are multiples of the tile "
+                       "reads no more than its share: 7 suits 2x2 and 4x4 on 28x28, 4 suits 7x7 "
+                       "(benchmarks/io_chunks.py)")
         args = p.parse_args(argv)
         try:
             if args.tile is not None and args.tile < 1:

@@ -49,8 +49,8 @@ def phantom(rng: np.random.Generator, shape=(128, 128, 64), lesions: int = 0) ->
     lungs = np.zeros(shape, dtype=bool)
     cz, rz = u(-0.05, 0.05), u(0.36, 0.44)
     for side in (-1, 1):
-        lungs |= ((x - cx - side * u(0.16, 0.20)) / u(0.11, 0.14)) ** 2 + ((y - cy - u(0.0, 0.04)) / u(0.17, 0.21)) ** 2 \
-            + ((z - cz) / rz) ** 2 <= 1
+        lungs |= ((x - cx - side * u(0.16, 0.20)) / u(0.11, 0.14)) ** 2 \
+            + ((y - cy - u(0.0, 0.04)) / u(0.17, 0.21)) ** 2 + ((z - cz) / rz) ** 2 <= 1
     vol[lungs] = -850.0
     inside = np.flatnonzero(lungs)
     for _ in range(lesions):  # a blob centred at a random lung voxel, confined to the lungs

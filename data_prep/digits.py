@@ -24,7 +24,8 @@ def load(val: int = 300, test: int = 300, seed: int = 0) -> dict:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ValueError("scikit-learn is not installed: pip install scikit-learn (or pip install -e '.[test]')") from None
+        raise ValueError("scikit-learn is not installed: "
+                         "pip install scikit-learn (or pip install -e '.[test]')") from None
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     labels = digits.target.astype(np.int64)

@@ -99,7 +99,10 @@ def main(argv=None):
     p.add_argument("--out", default="data/fashion_mnist.h5", help="HDF5 file to write")
     p.add_argument("--val", type=int, default=5000, help="last VAL training images become the validation split")
     p.add_argument("--dataset", choices=("fashion", "mnist"), default="fashion", help="class names to store")
-    p.add_argument("--tile", type=int, default=None, help="spatial edge of the HDF5 chunks (default: 7 when the image edges are multiples of 7, else 8); a rank reads whole chunks, so a grid whose subimage edges are multiples of the tile reads no more than its share: 7 suits 2x2 and 4x4 on 28x28, 4 suits 7x7 (benchmarks/io_chunks.py)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="spatial edge of the HDF5 chunks (default: 7 when the image edges are multiples of 7, "
+                   "else 8); a rank reads whole chunks, so a grid whose subimage edges are multiples of the tile "
+                   "reads no more than its share: 7 suits 2x2 and 4x4 on 28x28, 4 suits 7x7 (benchmarks/io_chunks.py)")
     args = p.parse_args(argv)
     try:
         sizes = convert(args.src, args.out, args.val, args.dataset, args.tile)

@@ -3,7 +3,8 @@
     mpirun -n 4 python my_script.py
 
     import mpidd
-    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD; grid="auto": from comm's size
+    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD;
+                                                                      # grid="auto": from comm's size
     clf.fit(x_train, y_train, x_val, y_val)       # collective; x: (n, C, H, W) numpy, the same on every rank
     p = clf.predict_proba(x_test)                  # collective; (n, K) on every rank
     clf.save("model.pt"); clf = mpidd.TwoLevelClassifier.load("model.pt", comm=comm)
@@ -233,8 +234,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
     """
 
     def __init__(self, grid="auto", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
-                 blocks_per_stage=2, dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, width_factor=None,
-                 epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
+                 blocks_per_stage=2, dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True,
+                 width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
                  schedule="cosine", eval_batch_size=256, coarse_hidden=(64, 64), coarse_dropout=0.0,
                  coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
                  coarse_batch_size=128, coherent_epochs=2, coherent_lr=2e-3,
@@ -251,7 +252,8 @@ class TwoLevelClassifier(_CollectiveEstimator):
         self.eval_batch_size = eval_batch_size
         self.coarse_hidden, self.coarse_dropout = tuple(coarse_hidden), coarse_dropout
         self.coarse_input, self.coarse_epochs, self.coarse_steps = coarse_input, coarse_epochs, coarse_steps
-        self.coarse_lr, self.coarse_weight_decay, self.coarse_batch_size = coarse_lr, coarse_weight_decay, coarse_batch_size
+        self.coarse_lr, self.coarse_weight_decay = coarse_lr, coarse_weight_decay
+        self.coarse_batch_size = coarse_batch_size
         self.coherent_epochs, self.coherent_lr, self.transfer_lr = coherent_epochs, coherent_lr, transfer_lr
         self.dnn_init, self.exchange = dnn_init, exchange
         self.seed, self.validation_fraction = seed, validation_fraction
@@ -262,12 +264,12 @@ class TwoLevelClassifier(_CollectiveEstimator):
     # --- configuration ------------------------------------------------------------------------
 
     HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
-                       "dense_layers", "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs", "batch_size", "lr",
-                       "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size", "coarse_hidden",
-                       "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
-                       "coarse_weight_decay", "coarse_batch_size", "coherent_epochs",
-                       "coherent_lr", "transfer_lr", "dnn_init", "exchange", "seed",
-                       "validation_fraction", "num_classes", "class_names", "normalization", "precision")
+                       "dense_layers", "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs",
+                       "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size",
+                       "coarse_hidden", "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
+                       "coarse_weight_decay", "coarse_batch_size", "coherent_epochs", "coherent_lr", "transfer_lr",
+                       "dnn_init", "exchange", "seed", "validation_fraction", "num_classes", "class_names",
+                       "normalization", "precision")
 
     def config(self) -> twolevel.TwoLevelConfig:
         """The typed configuration the method runs with."""
@@ -656,18 +658,18 @@ class WidthClassifier(_CollectiveEstimator):
     initial_score_ (the recomposed network's val accuracy before further training), scores_,
     history_ ({"subnet_m": [...], "recomposed": [...]})."""
 
-    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "dense_layers", "hidden",
-                       "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer", "momentum",
-                       "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard", "offdiag_noise",
-                       "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names", "normalization",
-                       "precision")
+    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "dense_layers",
+                       "hidden", "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer",
+                       "momentum", "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard",
+                       "offdiag_noise", "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names",
+                       "normalization", "precision")
 
     def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
-                 dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3, batch_size=128, lr=2e-3,
-                 optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine", eval_batch_size=256,
-                 subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, normalization=None, precision="32", comm=None, device=None,
-                 threads=None, verbose=False):
+                 dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3,
+                 batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine",
+                 eval_batch_size=256, subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0,
+                 validation_fraction=0.1, num_classes=None, class_names=None, normalization=None, precision="32",
+                 comm=None, device=None, threads=None, verbose=False):
         for k, v in locals().items():
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)

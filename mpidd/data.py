@@ -265,7 +265,8 @@ class DatasetWriter:
             for split in SPLITS:
                 shape = (self.sizes[split],) + self.image_shape
                 g = self.file.create_group(split)
-                g.create_dataset("images", shape=shape, dtype=self.dtype, chunks=default_chunks(shape, self.tile, self.chunk_samples))
+                g.create_dataset("images", shape=shape, dtype=self.dtype,
+                                 chunks=default_chunks(shape, self.tile, self.chunk_samples))
                 g.create_dataset("labels", shape=(self.sizes[split],), dtype=np.int64)
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())

@@ -193,7 +193,8 @@ def write_report(runs: list, out: str) -> str:
             if draw(os.path.join(out, file)):
                 parts += [f"![{title}]({file})", ""]
             if kind == "confusion" and r.get("confusion"):
-                parts += [f"{r['confusion']['model']} on {r['confusion']['split']}, counts:", "", confusion_table(r), ""]
+                parts += [f"{r['confusion']['model']} on {r['confusion']['split']}, counts:", "",
+                          confusion_table(r), ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))
@@ -213,7 +214,8 @@ def write_run_report(run: str):
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog="python -m mpidd.report", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (or results.json files)")
     p.add_argument("--out", metavar="REPORT_DIR", help="write report.md and PNG figures there instead of printing")
     args = p.parse_args(argv)

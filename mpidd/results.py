@@ -63,7 +63,8 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
             continue
         phase = f"coherent_{init}"
         if init == "pretrained" and "critical_path" in timing:  # after this run's local + coarse phases
-            cpu, cpu_total = timing["critical_path"]["cpu_s"] + critical(phase), timing["total_cpu_s_twolevel"] + total(phase)
+            cpu, cpu_total = (timing["critical_path"]["cpu_s"] + critical(phase),
+                              timing["total_cpu_s_twolevel"] + total(phase))
         else:  # from random weights, or from an earlier run's (--from) checkpoints
             cpu, cpu_total = critical("load", phase), total("load", phase)
         per_rank = [st["coherent"][init] for st in all_stats]

@@ -250,7 +250,8 @@ class Prefetcher:
         self.stream.stats.add(wait_s=time.perf_counter() - t, batches=1)
         if not ok:
             raise item
-        asked = len(range(*idx.indices(len(self.stream)))) if isinstance(idx, slice) else len(idx) if idx is not None else None
+        asked = (len(range(*idx.indices(len(self.stream)))) if isinstance(idx, slice)
+                 else len(idx) if idx is not None else None)
         if asked is not None and asked != len(item):
             raise RuntimeError(f"{self.stream.name}: batch {self.taken} has {len(item)} samples, {asked} asked for")
         self.taken += 1

@@ -165,7 +165,8 @@ def main(argv=None):
         else:
             rundir.prepare(args.out)
             rundir.write_json(os.path.join(args.out, "config.json"),
-                              {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
+                              {k: v for k, v in vars(args).items()
+                               if k not in ("config", "overwrite", "out", "resume")})
             run.progress = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
                             "state": "running", "stops": [],
                             "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -178,7 +179,8 @@ def main(argv=None):
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
              __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
              [dec.box(i) for i in run.mine] if work["boxes"] else "whole images",
-             f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "", bytes_boxes + bytes_whole)
+             f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "",
+             bytes_boxes + bytes_whole)
     devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
     if master_process:
         print_header(run, devices)

@@ -34,7 +34,8 @@ def test_io_benchmark_counts_the_chunks_a_subimage_touches(tiny):
                            "--grids", "2x2", "--overlaps", "0,1", "--chunks", ""],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = {int(m[0]): m for m in re.findall(r"^\s*2x2\s+(\d)\s+4\s+(\d+x\d+)\s+(yes|no)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+    rows = {int(m[0]): m for m in re.findall(r"^\s*2x2\s+(\d)\s+4\s+(\d+x\d+)\s+(yes|no)"
+                                             r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
                                              r".*?(PASS|FAIL|--)\s*$", proc.stdout, re.M)}
     assert rows[0][1:] == ("8x8", "yes", "1.00", "1.00", "1.00", "PASS")
     assert rows[1][1:3] == ("10x10", "no") and rows[1][4] == "4.00" and rows[1][6] == "--"
@@ -52,7 +53,8 @@ def test_precision_benchmark_prints_both_precisions(tiny_h5):
     rows = re.findall(r"^(local CNN 2x2 \(8x8|global CNN \(16x16).*?\s(\d+)\s+(\d+)\s+([\d.]+)x", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["local CNN 2x2 (8x8", "global CNN (16x16"], proc.stdout
     for _, rate32, rate16, ratio in rows:
-        assert int(rate32) > 0 and int(rate16) > 0 and float(ratio) == pytest.approx(int(rate16) / int(rate32), abs=0.02)
+        assert (int(rate32) > 0 and int(rate16) > 0
+                and float(ratio) == pytest.approx(int(rate16) / int(rate32), abs=0.02))
 
 
 def test_streaming_benchmark_sorts_the_training_split_by_class(tiny_h5, tmp_path):

@@ -75,7 +75,8 @@ def test_evaluate_coherent_matches_a_direct_forward():
     with torch.no_grad():
         for m in [*models.values(), dnn]:
             m.eval()
-        logits = dnn(torch.cat([torch.softmax(models[i](torch.as_tensor(xs[i]).float() / 255), 1) for i in range(2)], 1))
+        logits = dnn(torch.cat([torch.softmax(models[i](torch.as_tensor(xs[i]).float() / 255), 1)
+                                for i in range(2)], 1))
     assert acc == pytest.approx((logits.argmax(1).numpy() == y).mean())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)).item(), rel=1e-5)
 

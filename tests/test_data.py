@@ -130,7 +130,8 @@ def test_idx_conversion(tmp_path, gz):
         assert f["train/images"].chunks == (25, 1, 7, 7)
     convert(str(src), str(tmp_path / "t4.h5"), val=5, tile=4)  # --tile: 7x7 grids read only their share
     with h5py.File(tmp_path / "t4.h5") as f, h5py.File(out) as g:
-        assert f["train/images"].chunks == (25, 1, 4, 4) and np.array_equal(f["train/images"][...], g["train/images"][...])
+        assert (f["train/images"].chunks == (25, 1, 4, 4)
+                and np.array_equal(f["train/images"][...], g["train/images"][...]))
 
 
 @pytest.mark.parametrize("damage,message", [

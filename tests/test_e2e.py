@@ -312,7 +312,8 @@ def test_transfer_learning_from_an_earlier_run_on_other_ranks(two_rank_run, tiny
     (["--width", "6"], "trained with --width 8, this run has 6"),
     (["--overlap", "0"], "trained with --overlap 1, this run has 0"),
     (["--arch", "resnet"], "trained with --arch vgg, this run has resnet"),
-    (["--blocks-per-stage", "5", "--hidden", "99"], "trained with --hidden 16, this run has 99"),  # resnet-only key ignored
+    (["--blocks-per-stage", "5", "--hidden", "99"],  # resnet-only key ignored
+     "trained with --hidden 16, this run has 99"),
     (["--normalize", "none"], "normalised with mean [0.5075] std [0.218], this run's are none: drop --normalize none"),
     ("nodir", "no config.json there"),
     ("nockpt", "missing checkpoints/local_2.pt"),
@@ -491,8 +492,8 @@ def test_width_classifier_from_python_equals_the_command_line(width_run, digits,
         assert f"accuracy {100 * cli[name]['test']:.2f}%" in proc.stdout, (source, model)
 
 
-FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coarse-steps", "0", "--coherent-epochs", "1", "--width", "8", "--hidden", "16",
-        "--batch-size", "64", "--threads", "1"]
+FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coarse-steps", "0", "--coherent-epochs", "1", "--width", "8",
+        "--hidden", "16", "--batch-size", "64", "--threads", "1"]
 
 
 @pytest.mark.parametrize("np_,grid", [(1, "2x2"), (2, "1x2"), (3, "2x2"), (4, "2x2"), (5, "3x3"), (6, "2x3"),
@@ -547,7 +548,8 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
                           f"{100 * r['accuracy']['average']['test']:.2f}"]
     assert cells[6] == f"{100 * r['accuracy']['CNN-DNN']['test']:.2f}"
     counts = np.array(r["confusion"]["counts"])  # the CNN-DNN's test predictions, row by row
-    assert counts.sum() == r["sizes"]["test"] and np.trace(counts) == round(r["accuracy"]["CNN-DNN"]["test"] * counts.sum())
+    assert (counts.sum() == r["sizes"]["test"]
+            and np.trace(counts) == round(r["accuracy"]["CNN-DNN"]["test"] * counts.sum()))
     for cls, row in zip(r["classes"], counts):
         assert f"| {cls} | " + " | ".join(str(n) for n in row) + " |" in text
     proc = run([str(tmp_path / "missing"), "--out", str(out)], script=("-m", "mpidd.report"))

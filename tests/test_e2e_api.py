@@ -19,7 +19,8 @@ API_FIT = (os.path.join(ROOT, "tests", "api_fit.py"),)
 PREDICT = ("-m", "mpidd.predict")
 # the command line's flags for api_fit.OPTIONS
 CLI = ["--grid", "2x2", "--epochs", "2", "--batch-size", "32", "--width", "8", "--hidden", "16",
-       "--coarse-epochs", "4", "--coarse-steps", "200", "--coarse-batch-size", "32", "--coherent-epochs", "1", "--threads", "1", "--seed", "2"]
+       "--coarse-epochs", "4", "--coarse-steps", "200", "--coarse-batch-size", "32", "--coherent-epochs", "1",
+       "--threads", "1", "--seed", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def test_predict_reproduces_the_runs_test_accuracies_at_1_2_4_and_8_ranks(cli_ru
             assert f"accuracy {100 * accuracy[name]['test']:.2f}%" in proc.stdout
     assert rows["cnn-dnn", 1] == rows["cnn-dnn", 2] == rows["cnn-dnn", 4] == rows["cnn-dnn", 8]  # to the digit
     first = rows["cnn-dnn", 1][0]
-    assert list(first)[:3] == ["index", "predicted", "class_name"] and first["class_name"] == f"class{first['predicted']}"
+    assert (list(first)[:3] == ["index", "predicted", "class_name"]
+            and first["class_name"] == f"class{first['predicted']}")
     assert sum(float(first[f"p_class{k}"]) for k in range(4)) == pytest.approx(1, abs=1e-4)
 
 

@@ -12,8 +12,8 @@ from test_e2e import results, run
 from test_prep_cifar_medmnist import write_cifar10
 from test_prep_folder_nifti import save_nifti
 
-TINY = ["--no-report", "--epochs", "1", "--batch-size", "16", "--width", "8", "--hidden", "16", "--coarse-epochs", "2", "--coarse-steps", "200",
-        "--threads", "1", "--mode", "twolevel"]
+TINY = ["--no-report", "--epochs", "1", "--batch-size", "16", "--width", "8", "--hidden", "16", "--coarse-epochs", "2",
+        "--coarse-steps", "200", "--threads", "1", "--mode", "twolevel"]
 
 
 def convert(name, *argv):
@@ -45,7 +45,8 @@ def test_cifar_pickles_to_a_normalised_rgb_run_and_its_predictions(tmp_path):
     local = state["models"]["twolevel"]["local"][3]
     assert local["normalize.mean"].flatten().tolist() == pytest.approx(mean)
     cnn_dnn = r["accuracy"]["CNN-DNN"]["test"]
-    proc = run([out, "--data", data, "--split", "test", "--out", str(tmp_path / "p.csv")], script=("-m", "mpidd.predict"))
+    proc = run([out, "--data", data, "--split", "test", "--out", str(tmp_path / "p.csv")],
+               script=("-m", "mpidd.predict"))
     assert proc.returncode == 0, proc.stderr
     assert f"accuracy {100 * cnn_dnn:.2f}%" in proc.stdout
 
@@ -68,7 +69,8 @@ def test_nifti_volumes_to_a_2x2x2_run(tmp_path):
             centre = rng.uniform(2, 8, 3)
             centre[2] = rng.uniform(1, 4) if k == 0 else rng.uniform(6, 9)
             blob = np.exp(-((grid - centre) ** 2).sum(-1) / 4)
-            save_nifti(str(tmp_path / "vols" / cls / f"v{j}.nii.gz"), -1000 + 1400 * blob + rng.normal(0, 20, blob.shape))
+            save_nifti(str(tmp_path / "vols" / cls / f"v{j}.nii.gz"),
+                       -1000 + 1400 * blob + rng.normal(0, 20, blob.shape))
     data = str(tmp_path / "vols.h5")
     convert("nifti", str(tmp_path / "vols"), "--out", data, "--shape", "8x8x8", "--window", "-1000,400",
             "--dtype", "uint8", "--val", "0.2", "--test", "0.2")

@@ -105,8 +105,8 @@ def test_training_on_the_heat_volumes(heat_volumes, tmp_path, grid, flags):
     """mpidd.train on volumes (3D VGG/ResNet local, coherent and global CNNs), on 4 ranks."""
     out = str(tmp_path / "run")
     proc = run(["--data", heat_volumes, "--grid", grid, "--out", out, "--epochs", "1", "--coarse-epochs", "2",
-                "--coherent-epochs", "1", "--width", "8", "--hidden", "16", "--batch-size", "64", "--threads", "1", "--no-report",
-                *flags], np=4, timeout=240)
+                "--coherent-epochs", "1", "--width", "8", "--hidden", "16", "--batch-size", "64", "--threads", "1",
+                "--no-report", *flags], np=4, timeout=240)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     with open(os.path.join(out, "results.json")) as f:
         r = json.load(f)

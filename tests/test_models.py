@@ -22,7 +22,8 @@ def test_vgg_3d_and_depth_width():
 def test_parameters_do_not_depend_on_input_size_and_scale_with_width():
     cfg = CNNConfig()
     assert count_parameters(build_cnn(1, 10, (28, 28), cfg)) == count_parameters(build_cnn(1, 10, (14, 14), cfg))
-    assert count_parameters(build_cnn(1, 10, (28, 28), cfg, 0.5)) < count_parameters(build_cnn(1, 10, (28, 28), cfg)) / 3
+    assert (count_parameters(build_cnn(1, 10, (28, 28), cfg, 0.5))
+            < count_parameters(build_cnn(1, 10, (28, 28), cfg)) / 3)
 
 
 @pytest.mark.parametrize("N,sub", [(4, (14, 14)), (16, (7, 7)), (2, (28, 14))])

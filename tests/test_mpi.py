@@ -367,7 +367,8 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(comm):
         torch.testing.assert_close(p.float(), q.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ref_history], rel=1e-5)
     assert [h["val_acc"] for h in history] == pytest.approx([h["val_acc"] for h in ref_history], abs=1e-6)
-    assert evaluate(member, x[lo:hi], y[lo:hi], group=group, total=n) == pytest.approx(evaluate(reference, x, y), rel=1e-5)
+    assert (evaluate(member, x[lo:hi], y[lo:hi], group=group, total=n)
+            == pytest.approx(evaluate(reference, x, y), rel=1e-5))
     group.comm.Free()
 
 

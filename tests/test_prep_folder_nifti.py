@@ -246,7 +246,8 @@ def test_folder_command_line(tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}: train 2, val 1, test 1" in run.stdout
     assert inspect(out).sizes == {"train": 2, "val": 1, "test": 1}
-    bad = subprocess.run([sys.executable, "-m", "data_prep.image_folder", str(tmp_path / "nowhere"), "--out", out + "2"],
+    bad = subprocess.run([sys.executable, "-m", "data_prep.image_folder", str(tmp_path / "nowhere"),
+                          "--out", out + "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not os.path.exists(out + "2")
 

@@ -52,7 +52,8 @@ def test_photos_set(tmp_path):
     assert photos.main(["--out", str(tmp_path / "bad.h5"), "--size", "200"]) == 2
     assert not (tmp_path / "bad.h5").exists()
     tiled = str(tmp_path / "tiled.h5")  # --tile, common to the converters: the chunks' spatial edge
-    assert photos.main(["--out", tiled, "--size", "16", "--train", "5", "--val", "2", "--test", "3", "--tile", "4"]) == 0
+    assert photos.main(["--out", tiled, "--size", "16", "--train", "5", "--val", "2", "--test", "3",
+                        "--tile", "4"]) == 0
     with h5py.File(tiled) as f, h5py.File(out) as g:
         assert f["train/images"].chunks[2:] == (4, 4) and g["train/images"].chunks[2:] == (8, 8)
         assert np.array_equal(f["train/images"][...], g["train/images"][...])

@@ -50,7 +50,8 @@ def test_the_blocks_order_reads_each_chunk_row_once_an_epoch(chunked, monkeypatc
     got = list(s.iter_reads(batches))
     assert all(np.array_equal(g, images[b]) for g, b in zip(got, batches))
     assert s.stats.bytes_read == images.nbytes  # every sample once: whole blocks, each read one time
-    exact = [torch.randperm(192, generator=torch.Generator().manual_seed(3))[b:b + 20].numpy() for b in range(0, 192, 20)]
+    exact = [torch.randperm(192, generator=torch.Generator().manual_seed(3))[b:b + 20].numpy()
+             for b in range(0, 192, 20)]
     e = stream.BoxStream(path, "train", BOX)
     assert all(np.array_equal(g, images[b]) for g, b in zip(e.iter_reads(exact), exact))
     assert e.stats.bytes_read == images.nbytes  # every block held at once: still within the buffer
@@ -66,7 +67,8 @@ def test_epoch_order(chunked):
         return epoch_order(n, torch.Generator().manual_seed(seed), block, buffer)
     assert torch.equal(order(1, 8), torch.randperm(96, generator=torch.Generator().manual_seed(1)))
     o = order(16, 2)
-    assert sorted(o.tolist()) == list(range(96)) and torch.equal(o, order(16, 2)) and not torch.equal(o, order(16, 2, 2))
+    assert (sorted(o.tolist()) == list(range(96)) and torch.equal(o, order(16, 2))
+            and not torch.equal(o, order(16, 2, 2)))
     windows = [set((o[w:w + 32] // 16).tolist()) for w in (0, 32, 64)]  # each window: the samples of 2 whole blocks
     assert all(len(w) == 2 for w in windows) and set.union(*windows) == set(range(6))
     assert not torch.equal(o[:32].sort().values, o[:32])  # shuffled inside the window

@@ -7,10 +7,10 @@
 
 Every jobs/experiments/*.toml is one run of `python -m mpidd.train --config FILE` (launched by
 jobs/local.sh, so MPIEXEC, PYTHON and MPIEXEC_PREFLAGS choose the MPI as there), into
-OUT/NAME (what it printed: OUT/NAME.log); then `python -m mpidd.report OUT/* --out OUT/report` writes OUT/report/report.md with
-the papers' table across the runs and every run's figures. A run whose results.json exists is
-not run again, so the same command continues an interrupted grid; a run that fails is
-reported, the others go on, and the exit status is 1.
+OUT/NAME (what it printed: OUT/NAME.log); then `python -m mpidd.report OUT/* --out OUT/report` writes
+OUT/report/report.md with the papers' table across the runs and every run's figures. A run whose
+results.json exists is not run again, so the same command continues an interrupted grid; a run
+that fails is reported, the others go on, and the exit status is 1.
 
 --quick writes OUT/data_quick.h5, the first 6000 training, 1000 validation and 2000 test images
 of --data (its own channel statistics), and trains every model for 1 epoch (coarse DNN 5):
@@ -35,7 +35,8 @@ QUICK_FLAGS = ["--epochs", "1", "--coarse-epochs", "5", "--coherent-epochs", "1"
 
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python jobs/experiments/run.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced budget: a data subset and 1 epoch")
     p.add_argument("--np", type=int, default=4, help="MPI ranks of every run (default: 4)")
     p.add_argument("--data", default="data/fashion_mnist.h5", help="data file (default: data/fashion_mnist.h5)")
@@ -57,7 +58,8 @@ def main(argv=None):
     prefixes = tuple(args.only.split(",")) if args.only else ("",)
     configs = sorted(c for c in glob.glob(os.path.join(HERE, "*.toml")) if os.path.basename(c).startswith(prefixes))
     if not configs:
-        print(f"run.py: error: no configuration in {HERE} starts with {args.only!r} (names: fm_GRID_overlapD_ARCH, width_ARCH)", file=sys.stderr)
+        print(f"run.py: error: no configuration in {HERE} starts with {args.only!r} "
+              "(names: fm_GRID_overlapD_ARCH, width_ARCH)", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     data, flags = args.data, list(args.extra)
@@ -84,7 +86,8 @@ def main(argv=None):
             failed.append(name)
     done = [r for r in runs if os.path.exists(os.path.join(r, "results.json"))]
     if done:
-        report = subprocess.run([sys.executable, "-m", "mpidd.report", *done, "--out", os.path.join(args.out, "report")])
+        report = subprocess.run([sys.executable, "-m", "mpidd.report", *done,
+                                 "--out", os.path.join(args.out, "report")])
         failed += ["report"] if report.returncode else []
     if failed:
         print(f"run.py: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)

@@ -250,7 +250,8 @@ RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "report", "resume", "c
 
 
 def same_value(a, b) -> bool:
-    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
     return norm(a) == norm(b)
 
 

@@ -15,8 +15,8 @@ from .. import data, parallel, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
-from .plan import (cnn_config, cnn_options, coherent_config, fit_checkpoint, load_pretrained_checkpoint, twolevel_config,
-                   width_config)
+from .plan import (cnn_config, cnn_options, coherent_config, fit_checkpoint, load_pretrained_checkpoint,
+                   twolevel_config, width_config)
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -109,7 +109,8 @@ def load_local_models(run: Run):
     models, rows = {}, []
     for i in run.mine:
         saved = rundir.load_checkpoint(run.path(f"local_{i}.pt"))
-        model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args), run.plan["width_factor"])
+        model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args),
+                          run.plan["width_factor"])
         model.load_state_dict(saved["model"])
         models[i] = run.on_device(model)
         if run.leader:

@@ -263,7 +263,8 @@ def plan_run(args, comm) -> dict:
     cfg = cnn_config(args)
     C, K = info.channels, info.num_classes
     wf = args.width_factor or (1.0 if args.mode == "width" else  # (local CNNs only)
-                               local_width_factor(C, K, info.spatial_shape, dec.subimage_shape, dec.num_subdomains, cfg))
+                               local_width_factor(C, K, info.spatial_shape, dec.subimage_shape,
+                                                  dec.num_subdomains, cfg))
     if args.from_run is not None:
         check_pretrained_run(args, info, dec, cfg, wf)
     subnet_params = None

@@ -37,8 +37,9 @@ def world():
     return MPI.COMM_WORLD
 
 
-__all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides", "sleepy_barrier", "sleepy_wait",
+__all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides",
+           "sleepy_barrier", "sleepy_wait",
            "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "StartupError",
-           "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version", "memory_per_rank",
-           "node_comm", "node_cores_and_ranks", "oversubscribed", "select_device", "tune_malloc",
+           "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
+           "memory_per_rank", "node_comm", "node_cores_and_ranks", "oversubscribed", "select_device", "tune_malloc",
            "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement", "world_dup", "world"]
