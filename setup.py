@@ -20,7 +20,8 @@ setup(
         # data_prep's converters: nibabel reads NIfTI volumes; scikit-image ships lfw_subset and sample photos
         "data": ["nibabel>=5", "scikit-image>=0.22"],
         # scikit-learn: its bundled real `digits` for tests
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3", "nibabel>=5", "scikit-image>=0.22"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "scikit-learn>=1.3", "nibabel>=5", "scikit-image>=0.22",
+                 "ruff>=0.5"],  # ruff: the lint suite (ruff.toml)
         "mpich": ["mpich"],  # MPI from pip (make's default, MPI=pip); leave it out for a site MPI
     },
 )

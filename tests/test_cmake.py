@@ -30,8 +30,8 @@ def test_suites_registered_at_1_to_4_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ctest = os.path.join(os.path.dirname(CMAKE), "ctest")
     listed = subprocess.run([ctest, "--test-dir", str(build), "-N", "-V"], capture_output=True, text=True).stdout
-    for name in ("unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_stream", "e2e_openmpi",
-                 "slurm"):
+    for name in ("lint", "unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_stream",
+                 "e2e_openmpi", "slurm"):
         assert f": {name}" in listed
     assert "SLURM_TEST=1" in listed and "--ignore=tests/test_slurm.py" in listed
     assert f'{mpiexec} "-n" "4"' in listed and "--with-mpi" in listed
