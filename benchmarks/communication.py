@@ -11,7 +11,7 @@ Prints on rank 0 one table row per message pattern, all measured on the same ran
    per_rank[r]["phases"]["local"]), or an estimate from timing --steps training steps of the
    rank's local CNNs (batch 128) scaled to ceil(n_train / 128) steps x --epochs.
 2. coherent: the model-parallel exchange of a step (gather of B x N x K local outputs to rank 0,
-   scatter of their gradients back; mpidd.bench.exchange_benchmark), against the training step of
+   scatter of their gradients back; benchmarks/exchange.py's exchange_benchmark), against the training step of
    the rank's local CNNs at batch B.
 3. data parallel: DataParallelGroup.sum_gradients (one Allreduce of every gradient, params x 4
    bytes) over all ranks, for the local CNN of 2x2 and the global CNN (28x28, width factor 1),
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mpidd import parallel
-from mpidd.bench import exchange_benchmark
+from exchange import exchange_benchmark
 from mpidd.decomposition import Decomposition, parse_grid, subdomains_of_rank
 from mpidd.engine import TrainOptions, make_optimizer, to_channels_last, to_float
 from mpidd.models import CNNConfig, build_cnn, count_parameters, local_width_factor

@@ -1,4 +1,4 @@
-"""Launch-only helpers, for the command lines (python -m mpidd.train, .predict, .bench): the
+"""Launch-only helpers, for the command lines (python -m mpidd.train, .predict; benchmarks/): the
 abort hook, the Slurm task check, device and thread choice, start-up tuning, versions.
 The library (mpidd.api, mpidd.methods) installs none of these behind the caller's back.
 """

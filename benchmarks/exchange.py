@@ -1,8 +1,8 @@
-"""Benchmarks that print figures (not tests).
+"""The coherent CNN-DNN's model-parallel exchange against a local CNN's training step.
 
-    mpirun -n 4 python -m mpidd.bench exchange            # coherent CNN-DNN: exchange vs a step, 2x2, batch 128
+    mpirun -n 4 python benchmarks/exchange.py             # 2x2, batch 128
 
-`exchange` times the model-parallel exchange of the coherent CNN-DNN on its own (gather of
+It times the model-parallel exchange of the coherent CNN-DNN on its own (gather of
 the B x K local outputs of every subdomain to rank 0, scatter of their gradients back), with
 all ranks in step (a barrier before), and a local CNN's training step (forward, backward,
 Adam) at the same batch size with every rank computing at once, as in coherent training.
@@ -11,21 +11,23 @@ Adam) at the same batch size with every rank computing at once, as in coherent t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from . import parallel
-from .decomposition import Decomposition, parse_grid, subdomains_of_rank
-from .engine import TrainOptions, make_optimizer, to_channels_last, to_float
-from .models import CNNConfig, build_cnn, local_width_factor
+import torch  # noqa: E402
+
+from mpidd import parallel  # noqa: E402
+from mpidd.decomposition import Decomposition, parse_grid, subdomains_of_rank  # noqa: E402
+from mpidd.engine import TrainOptions, make_optimizer, to_channels_last, to_float  # noqa: E402
+from mpidd.models import CNNConfig, build_cnn, local_width_factor  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="python -m mpidd.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python benchmarks/exchange.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=("exchange",), help="what to measure")
     p.add_argument("--grid", default="2x2", help="subdomain grid")
     p.add_argument("--image", default="28x28", help="image size")
     p.add_argument("--classes", type=int, default=10, help="K")
@@ -87,7 +89,7 @@ def main(argv=None):
         exchange_s = max(r[0] for r in results)
         step_s = max(r[1] for r in results)
         N = sum(r[2] for r in results)
-        print(f"mpidd.bench exchange: {comm.Get_size()} ranks x {torch.get_num_threads()} threads, "
+        print(f"benchmarks/exchange.py: {comm.Get_size()} ranks x {torch.get_num_threads()} threads, "
               f"grid {args.grid} (N={N}), K={args.classes}, batch {args.batch_size}; "
               f"{parallel.library_version()}")
         print(f"exchange (gather {args.batch_size}x{N}x{args.classes} float32 + scatter of the gradients): "
