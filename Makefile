@@ -93,7 +93,7 @@ setup: $(STAMP)
 
 # Debian's Open MPI and an mpi4py built against it in $(OPENMPI_DIR), beside the venv's own:
 # PYTHONPATH=$(OPENMPI_DIR) mpirun.openmpi -n 2 $(PY) -m mpidd.train ... runs the same venv
-# (torch, h5py, mpidd) under Open MPI. tests/test_openmpi.py (CTest: e2e_openmpi) does that.
+# (torch, h5py, mpidd) under Open MPI. tests/e2e/test_openmpi.py (CTest: e2e_openmpi) does that.
 # CFLAGS puts Open MPI's headers first: the build also sees $(VENV)/include, where the pip MPICH
 # put its own mpi.h, and Open MPI's wrapper appends its -I after the caller's.
 $(OPENMPI_STAMP): | $(STAMP)

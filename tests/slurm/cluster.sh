@@ -1,5 +1,5 @@
 #!/bin/bash
-# A one-node Slurm cluster of its own, for the tests (tests/test_slurm.py) or by hand:
+# A one-node Slurm cluster of its own, for the tests (tests/slurm/test_slurm.py) or by hand:
 #
 #   tests/slurm/cluster.sh start DIR    install Slurm and munge with apt when missing, write DIR/slurm.conf,
 #                                       start munged, slurmctld and slurmd, wait until the node is idle

@@ -17,7 +17,7 @@ from mpidd.data import write_dataset
 from test_e2e import TINY, results, run
 from test_restart import EXIT_PREEMPTED, SIGNAL, marker, scores
 
-SMALL_MEMORY = (os.path.join(ROOT, "tests", "memory_on_rank.py"),)
+SMALL_MEMORY = (os.path.join(ROOT, "tests", "helpers", "memory_on_rank.py"),)
 COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 from data_prep import image_folder, nifti
 from mpidd.data import SPLITS, inspect
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLIP_X = np.diag([-1.0, 1.0, 1.0, 1.0])  # a left-right flipped (LAS) orientation
 
 

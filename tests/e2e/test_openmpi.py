@@ -87,7 +87,7 @@ def test_two_level_run_under_open_mpi(openmpi, tiny, tmp_path):
 def test_a_failing_rank_ends_the_job_under_open_mpi(openmpi, tiny, tmp_path):
     start = time.perf_counter()
     proc = launch(openmpi, ["1", "local", "--data", tiny, "--out", str(tmp_path / "f"), *TINY],
-                  script=(os.path.join(ROOT, "tests", "raise_on_rank.py"),))
+                  script=(os.path.join(ROOT, "tests", "helpers", "raise_on_rank.py"),))
     assert proc.returncode != 0
     assert "rank 1" in proc.stderr and "injected failure in the local phase" in proc.stderr
     assert time.perf_counter() - start < 60

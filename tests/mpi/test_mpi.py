@@ -1,4 +1,4 @@
-"""MPI behaviour, under mpirun:  mpirun -n 4 python -m pytest --with-mpi --only-mpi tests/test_mpi.py"""
+"""MPI behaviour, under mpirun:  mpirun -n 4 python -m pytest --with-mpi --only-mpi tests/mpi/test_mpi.py"""
 
 import os
 

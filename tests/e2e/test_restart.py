@@ -15,8 +15,8 @@ from conftest import ROOT, make_tiny_dataset
 from mpidd.engine import precision_error
 from test_e2e import TINY, results, run
 
-SIGNAL = (os.path.join(ROOT, "tests", "signal_on_rank.py"),)
-NO_BF16 = (os.path.join(ROOT, "tests", "no_bf16_on_rank.py"),)
+SIGNAL = (os.path.join(ROOT, "tests", "helpers", "signal_on_rank.py"),)
+NO_BF16 = (os.path.join(ROOT, "tests", "helpers", "no_bf16_on_rank.py"),)
 BENCHMARK = os.path.join(ROOT, "benchmarks", "precision.py")
 COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
 SCORES = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")

@@ -3,14 +3,18 @@ under mpirun -> mpidd.predict, with the data file's per-channel normalisation al
 
 import json
 import os
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from test_e2e import results, run
-from test_prep_cifar_medmnist import write_cifar10
-from test_prep_folder_nifti import save_nifti
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))  # the data_prep unit tests' file writers
+from test_prep_cifar_medmnist import write_cifar10  # noqa: E402
+from test_prep_folder_nifti import save_nifti  # noqa: E402
 
 TINY = ["--no-report", "--epochs", "1", "--batch-size", "16", "--width", "8", "--hidden", "16", "--coarse-epochs", "2",
         "--coarse-steps", "200", "--threads", "1", "--mode", "twolevel"]

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_tiny_dataset
-from test_e2e import run
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))  # run(): the end-to-end tests' mpirun launcher
+from test_e2e import run  # noqa: E402
 
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 CPU_JOB = os.path.join("jobs", "slurm_cpu.sh")
@@ -207,7 +209,7 @@ def test_a_failing_rank_fails_the_job_without_requeue(slurm, config, tmp_path):
     with the exit code, and the script does not requeue it."""
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/bash\n# called as: python -m mpidd.train ARGS...\nshift 2\n'
-                       f'exec {sys.executable} {ROOT}/tests/raise_on_rank.py 1 local "$@"\n')
+                       f'exec {sys.executable} {ROOT}/tests/helpers/raise_on_rank.py 1 local "$@"\n')
     wrapper.chmod(0o755)
     job_id = slurm.submit(config, str(tmp_path / "run"), python=str(wrapper))
     job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL)

@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from data_prep import cifar, medmnist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -1,6 +1,7 @@
 """The CMake/CTest registration: refuses an in-source build, registers every suite, installs the jobs."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,12 @@ from conftest import ROOT
 
 CMAKE = shutil.which("cmake") or os.path.join(os.path.dirname(sys.executable), "cmake")
 pytestmark = pytest.mark.skipif(not os.path.exists(CMAKE), reason="cmake not installed")
+
+
+def suite_commands(listed):
+    """{suite name: its command line} from `ctest -N -V`'s listing."""
+    commands = dict(re.findall(r"^(\d+): Test command: (.*)$", listed, re.M))
+    return {name: commands[n] for n, name in re.findall(r"^\s*Test\s+#(\d+): (\S+)$", listed, re.M)}
 
 
 def test_in_source_build_is_refused(tmp_path):
@@ -33,9 +40,21 @@ def test_suites_registered_at_1_to_4_ranks(tmp_path):
     for name in ("lint", "unit", "mpi_np1", "mpi_np2", "mpi_np3", "mpi_np4", "e2e", "e2e_restart", "e2e_stream",
                  "e2e_openmpi", "slurm"):
         assert f": {name}" in listed
-    assert "SLURM_TEST=1" in listed and "--ignore=tests/test_slurm.py" in listed
+    assert "SLURM_TEST=1" in listed
     assert f'{mpiexec} "-n" "4"' in listed and "--with-mpi" in listed
-    assert "--ignore=tests/test_openmpi.py" in listed  # the unit suite leaves the Open MPI run to e2e_openmpi
+    commands = suite_commands(listed)
+    # tests/ mirrors the suites: unit runs tests/unit alone and leaves the Open MPI, Slurm and other
+    # end-to-end runs to their suites
+    assert commands["unit"].endswith(' "tests/unit"')
+    assert "tests/e2e" not in commands["unit"] and "tests/slurm" not in commands["unit"]
+    assert '"--only-mpi" "tests/mpi"' in commands["mpi_np4"]
+    assert commands["e2e_openmpi"].endswith(' "tests/e2e/test_openmpi.py"')
+    assert commands["slurm"].endswith(' "tests/slurm"')
+    # every test file runs in some suite (a folder or the file itself named on its command line)
+    named = {arg for command in commands.values() for arg in re.findall(r'"(tests/[^"]*)"', command)}
+    files = {os.path.relpath(os.path.join(folder, f), ROOT) for folder, _, names in os.walk(os.path.join(ROOT, "tests"))
+             for f in names if f.startswith("test_") and f.endswith(".py")}
+    assert len(files) > 20 and {f for f in files if f not in named and os.path.dirname(f) not in named} == set()
 
 
 def test_site_mpi_flags_reach_the_mpi_suites_and_end_to_end_tests(tmp_path):

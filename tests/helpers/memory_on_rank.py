@@ -1,6 +1,6 @@
 """Run mpidd.train as if one rank had only BYTES of memory available (test helper).
 
-    mpirun -n 2 python tests/memory_on_rank.py RANK BYTES [mpidd.train arguments...]
+    mpirun -n 2 python tests/helpers/memory_on_rank.py RANK BYTES [mpidd.train arguments...]
 """
 
 import sys

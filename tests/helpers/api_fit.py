@@ -1,9 +1,9 @@
-"""Fit a TwoLevelClassifier from Python under mpirun (test helper for tests/test_e2e_api.py).
+"""Fit a TwoLevelClassifier from Python under mpirun (test helper for tests/e2e/test_e2e_api.py).
 
-    mpirun -n 4 python tests/api_fit.py split OUT DATA_A DATA_B   # COMM_WORLD split in two: A and B at once
-    mpirun -n 2 python tests/api_fit.py alone OUT DATA            # one fit on COMM_WORLD
-    mpirun -n 2 python tests/api_fit.py cli OUT DATA [options]     # the command line's options, for comparison
-    mpirun -n 2 python tests/api_fit.py width OUT DATA              # WidthClassifier with test_e2e.WIDTH's options
+    mpirun -n 4 python tests/helpers/api_fit.py split OUT DATA_A DATA_B  # COMM_WORLD split in two: A and B at once
+    mpirun -n 2 python tests/helpers/api_fit.py alone OUT DATA           # one fit on COMM_WORLD
+    mpirun -n 2 python tests/helpers/api_fit.py cli OUT DATA [options]   # the command line's options, for comparison
+    mpirun -n 2 python tests/helpers/api_fit.py width OUT DATA           # WidthClassifier with test_e2e.WIDTH's options
 
 Writes OUT/<name>.npz (test probabilities of cnn-dnn, average, vote; val scores) and, for
 `cli`, OUT/api_model.pt (clf.save) and OUT/api_scores.json (test accuracies).

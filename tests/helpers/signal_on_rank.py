@@ -1,6 +1,6 @@
 """Run mpidd.train, but send SIGUSR1 (or SIGKILL) to one rank at a chosen point (test helper).
 
-    mpirun -n 4 python tests/signal_on_rank.py RANK PHASE POLLS [SIGNAL] [mpidd.train arguments...]
+    mpirun -n 4 python tests/helpers/signal_on_rank.py RANK PHASE POLLS [SIGNAL] [mpidd.train arguments...]
 
 PHASE is local, coarse, coherent_random, coherent_pretrained, global or subnets: once rank
 RANK has polled for a stop POLLS times inside that phase (about once a training step or

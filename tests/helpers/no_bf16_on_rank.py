@@ -1,6 +1,6 @@
 """Run mpidd.train as if one rank's CPU had no bfloat16 support (test helper).
 
-    mpirun -n 2 python tests/no_bf16_on_rank.py RANK [mpidd.train arguments...]
+    mpirun -n 2 python tests/helpers/no_bf16_on_rank.py RANK [mpidd.train arguments...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Run mpidd.train, but make one rank raise in the middle of a phase (test helper).
 
-    mpirun -n 2 python tests/raise_on_rank.py RANK local|exchange [mpidd.train arguments...]
+    mpirun -n 2 python tests/helpers/raise_on_rank.py RANK local|exchange [mpidd.train arguments...]
 
 local: the rank fails in its local phase, and the other ranks go on to the gather;
 exchange: the rank fails inside the coherent model's exchange (the scatter of the third

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, make_tiny_dataset
 from test_e2e import launcher, results, run
 
-API_FIT = (os.path.join(ROOT, "tests", "api_fit.py"),)
+API_FIT = (os.path.join(ROOT, "tests", "helpers", "api_fit.py"),)
 PREDICT = ("-m", "mpidd.predict")
 # the command line's flags for api_fit.OPTIONS
 CLI = ["--grid", "2x2", "--epochs", "2", "--batch-size", "32", "--width", "8", "--hidden", "16",

@@ -141,7 +141,7 @@ def test_a_failing_rank_ends_the_job(tiny, tmp_path, where, mode, np_, rank):
     start = time.perf_counter()
     proc = run([str(rank), where, "--data", tiny, "--grid", "2x2", "--mode", mode, "--init", "random",
                 "--out", str(tmp_path / "f"), *TINY],
-               np=np_, timeout=120, script=(os.path.join(ROOT, "tests", "raise_on_rank.py"),))
+               np=np_, timeout=120, script=(os.path.join(ROOT, "tests", "helpers", "raise_on_rank.py"),))
     assert proc.returncode != 0
     assert f"rank {rank}" in proc.stderr
     injected = f"injected failure in{'side' if where == 'exchange' else ''} the"
@@ -473,7 +473,7 @@ def test_width_mode_on_volumes_ignores_the_grid(tmp_path):
 def test_width_classifier_from_python_equals_the_command_line(width_run, digits, tmp_path):
     """mpidd.WidthClassifier under mpirun -n 2 with the options of WIDTH: the same accuracies."""
     out, _ = width_run
-    proc = run(["width", str(tmp_path), digits], np=2, script=(os.path.join(ROOT, "tests", "api_fit.py"),))
+    proc = run(["width", str(tmp_path), digits], np=2, script=(os.path.join(ROOT, "tests", "helpers", "api_fit.py"),))
     assert proc.returncode == 0, proc.stderr
     api = json.load(open(tmp_path / "width.json"))
     cli = results(out)["accuracy"]
