@@ -9,7 +9,8 @@ files and folders and other files are ignored. If ROOT holds a folder train/, th
 ROOT/val and ROOT/test are the splits, each in that convention (classes: the sorted union; each
 must occur in train/); val/ or test/ may be missing. Missing splits are drawn from the training
 files by one seeded shuffle (--seed): --val and --test are fractions of their count, at least
-one file each. Without split folders, one such shuffle splits all files.
+one file each. Without split folders, one such shuffle splits all files. Every split is written
+in a seeded random order (--seed), never class by class.
 
 Images are converted to RGB (3 channels) or grey (L, 1 channel) with Pillow (an alpha channel
 is dropped) and stored uint8 (n, C, H, W). With --size HxW every image is resized to H rows by
@@ -100,7 +101,10 @@ def find_samples(root: str, suffixes: tuple, val: float, test: float, seed: int)
         parts = {}
     for split, index in parts.items():
         samples[split] = [train[i] for i in index]
-    return classes, samples
+    # Written in a seeded random order, not class by class: a file in class order would defeat
+    # `mpidd.train --shuffle blocks`, which mixes only a few chunk rows of samples at a time.
+    rng = np.random.default_rng([seed, 1])
+    return classes, {s: [found[i] for i in rng.permutation(len(found))] for s, found in samples.items()}
 
 
 def write_samples(out: str, samples: dict, classes: list, sample_shape: tuple, dtype, load, what: str,
@@ -134,7 +138,8 @@ def add_arguments(p):
     p.add_argument("--color", choices=("rgb", "gray"), default="rgb", help="3 channels (RGB) or 1 (grey)")
     p.add_argument("--val", type=float, default=0.1, help="fraction for the validation split when ROOT has no val/")
     p.add_argument("--test", type=float, default=0.1, help="fraction for the test split when ROOT has no test/")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that draws missing splits")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the shuffles that draw missing splits and order the samples in the file")
 
 
 def convert(args) -> dict:

@@ -76,7 +76,8 @@ def add_arguments(p):
                    help="float32, or uint8 = round(255 * windowed value) (needs --window)")
     p.add_argument("--val", type=float, default=0.1, help="fraction for the validation split when ROOT has no val/")
     p.add_argument("--test", type=float, default=0.1, help="fraction for the test split when ROOT has no test/")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that draws missing splits")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the shuffles that draw missing splits and order the samples in the file")
 
 
 def convert(args) -> dict:

@@ -215,6 +215,15 @@ def epoch_order(n: int, generator: torch.Generator, block: int = 1, buffer: int 
     return torch.cat(order)
 
 
+def classes_per_block(labels, block: int) -> float:
+    """The mean number of distinct classes among the labels of each block of `block` consecutive
+    samples: how mixed the file's chunk rows are, which is all the blocks order (epoch_order)
+    can mix beyond its buffer. A file in class order has about 1."""
+    labels = np.asarray(labels)
+    starts = range(0, len(labels), max(1, block))
+    return float(np.mean([len(np.unique(labels[a:a + block])) for a in starts])) if len(labels) else 0.0
+
+
 class Feed:
     """A loop's images, batch by batch: from an array in memory (indexed directly, moved to
     `device` once) or from a stream (mpidd.stream.BoxStream), whose batches are announced in

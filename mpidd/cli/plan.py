@@ -10,7 +10,7 @@ import torch
 
 from .. import data, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, choose_grid, format_grid, layout, parse_grid
-from ..engine import TrainOptions
+from ..engine import TrainOptions, classes_per_block
 from ..methods import coherent, twolevel, width
 from ..models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
 from ..width import WidthError, build_subnet
@@ -49,6 +49,22 @@ def resolve_shuffle(args, info: data.DataInfo):
     """args.shuffle_block: the samples of one block of the training order (engine.epoch_order):
     1 for --shuffle exact, the file's chunk extent along the samples for blocks."""
     args.shuffle_block = 1 if args.shuffle == "exact" else (info.chunk_samples or 1024)
+
+
+def order_warning(args, info: data.DataInfo) -> str | None:
+    """--shuffle blocks on a training split whose chunk rows hold few classes (a file written
+    class by class): the order would feed one class at a time. A warning, not a refusal."""
+    if args.shuffle != "blocks" or args.shuffle_block <= 1:
+        return None
+    labels = data.load_labels(args.data)["train"]
+    mixed = classes_per_block(labels, args.shuffle_block)
+    if mixed >= 0.5 * min(info.num_classes, args.shuffle_block):
+        return None
+    return (f"warning: --shuffle blocks: a chunk row of the training split ({args.shuffle_block} samples) holds "
+            f"{mixed:.1f} of the {info.num_classes} classes on average (a file written class by class?), so "
+            f"the training order will hold long runs of one class; use --shuffle exact, a --shuffle-buffer that "
+            f"spans the whole split ({-(-len(labels) // args.shuffle_block)} chunk rows), or a file written in "
+            f"a mixed order")
 
 
 def order_options(args) -> dict:
@@ -242,6 +258,7 @@ def plan_run(args, comm) -> dict:
         raise UsageError(msg) from None
     resolve_normalization(args, info)
     resolve_shuffle(args, info)
+    note = "; ".join(n for n in (note, order_warning(args, info)) if n) or None
     try:
         if args.grid == "auto" and args.mode != "width":
             resolve_auto_grid(args, size, info.spatial_shape)

@@ -79,3 +79,35 @@ def test_a_runs_config_json_can_be_passed_back(tmp_path):
     again = parse_args(["--config", str(path)])
     assert {k: v for k, v in vars(again).items() if k in saved} == saved
     assert again.threads is None and again.width_factor is None
+
+
+def test_shuffle_blocks_on_a_file_in_class_order_warns(tmp_path):
+    """A training split written class by class: its chunk rows hold one class each, so --shuffle
+    blocks warns (naming the way out); the same samples in a mixed order, or --shuffle exact, do not."""
+    import numpy as np
+
+    from mpidd import data, write_dataset
+    from mpidd.cli.plan import order_warning, resolve_shuffle
+    from mpidd.engine import classes_per_block
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 128)
+    x = rng.integers(0, 255, (len(y), 1, 8, 8)).astype(np.uint8)
+    small = (x[:8], np.arange(8) % 4)
+    for name, order in (("sorted", np.arange(len(y))), ("mixed", rng.permutation(len(y)))):
+        path = write_dataset(str(tmp_path / f"{name}.h5"), {"train": (x[order], y[order]), "val": small,
+                                                            "test": small}, chunk_samples=64)
+        info = data.inspect(path)
+        args = parse_args(["--data", path, "--shuffle", "blocks"])
+        resolve_shuffle(args, info)
+        assert args.shuffle_block == 64
+        warning = order_warning(args, info)
+        if name == "sorted":
+            assert classes_per_block(y, 64) == 1.0
+            assert warning.startswith("warning: --shuffle blocks: a chunk row of the training split (64 samples) "
+                                      "holds 1.0 of the 4 classes")
+            assert "--shuffle exact" in warning and "(8 chunk rows)" in warning
+        else:
+            assert classes_per_block(y[order], 64) > 3 and warning is None
+        args = parse_args(["--data", path, "--shuffle", "exact"])
+        resolve_shuffle(args, info)
+        assert order_warning(args, info) is None

@@ -108,6 +108,23 @@ def test_png_bmp_exact(tmp_path):
     assert not all(np.array_equal(read(other)[0][s][0], data[s][0]) for s in SPLITS)
 
 
+def test_folder_files_are_written_in_a_mixed_class_order(tmp_path):
+    """Class folders list their files class by class; the file must not (--shuffle blocks mixes
+    only a few chunk rows): every split in a seeded random order, the same for the same seed."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for cls in ("a", "b", "c", "d"):
+        for k in range(10):
+            save_image(str(root / cls / f"{k}.png"), random_rgb(rng))
+    outs = [str(tmp_path / f"{k}.h5") for k in range(2)]
+    for out in outs:
+        assert image_folder.main([str(root), "--out", out, "--val", "0.1", "--test", "0.1"]) == 0
+    labels = [read(out)[0]["train"][1] for out in outs]
+    assert np.array_equal(labels[0], labels[1])  # seeded
+    assert np.any(np.diff(labels[0]) < 0)  # not in class order: a later class before an earlier one
+    assert sorted(labels[0].tolist()) != labels[0].tolist()
+
+
 def test_jpeg_against_pillow_decode(tmp_path):
     rng = np.random.default_rng(1)
     root, expected = tmp_path / "jpg", {}
