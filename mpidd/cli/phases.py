@@ -320,20 +320,19 @@ def write_model_file(run: Run, accuracies):
         return rundir.load_checkpoint(run.path(name))["model"]
     models = {}
     if "cnn_dnn" in accuracies:
-        models["twolevel"] = {"local": {i: weights(f"local_{i}.pt") for i in range(N)},
-                              "dnn": weights("coarse_dnn.pt"), "exchange": "probabilities"}
+        models["twolevel"] = saved.combined_part({i: weights(f"local_{i}.pt") for i in range(N)},
+                                                 weights("coarse_dnn.pt"), "probabilities")
     for init in work["coherent"]:
-        models[f"coherent_{init}"] = {"local": {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)},
-                                      "dnn": weights(f"coherent_{init}_dnn.pt"), "exchange": args.exchange}
+        models[f"coherent_{init}"] = saved.combined_part(
+            {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)}, weights(f"coherent_{init}_dnn.pt"),
+            args.exchange)
     if work["global"] or work["width"]:
-        models["global"] = {"model": weights("global.pt")}
+        models["global"] = saved.whole_part(weights("global.pt"))
     if work["width"]:  # (its decomposition is the whole image: grid 1x1, width factor 1)
-        models["recomposed"] = {"model": weights("recomposed.pt")}
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-              if k not in ("config", "overwrite", "out", "resume")}
-    manifest = {"image_shape": list(info.image_shape), "input_dtype": info.dtype, "grid": list(dec.grid),
-                "overlap": dec.overlap, "num_classes": info.num_classes, "classes": list(info.classes),
-                "cnn": dataclasses.asdict(cnn_config(args)), "width_factor": plan["width_factor"],
-                "coarse_hidden": list(args.coarse_hidden), "coarse_dropout": args.coarse_dropout,
-                "hyperparameters": config}
+        models["recomposed"] = saved.whole_part(weights("recomposed.pt"))
+    config = saved.recorded({k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
+    manifest = saved.manifest(image_shape=info.image_shape, input_dtype=info.dtype, grid=dec.grid, overlap=dec.overlap,
+                              num_classes=info.num_classes, classes=info.classes, cnn=cnn_config(args),
+                              width_factor=plan["width_factor"], coarse_hidden=args.coarse_hidden,
+                              coarse_dropout=args.coarse_dropout, hyperparameters=config)
     saved.save_model(os.path.join(args.out, saved.MODEL_FILE), manifest, models)
