@@ -37,10 +37,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import __version__, parallel, saved
+from . import __version__, options, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
-from .engine import Shard, TrainOptions, evaluate, precision_error
-from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file
+from .engine import Shard, evaluate, precision_error
+from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, hyperparameters
 from .inputs import from_file, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
 from .methods import coherent, twolevel, width
 from .models import COARSE_INPUTS
@@ -66,14 +66,6 @@ class TwoLevelClassifier(SubdomainEstimator):
     "cnn-dnn", "average", "vote"), history_ ({"local_i": [epoch records], "coarse": [...]}).
     """
 
-    HYPERPARAMETERS = ("grid", "overlap", "arch", "width", "depth", "convs_per_block", "blocks_per_stage",
-                       "dense_layers", "hidden", "head_pool", "dropout", "batchnorm", "width_factor", "epochs",
-                       "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "eval_batch_size",
-                       "coarse_hidden", "coarse_dropout", "coarse_input", "coarse_epochs", "coarse_steps", "coarse_lr",
-                       "coarse_weight_decay", "coarse_batch_size", "coherent_epochs", "coherent_lr", "transfer_lr",
-                       "dnn_init", "exchange", "seed", "validation_fraction", "num_classes", "class_names",
-                       "normalization", "precision")
-
     def __init__(self, grid="auto", overlap=0, *, arch="vgg", width=48, depth=2, convs_per_block=2,
                  blocks_per_stage=2, dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True,
                  width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0,
@@ -89,20 +81,13 @@ class TwoLevelClassifier(SubdomainEstimator):
         self.dense_layers, self.coarse_hidden = tuple(dense_layers), tuple(coarse_hidden)
         self._setup(comm, device, threads, verbose)  # self._models: kind -> {"local": {i: module}, "dnn": ...}
 
+    HYPERPARAMETERS = hyperparameters(__init__)  # every keyword above but comm, device, threads, verbose
+
     # --- configuration ------------------------------------------------------------------------
 
     def config(self) -> twolevel.TwoLevelConfig:
-        """The typed configuration the method runs with."""
-        cnn = self._cnn_config()
-        local = TrainOptions(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                             momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
-        coarse = TrainOptions(epochs=self.coarse_epochs, batch_size=self.coarse_batch_size, lr=self.coarse_lr,
-                              optimizer="adam", weight_decay=self.coarse_weight_decay, schedule="cosine",
-                              select_best=True)
-        return twolevel.TwoLevelConfig(cnn=cnn, local=local, coarse=coarse, coarse_hidden=tuple(self.coarse_hidden),
-                                       coarse_dropout=self.coarse_dropout, coarse_input=self.coarse_input,
-                                       coarse_min_steps=self.coarse_steps, seed=self.seed,
-                                       eval_batch_size=self.eval_batch_size)
+        """The typed configuration the method runs with (mpidd.options, as the command line's)."""
+        return options.twolevel_config(self)
 
     def decomposition(self, image_shape) -> Decomposition:
         """The subdomain boxes over images of shape (C, H, W) or (C, D, H, W); grid "auto" is
@@ -174,12 +159,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         if fitted is not None and fitted != (self.image_shape_, K):
             raise ValueError(f"the classifier was fitted on images {fitted[0]} with {fitted[1]} classes, these are "
                              f"{self.image_shape_} with {K}")
-        opts = TrainOptions(epochs=self.coherent_epochs, batch_size=self.batch_size,
-                            lr=self.coherent_lr if init == "random" else self.transfer_lr, optimizer=self.optimizer,
-                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule)
-        cfg = coherent.CoherentConfig(opts=opts, output=self.exchange, coarse_hidden=tuple(self.coarse_hidden),
-                                      coarse_dropout=self.coarse_dropout, seed=self.seed,
-                                      eval_batch_size=self.eval_batch_size)
+        cfg = options.coherent_config(self, init)
         start = None
         if init == "pretrained":
             two = self._models["twolevel"]
@@ -296,12 +276,6 @@ class WidthClassifier(CollectiveEstimator):
     initial_score_ (the recomposed network's val accuracy before further training), scores_,
     history_ ({"subnet_m": [...], "recomposed": [...]})."""
 
-    HYPERPARAMETERS = ("subnets", "arch", "width", "depth", "convs_per_block", "blocks_per_stage", "dense_layers",
-                       "hidden", "head_pool", "dropout", "batchnorm", "epochs", "batch_size", "lr", "optimizer",
-                       "momentum", "weight_decay", "schedule", "eval_batch_size", "subnet_epochs", "shard",
-                       "offdiag_noise", "transfer_lr", "seed", "validation_fraction", "num_classes", "class_names",
-                       "normalization", "precision")
-
     def __init__(self, subnets=4, *, arch="vgg", width=48, depth=2, convs_per_block=2, blocks_per_stage=2,
                  dense_layers=(6, 12, 24, 16), hidden=128, head_pool=3, dropout=0.0, batchnorm=True, epochs=3,
                  batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9, weight_decay=0.0, schedule="cosine",
@@ -313,15 +287,11 @@ class WidthClassifier(CollectiveEstimator):
                 setattr(self, k, v)
         self._setup(comm, device, threads, verbose)
 
+    HYPERPARAMETERS = hyperparameters(__init__)  # every keyword above but comm, device, threads, verbose
+
     def config(self) -> width.WidthConfig:
-        cnn = self._cnn_config()
-        common = dict(batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule=self.schedule)
-        return width.WidthConfig(cnn=cnn, subnets=self.subnets,
-                                 subnet_opts=TrainOptions(epochs=self.subnet_epochs, lr=self.lr, **common),
-                                 recomposed_opts=TrainOptions(epochs=self.epochs, lr=self.transfer_lr, **common),
-                                 shard=self.shard, offdiag_noise=self.offdiag_noise, seed=self.seed,
-                                 eval_batch_size=self.eval_batch_size)
+        """The typed configuration the method runs with (mpidd.options, as the command line's)."""
+        return options.width_config(self)
 
     def fit(self, x, y=None, x_val=None, y_val=None):
         """Sub-networks in parallel, recomposition and further training on rank 0. Collective. Returns self.

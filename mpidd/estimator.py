@@ -6,6 +6,7 @@ routing and loading."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -14,18 +15,30 @@ import torch
 from . import parallel, saved
 from .decomposition import DecompositionError, layout
 from .engine import Shard, precision_error, predict_logits, predict_proba
-from .inputs import check_images, count_samples, dtype_name, from_file, hold_out, normalization_pair, pixels, subimages
+from .inputs import check_images, count_samples, dtype_name, from_file, hold_out, pixels, subimages
 from .methods import twolevel
 from .methods.context import Context
-from .models import CNNConfig, local_width_factor
+from .models import local_width_factor
 from .saved import MODELS, WHOLE_IMAGE
 from .stream import check_finite, is_stream
 from .traffic import ByteCounter
 
 
+# The keywords of an estimator that say how it runs, not what it computes: not hyperparameters.
+RUNTIME = ("comm", "device", "threads", "verbose")
+
+
+def hyperparameters(init) -> tuple:
+    """An estimator's hyperparameters (get_params, the model file's record, load's keywords):
+    every keyword of its __init__, in order, but RUNTIME."""
+    return tuple(k for k in inspect.signature(init).parameters if k != "self" and k not in RUNTIME)
+
+
 class CollectiveEstimator:
     """The base of TwoLevelClassifier and WidthClassifier: every method that takes `comm` is
-    collective over it, and an error found on one rank is raised on every rank."""
+    collective over it, and an error found on one rank is raised on every rank. A subclass
+    sets HYPERPARAMETERS = hyperparameters(__init__) and builds its typed config with
+    mpidd.options from its attributes (the command line's names)."""
 
     HYPERPARAMETERS: tuple = ()
 
@@ -149,13 +162,6 @@ class CollectiveEstimator:
         self.classes_ = np.arange(K)
         self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
         return x, y, x_val, y_val
-
-    def _cnn_config(self) -> CNNConfig:
-        mean, std = normalization_pair(self.normalization)
-        return CNNConfig(arch=self.arch, width=self.width, depth=self.depth, convs_per_block=self.convs_per_block,
-                         hidden=self.hidden, head_pool=self.head_pool, dropout=self.dropout,
-                         batchnorm=self.batchnorm, blocks_per_stage=self.blocks_per_stage,
-                         dense_layers=tuple(self.dense_layers), input_mean=mean, input_std=std)
 
     def _fitted(self):
         if not self._models:

@@ -15,8 +15,8 @@ from .. import data, parallel, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
-from .plan import (cnn_config, cnn_options, coherent_config, fit_checkpoint, load_pretrained_checkpoint,
-                   twolevel_config, width_config)
+from ..options import cnn_config, coherent_config, global_options, twolevel_config, width_config
+from .plan import fit_checkpoint, load_pretrained_checkpoint
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -191,11 +191,9 @@ def global_phase(run: Run, split, test=False, alone=True):
     or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
     args, info, phases = run.args, run.plan["info"], run.phases
-    opts = cnn_options(args)
-    opts.log_interval, opts.test_points = args.log_interval, args.curve_points
     with phases("global_train"):
         model, history = global_cnn.fit(run, split, info.channels, info.num_classes, info.spatial_shape,
-                                        cnn_config(args), opts, args.seed, test=test, alone=alone)
+                                        cnn_config(args), global_options(args), args.seed, test=test, alone=alone)
     if test:
         phases.add("global_curve", *curve_seconds(history))
     with phases("global_eval"):

@@ -1,5 +1,6 @@
-"""What a command line asks for, checked before anything runs (rank 0): the typed configuration
-of each method from the parsed arguments, and every refusal (UsageError, one line, exit 2)."""
+"""What a command line asks for, checked before anything runs (rank 0): what the data file
+settles (normalisation, shuffle blocks, the automatic grid) and every refusal (UsageError, one
+line, exit 2). The methods' typed configs are mpidd.options' (of the parsed arguments)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,15 @@ import torch
 
 from .. import data, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, choose_grid, format_grid, layout, parse_grid
-from ..engine import TrainOptions, classes_per_block
-from ..methods import coherent, twolevel, width
-from ..models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
+from ..engine import classes_per_block
+from ..models import CoarseDNN, build_cnn, count_parameters, local_width_factor
+from ..options import cnn_config
 from ..width import WidthError, build_subnet
 from .arguments import DEMO_DATA
 
 
 class UsageError(ValueError):
     """Bad input, refused before training with one line."""
-
-
-def cnn_config(args) -> CNNConfig:
-    norm = getattr(args, "normalization", None) or {}  # set by resolve_normalization
-    return CNNConfig(arch=args.arch, width=args.width, depth=args.depth, convs_per_block=args.convs_per_block,
-                     hidden=args.hidden, head_pool=args.head_pool, dropout=args.dropout,
-                     batchnorm=args.batchnorm, blocks_per_stage=args.blocks_per_stage,
-                     dense_layers=tuple(args.dense_layers),
-                     input_mean=tuple(norm.get("mean", ())), input_std=tuple(norm.get("std", ())))
 
 
 def resolve_normalization(args, info: data.DataInfo):
@@ -65,35 +57,6 @@ def order_warning(args, info: data.DataInfo) -> str | None:
             f"the training order will hold long runs of one class; use --shuffle exact, a --shuffle-buffer that "
             f"spans the whole split ({-(-len(labels) // args.shuffle_block)} chunk rows), or a file written in "
             f"a mixed order")
-
-
-def order_options(args) -> dict:
-    return {"shuffle_block": getattr(args, "shuffle_block", 1), "shuffle_buffer": args.shuffle_buffer}
-
-
-def cnn_options(args) -> TrainOptions:
-    return TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        optimizer=args.optimizer, momentum=args.momentum,
-                        weight_decay=args.weight_decay, schedule=args.schedule, **order_options(args))
-
-
-def coarse_options(args) -> TrainOptions:
-    return TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size, lr=args.coarse_lr,
-                        optimizer="adam", weight_decay=args.coarse_weight_decay, schedule="cosine", select_best=True)
-
-
-def twolevel_config(args) -> twolevel.TwoLevelConfig:
-    return twolevel.TwoLevelConfig(cnn=cnn_config(args), local=cnn_options(args), coarse=coarse_options(args),
-                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
-                                   coarse_input=args.coarse_input, coarse_min_steps=args.coarse_steps,
-                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
-
-
-def coherent_options(args, init) -> TrainOptions:
-    return TrainOptions(epochs=args.coherent_epochs, batch_size=args.batch_size,
-                        lr=args.coherent_lr if init == "random" else args.transfer_lr,
-                        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                        schedule=args.schedule, log_interval=args.log_interval, **order_options(args))
 
 
 # Keys of config.json that shape the local CNNs and the coarse DNN, by family (with their
@@ -300,19 +263,3 @@ def plan_run(args, comm) -> dict:
         "local_params": count_parameters(build_cnn(C, K, dec.subimage_shape, cfg, wf)),
         "global_params": count_parameters(build_cnn(C, K, info.spatial_shape, cfg)),
     }
-
-
-def coherent_config(args, init) -> coherent.CoherentConfig:
-    return coherent.CoherentConfig(opts=coherent_options(args, init), output=args.exchange,
-                                   coarse_hidden=tuple(args.coarse_hidden), coarse_dropout=args.coarse_dropout,
-                                   seed=args.seed, eval_batch_size=args.eval_batch_size)
-
-
-def width_config(args) -> width.WidthConfig:
-    subnet_opts, recomposed_opts = cnn_options(args), cnn_options(args)
-    subnet_opts.epochs = args.subnet_epochs
-    recomposed_opts.lr, recomposed_opts.log_interval = args.transfer_lr, args.log_interval
-    recomposed_opts.test_points = args.curve_points
-    return width.WidthConfig(cnn=cnn_config(args), subnets=args.subnets, subnet_opts=subnet_opts,
-                             recomposed_opts=recomposed_opts, shard=args.shard, offdiag_noise=args.offdiag_noise,
-                             seed=args.seed, eval_batch_size=args.eval_batch_size)

@@ -56,6 +56,7 @@ def test_every_keyword_has_the_command_lines_default():
 
     import mpidd
     from mpidd.cli.arguments import get_args_parser, hidden_sizes
+    from mpidd.estimator import RUNTIME
     cli = vars(get_args_parser().parse_args([]))
     for estimator, least in ((mpidd.TwoLevelClassifier, 30), (mpidd.WidthClassifier, 20)):
         params = inspect.signature(estimator).parameters
@@ -64,7 +65,9 @@ def test_every_keyword_has_the_command_lines_default():
         for k in shared:
             expected = hidden_sizes(cli[k]) if k in ("coarse_hidden", "dense_layers") else cli[k]
             assert params[k].default == expected, (estimator, k)
-        assert set(estimator.HYPERPARAMETERS) <= set(params)
+        # the hyperparameters are the signature's keywords (in order: get_params, the model file) but RUNTIME's
+        assert estimator.HYPERPARAMETERS == tuple(k for k in params if k not in RUNTIME)
+        assert set(RUNTIME) <= set(params)
     params = inspect.signature(mpidd.TwoLevelClassifier).parameters
     # every option that shapes the two-level model or its training is a keyword
     for k in ("grid", "overlap", "arch", "width", "depth", "width_factor", "epochs", "lr", "coarse_epochs",

@@ -111,3 +111,118 @@ def test_shuffle_blocks_on_a_file_in_class_order_warns(tmp_path):
         args = parse_args(["--data", path, "--shuffle", "exact"])
         resolve_shuffle(args, info)
         assert order_warning(args, info) is None
+
+
+# Non-default values of every option that mpidd.options maps, as command-line flags.
+NON_DEFAULT = ["--epochs", "5", "--batch-size", "32", "--lr", "1e-3", "--optimizer", "sgd", "--momentum", "0.8",
+               "--weight-decay", "1e-4", "--schedule", "step", "--shuffle", "blocks", "--shuffle-buffer", "3",
+               "--log-interval", "7", "--curve-points", "2", "--coarse-hidden", "32,16", "--arch", "resnet",
+               "--width", "16", "--depth", "3", "--convs-per-block", "1", "--blocks-per-stage", "1",
+               "--dense-layers", "2,3,4", "--hidden", "64", "--head-pool", "2", "--dropout", "0.25", "--no-batchnorm",
+               "--subnets", "2", "--subnet-epochs", "4", "--transfer-lr", "1e-4", "--coherent-lr", "1e-3",
+               "--coherent-epochs", "3", "--coarse-dropout", "0.1", "--coarse-input", "prob", "--coarse-epochs", "7",
+               "--coarse-steps", "100", "--coarse-lr", "1e-2", "--coarse-weight-decay", "0",
+               "--coarse-batch-size", "16", "--seed", "3", "--eval-batch-size", "64", "--shard",
+               "--offdiag-noise", "0.01", "--exchange", "logits", "--dnn-init", "random"]
+
+
+def resolved(argv, normalization=None, shuffle_block=1):
+    """parse_args, then what cli.plan resolves from the data file."""
+    args = parse_args(argv)
+    args.normalization = normalization and {"mean": list(normalization[0]), "std": list(normalization[1]),
+                                            "source": "data file"}
+    args.shuffle_block = shuffle_block
+    return args
+
+
+def api_twin(args, estimator):
+    """The estimator with the same option values as `args` (its keywords are argparse dests)."""
+    from mpi4py import MPI
+    norm = args.normalization and (args.normalization["mean"], args.normalization["std"])
+    given = {k: getattr(args, k) for k in estimator.HYPERPARAMETERS if hasattr(args, k)}
+    return estimator(**dict(given, normalization=norm), comm=MPI.COMM_SELF)
+
+
+def test_the_command_line_and_the_api_build_their_configs_alike():
+    """Both map their options with mpidd.options: the same values give the same configs, but
+    for the options only the command line has (OPTIONAL: the API keeps TrainOptions' defaults).
+    The defaults are the configs' own (the dataclasses document the command line's)."""
+    import dataclasses
+
+    import mpidd
+    from mpidd import options
+    from mpidd.engine import TrainOptions
+    from mpidd.methods.coherent import CoherentConfig
+    from mpidd.methods.twolevel import TwoLevelConfig
+    from mpidd.methods.width import WidthConfig
+
+    def api_side(opts):  # what the API gets where the command line has an OPTIONAL
+        return dataclasses.replace(opts, shuffle_block=1, shuffle_buffer=8, log_interval=0, test_points=1)
+
+    # defaults, spelled out
+    cli = resolved([])
+    two, wide = api_twin(cli, mpidd.TwoLevelClassifier), api_twin(cli, mpidd.WidthClassifier)
+    assert options.twolevel_config(cli) == two.config() == TwoLevelConfig()
+    assert options.coherent_config(two, "random") == CoherentConfig()
+    assert options.coherent_config(two, "pretrained") == CoherentConfig(opts=TrainOptions(epochs=2, lr=5e-4))
+    assert options.coherent_config(cli, "random") == CoherentConfig(opts=TrainOptions(epochs=2, lr=2e-3,
+                                                                                      log_interval=100))
+    assert wide.config() == WidthConfig()
+    assert options.width_config(cli) == WidthConfig(recomposed_opts=TrainOptions(epochs=3, lr=5e-4, log_interval=100,
+                                                                                 test_points=4))
+    assert options.global_options(cli) == TrainOptions(log_interval=100, test_points=4)
+
+    # other values, a normalisation and --shuffle blocks
+    cli = resolved(NON_DEFAULT, normalization=((0.5, 0.25), (0.2, 0.125)), shuffle_block=64)
+    two, wide = api_twin(cli, mpidd.TwoLevelClassifier), api_twin(cli, mpidd.WidthClassifier)
+    c, a = options.twolevel_config(cli), two.config()
+    assert c.cnn == a.cnn and (c.cnn.input_mean, c.cnn.input_std) == ((0.5, 0.25), (0.2, 0.125))
+    assert (c.cnn.arch, c.cnn.dense_layers, c.cnn.batchnorm) == ("resnet", (2, 3, 4), False)
+    assert (c.local.shuffle_block, c.local.shuffle_buffer) == (64, 3)
+    assert dataclasses.replace(c, local=api_side(c.local)) == a
+    assert c.local == TrainOptions(epochs=5, batch_size=32, lr=1e-3, optimizer="sgd", momentum=0.8, weight_decay=1e-4,
+                                   schedule="step", shuffle_block=64, shuffle_buffer=3)
+    assert c.coarse == TrainOptions(epochs=7, batch_size=16, lr=1e-2, optimizer="adam", weight_decay=0,
+                                    schedule="cosine", select_best=True)
+    assert (c.coarse_hidden, c.coarse_dropout, c.coarse_input, c.coarse_min_steps, c.seed, c.eval_batch_size) == (
+        (32, 16), 0.1, "prob", 100, 3, 64)
+    for init, lr in (("random", 1e-3), ("pretrained", 1e-4)):
+        c, a = options.coherent_config(cli, init), options.coherent_config(two, init)
+        assert (c.opts.epochs, c.opts.lr, c.opts.log_interval, c.output, c.coarse_hidden) == (3, lr, 7, "logits",
+                                                                                              (32, 16))
+        assert dataclasses.replace(c, opts=api_side(c.opts)) == a
+    c, a = options.width_config(cli), wide.config()
+    assert (c.subnet_opts.epochs, c.subnet_opts.lr, c.subnet_opts.log_interval) == (4, 1e-3, 0)
+    assert (c.recomposed_opts.epochs, c.recomposed_opts.lr, c.recomposed_opts.log_interval,
+            c.recomposed_opts.test_points) == (5, 1e-4, 7, 2)
+    assert (c.subnets, c.shard, c.offdiag_noise) == (2, True, 0.01)
+    assert dataclasses.replace(c, subnet_opts=api_side(c.subnet_opts),
+                               recomposed_opts=api_side(c.recomposed_opts)) == a
+    assert options.global_options(cli) == dataclasses.replace(c.subnet_opts, epochs=5, log_interval=7, test_points=2)
+
+
+def test_options_reads_only_declared_names():
+    """Every name mpidd.options reads is an argparse dest (or resolved by cli.plan), and one of
+    the estimator's keywords unless OPTIONAL (the command line's alone)."""
+    import mpidd
+    from mpidd import options
+
+    class Reads:
+        def __init__(self, values):
+            self.values, self.names = values, set()
+
+        def __getattr__(self, name):
+            self.names.add(name)
+            if name in self.values:
+                return self.values[name]
+            raise AttributeError(name)
+
+    cli = vars(resolved([]))
+    two, wide = Reads(cli), Reads(cli)
+    options.twolevel_config(two), options.coherent_config(two, "random"), options.coherent_config(two, "pretrained")
+    options.width_config(wide), options.global_options(wide)
+    assert two.names | wide.names <= set(vars(parse_args([]))) | {"normalization", "shuffle_block"}
+    assert two.names - set(options.OPTIONAL) <= set(mpidd.TwoLevelClassifier.HYPERPARAMETERS)
+    assert wide.names - set(options.OPTIONAL) <= set(mpidd.WidthClassifier.HYPERPARAMETERS)
+    keywords = mpidd.TwoLevelClassifier.HYPERPARAMETERS + mpidd.WidthClassifier.HYPERPARAMETERS
+    assert not set(options.OPTIONAL) & set(keywords)

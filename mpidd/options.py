@@ -1,0 +1,100 @@
+"""Flat options -> typed configs: the one mapping from the command line's options or an
+estimator's keywords to the dataclasses the methods run with (models.CNNConfig,
+engine.TrainOptions, methods.twolevel.TwoLevelConfig, methods.coherent.CoherentConfig,
+methods.width.WidthConfig). cli.plan/cli.phases call it with the parsed arguments, mpidd.api's
+estimators with themselves: `o` is any object whose attributes carry the command line's names
+(an estimator's keywords are its argparse dests).
+
+Where the two differ:
+  OPTIONAL   options only the command line has, read with these defaults where `o` lacks them
+             (the TrainOptions fields they set keep their defaults), so an estimator trains in
+             the exact order (no --shuffle blocks), logs per epoch only and draws no test curve;
+             shuffle_block is what cli.plan.resolve_shuffle makes of --shuffle.
+  normalization  the command line's {"mean", "std", "source"} (cli.plan.resolve_normalization),
+             the API's (mean, std), or None: inputs.normalization_pair reads every form.
+
+Imports no MPI: the methods' configs are imported where they are built (the method modules
+import mpidd.parallel)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .engine import TrainOptions
+from .inputs import normalization_pair
+from .models import CNNConfig
+
+if TYPE_CHECKING:
+    from .methods.coherent import CoherentConfig
+    from .methods.twolevel import TwoLevelConfig
+    from .methods.width import WidthConfig
+
+OPTIONAL = {"shuffle_block": TrainOptions.shuffle_block,   # 1: a permutation of the samples
+            "shuffle_buffer": TrainOptions.shuffle_buffer,
+            "log_interval": TrainOptions.log_interval,     # 0: progress per epoch only
+            "curve_points": TrainOptions.test_points}      # 1: one test score an epoch (TrainOptions.test_points)
+
+
+def optional(o, name):
+    """Option `name` of OPTIONAL: o's, or its default where o has none (an estimator)."""
+    return getattr(o, name, OPTIONAL[name])
+
+
+def cnn_config(o) -> CNNConfig:
+    """The CNN family of every model (local, global, coherent, width), with o's input normalisation."""
+    mean, std = normalization_pair(getattr(o, "normalization", None))
+    return CNNConfig(arch=o.arch, width=o.width, depth=o.depth, convs_per_block=o.convs_per_block, hidden=o.hidden,
+                     head_pool=o.head_pool, dropout=o.dropout, batchnorm=o.batchnorm,
+                     blocks_per_stage=o.blocks_per_stage, dense_layers=tuple(o.dense_layers),
+                     input_mean=mean, input_std=std)
+
+
+def local_options(o) -> TrainOptions:
+    """The local CNNs' optimisation; every other CNN's (global, coherent, width) is this one with changes."""
+    return TrainOptions(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, optimizer=o.optimizer,
+                        momentum=o.momentum, weight_decay=o.weight_decay, schedule=o.schedule,
+                        shuffle_block=optional(o, "shuffle_block"), shuffle_buffer=optional(o, "shuffle_buffer"))
+
+
+def coarse_options(o) -> TrainOptions:
+    """The coarse DNN's optimisation: Adam, cosine, the best epoch on val."""
+    return TrainOptions(epochs=o.coarse_epochs, batch_size=o.coarse_batch_size, lr=o.coarse_lr, optimizer="adam",
+                        weight_decay=o.coarse_weight_decay, schedule="cosine", select_best=True)
+
+
+def global_options(o) -> TrainOptions:
+    """The global CNN's (command line only): the local CNNs' with progress lines and a test curve."""
+    return dataclasses.replace(local_options(o), log_interval=optional(o, "log_interval"),
+                               test_points=optional(o, "curve_points"))
+
+
+def twolevel_config(o) -> TwoLevelConfig:
+    from .methods.twolevel import TwoLevelConfig
+    return TwoLevelConfig(cnn=cnn_config(o), local=local_options(o), coarse=coarse_options(o),
+                          coarse_hidden=tuple(o.coarse_hidden), coarse_dropout=o.coarse_dropout,
+                          coarse_input=o.coarse_input, coarse_min_steps=o.coarse_steps, seed=o.seed,
+                          eval_batch_size=o.eval_batch_size)
+
+
+def coherent_config(o, init) -> CoherentConfig:
+    """The coherent model's, from random weights (init "random": coherent_lr) or pre-trained ones (transfer_lr)."""
+    from .methods.coherent import CoherentConfig
+    opts = dataclasses.replace(local_options(o), epochs=o.coherent_epochs,
+                               lr=o.coherent_lr if init == "random" else o.transfer_lr,
+                               log_interval=optional(o, "log_interval"))
+    return CoherentConfig(opts=opts, output=o.exchange, coarse_hidden=tuple(o.coarse_hidden),
+                          coarse_dropout=o.coarse_dropout, seed=o.seed, eval_batch_size=o.eval_batch_size)
+
+
+def width_config(o) -> WidthConfig:
+    """Sub-networks: the local CNNs' options for subnet_epochs; the recomposed network: at transfer_lr,
+    with progress lines and a test curve."""
+    from .methods.width import WidthConfig
+    local = local_options(o)
+    return WidthConfig(cnn=cnn_config(o), subnets=o.subnets,
+                       subnet_opts=dataclasses.replace(local, epochs=o.subnet_epochs),
+                       recomposed_opts=dataclasses.replace(local, lr=o.transfer_lr,
+                                                           log_interval=optional(o, "log_interval"),
+                                                           test_points=optional(o, "curve_points")),
+                       shard=o.shard, offdiag_noise=o.offdiag_noise, seed=o.seed, eval_batch_size=o.eval_batch_size)
