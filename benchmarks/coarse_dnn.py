@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mpidd import combine  # noqa: E402
+from mpidd import combine, rundir  # noqa: E402
 from mpidd.data import inspect, load_labels, write_subset  # noqa: E402
 from mpidd.engine import TrainOptions, predict_proba  # noqa: E402
 
@@ -52,7 +52,7 @@ def papers_coarse_dnn(out, data, N, K):
     """Test accuracy of the coarse DNN as the papers (and mpidd before) trained it, on the run's
     gathered probabilities."""
     torch.set_num_threads(1)
-    gathered = np.load(os.path.join(out, "checkpoints", "probabilities.npz"))
+    gathered = np.load(rundir.checkpoint_path(out, rundir.PROBABILITIES))
     labels = load_labels(data)
     dnn, _ = combine.train_coarse_dnn((gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K,
                                       (64, 64), 0.0, PAPERS, seed=0, inputs="prob", min_steps=0)

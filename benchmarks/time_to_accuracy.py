@@ -99,7 +99,7 @@ def load(path):
 def global_cnn(info, seed):
     """The global CNN exactly as mpidd.methods.global_cnn.fit builds it with the CLI defaults."""
     import torch
-    from mpidd.engine import seed_for
+    from mpidd.seeds import seed_for
     from mpidd.models import CNNConfig, build_cnn
     seed = seed_for(seed, "global")
     torch.manual_seed(seed)
@@ -111,7 +111,8 @@ def worker_single(a):
     """Method 2: the global CNN in this one process, through engine.train_classifier."""
     one_thread()
     import torch
-    from mpidd.engine import TrainOptions, batch_bounds, train_classifier
+    from mpidd.engine import TrainOptions, train_classifier
+    from mpidd.feed import batch_bounds
     info, train, test, (load_cpu, load_wall) = load(a.data)
     model, seed = global_cnn(info, a.seed)
     opts = TrainOptions(epochs=a.global_epochs, test_points=CURVE_POINTS, log_interval=1)
@@ -146,7 +147,8 @@ def worker_ddp(a):
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
-    from mpidd.engine import TrainOptions, batch_bounds, evaluate, lr_factor, make_optimizer, to_channels_last, to_float
+    from mpidd.engine import TrainOptions, evaluate, lr_factor, make_optimizer, to_channels_last, to_float
+    from mpidd.feed import batch_bounds
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)  # MASTER_ADDR/PORT from the driver
     info, (x, y), test, (load_cpu, load_wall) = load(a.data)

@@ -44,9 +44,9 @@ from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, h
 from .inputs import from_file, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
 from .methods import coherent, twolevel, width
 from .models import COARSE_INPUTS
+from .recomposition import WidthError, subnet_config as width_subnet_config
 from .saved import COMBINERS, MODELS, WHOLE_IMAGE  # noqa: F401 (WHOLE_IMAGE: a name of api)
 from .stream import check_finite, is_stream
-from .width import WidthError, subnet_config as width_subnet_config
 
 
 class TwoLevelClassifier(SubdomainEstimator):

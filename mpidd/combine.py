@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch
 
-from .engine import TrainOptions, seed_for, train_classifier
+from .engine import TrainOptions, train_classifier
 from .models import COARSE_INPUTS, CoarseDNN
+from .seeds import seed_for
 
 
 def average_vote(probs: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .engine import seed_for
+from .seeds import seed_for
 from .stream import file_images, is_stream
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from .coherent import NAMES as COHERENT_NAMES
+from .coherent_model import NAMES as COHERENT_NAMES
 
 
 def _pct(x):

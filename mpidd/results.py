@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import __version__
-from .coherent import NAMES as COHERENT_NAMES
+from .coherent_model import NAMES as COHERENT_NAMES
 from .decomposition import format_grid, rank_of_subdomain
 
 

@@ -1,4 +1,6 @@
-"""The run directory: atomic writes of JSON, checkpoints and metrics. No MPI.
+"""The run directory: its file and checkpoint names (produced here only: local_checkpoint(i),
+COARSE_CHECKPOINT, ...; every writer and reader asks for them here), atomic writes of JSON,
+checkpoints and metrics. No MPI.
 
     config.json      resolved configuration (reusable with --config)
     results.json     accuracies, parameter counts, timings, decomposition, versions
@@ -40,12 +42,63 @@ def atomic_write(path: str, write):
         os.fsync(f.fileno())
 
 
-RUN_FILES = ("config.json", "results.json", "metrics.csv", "model.pt")
-RUN_GLOBS = ("checkpoints/local_*.pt", "checkpoints/coarse_dnn.pt", "checkpoints/global.pt",
-             "checkpoints/coherent_*.pt", "checkpoints/subnet_*.pt", "checkpoints/recomposed*.pt",
-             "checkpoints/progress.json", "checkpoints/probabilities.npz", "checkpoints/phases_rank*.json",
-             "logs/rank*.log")
-PROGRESS = os.path.join("checkpoints", "progress.json")
+# The names of the files under RUN/checkpoints/, spelled here only.
+CHECKPOINTS = "checkpoints"
+COARSE_CHECKPOINT = "coarse_dnn.pt"                  # the coarse DNN
+GLOBAL_CHECKPOINT = "global.pt"                      # the global CNN
+RECOMPOSED_INITIAL_CHECKPOINT = "recomposed_initial.pt"  # --mode width: before further training
+RECOMPOSED_CHECKPOINT = "recomposed.pt"              # --mode width: after it
+PROBABILITIES = "probabilities.npz"                  # the gathered (n, N*K) probabilities (rank 0)
+PROGRESS_FILE = "progress.json"                      # the restart marker
+PROGRESS = os.path.join(CHECKPOINTS, PROGRESS_FILE)  # ... relative to RUN
+
+
+def local_checkpoint(i) -> str:
+    """The local CNN of subdomain i."""
+    return f"local_{i}.pt"
+
+
+def subnet_checkpoint(m) -> str:
+    """--mode width: sub-network m."""
+    return f"subnet_{m}.pt"
+
+
+def coherent_local_checkpoint(name: str, i) -> str:
+    """Local CNN i of coherent phase `name` (coherent_random or coherent_pretrained), at its end."""
+    return f"{name}_local_{i}.pt"
+
+
+def coherent_dnn_checkpoint(name: str) -> str:
+    """The DNN of coherent phase `name`, at its end (rank 0)."""
+    return f"{name}_dnn.pt"
+
+
+def coherent_optimizer_checkpoint(name: str, rank) -> str:
+    """The optimizer of rank `rank`'s part of coherent phase `name`, at its end."""
+    return f"{name}_rank{rank}_optimizer.pt"
+
+
+def coherent_state_checkpoints(name: str, rank) -> tuple[str, str]:
+    """(the newest, the one before) of rank `rank`'s loop states of coherent phase `name` while
+    it runs (see cli.run.Run.coherent_control)."""
+    return f"{name}_rank{rank}.state.pt", f"{name}_rank{rank}.state.prev.pt"
+
+
+def phases_file(rank) -> str:
+    """Rank `rank`'s seconds per phase so far, written at a stop."""
+    return f"phases_rank{rank}.json"
+
+
+def checkpoint_path(out: str, name: str) -> str:
+    """RUN/checkpoints/name."""
+    return os.path.join(out, CHECKPOINTS, name)
+
+
+MODEL_FILE = "model.pt"  # the trained model, self-describing (written and read by mpidd.saved)
+RUN_FILES = ("config.json", "results.json", "metrics.csv", MODEL_FILE)
+RUN_GLOBS = tuple(f"{CHECKPOINTS}/{pattern}" for pattern in (
+    local_checkpoint("*"), COARSE_CHECKPOINT, GLOBAL_CHECKPOINT, "coherent_*.pt", subnet_checkpoint("*"),
+    "recomposed*.pt", PROGRESS_FILE, PROBABILITIES, phases_file("*"))) + ("logs/rank*.log",)
 
 
 def read_progress(out: str) -> dict | None:

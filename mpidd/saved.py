@@ -29,10 +29,9 @@ import torch
 
 from . import __version__
 from .models import CNNConfig, CoarseDNN, build_cnn
-from .rundir import atomic_write
+from .rundir import MODEL_FILE, atomic_write
 
 FORMAT, FORMAT_VERSION = "mpidd-model", 1
-MODEL_FILE = "model.pt"
 INPUT_SCALING = ("uint8 images are divided by 255; float32 images are used as they are; then, where cnn has "
                  "input_mean and input_std, each model normalises (x - mean) / std per channel")
 REQUIRED = ("image_shape", "input_dtype", "grid", "overlap", "num_classes", "classes", "cnn", "width_factor",

@@ -2,10 +2,10 @@
 
 A `BoxStream` stands for one split's images inside one box (a rank's subimages, or whole
 images), samples `rows` of the file, without holding them. The training and inference loops
-(mpidd.engine, mpidd.coherent) announce the batches of an epoch in order (`batches`), and a
+(mpidd.engine, mpidd.coherent_model) announce the batches of an epoch in order (`batches`), and a
 background thread reads them ahead while the model computes. A batch is read as whole blocks
 (the file's chunk extent along the samples, a hyperslab each) when its samples lie in few
-blocks, as they do in the `blocks` training order (engine.epoch_order); otherwise its samples
+blocks, as they do in the `blocks` training order (feed.epoch_order); otherwise its samples
 are read apart. Either way a batch holds exactly the images that the same indices select from
 the array in memory, so both access modes compute the same numbers.
 

@@ -58,7 +58,7 @@ from .cli.plan import UsageError, plan_run  # noqa: E402
 from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging  # noqa: E402
 from .decomposition import format_grid, layout  # noqa: E402
 from .engine import Preempted, precision_error  # noqa: E402
-from .methods.context import Phases, peak_rss_bytes  # noqa: E402
+from .methods.context import PhaseTimer, peak_rss_bytes  # noqa: E402
 from .report import format_any, write_run_report  # noqa: E402
 from .results import assemble_results, assemble_width_results  # noqa: E402
 
@@ -87,7 +87,7 @@ def stop_here(run: Run, error: Preempted) -> int:
     """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
     if not isinstance(error, SyncedStop):
         run.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
-    rundir.write_json(run.path(f"phases_rank{run.rank}.json"), run.phases.seconds)
+    rundir.write_json(run.path(rundir.phases_file(run.rank)), run.phases.seconds)
     run.stopper.barrier()  # every rank has written its part
     reason = run.stopper.reason or "a stop"
     log.info("stopped (%s); state saved", reason)
@@ -134,7 +134,7 @@ def main(argv=None):
               wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
     if run.resuming:
         run.progress = resume
-        run.phases = Phases(rundir.read_json(run.path(f"phases_rank{rank}.json"), {}))
+        run.phases = PhaseTimer(rundir.read_json(run.path(rundir.phases_file(rank)), {}))
     if work["width"]:
         run.mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
     elif work["boxes"] or size > 1:
@@ -224,9 +224,9 @@ def main(argv=None):
             print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
     parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
     for init in work["coherent"]:
-        for suffix in ("", ".prev"):
+        for file in rundir.coherent_state_checkpoints(f"coherent_{init}", rank):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(run.path(f"coherent_{init}_rank{rank}.state{suffix}.pt"))
+                os.remove(run.path(file))
     return 0
 
 

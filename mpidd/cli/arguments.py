@@ -11,7 +11,7 @@ import json
 import os
 import tomllib
 
-from ..coherent import OUTPUTS
+from ..coherent_model import OUTPUTS
 from ..engine import PRECISIONS
 from ..models import ARCHITECTURES
 from ..stream import ACCESS_MODES, MEMORY_FRACTION

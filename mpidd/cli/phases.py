@@ -108,7 +108,7 @@ def load_local_models(run: Run):
     info, dec, args = run.plan["info"], run.plan["decomposition"], run.args
     models, rows = {}, []
     for i in run.mine:
-        saved = rundir.load_checkpoint(run.path(f"local_{i}.pt"))
+        saved = rundir.load_checkpoint(run.path(rundir.local_checkpoint(i)))
         model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args),
                           run.plan["width_factor"])
         model.load_state_dict(saved["model"])
@@ -124,7 +124,7 @@ def gather_phase(run: Run, probs, subsets):
         gathered = twolevel.gather(run, probs, subsets, run.plan["decomposition"].num_subdomains,
                                    run.plan["info"].num_classes, run.plan["info"].sizes)
     if run.master_process:
-        rundir.save_arrays(run.path("probabilities.npz"), **gathered)
+        rundir.save_arrays(run.path(rundir.PROBABILITIES), **gathered)
     return gathered
 
 
@@ -142,12 +142,14 @@ def load_pretrained(run: Run):
     args, info, dec = run.args, run.plan["info"], run.plan["decomposition"]
     src, C, K = args.from_run, info.channels, info.num_classes
     local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan["width_factor"]),
-                               load_pretrained_checkpoint(src, f"local_{i}.pt"), src, f"local_{i}.pt").to(run.device)
+                               load_pretrained_checkpoint(src, rundir.local_checkpoint(i)), src,
+                               rundir.local_checkpoint(i)).to(run.device)
              for i in run.mine}
     dnn = None
     if run.master_process and args.dnn_init == "coarse":
         dnn = fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
-                             load_pretrained_checkpoint(src, "coarse_dnn.pt"), src, "coarse_dnn.pt").to(run.device)
+                             load_pretrained_checkpoint(src, rundir.COARSE_CHECKPOINT), src,
+                             rundir.COARSE_CHECKPOINT).to(run.device)
     return {"local": local, "dnn": dnn}
 
 
@@ -171,14 +173,14 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     history, optimizer, timing = coherent.fit(run, name, local, dnn, subsets, labels, cfg, exchange)
     test = coherent.score(run, local, dnn, subsets, labels["test"], cfg, exchange)
     for i, model in local.items() if run.leader else ():  # (the members of a group hold the same weights)
-        rundir.save_checkpoint(run.path(f"{name}_local_{i}.pt"),
+        rundir.save_checkpoint(run.path(rundir.coherent_local_checkpoint(name, i)),
                                model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
                                width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
-    rundir.save_checkpoint(run.path(f"{name}_rank{run.rank}_optimizer.pt"),
+    rundir.save_checkpoint(run.path(rundir.coherent_optimizer_checkpoint(name, run.rank)),
                            optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=cfg.opts.epochs)
     if not run.master_process:
         return None, [], timing
-    rundir.save_checkpoint(run.path(f"{name}_dnn.pt"), model=dnn.state_dict(),
+    rundir.save_checkpoint(run.path(rundir.coherent_dnn_checkpoint(name)), model=dnn.state_dict(),
                            in_features=N * K, num_classes=K, hidden=list(args.coarse_hidden),
                            dropout=args.coarse_dropout, exchange=args.exchange, epoch=cfg.opts.epochs,
                            args=vars(args))
@@ -226,7 +228,7 @@ def width_phases(run: Run, whole):
     scores = {"subnets": sub_scores}
     with phases("recompose"):
         model = width.recompose(run, states, C, K, shape, cfg)
-    rundir.save_checkpoint(run.path("recomposed_initial.pt"), model=model.state_dict(),
+    rundir.save_checkpoint(run.path(rundir.RECOMPOSED_INITIAL_CHECKPOINT), model=model.state_dict(),
                            subnets=cfg.subnets, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
     with phases("recomposed_initial_eval"):
         scores["recomposed_initial"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
@@ -260,7 +262,7 @@ def run_phases(run: Run, subsets, whole):
     if work["local"]:
         if run.resuming and run.progress.get("gathered"):  # local and gather are done: their results
             local_models, rows = load_local_models(run)
-            gathered = rundir.load_arrays(run.path("probabilities.npz")) if run.master_process else None
+            gathered = rundir.load_arrays(run.path(rundir.PROBABILITIES)) if run.master_process else None
         else:
             info, dec = plan["info"], plan["decomposition"]
             probs, local_models, histories = twolevel.fit_local_models(
@@ -318,16 +320,17 @@ def write_model_file(run: Run, accuracies):
         return rundir.load_checkpoint(run.path(name))["model"]
     models = {}
     if "cnn_dnn" in accuracies:
-        models["twolevel"] = saved.combined_part({i: weights(f"local_{i}.pt") for i in range(N)},
-                                                 weights("coarse_dnn.pt"), "probabilities")
+        models["twolevel"] = saved.combined_part({i: weights(rundir.local_checkpoint(i)) for i in range(N)},
+                                                 weights(rundir.COARSE_CHECKPOINT), "probabilities")
     for init in work["coherent"]:
-        models[f"coherent_{init}"] = saved.combined_part(
-            {i: weights(f"coherent_{init}_local_{i}.pt") for i in range(N)}, weights(f"coherent_{init}_dnn.pt"),
-            args.exchange)
+        name = f"coherent_{init}"
+        models[name] = saved.combined_part(
+            {i: weights(rundir.coherent_local_checkpoint(name, i)) for i in range(N)},
+            weights(rundir.coherent_dnn_checkpoint(name)), args.exchange)
     if work["global"] or work["width"]:
-        models["global"] = saved.whole_part(weights("global.pt"))
+        models["global"] = saved.whole_part(weights(rundir.GLOBAL_CHECKPOINT))
     if work["width"]:  # (its decomposition is the whole image: grid 1x1, width factor 1)
-        models["recomposed"] = saved.whole_part(weights("recomposed.pt"))
+        models["recomposed"] = saved.whole_part(weights(rundir.RECOMPOSED_CHECKPOINT))
     config = saved.recorded({k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
     manifest = saved.manifest(image_shape=info.image_shape, input_dtype=info.dtype, grid=dec.grid, overlap=dec.overlap,
                               num_classes=info.num_classes, classes=info.classes, cnn=cnn_config(args),

@@ -11,10 +11,10 @@ import torch
 
 from .. import data, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, choose_grid, format_grid, layout, parse_grid
-from ..engine import classes_per_block
+from ..feed import classes_per_block
 from ..models import CoarseDNN, build_cnn, count_parameters, local_width_factor
 from ..options import cnn_config
-from ..width import WidthError, build_subnet
+from ..recomposition import WidthError, build_subnet
 from .arguments import DEMO_DATA
 
 
@@ -38,7 +38,7 @@ def work_of(args) -> dict:
 
 
 def resolve_shuffle(args, info: data.DataInfo):
-    """args.shuffle_block: the samples of one block of the training order (engine.epoch_order):
+    """args.shuffle_block: the samples of one block of the training order (feed.epoch_order):
     1 for --shuffle exact, the file's chunk extent along the samples for blocks."""
     args.shuffle_block = 1 if args.shuffle == "exact" else (info.chunk_samples or 1024)
 
@@ -91,24 +91,25 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
             raise UsageError(f"--from {run}: it was trained with --{key.replace('_', '-')} {theirs}, "
                              f"this run has {mine}: use the same model options")
     check_same_normalization(args, earlier)
-    files = [f"local_{i}.pt" for i in range(dec.num_subdomains)]
-    files += ["coarse_dnn.pt"] if args.dnn_init == "coarse" else []
-    missing = [f for f in files if not os.path.isfile(os.path.join(run, "checkpoints", f))]
+    files = [rundir.local_checkpoint(i) for i in range(dec.num_subdomains)]
+    files += [rundir.COARSE_CHECKPOINT] if args.dnn_init == "coarse" else []
+    missing = [f for f in files if not os.path.isfile(rundir.checkpoint_path(run, f))]
     if missing:
-        raise UsageError(f"--from {run}: missing checkpoints/{', '.join(missing)} (did that run finish "
+        raise UsageError(f"--from {run}: missing {rundir.CHECKPOINTS}/{', '.join(missing)} (did that run finish "
                          f"its local phase?)")
     C, K = info.channels, info.num_classes
     for i in range(dec.num_subdomains):
-        state = load_pretrained_checkpoint(run, f"local_{i}.pt")
+        name = rundir.local_checkpoint(i)
+        state = load_pretrained_checkpoint(run, name)
         box, wf = state.get("box"), state.get("width_factor")
         if box is None or tuple(map(tuple, box)) != tuple(map(tuple, dec.box(i))) or \
                 not isinstance(wf, float) or abs(wf - width_factor) > 1e-9:
-            raise UsageError(f"--from {run}: local_{i}.pt has box {box} and width factor {wf}, "
+            raise UsageError(f"--from {run}: {name} has box {box} and width factor {wf}, "
                              f"this run needs {dec.box(i)} and {width_factor}")
-        fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, run, f"local_{i}.pt")
+        fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, run, name)
     if args.dnn_init == "coarse":
         fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
-                       load_pretrained_checkpoint(run, "coarse_dnn.pt"), run, "coarse_dnn.pt")
+                       load_pretrained_checkpoint(run, rundir.COARSE_CHECKPOINT), run, rundir.COARSE_CHECKPOINT)
 
 
 def check_same_normalization(args, earlier: dict):
@@ -129,7 +130,7 @@ def check_same_normalization(args, earlier: dict):
 
 def load_pretrained_checkpoint(run, name) -> dict:
     """--from: a checkpoint of another mpidd run (weights only: no code in a pickle runs); UsageError if unreadable."""
-    path = os.path.join(run, "checkpoints", name)
+    path = rundir.checkpoint_path(run, name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: torch raises pickle, zip or EOF errors

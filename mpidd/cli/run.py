@@ -47,7 +47,7 @@ class Run(Context):
     polls: dict = field(default_factory=dict)  # collective stop polls so far, per communicator
 
     def path(self, name):
-        return os.path.join(self.args.out, "checkpoints", name)
+        return rundir.checkpoint_path(self.args.out, name)
 
     def poll(self) -> bool:
         return self.stopper.poll()
@@ -88,9 +88,9 @@ class Run(Context):
         records the position in the marker (so it never promises more than the files hold)."""
         def save(state):
             position = {"epoch": state["epoch"], "step": state["step"]}
-            path = self.path(f"{name}_rank{self.rank}.state.pt")
+            path, previous = map(self.path, rundir.coherent_state_checkpoints(name, self.rank))
             if os.path.exists(path):
-                os.replace(path, self.path(f"{name}_rank{self.rank}.state.prev.pt"))
+                os.replace(path, previous)
             rundir.save_checkpoint(path, position=position, loop=state)
             if state.get("stopped"):  # the stop path agrees and records the position
                 self.progress[name] = position
@@ -107,8 +107,8 @@ class Run(Context):
         position = self.progress.get(name)
         if not self.resuming or position is None:
             return None
-        for suffix in ("", ".prev"):
-            saved = rundir.load_checkpoint(self.path(f"{name}_rank{self.rank}.state{suffix}.pt"))
+        for file in rundir.coherent_state_checkpoints(name, self.rank):  # the newest first
+            saved = rundir.load_checkpoint(self.path(file))
             if saved is not None and saved["position"] == position:
                 return saved["loop"]
         raise RuntimeError(f"rank {self.rank} has no state of {name} at {position}, which the marker records")

@@ -6,7 +6,7 @@ coarse DNN trained as one model, model parallel over ctx.comm, top to bottom as 
                  two-level method's coarse DNN
     every step   local outputs (softmax or logits) -> exchange: Gatherv to rank 0 (B, N*K)
                  -> rank 0: DNN and loss -> exchange backward: Scatterv of dL/d(outputs)
-                 -> every rank: backward through its CNNs, optimizer step   (mpidd.coherent)
+                 -> every rank: backward through its CNNs, optimizer step   (mpidd.coherent_model)
     end          test: the same forward pass, scored on rank 0
 
 Collective over ctx.comm at every step (and every stop poll: ctx.poll_world). With P = G*N
@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..coherent import NAMES, evaluate_coherent, train_coherent
-from ..engine import TrainOptions, seed_for
+from ..coherent_model import NAMES, evaluate_coherent, train_coherent
+from ..engine import TrainOptions
 from ..models import CoarseDNN
+from ..seeds import seed_for
 from .context import Context
 from .twolevel import build_local_model
 

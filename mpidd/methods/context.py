@@ -18,7 +18,7 @@ from ..engine import Control
 from ..models import group_batchnorm
 
 
-class Phases:
+class PhaseTimer:
     """Wall and CPU seconds per phase of this rank (CPU: process time, all threads), and the
     process's peak resident memory when each phase ended (`peak_rss`: which phase set it)."""
 
@@ -87,7 +87,7 @@ class Context:
     mine: list = field(default_factory=list)
     group: object = None
     verbose: bool = False
-    phases: Phases = field(default_factory=Phases)
+    phases: PhaseTimer = field(default_factory=PhaseTimer)  # ctx.phases("name"): times a phase
 
     @property
     def rank(self):

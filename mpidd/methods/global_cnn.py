@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import TrainOptions, evaluate, seed_for, train_classifier
+from .. import rundir
+from ..engine import TrainOptions, evaluate, train_classifier
 from ..models import CNNConfig, build_cnn, group_batchnorm
+from ..seeds import seed_for
 from .context import Context
 
 
@@ -35,8 +37,8 @@ def fit(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: 
     model = build_cnn(channels, num_classes, shape, cnn).to(ctx.device)
     if not alone and ctx.group is not None:
         model = group_batchnorm(model, ctx.group.allreduce)
-    history, _ = train_whole_image_model(ctx, model, split, opts, seed, "global.pt", "global CNN", test=test,
-                                         alone=alone)
+    history, _ = train_whole_image_model(ctx, model, split, opts, seed, rundir.GLOBAL_CHECKPOINT, "global CNN",
+                                         test=test, alone=alone)
     return model, history
 
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import combine, parallel
-from ..engine import TrainOptions, evaluate, predict_proba, seed_for, train_classifier
+from .. import combine, parallel, rundir
+from ..engine import TrainOptions, evaluate, predict_proba, train_classifier
 from ..models import CNNConfig, build_cnn
+from ..seeds import seed_for
 from .context import Context
 
 
@@ -61,8 +62,8 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
             seed = seed_for(cfg.seed, "local", i)
             torch.manual_seed(seed)
             model = ctx.on_device(build_local_model(channels, num_classes, dec, cfg.cnn, width_factor))
-            control = ctx.control(f"local_{i}.pt", ctx.poll_group, write=ctx.leader, subdomain=i, box=dec.box(i),
-                                  width_factor=width_factor)
+            control = ctx.control(rundir.local_checkpoint(i), ctx.poll_group, write=ctx.leader, subdomain=i,
+                                  box=dec.box(i), width_factor=width_factor)
             histories[i], _ = train_classifier(
                 model, split["train"], split["val"], cfg.local, seed,
                 ctx.log_progress(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
@@ -96,7 +97,7 @@ def fit_coarse(ctx: Context, gathered: dict, labels: dict, num_subdomains: int, 
     Returns (dnn, history)."""
     N, K = num_subdomains, num_classes
     # the coarse DNN trains for seconds, in many short epochs on small sets: no file per epoch
-    control = ctx.control("coarse_dnn.pt", ctx.poll, epoch_saves=False, in_features=N * K, num_classes=K,
+    control = ctx.control(rundir.COARSE_CHECKPOINT, ctx.poll, epoch_saves=False, in_features=N * K, num_classes=K,
                           hidden=list(cfg.coarse_hidden), dropout=cfg.coarse_dropout)
     epochs = combine.coarse_epochs(len(labels["train"]), cfg.coarse, cfg.coarse_min_steps)
     return combine.train_coarse_dnn(

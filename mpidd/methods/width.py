@@ -3,7 +3,7 @@
     every rank   fit_subnets: train its thin sub-networks (width C/M, whole images; with
                  `shard`, sub-network m sees training samples m, m+M, ...), no communication
     gather       their weights (and scores) to rank 0 of ctx.comm
-    rank 0       recompose: block-diagonal weights in the global CNN (mpidd.width), then
+    rank 0       recompose: block-diagonal weights in the global CNN (mpidd.recomposition), then
                  fit_recomposed: train it further (the transfer learning step)
 """
 
@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import parallel
-from ..engine import Shard, TrainOptions, evaluate, seed_for
+from .. import parallel, rundir
+from ..engine import Shard, TrainOptions, evaluate
 from ..models import CNNConfig, build_cnn
+from ..recomposition import build_subnet, recompose_weights
+from ..seeds import seed_for
 from ..stream import is_stream
-from ..width import build_subnet, recompose as recompose_weights
 from .context import Context
 from .global_cnn import train_whole_image_model
 
@@ -51,7 +52,7 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
             model = build_subnet(channels, num_classes, shape, cfg.cnn, M).to(ctx.device)
             train = Shard(every(train_all.x, m, M), train_all.y[m::M]) if cfg.shard else train_all
             histories[m], _ = train_whole_image_model(
-                ctx, model, dict(whole, train=train), cfg.subnet_opts, seed, f"subnet_{m}.pt", f"subnet {m}",
+                ctx, model, dict(whole, train=train), cfg.subnet_opts, seed, rundir.subnet_checkpoint(m), f"subnet {m}",
                 models_after=len(ctx.mine) - k - 1, subnet=m, subnets=M, shard=cfg.shard, train_samples=len(train.y))
         # the training steps alone (no validation), for the time to the target accuracy
         phases.add("subnet_steps", sum(r["seconds"] for r in histories[m]), sum(r["cpu_seconds"] for r in histories[m]))
@@ -94,6 +95,6 @@ def fit_recomposed(ctx: Context, model, whole: dict, cfg: WidthConfig, test=Fals
     """Rank 0: train the recomposed network further (with `test`: its test-accuracy curve).
     Returns its history."""
     history, _ = train_whole_image_model(ctx, model, whole, cfg.recomposed_opts, seed_for(cfg.seed, "recomposed_order"),
-                                         "recomposed.pt", "recomposed", models_after=1, test=test,
+                                         rundir.RECOMPOSED_CHECKPOINT, "recomposed", models_after=1, test=test,
                                          subnets=cfg.subnets)
     return history

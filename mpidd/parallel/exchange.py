@@ -13,7 +13,7 @@ from .collectives import sleepy_wait
 
 
 class ModelParallelExchange:
-    """The coherent CNN-DNN's only communication, as an autograd layer (see mpidd.coherent).
+    """The coherent CNN-DNN's only communication, as an autograd layer (see mpidd.coherent_model).
 
     forward:  each rank's local outputs for its rows of the batch, (b_r, m_r*K) with its m_r
               subdomains in ascending order, are gathered (MPI_Igatherv) to `root` as

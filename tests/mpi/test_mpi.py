@@ -149,7 +149,7 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch, 
 
     from mpidd.decomposition import Decomposition, subdomains_of_rank
     from mpidd import data
-    from mpidd.methods.context import Phases
+    from mpidd.methods.context import PhaseTimer
     from mpidd.cli.phases import load_local_data
     dec = Decomposition((16, 16), (2, 2), 2)
     mine = subdomains_of_rank(comm.rank, comm.size, 4) if comm.size <= 4 else []
@@ -159,7 +159,7 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch, 
                         lambda self, key: reads.append((self.name, key)) or original(self, key))
     from mpidd.stream import StreamStats
     run = SimpleNamespace(args=SimpleNamespace(data=shared_h5, read_block=40), mine=mine, group=None,
-                          plan={"decomposition": dec, "info": data.inspect(shared_h5)}, phases=Phases(),
+                          plan={"decomposition": dec, "info": data.inspect(shared_h5)}, phases=PhaseTimer(),
                           access=access, io=StreamStats())
     reads.clear()
     subsets, nbytes = load_local_data(run)
@@ -217,7 +217,7 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     """One model-parallel step gives every rank the gradients, and after the optimizer step the
     parameters, of the assembled model (all local CNNs + DNN) trained in one process."""
     import torch
-    from mpidd.coherent import coherent_step
+    from mpidd.coherent_model import coherent_step
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions, make_optimizer, to_float
     from mpidd.parallel import ModelParallelExchange
@@ -275,7 +275,7 @@ def test_coherent_training_is_the_same_on_any_number_of_ranks(comm, dropout):
     single-process run (SerialExchange) reaches; with dropout too (every model draws its masks
     from a stream of its own, whichever rank runs it)."""
     import torch
-    from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
+    from mpidd.coherent_model import SerialExchange, evaluate_coherent, train_coherent
     from mpidd.decomposition import subdomains_of_rank
     from mpidd.engine import TrainOptions
     from mpidd.parallel import ModelParallelExchange
@@ -340,7 +340,8 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(comm):
     """Every rank of the group holds a share of the samples; two epochs of group training
     (gradients summed, BatchNorm statistics over the group) end where one process ends."""
     import torch
-    from mpidd.engine import Shard, TrainOptions, derive_seed, evaluate, train_classifier
+    from mpidd.engine import Shard, TrainOptions, evaluate, train_classifier
+    from mpidd.seeds import derive_seed
     from mpidd.models import CNNConfig, build_cnn, group_batchnorm
     from mpidd.parallel import DataParallelGroup
     torch.set_num_threads(1)
@@ -557,7 +558,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
     every row on the root and scatters their gradients back; the group sums gradients and
     BatchNorm statistics: the step is the assembled model's single-process step."""
     import torch
-    from mpidd.coherent import coherent_step
+    from mpidd.coherent_model import coherent_step
     from mpidd.parallel import ModelParallelExchange
     from mpidd.engine import TrainOptions, make_optimizer, to_float
     from mpidd.models import group_batchnorm
@@ -600,7 +601,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
 @pytest.mark.mpi(min_size=1)
 def test_coherent_training_on_data_parallel_groups_ends_where_one_process_ends(comm):
     import torch
-    from mpidd.coherent import SerialExchange, evaluate_coherent, train_coherent
+    from mpidd.coherent_model import SerialExchange, evaluate_coherent, train_coherent
     from mpidd.parallel import ModelParallelExchange
     from mpidd.engine import TrainOptions
     from mpidd.models import group_batchnorm

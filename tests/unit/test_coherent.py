@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpidd.coherent import SerialExchange, coherent_step, evaluate_coherent, local_outputs, train_coherent
+from mpidd.coherent_model import SerialExchange, coherent_step, evaluate_coherent, local_outputs, train_coherent
 from mpidd.engine import TrainOptions, make_optimizer, precision_error
 from mpidd.models import CNNConfig, CoarseDNN, build_cnn
 

@@ -88,7 +88,7 @@ def test_shuffle_blocks_on_a_file_in_class_order_warns(tmp_path):
 
     from mpidd import data, write_dataset
     from mpidd.cli.plan import order_warning, resolve_shuffle
-    from mpidd.engine import classes_per_block
+    from mpidd.feed import classes_per_block
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 128)
     x = rng.integers(0, 255, (len(y), 1, 8, 8)).astype(np.uint8)

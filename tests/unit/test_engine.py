@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mpidd import engine
-from mpidd.engine import (Control, Preempted, Shard, TrainOptions, batch_bounds, derive_seed, eval_batches,
-                          precision_error, predict_proba, train_classifier)
+from mpidd.engine import Control, Preempted, Shard, TrainOptions, precision_error, predict_proba, train_classifier
+from mpidd.feed import batch_bounds, eval_batches
 from mpidd.models import CNNConfig, GroupBatchNorm, build_cnn, group_batchnorm
+from mpidd.seeds import derive_seed
 
 SCORES = ("epoch", "loss", "acc", "val_loss", "val_acc", "lr")
 

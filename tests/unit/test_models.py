@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from mpidd.engine import TrainOptions, derive_seed, predict_proba, train_classifier
+from mpidd.engine import TrainOptions, predict_proba, train_classifier
 from mpidd.models import CNNConfig, CoarseDNN, build_cnn, count_parameters, local_width_factor
+from mpidd.seeds import derive_seed
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (14, 14), (16, 16), (4, 4), (18, 10)])

@@ -9,7 +9,8 @@ import torch
 from conftest import make_tiny_dataset
 from mpidd import stream
 from mpidd.data import DataError, write_dataset
-from mpidd.engine import Shard, TrainOptions, epoch_order, predict_proba, train_classifier
+from mpidd.engine import Shard, TrainOptions, predict_proba, train_classifier
+from mpidd.feed import epoch_order
 from mpidd.models import CNNConfig, build_cnn
 
 BOX = (slice(2, 10), slice(4, 16))

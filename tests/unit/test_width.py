@@ -8,7 +8,7 @@ import torch
 
 from mpidd.engine import TrainOptions, evaluate, train_classifier
 from mpidd.models import CNNConfig, build_cnn, count_parameters
-from mpidd.width import WidthError, build_subnet, recompose, subnet_config
+from mpidd.recomposition import WidthError, build_subnet, recompose_weights, subnet_config
 
 CONFIGS = {
     "vgg": CNNConfig(arch="vgg", width=12, depth=2, hidden=24),
@@ -44,7 +44,7 @@ def test_recomposed_features_are_concatenated_and_logits_averaged(name, M):
     shape = (6, 10, 10) if name.endswith("3d") else (16, 16)
     subs = randomised_subnets(cfg, M, shape)
     torch.manual_seed(99)  # the global network's own random init must be overwritten everywhere
-    glob = recompose(subs, build_cnn(2, 5, shape, cfg)).eval()
+    glob = recompose_weights(subs, build_cnn(2, 5, shape, cfg)).eval()
     x = torch.randn(7, 2, *shape)
     with torch.no_grad():
         # layer by layer (a VGG conv/BN/ReLU/pool, a ResNet stem layer or residual block), then
@@ -63,7 +63,7 @@ def test_recomposed_features_are_concatenated_and_logits_averaged(name, M):
 def test_recomposed_train_mode_batchnorm_also_matches():
     cfg, M = CONFIGS["resnet"], 2
     subs = randomised_subnets(cfg, M, (12, 12))
-    glob = recompose(subs, build_cnn(2, 5, (12, 12), cfg)).train()
+    glob = recompose_weights(subs, build_cnn(2, 5, (12, 12), cfg)).train()
     for s in subs:
         s.train()
     x = torch.randn(9, 2, 12, 12)
@@ -74,8 +74,8 @@ def test_recomposed_train_mode_batchnorm_also_matches():
 def test_noise_fills_off_diagonal_blocks_only():
     cfg, M = CONFIGS["vgg"], 2
     subs = randomised_subnets(cfg, M, (16, 16))
-    exact = recompose(subs, build_cnn(2, 5, (16, 16), cfg))
-    noisy = recompose(subs, build_cnn(2, 5, (16, 16), cfg), noise=0.1, seed=1)
+    exact = recompose_weights(subs, build_cnn(2, 5, (16, 16), cfg))
+    noisy = recompose_weights(subs, build_cnn(2, 5, (16, 16), cfg), noise=0.1, seed=1)
     conv = noisy.features[3].weight  # the second conv: 12 -> 12 channels, blocks of 6
     assert torch.equal(conv[:6, :6], exact.features[3].weight[:6, :6])
     assert torch.equal(exact.features[3].weight[:6, 6:], torch.zeros(6, 6, 3, 3))
@@ -126,7 +126,7 @@ def test_recomposed_loss_at_most_mean_subnet_loss_on_real_digits(digits, arch):
         sub = build_subnet(1, 10, (8, 8), cfg, M)
         train_classifier(sub, digits["train"], None, TrainOptions(epochs=6, batch_size=32, lr=3e-3), seed=m)
         subs.append(sub)
-    glob = recompose(subs, build_cnn(1, 10, (8, 8), cfg))
+    glob = recompose_weights(subs, build_cnn(1, 10, (8, 8), cfg))
     x, y = digits["test"]
     sub_losses = [evaluate(s, x, y)[0] for s in subs]
     loss, acc = evaluate(glob, x, y)

@@ -1,5 +1,6 @@
-"""The coherent CNN-DNN: N local CNNs and the coarse DNN trained as one model with one loss
-(Klawonn, Lanser & Weber, arXiv 2408.14442). No MPI here: the exchange is passed in.
+"""The coherent CNN-DNN as one model: N local CNNs and the coarse DNN trained with one loss
+(Klawonn, Lanser & Weber, arXiv 2408.14442): its step, evaluation and training loop. No MPI
+here: the exchange is passed in; mpidd.methods.coherent runs it on a Context.
 
 Model parallel, one step on a mini-batch (the same sample indices on every rank):
 
@@ -22,8 +23,10 @@ import math
 import torch
 from torch import nn
 
-from .engine import (Control, Preempted, TrainOptions, as_feed, autocast, derive_seed, never, batch_bounds,
-                     make_optimizer, module_device, run_epochs, to_channels_last, to_float)
+from .engine import (Control, Preempted, TrainOptions, autocast, never, make_optimizer, module_device, run_epochs,
+                     to_channels_last, to_float)
+from .feed import as_feed, batch_bounds
+from .seeds import derive_seed
 
 OUTPUTS = ("probabilities", "logits")  # what the local CNNs send to the DNN
 NAMES = {"random": "coherent (random init)", "pretrained": "coherent (transfer learning)"}  # by init
@@ -71,7 +74,7 @@ def on_stream(streams, key, device):
 def local_outputs(models: dict, xs: dict, idx, output: str, start: int = 0, precision: str = "32",
                   streams: DropoutStreams | None = None) -> torch.Tensor:
     """(b, m*K) float32: this rank's local CNN outputs, its subdomains in ascending order, on the
-    samples of `idx` (global indices) that it holds: xs[i] (an array, or an engine.Feed) holds
+    samples of `idx` (global indices) that it holds: xs[i] (an array, or a feed.Feed) holds
     samples start, start + 1, ... The CNNs' forward passes run in `precision`
     (engine.PRECISIONS); what is sent is float32. `streams`: each CNN's dropout stream."""
     mine = held(idx, xs, start)

@@ -1,4 +1,5 @@
-"""Channel-width decomposition and recomposition (Gu, Zhang, Liu & Cai, ETNA 56, 2022). No MPI.
+"""The width decomposition's pure part (Gu, Zhang, Liu & Cai, ETNA 56, 2022): the thin sub-networks
+and their recomposition into the global CNN (recompose_weights). No MPI; mpidd.methods.width runs it.
 
 A global CNN of width C (VGG, ResNet or CT CNN family) is split along its channels into M thin
 sub-networks of width C/M and the same depth, each seeing the whole image. They are trained
@@ -8,7 +9,7 @@ global network, which is trained further ("sub-network transfer learning").
 Recomposition, layer by layer (sub-network m owns channel block m of every layer):
 - first convolution (the image's channels are shared): output channels stacked;
 - inner convolutions and VGG's dense hidden layer: block-diagonal weights, off-diagonal
-  blocks zero (or small noise, see `recompose`); biases concatenated;
+  blocks zero (or small noise, see `recompose_weights`); biases concatenated;
 - BatchNorm: weight, bias, running mean and variance concatenated;
 - classifier: the sub-networks' weights side by side, divided by M, and their mean bias, so
   that the recomposed logits are the mean of the sub-networks' logits.
@@ -72,7 +73,7 @@ def _block_diagonal(target: torch.Tensor, blocks, noise: float, generator):
 
 
 @torch.no_grad()
-def recompose(subnets, global_model: nn.Module, noise: float = 0.0, seed: int = 0) -> nn.Module:
+def recompose_weights(subnets, global_model: nn.Module, noise: float = 0.0, seed: int = 0) -> nn.Module:
     """Write the M trained `subnets` into `global_model` (built with the full width); returns it.
 
     noise = 0 (default): off-diagonal blocks are zero and the recomposed network reproduces
