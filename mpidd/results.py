@@ -21,7 +21,7 @@ def seconds(stats, kind, *names):
 def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dict:
     """results.json. Every model's `cpu_s` is its critical path (max over ranks of the CPU
     seconds of the phases it needs, in order) and `total_cpu_s` the sum over ranks."""
-    info, dec = plan["info"], plan["decomposition"]
+    info, dec = plan.info, plan.decomposition
     N = dec.num_subdomains
 
     def critical(*names):
@@ -31,13 +31,13 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
         return sum(seconds(st, "cpu_s", *names) for st in all_stats)
 
     models, timing = [], {}
-    composite_params = N * plan["local_params"] + plan["dnn_params"]
+    composite_params = N * plan.local_params + plan.dnn_params
     if "cnn_dnn" in acc:
         owner = {i: st["rank"] for st in all_stats for i in st["subdomains"]}
         for i in range(N):  # cpu_s: training + probabilities of this subdomain's CNN
             cpu = seconds(all_stats[owner[i]], "cpu_s", f"subdomain_{i}")
             models.append({"name": f"local {i} {dec.coords(i)}", "kind": "local", "subdomain": i,
-                           "rank": owner[i], "params": plan["local_params"], "cpu_s": cpu, "total_cpu_s": cpu,
+                           "rank": owner[i], "params": plan.local_params, "cpu_s": cpu, "total_cpu_s": cpu,
                            **_accs(acc["local"][i])})
         local_cpu = [seconds(st, "cpu_s", "load", "local") for st in all_stats]
         slowest = int(np.argmax(local_cpu))
@@ -56,7 +56,7 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
             "definition": "max over ranks of (load + local) + gather + coarse; CPU = process time"}
         timing["total_cpu_s_twolevel"] = total("load", "local", "gather") + coarse_cpu
         models.append({"name": "CNN-DNN", "kind": "cnn_dnn", "params": composite_params,
-                       "dnn_params": plan["dnn_params"], "cpu_s": timing["critical_path"]["cpu_s"],
+                       "dnn_params": plan.dnn_params, "cpu_s": timing["critical_path"]["cpu_s"],
                        "total_cpu_s": timing["total_cpu_s_twolevel"], **_accs(acc["cnn_dnn"])})
     for init, name in COHERENT_NAMES.items():
         if f"coherent_{init}" not in acc:
@@ -94,7 +94,7 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
         # rank 0 alone, or data parallel over every rank (--mode global; compare with P > N)
         timing["global_ranks"] = sum("global_train" in st["phases"] for st in all_stats)
         cpu = seconds(all_stats[0], "cpu_s", "global_load", "global_train", "global_eval")
-        models.append({"name": "global CNN", "kind": "global", "params": plan["global_params"],
+        models.append({"name": "global CNN", "kind": "global", "params": plan.global_params,
                        "cpu_s": cpu, "total_cpu_s": cpu, **_accs(acc["global"])})
         if "critical_path" in timing:
             timing["global_over_critical_path"] = g["cpu_s"] / timing["critical_path"]["cpu_s"]
@@ -105,12 +105,12 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
                           "subimage_shape": format_grid(dec.subimage_shape),
                           "num_subdomains": N, "boxes": dec.boxes(),
                           "rank_of_subdomain": ([rank_of_subdomain(i, size) for i in range(N)]
-                                                if plan["work"]["boxes"] else [])},
-        "width_factor": plan["width_factor"],
+                                                if plan.work.boxes else [])},
+        "width_factor": plan.width_factor,
         "accuracy": {m["name"]: {"val": m.get("val_acc"), "test": m.get("test_acc")} for m in models},
         "models": models,
-        "parameters": {"local": plan["local_params"], "global": plan["global_params"],
-                       "coarse_dnn": plan["dnn_params"]},
+        "parameters": {"local": plan.local_params, "global": plan.global_params,
+                       "coarse_dnn": plan.dnn_params},
         "timing": timing,
         **({"confusion": {"model": "CNN-DNN", "split": "test", "rows": "true class", "columns": "predicted class",
                           "counts": acc["cnn_dnn_confusion"]}} if "cnn_dnn_confusion" in acc else {}),
@@ -119,7 +119,7 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
 
 def common_results(args, plan, all_stats, size, threads, versions) -> dict:
     """The part of results.json that every mode writes: data, ranks, versions, configuration."""
-    info = plan["info"]
+    info = plan.info
     return {
         "mpidd_version": __version__, "data": args.data, "classes": info.classes,
         "sizes": info.sizes, "normalization": getattr(args, "normalization", None),
@@ -156,7 +156,7 @@ def assemble_width_results(args, plan, all_stats, scores, size, threads, version
     for m in range(M):
         cpu = seconds(all_stats[owner[m]], "cpu_s", f"subnet_{m}")
         models.append({"name": f"subnet {m}", "kind": "subnet", "subnet": m, "rank": owner[m],
-                       "params": plan["subnet_params"], "cpu_s": cpu, "total_cpu_s": cpu,
+                       "params": plan.subnet_params, "cpu_s": cpu, "total_cpu_s": cpu,
                        **_scores(scores["subnets"][m])})
     parallel_cpu = max(seconds(st, "cpu_s", "global_load", "subnets") for st in all_stats)
     gather_cpu = max(seconds(st, "cpu_s", "width_gather") for st in all_stats)
@@ -169,13 +169,13 @@ def assemble_width_results(args, plan, all_stats, scores, size, threads, version
     steps_before = max(seconds(st, "cpu_s", "global_load", "subnet_steps") for st in all_stats) \
         + gather_cpu + seconds(root, "cpu_s", "recompose")
     models.append({"name": "recomposed (before training)", "kind": "recomposed_initial",
-                   "params": plan["global_params"], "cpu_s": before, "total_cpu_s": total_before,
+                   "params": plan.global_params, "cpu_s": before, "total_cpu_s": total_before,
                    **_scores(scores["recomposed_initial"])})
     models.append({"name": f"recomposed + {args.epochs} epochs", "kind": "recomposed",
-                   "params": plan["global_params"], "cpu_s": before + trained,
+                   "params": plan.global_params, "cpu_s": before + trained,
                    "total_cpu_s": total_before + trained, **_scores(scores["recomposed"])})
     models.append({"name": f"global CNN (random init, {args.epochs} ep.)", "kind": "global",
-                   "params": plan["global_params"], "cpu_s": global_cpu, "total_cpu_s": global_cpu,
+                   "params": plan.global_params, "cpu_s": global_cpu, "total_cpu_s": global_cpu,
                    **_scores(scores["global"])})
     mean_sub_loss = float(np.mean([scores["subnets"][m]["test"][0] for m in range(M)]))
     recomposed_to = time_to_accuracy(scores["recomposed_curve"], args.target_acc, steps_before,
@@ -189,7 +189,7 @@ def assemble_width_results(args, plan, all_stats, scores, size, threads, version
                   "rank_of_subnet": [owner[m] for m in range(M)]},
         "accuracy": {m["name"]: {"val": m["val_acc"], "test": m["test_acc"]} for m in models},
         "models": models,
-        "parameters": {"subnet": plan["subnet_params"], "global": plan["global_params"]},
+        "parameters": {"subnet": plan.subnet_params, "global": plan.global_params},
         "loss_bound": {
             "recomposed_test_loss": scores["recomposed_initial"]["test"][0], "mean_subnet_test_loss": mean_sub_loss,
             "holds": scores["recomposed_initial"]["test"][0] <= mean_sub_loss + 1e-6,

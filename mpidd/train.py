@@ -25,19 +25,15 @@ Stops: SIGTERM or SIGUSR1 to any rank (Slurm's warning before the walltime, a pr
 makes every rank stop at its next step boundary, save, and exit with code 75
 (parallel.EXIT_PREEMPTED); `--resume RUN` continues every phase where it stopped. Every
 checkpoint is written each epoch, atomically, so a killed run resumes from its last epochs.
+
+This module only launches: MPI, the early signal catch, then mpidd.cli.train.main, the run
+itself (its parts: mpidd.cli's arguments, plan, run and phases).
 """
 
-from __future__ import annotations
-
-import contextlib
-import datetime
-import os
-import socket
 import sys
 
 # The launch's one direct use of mpi4py (the rest goes through mpidd.parallel): MPI_Init first, before
 # signals.catch(), because MPICH installs a SIGUSR1 handler of its own.
-import mpi4py
 from mpi4py import MPI
 
 from . import signals
@@ -45,230 +41,12 @@ from . import signals
 if __name__ == "__main__":
     signals.catch()  # before the seconds of importing torch (see mpidd.signals)
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from . import __version__, data, parallel, rundir  # noqa: E402
-from .cli.arguments import ConfigError, parse_args  # noqa: E402
-from .cli.phases import (load_local_data, load_or_refuse, load_whole_images, run_phases, share_bytes,  # noqa: E402
-                         write_model_file)
-from .stream import choose_access  # noqa: E402
-from .cli.plan import UsageError, plan_run  # noqa: E402
-from .cli.run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging  # noqa: E402
-from .decomposition import format_grid, layout  # noqa: E402
-from .engine import Preempted, precision_error  # noqa: E402
-from .methods.context import PhaseTimer, peak_rss_bytes  # noqa: E402
-from .report import format_any, write_run_report  # noqa: E402
-from .results import assemble_results, assemble_width_results  # noqa: E402
+from .cli.train import main as train  # noqa: E402  (imports torch; the run itself is mpidd.cli.train)
 
 
-def start(comm, argv):
-    """Rank 0 parses and validates, then every rank gets (args, plan) or the reason to stop."""
-    def decide():
-        try:
-            args = parse_args(argv)
-            if args.out is None:
-                args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            return "run", args, plan_run(args, comm)
-        except SystemExit as e:  # --help, or argparse's own usage error (already printed)
-            return "exit", e.code or 0, None
-        except (ConfigError, UsageError, parallel.StartupError) as e:
-            print_error(e)
-            return "exit", EXIT_USAGE, None
-
-    kind, args, plan = parallel.root_decides(comm, decide)
-    if kind == "exit":
-        sys.exit(args)
-    return args, plan
-
-
-def stop_here(run: Run, error: Preempted) -> int:
-    """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
-    if not isinstance(error, SyncedStop):
-        run.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
-    rundir.write_json(run.path(rundir.phases_file(run.rank)), run.phases.seconds)
-    run.stopper.barrier()  # every rank has written its part
-    reason = run.stopper.reason or "a stop"
-    log.info("stopped (%s); state saved", reason)
-    if run.master_process:
-        stops = run.progress.get("stops", []) + [{"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                                                  "reason": reason}]
-        run.mark(state="stopped", stops=stops)
-        size = run.comm.Get_size()
-        print(f"mpidd: stopped ({reason}); every rank saved its state in {run.args.out}. Continue with:\n"
-              f"  mpirun -n {size} python -m mpidd.train --resume {run.args.out}", flush=True)
-    run.stopper.barrier()  # the marker is written before any rank exits
-    return EXIT_PREEMPTED
-
-
-def main(argv=None):
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    parallel.install_abort_on_error(comm)
-    master_process = rank == 0
-    args, plan = start(comm, argv)
-    dec, work = plan["decomposition"], plan["work"]
-    N = dec.num_subdomains
-
-    device, error = torch.device("cpu"), None
-    try:
-        device, local_rank = parallel.select_device(args.device, comm)  # before any CUDA allocation
-        error = precision_error(args.precision, device, "--precision")
-    except parallel.StartupError as e:
-        error = str(e)
-    failed = parallel.agree(comm, error)
-    if failed and master_process:
-        refuse(f"rank {failed[0]}: {failed[1]}")
-    elif failed:
-        sys.exit(EXIT_USAGE)
-    threads = args.threads or parallel.default_threads(comm)
-    torch.set_num_threads(threads)
-    parallel.tune_malloc()
-    parallel.warm_up_torch()
-    resume = plan["progress"]
-    run = Run(comm=comm, args=args, plan=plan, device=device, precision=args.precision, threads=threads,
-              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
-              # ranks that share cores sleep while they wait for each other; ranks with cores
-              # of their own spin in MPI_Wait (lowest latency)
-              wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
-    if run.resuming:
-        run.progress = resume
-        run.phases = PhaseTimer(rundir.read_json(run.path(rundir.phases_file(rank)), {}))
-    if work["width"]:
-        run.mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
-    elif work["boxes"] or size > 1:
-        mine, replicas, member = layout(rank, size, N if work["boxes"] else 1)
-        run.mine = mine if work["boxes"] else []
-        if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
-            run.group = parallel.DataParallelGroup(comm, color=mine[0], key=member)
-
-    share = share_bytes(run)
-    run.access, why = choose_access(args.data_access, share, parallel.memory_per_rank(comm))
-    log_access = parallel.gather_to_root(comm, (run.access, why))
-    if master_process:
-        args.data_access_choice = access_choice(log_access)
-
-    # Read the data before the run directory exists, so that bad data leaves nothing behind.
-    subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
-    if work["boxes"]:
-        subsets, bytes_boxes = load_or_refuse(run, lambda: load_local_data(run))
-    elif work["width"] or master_process or run.group is not None:
-        # --mode width (every rank), or global (rank 0, or every rank data parallel)
-        whole, bytes_whole = load_or_refuse(run, lambda: load_whole_images(run))
-
-    if master_process:
-        if run.resuming:
-            run.progress["segments"].append({"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                             "threads": threads, "device": args.device})
-            run.mark(state="running")
-        else:
-            rundir.prepare(args.out)
-            rundir.write_json(os.path.join(args.out, "config.json"),
-                              {k: v for k, v in vars(args).items()
-                               if k not in ("config", "overwrite", "out", "resume")})
-            run.progress = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
-                            "state": "running", "stops": [],
-                            "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                          "threads": threads, "device": args.device}]}
-            run.mark()
-    run.progress = parallel.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
-    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
-    setup_logging(args.out, rank, append=run.resuming)
-    where = parallel.device_name(device)
-    log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
-             __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
-             [dec.box(i) for i in run.mine] if work["boxes"] else "whole images",
-             f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "",
-             bytes_boxes + bytes_whole)
-    devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
-    if master_process:
-        print_header(run, devices)
-
-    run.bytes_whole = bytes_whole
-    try:
-        accuracies, rows, coherent_timing = run_phases(run, subsets, whole)
-        subsets = whole = None
-        run.sync()  # other ranks sleep, not spin, while rank 0 works
-    except Preempted as e:
-        return stop_here(run, e)
-
-    stats = {"rank": rank, "host": socket.gethostname(), "device": where, "threads": threads,
-             "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
-             "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
-             "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": peak_rss_bytes(),
-             "peak_rss_bytes_after_phase": run.phases.peak_rss,
-             "data_access": run.access, "share_bytes": share,
-             "stream": run.io.as_dict() if run.access == "stream" else None,
-             "phases": run.phases.seconds, "coherent": coherent_timing}
-    gathered_reports = parallel.gather_to_root(comm, (stats, rows))
-    if master_process:
-        all_stats = [st for st, _ in gathered_reports]
-        all_rows = [r for _, rs in gathered_reports for r in rs]
-        versions = {"mpi_library": parallel.library_version(), "mpi4py": mpi4py.__version__,
-                    "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
-                    "python": sys.version.split()[0]}
-        if work["width"]:
-            results = assemble_width_results(args, plan, all_stats, accuracies, size, threads, versions)
-        else:
-            results = assemble_results(args, plan, all_stats, accuracies, size, threads, versions)
-        results["devices"] = devices
-        results["restarts"] = {"segments": run.progress["segments"], "stops": run.progress.get("stops", [])}
-        rundir.write_json(os.path.join(args.out, "results.json"), results)
-        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
-        write_model_file(run, accuracies)
-        run.mark(state="finished")
-        print(format_any(results), flush=True)
-        print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
-        if args.report and write_run_report(args.out):
-            print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
-    parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
-    for init in work["coherent"]:
-        for file in rundir.coherent_state_checkpoints(f"coherent_{init}", rank):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(run.path(file))
-    return 0
-
-
-def access_choice(per_rank) -> dict:
-    """config.json's data_access_choice from every rank's (mode, why)."""
-    modes = [m for m, _ in per_rank]
-    return {"modes": modes, "why": [w for _, w in per_rank],
-            "summary": (f"data access {modes[0]} on every rank ({per_rank[0][1]} on rank 0)" if len(set(modes)) == 1
-                        else "data access " + ", ".join(f"rank {r} {m}" for r, m in enumerate(modes))
-                        + f" ({per_rank[0][1]} on rank 0)")}
-
-
-def print_header(run: Run, devices):
-    args, plan, size, threads = run.args, run.plan, run.comm.Get_size(), run.threads
-    dec, work = plan["decomposition"], plan["work"]
-    if getattr(args, "grid_choice", None) and not run.resuming:
-        print(f"mpidd: {args.grid_choice}", flush=True)
-    if plan.get("note"):
-        print(f"mpidd: {plan['note']}", flush=True)
-    print(f"mpidd: {args.data_access_choice['summary']}", flush=True)
-    if run.resuming:
-        print(f"mpidd: resuming {args.out} (stopped {len(run.progress.get('stops', []))} time(s) before)", flush=True)
-    if work["width"]:
-        print(f"mpidd: {size} ranks x {threads} threads, mode width: {args.arch} global CNN of width {args.width} "
-              f"({plan['global_params']:,} parameters) split into {args.subnets} sub-networks of width "
-              f"{args.width // args.subnets} ({plan['subnet_params']:,} parameters each), "
-              f"{'disjoint shards' if args.shard else 'full training set each'}; run directory {args.out}",
-              flush=True)
-    else:
-        replicas = f" ({run.group.size} ranks per model, data parallel)" if run.group is not None else ""
-        print(f"mpidd: {size} ranks x {threads} threads{replicas}, mode {args.mode}, grid {format_grid(dec.grid)} "
-              f"overlap {dec.overlap}, subimages {format_grid(dec.subimage_shape)}, {args.arch} local width "
-              f"factor {plan['width_factor']:g} ({plan['local_params']:,} vs {plan['global_params']:,} "
-              f"global parameters); run directory {args.out}", flush=True)
-    if args.precision != "32":
-        print(f"mpidd: precision {args.precision}: the CNNs' forward passes in bfloat16 (autocast), weights, "
-              f"optimizer state, loss and coarse DNN in float32", flush=True)
-    unique = sorted(set(devices))
-    print("mpidd: devices " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
-          if len(unique) > 1 or "cuda" in unique[0] else f"mpidd: every rank on {unique[0]}", flush=True)
-    if size > 1 and (work["boxes"] or work["width"]):
-        print(f"progress below is rank 0's; every rank logs its own to {args.out}/logs/rank<r>.log", flush=True)
+def main(argv=None) -> int:
+    """mpidd.train on MPI_COMM_WORLD; the exit code: 0 finished, 2 refused, 75 stopped and saved."""
+    return train(argv, comm=MPI.COMM_WORLD)
 
 
 if __name__ == "__main__":

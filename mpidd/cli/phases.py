@@ -25,7 +25,7 @@ def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard,
     Memory access reads the images now; stream access makes a stream.BoxStream of them and, with
     `check`, reads them once in blocks to refuse NaN and inf before any training (phase "check").
     Returns (the Shard, bytes read now)."""
-    n = run.plan["info"].sizes[split]
+    n = run.plan.info.sizes[split]
     rows = run.group.share(n) if run.group is not None else None
     if run.access == "stream":
         x = stream.BoxStream(run.args.data, split, slices, range(*rows) if rows else None, stats=run.io)
@@ -42,17 +42,17 @@ def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard,
 def share_bytes(run: Run) -> int:
     """What this rank's data takes in memory: its subimage boxes of every split (and, where it
     trains on whole images, the whole images too), its share of the samples if data parallel."""
-    info, dec, work = run.plan["info"], run.plan["decomposition"], run.plan["work"]
+    info, dec, work = run.plan.info, run.plan.decomposition, run.plan.work
     per_voxel = info.channels * np.dtype(info.dtype).itemsize
 
     def samples(split):
         n = info.sizes[split]
         return n if run.group is None else -(-n // run.group.size)
     total = 0
-    if work["boxes"]:
+    if work.boxes:
         total += sum(samples(s) for s in data.SPLITS) * len(run.mine) * int(np.prod(dec.subimage_shape)) * per_voxel
-    whole = work["width"] or (work["global"] and (run.master_process or run.group is not None
-                                                  or run.args.mode == "global"))
+    whole = work.width or (work.global_cnn and (run.master_process or run.group is not None
+                                                or run.args.mode == "global"))
     if whole:
         total += sum(samples(s) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
     return total
@@ -66,7 +66,7 @@ def load_local_data(run: Run):
     inf) is refused before training starts; memory is this rank's share of the data set, or,
     streamed, the batches in flight.
     """
-    dec = run.plan["decomposition"]
+    dec = run.plan.decomposition
     subsets, bytes_read = {}, 0
     with run.phases("load"):
         for i in run.mine:
@@ -79,7 +79,7 @@ def load_local_data(run: Run):
 
 def load_whole_images(run: Run, check: bool = True):
     """Every split's whole images (this rank's share of the samples if data parallel)."""
-    whole = tuple(slice(0, s) for s in run.plan["info"].spatial_shape)
+    whole = tuple(slice(0, s) for s in run.plan.info.spatial_shape)
     split, nbytes = {}, 0
     with run.phases("global_load"):
         for s in data.SPLITS:
@@ -105,12 +105,12 @@ def load_or_refuse(run: Run, load):
 
 def load_local_models(run: Run):
     """The trained local CNNs of this rank, from their checkpoints (the gather is done)."""
-    info, dec, args = run.plan["info"], run.plan["decomposition"], run.args
+    info, dec, args = run.plan.info, run.plan.decomposition, run.args
     models, rows = {}, []
     for i in run.mine:
         saved = rundir.load_checkpoint(run.path(rundir.local_checkpoint(i)))
         model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args),
-                          run.plan["width_factor"])
+                          run.plan.width_factor)
         model.load_state_dict(saved["model"])
         models[i] = run.on_device(model)
         if run.leader:
@@ -121,8 +121,8 @@ def load_local_models(run: Run):
 def gather_phase(run: Run, probs, subsets):
     """Phase gather: every subdomain's probabilities to rank 0, (n, N*K) per split, saved there."""
     with run.phases("gather"):
-        gathered = twolevel.gather(run, probs, subsets, run.plan["decomposition"].num_subdomains,
-                                   run.plan["info"].num_classes, run.plan["info"].sizes)
+        gathered = twolevel.gather(run, probs, subsets, run.plan.decomposition.num_subdomains,
+                                   run.plan.info.num_classes, run.plan.info.sizes)
     if run.master_process:
         rundir.save_arrays(run.path(rundir.PROBABILITIES), **gathered)
     return gathered
@@ -130,7 +130,7 @@ def gather_phase(run: Run, probs, subsets):
 
 def coarse_phase(run: Run, gathered, labels):
     """Rank 0: coarse DNN (selected on val), average and vote on the gathered probabilities."""
-    N, K = run.plan["decomposition"].num_subdomains, run.plan["info"].num_classes
+    N, K = run.plan.decomposition.num_subdomains, run.plan.info.num_classes
     cfg = twolevel_config(run.args)
     dnn, history = twolevel.fit_coarse(run, gathered, labels, N, K, cfg)
     acc = twolevel.accuracies(dnn, gathered, labels, N, K, stop=run.poll)
@@ -139,9 +139,9 @@ def coarse_phase(run: Run, gathered, labels):
 
 def load_pretrained(run: Run):
     """--from RUN_DIR: this rank's trained local CNNs (and, on rank 0, the coarse DNN)."""
-    args, info, dec = run.args, run.plan["info"], run.plan["decomposition"]
+    args, info, dec = run.args, run.plan.info, run.plan.decomposition
     src, C, K = args.from_run, info.channels, info.num_classes
-    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan["width_factor"]),
+    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan.width_factor),
                                load_pretrained_checkpoint(src, rundir.local_checkpoint(i)), src,
                                rundir.local_checkpoint(i)).to(run.device)
              for i in run.mine}
@@ -162,20 +162,20 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     the position in the marker. Returns (accuracies on rank 0 else None, metric rows, timing
     of the training steps and their exchange)."""
     args, plan = run.args, run.plan
-    info, dec = plan["info"], plan["decomposition"]
+    info, dec = plan.info, plan.decomposition
     N, K = dec.num_subdomains, info.num_classes
     name, cfg = f"coherent_{init}", coherent_config(args, init)
     start = None
     if init == "pretrained":
         start = {"local": pretrained["local"], "dnn": pretrained["dnn"] if args.dnn_init == "coarse" else None}
-    local, dnn = coherent.initial_models(run, dec, info.channels, K, plan["width_factor"], cnn_config(args), cfg,
+    local, dnn = coherent.initial_models(run, dec, info.channels, K, plan.width_factor, cnn_config(args), cfg,
                                          start)
     history, optimizer, timing = coherent.fit(run, name, local, dnn, subsets, labels, cfg, exchange)
     test = coherent.score(run, local, dnn, subsets, labels["test"], cfg, exchange)
     for i, model in local.items() if run.leader else ():  # (the members of a group hold the same weights)
         rundir.save_checkpoint(run.path(rundir.coherent_local_checkpoint(name, i)),
                                model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
-                               width_factor=plan["width_factor"], exchange=args.exchange, args=vars(args))
+                               width_factor=plan.width_factor, exchange=args.exchange, args=vars(args))
     rundir.save_checkpoint(run.path(rundir.coherent_optimizer_checkpoint(name, run.rank)),
                            optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=cfg.opts.epochs)
     if not run.master_process:
@@ -192,7 +192,7 @@ def global_phase(run: Run, split, test=False, alone=True):
     """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
     or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
-    args, info, phases = run.args, run.plan["info"], run.phases
+    args, info, phases = run.args, run.plan.info, run.phases
     with phases("global_train"):
         model, history = global_cnn.fit(run, split, info.channels, info.num_classes, info.spatial_shape,
                                         cnn_config(args), global_options(args), args.seed, test=test, alone=alone)
@@ -216,7 +216,7 @@ def width_phases(run: Run, whole):
     gathered to rank 0 and recomposed into the global CNN, which is trained further; then
     the same global CNN from random weights for comparison (rank 0; the others wait).
     Collective. Returns (scores on rank 0 else None, metric rows)."""
-    args, info, phases, cfg = run.args, run.plan["info"], run.phases, width_config(run.args)
+    args, info, phases, cfg = run.args, run.plan.info, run.phases, width_config(run.args)
     C, K, shape = info.channels, info.num_classes, info.spatial_shape
     states, sub_scores, histories = width.fit_subnets(run, whole, C, K, shape, cfg)
     rows = [dict(r, model=f"subnet_{m}") for m, h in histories.items() for r in h]
@@ -246,27 +246,27 @@ def width_phases(run: Run, whole):
 
 def run_phases(run: Run, subsets, whole):
     """Every phase of this run, in order. Returns (accuracies on rank 0, metric rows, coherent timing)."""
-    args, plan, work = run.args, run.plan, run.plan["work"]
-    N, K = plan["decomposition"].num_subdomains, plan["info"].num_classes
+    args, plan, work = run.args, run.plan, run.plan.work
+    N, K = plan.decomposition.num_subdomains, plan.info.num_classes
     rows, accuracies, coherent_timing, pretrained = [], {}, {}, None
-    if work["width"]:
+    if work.width:
         accuracies, rows = width_phases(run, whole)
         return accuracies, rows, coherent_timing
-    if work["boxes"] and run.group is not None:  # each rank holds a share: the labels of every sample
+    if work.boxes and run.group is not None:  # each rank holds a share: the labels of every sample
         labels = data.load_labels(args.data)
     else:
         labels = {s: subsets[run.mine[0]][s].y for s in data.SPLITS} if subsets else None
     if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
         with run.phases("load"):
             pretrained = load_pretrained(run)
-    if work["local"]:
+    if work.local:
         if run.resuming and run.progress.get("gathered"):  # local and gather are done: their results
             local_models, rows = load_local_models(run)
             gathered = rundir.load_arrays(run.path(rundir.PROBABILITIES)) if run.master_process else None
         else:
-            info, dec = plan["info"], plan["decomposition"]
+            info, dec = plan.info, plan.decomposition
             probs, local_models, histories = twolevel.fit_local_models(
-                run, subsets, dec, info.channels, K, plan["width_factor"], twolevel_config(args), data.SPLITS)
+                run, subsets, dec, info.channels, K, plan.width_factor, twolevel_config(args), data.SPLITS)
             rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if run.leader else []
             run.sync()  # so that "gather" times the exchange, not the slowest rank
             gathered = gather_phase(run, probs, subsets)
@@ -278,11 +278,11 @@ def run_phases(run: Run, subsets, whole):
                 accuracies, coarse_rows, dnn = coarse_phase(run, gathered, labels)
             rows += coarse_rows
         pretrained = {"local": local_models, "dnn": dnn}
-    if work["coherent"]:
+    if work.coherent:
         member = (run.group.rank, run.group.size) if run.group is not None else None
         exchange = parallel.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval,
                                               member=member)
-        for init in work["coherent"]:
+        for init in work.coherent:
             run.sync()  # all ranks start together: no rank's phase holds the wait
             with run.phases(f"coherent_{init}"):
                 acc, coherent_rows, coherent_timing[init] = coherent_phase(
@@ -290,7 +290,7 @@ def run_phases(run: Run, subsets, whole):
             if run.master_process:
                 accuracies[f"coherent_{init}"] = acc
                 rows += coherent_rows
-    if work["global"]:
+    if work.global_cnn:
         # --mode compare: rank 0 while the others wait, or, with more ranks than subdomains, every
         # rank data parallel (as --mode global always is)
         alone = args.mode == "compare" and run.group is None
@@ -312,8 +312,8 @@ def run_phases(run: Run, subsets, whole):
 def write_model_file(run: Run, accuracies):
     """Rank 0, at the end: RUN/model.pt, the self-describing model (mpidd.saved) that
     mpidd.predict and TwoLevelClassifier.load read, from the run's final checkpoints."""
-    args, plan, work = run.args, run.plan, run.plan["work"]
-    info, dec = plan["info"], plan["decomposition"]
+    args, plan, work = run.args, run.plan, run.plan.work
+    info, dec = plan.info, plan.decomposition
     N = dec.num_subdomains
 
     def weights(name):
@@ -322,18 +322,18 @@ def write_model_file(run: Run, accuracies):
     if "cnn_dnn" in accuracies:
         models["twolevel"] = saved.combined_part({i: weights(rundir.local_checkpoint(i)) for i in range(N)},
                                                  weights(rundir.COARSE_CHECKPOINT), "probabilities")
-    for init in work["coherent"]:
+    for init in work.coherent:
         name = f"coherent_{init}"
         models[name] = saved.combined_part(
             {i: weights(rundir.coherent_local_checkpoint(name, i)) for i in range(N)},
             weights(rundir.coherent_dnn_checkpoint(name)), args.exchange)
-    if work["global"] or work["width"]:
+    if work.global_cnn or work.width:
         models["global"] = saved.whole_part(weights(rundir.GLOBAL_CHECKPOINT))
-    if work["width"]:  # (its decomposition is the whole image: grid 1x1, width factor 1)
+    if work.width:  # (its decomposition is the whole image: grid 1x1, width factor 1)
         models["recomposed"] = saved.whole_part(weights(rundir.RECOMPOSED_CHECKPOINT))
     config = saved.recorded({k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
     manifest = saved.manifest(image_shape=info.image_shape, input_dtype=info.dtype, grid=dec.grid, overlap=dec.overlap,
                               num_classes=info.num_classes, classes=info.classes, cnn=cnn_config(args),
-                              width_factor=plan["width_factor"], coarse_hidden=args.coarse_hidden,
+                              width_factor=plan.width_factor, coarse_hidden=args.coarse_hidden,
                               coarse_dropout=args.coarse_dropout, hyperparameters=config)
     saved.save_model(os.path.join(args.out, saved.MODEL_FILE), manifest, models)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,12 +30,39 @@ def resolve_normalization(args, info: data.DataInfo):
     args.normalization = {"mean": list(info.mean), "std": list(info.std), "source": "data file"} if use else None
 
 
-def work_of(args) -> dict:
+@dataclass(frozen=True)
+class Work:
+    """What a run trains (work_of): the local phase (+ coarse), which coherent inits, the global
+    CNN; whether ranks read subimage boxes (else whole images), whether it is --mode width."""
+    local: bool
+    coherent: tuple[str, ...]  # the inits, in the order they run: "random", "pretrained"
+    global_cnn: bool
+    boxes: bool
+    width: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 settled before anything runs (plan_run), broadcast to every rank (pickled:
+    this module is imported on every rank before the broadcast)."""
+    info: data.DataInfo
+    decomposition: Decomposition
+    width_factor: float             # of the local CNNs (1 in --mode width)
+    work: Work
+    note: str | None                # printed first (Slurm task check, --shuffle blocks warning)
+    progress: dict | None           # --resume: the run's marker ({"fresh": True}: none yet); None: a new run
+    local_params: int
+    global_params: int
+    dnn_params: int
+    subnet_params: int | None       # --mode width: one sub-network's
+
+
+def work_of(args) -> Work:
     """What this run trains: the local phase (+ coarse), which coherent inits, the global CNN."""
-    coherent = {"compare": ["random", "pretrained"], "coherent": [args.init]}.get(args.mode, [])
+    coherent = {"compare": ("random", "pretrained"), "coherent": (args.init,)}.get(args.mode, ())
     local = args.mode in ("twolevel", "compare") or ("pretrained" in coherent and args.from_run is None)
-    return {"local": local, "coherent": coherent, "global": args.mode in ("global", "compare"),
-            "boxes": args.mode not in ("global", "width"), "width": args.mode == "width"}
+    return Work(local=local, coherent=coherent, global_cnn=args.mode in ("global", "compare"),
+                boxes=args.mode not in ("global", "width"), width=args.mode == "width")
 
 
 def resolve_shuffle(args, info: data.DataInfo):
@@ -208,7 +236,7 @@ def resolve_auto_grid(args, size: int, shape):
     args.grid = format_grid(grid)
 
 
-def plan_run(args, comm) -> dict:
+def plan_run(args, comm) -> Plan:
     """Validate everything that can be checked before training (rank 0 only); raise UsageError."""
     size = comm.Get_size()
     note = parallel.check_slurm_tasks(comm)
@@ -257,10 +285,10 @@ def plan_run(args, comm) -> dict:
         if args.shard and info.sizes["train"] < 2 * args.subnets:
             raise UsageError(f"--shard: {info.sizes['train']} training images cannot make {args.subnets} shards "
                              f"of 2 or more: drop --shard or lower --subnets")
-    return {
-        "subnet_params": subnet_params, "note": note, "progress": progress,
-        "info": info, "decomposition": dec, "width_factor": wf, "work": work_of(args),
-        "dnn_params": count_parameters(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden)),
-        "local_params": count_parameters(build_cnn(C, K, dec.subimage_shape, cfg, wf)),
-        "global_params": count_parameters(build_cnn(C, K, info.spatial_shape, cfg)),
-    }
+    return Plan(
+        subnet_params=subnet_params, note=note, progress=progress,
+        info=info, decomposition=dec, width_factor=wf, work=work_of(args),
+        dnn_params=count_parameters(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden)),
+        local_params=count_parameters(build_cnn(C, K, dec.subimage_shape, cfg, wf)),
+        global_params=count_parameters(build_cnn(C, K, info.spatial_shape, cfg)),
+    )

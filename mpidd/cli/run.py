@@ -13,6 +13,7 @@ from .. import parallel, rundir
 from ..engine import Control, Preempted
 from ..methods.context import Context, progress_printer
 from ..stream import StreamStats
+from .plan import Plan
 
 
 EXIT_USAGE = 2
@@ -35,7 +36,7 @@ class Run(Context):
     """The command line's Context: the job, its options and plan, the run directory's
     checkpoints and marker, and how every rank stops together (StopAgreement)."""
     args: object
-    plan: dict
+    plan: Plan
     threads: int
     stopper: parallel.StopAgreement
     progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)

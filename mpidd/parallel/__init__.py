@@ -20,8 +20,8 @@ from .collectives import (agree, allgather, broadcast_from_root, gather_probabil
 from .exchange import GatherToRoot, ModelParallelExchange
 from .groups import AllSum, DataParallelGroup
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
-                     library_version, memory_per_rank, node_comm, node_cores_and_ranks, oversubscribed, select_device,
-                     tune_malloc, warm_up_torch)
+                     library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, oversubscribed,
+                     select_device, tune_malloc, warm_up_torch)
 from .stop import EXIT_PREEMPTED, StopAgreement
 
 
@@ -41,5 +41,5 @@ __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", 
            "sleepy_barrier", "sleepy_wait",
            "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
-           "memory_per_rank", "node_comm", "node_cores_and_ranks", "oversubscribed", "select_device", "tune_malloc",
-           "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement", "world_dup", "world"]
+           "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "oversubscribed",
+           "select_device", "tune_malloc", "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement", "world_dup", "world"]

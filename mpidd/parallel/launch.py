@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 
+import mpi4py
 import torch
 from mpi4py import MPI
 
@@ -183,3 +184,7 @@ def memory_per_rank(comm) -> int | None:
 
 def library_version() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
+
+
+def mpi4py_version() -> str:
+    return mpi4py.__version__

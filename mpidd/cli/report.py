@@ -1,0 +1,230 @@
+"""Readable tables and figures from finished runs. No MPI.
+
+    python -m mpidd.report runs/NAME                           # print the run's table again
+    python -m mpidd.report runs/A runs/B --out reports/AB      # report.md + PNG figures
+
+--out writes REPORT_DIR/report.md: for each run its table, a test image with the subdomain
+boxes, training curves, the accuracies of every model and combiner, per-rank phase times, the
+CNN-DNN's test confusion matrix and, for --mode width, time-to-accuracy curves;
+given several runs, first the papers' table across them (one row per run: decomposition, local
+CNNs min/max, average, vote, CNN-DNN, coherent from random weights, transfer learning, global).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..coherent_model import NAMES as COHERENT_NAMES
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:6.2f}%"
+
+
+def _int(x):
+    return "-" if x is None else f"{x:,}"
+
+
+def _sec(x):
+    return "-" if x is None else f"{x:8.1f}"
+
+
+def _precision(results: dict) -> str:
+    p = results.get("precision", "32")
+    return "" if p == "32" else f", precision {p}"
+
+
+def format_table(results: dict) -> str:
+    d = results["decomposition"]
+    rule = "-" * 92
+    lines = [f"mpidd: grid {d['grid']} overlap {d['overlap']} on {results['data']} "
+             f"({d['image_shape']} -> subimages {d['subimage_shape']}), {results.get('arch', 'vgg')}, "
+             f"{results['world_size']} ranks x {results['threads_per_rank']} threads{_precision(results)}",
+             f"{'model':<30}{'params':>12}{'val acc':>10}{'test acc':>10}{'critical CPU s':>16}"
+             f"{'total CPU s':>14}",
+             rule]
+    for row in results["models"]:
+        lines.append(f"{row['name']:<30}{_int(row.get('params')):>12}{_pct(row.get('val_acc')):>10}"
+                     f"{_pct(row.get('test_acc')):>10}{_sec(row.get('cpu_s')):>16}"
+                     f"{_sec(row.get('total_cpu_s')):>14}")
+    lines += [rule, "critical CPU s: max over ranks of the CPU seconds of the phases a model needs, in order "
+                    "(a local CNN: its own; a coherent model: a lower bound, its ranks wait for each other "
+                    "every step)"]
+    t = results.get("timing", {})
+    cp = t.get("critical_path")
+    if cp:
+        lines.append(f"two-level critical path: {cp['cpu_s']:.1f} CPU s = slowest rank {cp['slowest_rank']} "
+                     f"load+local {cp['local_cpu_s']:.1f} + gather {cp['gather_cpu_s']:.2f} "
+                     f"+ coarse {cp['coarse_cpu_s']:.1f}  (wall {cp['wall_s']:.1f} s)")
+    g = t.get("global_train_cpu_s")
+    if g is not None:
+        line = f"global CNN training: {g:.1f} CPU s"
+        if t.get("global_ranks", 1) > 1:
+            line += f" on rank 0 of {t['global_ranks']} (data parallel over every rank)"
+        if cp:
+            line += f"  =  {g / cp['cpu_s']:.1f}x the two-level critical path"
+        lines.append(line)
+    for init, name in COHERENT_NAMES.items():
+        c = t.get(f"coherent_{init}")
+        if c:
+            lines.append(f"{name}: {c['steps']} steps of batch {c['batch_size']}, "
+                         f"{max(c['step_ms_per_rank']):.1f} ms/step; exchange (gather + scatter) at most "
+                         f"{max(c['exchange_ms_per_step_per_rank']):.2f} ms/step = "
+                         f"{100 * c['exchange_fraction_max']:.1f}% of a step's wall time (waits for other "
+                         f"ranks included), {100 * c.get('exchange_cpu_fraction_max', 0):.2f}% of its CPU time")
+    return "\n".join(lines)
+
+
+def format_width_table(results: dict) -> str:
+    """The table of --mode width: each sub-network, the recomposed network before and after
+    further training, the global CNN from random init; then time to the target accuracy."""
+    w = results["width"]
+    rule = "-" * 100
+    lines = [f"mpidd width decomposition: {results['arch']} of width {w['global_width']} split into "
+             f"{w['subnets']} sub-networks of width {w['subnet_width']} "
+             f"({'disjoint shards' if w['shard'] else 'full training set each'}, off-diagonal "
+             f"{'noise ' + str(w['offdiag_noise']) if w['offdiag_noise'] else 'zero'}) on {results['data']}, "
+             f"{results['world_size']} ranks x {results['threads_per_rank']} threads{_precision(results)}",
+             f"{'model':<34}{'params':>10}{'val acc':>10}{'test acc':>10}{'test loss':>11}"
+             f"{'critical CPU s':>15}{'total CPU s':>12}",
+             rule]
+    for row in results["models"]:
+        loss = row.get("test_loss")
+        lines.append(f"{row['name']:<34}{_int(row.get('params')):>10}{_pct(row.get('val_acc')):>10}"
+                     f"{_pct(row.get('test_acc')):>10}{'-' if loss is None else f'{loss:.4f}':>11}"
+                     f"{_sec(row.get('cpu_s')):>15}{_sec(row.get('total_cpu_s')):>12}")
+    lines += [rule, "critical CPU s: sub-network: its own training; recomposed: max over ranks (load + "
+                    "sub-networks) + gather + recompose (+ training); random init: load + training"]
+    b = results["loss_bound"]
+    lines.append(f"loss bound: recomposed test loss {b['recomposed_test_loss']:.4f} "
+                 f"{'<=' if b['holds'] else '>'} mean of the sub-networks' {b['mean_subnet_test_loss']:.4f}"
+                 + ("" if b.get("applies", True) else "  (not guaranteed: --offdiag-noise > 0)"))
+    t = results["time_to_target"]
+
+    def reached(x):
+        return "not reached" if x is None else f"{x['cpu_s']:.1f} CPU s (epoch {x['epoch']:.2f})"
+    line = (f"time to {100 * t['target_test_acc']:.1f}% test accuracy: recomposed {reached(t['recomposed'])}, "
+            f"random init {reached(t['global_random_init'])}")
+    if t["ratio"] is not None:
+        line += f"  ->  ratio {t['ratio']:.2f}"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def format_any(results: dict) -> str:
+    return format_width_table(results) if results.get("mode") == "width" else format_table(results)
+
+
+COMPARISON = (("average", "average"), ("vote", "vote"), ("CNN-DNN", "cnn_dnn"), ("coherent", "coherent_random"),
+              ("transfer", "coherent_pretrained"), ("global", "global"), ("width recomposed", "recomposed"))
+
+
+def comparison_table(named: list) -> str:
+    """The papers' table across runs, test accuracy in %: [(run name, results), ...] -> markdown.
+    Columns by model kind; global: the global CNN (in width runs: from random init)."""
+    head = "| run | decomposition | locals min | locals max | " + " | ".join(c for c, _ in COMPARISON) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(COMPARISON))]
+    for name, r in named:
+        d = r.get("decomposition", {})
+        models = r.get("models", [])
+        locals_ = [m["test_acc"] for m in models if m.get("kind") == "local"]
+        acc = {m.get("kind"): m.get("test_acc") for m in models}
+        cells = [f"{100 * min(locals_):.2f}" if locals_ else "-", f"{100 * max(locals_):.2f}" if locals_ else "-"]
+        cells += [f"{100 * acc[kind]:.2f}" if acc.get(kind) is not None else "-" for _, kind in COMPARISON]
+        if d:
+            where = f"{d.get('grid', '-')} overlap {d.get('overlap', '-')}, {r.get('arch', 'vgg')}{_precision(r)}"
+        elif r.get("mode") == "width":
+            w = r.get("width", {})
+            where = (f"width: {w.get('subnets')} sub-networks of {w.get('global_width')}, {r.get('arch', 'vgg')}"
+                     f"{_precision(r)}")
+        else:
+            where = r.get("mode")
+        lines.append(f"| {name} | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def models_table(r: dict) -> str:
+    lines = ["| model | parameters | val acc (%) | test acc (%) |", "| --- | --- | --- | --- |"]
+    for m in r.get("models", []):
+        val, test = m.get("val_acc"), m.get("test_acc")
+        lines.append(f"| {m['name']} | {_int(m.get('params'))} | {'-' if val is None else f'{100 * val:.2f}'} | "
+                     f"{'-' if test is None else f'{100 * test:.2f}'} |")
+    return "\n".join(lines)
+
+
+def confusion_table(r: dict) -> str:
+    """The CNN-DNN's test confusion counts as markdown (rows: true class); '' without one."""
+    c = r.get("confusion")
+    if not c:
+        return ""
+    names = r.get("classes") or [str(k) for k in range(len(c["counts"]))]
+    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    lines += [f"| {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(names, c["counts"])]
+    return "\n".join(lines)
+
+
+def load_results(path: str) -> dict:
+    path = path.rstrip("/")
+    with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
+        return json.load(f)
+
+
+def write_report(runs: list, out: str) -> str:
+    """REPORT_DIR/report.md and its figures for the run directories `runs`; returns report.md's path."""
+    from .. import figures
+    os.makedirs(out, exist_ok=True)
+    named = [(os.path.basename(os.path.normpath(run)), load_results(run)) for run in runs]
+    parts = ["# mpidd report", ""]
+    if len(named) > 1:
+        parts += ["## Test accuracy across runs (%)", "", comparison_table(named), ""]
+    for (name, r), run in zip(named, runs):
+        parts += [f"## {name}", "", f"`{os.path.abspath(run)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
+                                    f"data `{r.get('data')}`", "", models_table(r), ""]
+        for kind, title, draw in (
+                ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
+                ("curves", "Training curves", lambda p: figures.training_curves(run, p)),
+                ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
+                ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),
+                ("confusion", "Confusion matrix of the CNN-DNN (test)", lambda p: figures.confusion(r, p)),
+                ("time_to_accuracy", "Time to accuracy", lambda p: figures.time_to_accuracy(r, p))):
+            file = f"{name}_{kind}.png"
+            if draw(os.path.join(out, file)):
+                parts += [f"![{title}]({file})", ""]
+            if kind == "confusion" and r.get("confusion"):
+                parts += [f"{r['confusion']['model']} on {r['confusion']['split']}, counts:", "",
+                          confusion_table(r), ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def write_run_report(run: str):
+    """The end of a run: RUN/report/report.md; a failure to draw costs a warning, not the run."""
+    try:
+        return write_report([run], os.path.join(run, "report"))
+    except Exception as e:  # the results are written: a figure must not fail the run
+        print(f"mpidd: warning: no report ({type(e).__name__}: {e}); python -m mpidd.report {run} --out DIR "
+              f"tries again", file=sys.stderr, flush=True)
+        return None
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m mpidd.report", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (or results.json files)")
+    p.add_argument("--out", metavar="REPORT_DIR", help="write report.md and PNG figures there instead of printing")
+    args = p.parse_args(argv)
+    try:
+        if args.out:
+            print(f"report: {write_report(args.runs, args.out)}")
+        else:
+            print("\n\n".join(format_any(load_results(run)) for run in args.runs))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"mpidd.report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
