@@ -211,6 +211,24 @@ def _coherent_problem(N=4, K=5, n=40, size=(8, 8), arch="vgg", dropout=0.0):
     return xs, y, local, dnn
 
 
+def _assembled_step(xs, y, local, dnn, N, idx, output, opts):
+    """The reference: the assembled CNN-DNN in this process, plain autograd, one optimizer step.
+    Returns (local CNNs, DNN, loss, the local CNNs' gradients, the DNN's gradients)."""
+    import torch
+
+    from mpidd.engine import make_optimizer, to_float
+    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
+    outs = [ref_locals[i](to_float(torch.as_tensor(xs[i])[idx])) for i in range(N)]
+    if output == "probabilities":
+        outs = [torch.softmax(o, dim=1) for o in outs]
+    loss = torch.nn.functional.cross_entropy(ref_dnn(torch.cat(outs, dim=1)), torch.as_tensor(y)[idx])
+    loss.backward()
+    grads = {i: [p.grad.clone() for p in ref_locals[i].parameters()] for i in range(N)}
+    dnn_grads = [p.grad.clone() for p in ref_dnn.parameters()]
+    make_optimizer(torch.nn.ModuleList([*ref_locals.values(), ref_dnn]), opts).step()
+    return ref_locals, ref_dnn, loss, grads, dnn_grads
+
+
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("output,arch", [("probabilities", "vgg"), ("logits", "vgg"), ("probabilities", "resnet")])
 def test_coherent_step_equals_the_single_process_model(comm, output, arch):
@@ -219,7 +237,7 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     import torch
     from mpidd.coherent_model import coherent_step
     from mpidd.decomposition import subdomains_of_rank
-    from mpidd.engine import TrainOptions, make_optimizer, to_float
+    from mpidd.engine import TrainOptions, make_optimizer
     from mpidd.parallel import ModelParallelExchange
     torch.set_num_threads(1)
     N, K = 4, 5
@@ -229,16 +247,7 @@ def test_coherent_step_equals_the_single_process_model(comm, output, arch):
     idx = torch.as_tensor([3, 17, 5, 0, 39, 22, 8, 11, 30, 2, 19, 27])
     opts = TrainOptions(lr=1e-2)
 
-    # reference: the assembled model in this process, plain autograd
-    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
-    outs = [ref_locals[i](to_float(torch.as_tensor(xs[i])[idx])) for i in range(N)]
-    if output == "probabilities":
-        outs = [torch.softmax(o, dim=1) for o in outs]
-    ref_loss = torch.nn.functional.cross_entropy(ref_dnn(torch.cat(outs, dim=1)), torch.as_tensor(y)[idx])
-    ref_loss.backward()
-    ref_grads = {i: [p.grad.clone() for p in ref_locals[i].parameters()] for i in range(N)}
-    ref_dnn_grads = [p.grad.clone() for p in ref_dnn.parameters()]
-    make_optimizer(torch.nn.ModuleList([*ref_locals.values(), ref_dnn]), opts).step()
+    ref_locals, ref_dnn, ref_loss, ref_grads, ref_dnn_grads = _assembled_step(xs, y, local, dnn, N, idx, output, opts)
 
     # model parallel: this rank's local CNNs (+ the DNN on rank 0)
     mine = subdomains_of_rank(comm.rank, comm.size, N)
@@ -560,7 +569,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
     import torch
     from mpidd.coherent_model import coherent_step
     from mpidd.parallel import ModelParallelExchange
-    from mpidd.engine import TrainOptions, make_optimizer, to_float
+    from mpidd.engine import TrainOptions, make_optimizer
     from mpidd.models import group_batchnorm
     torch.set_num_threads(1)
     K, n = 5, 40
@@ -568,13 +577,7 @@ def test_coherent_step_on_data_parallel_groups_equals_the_single_process_model(c
     xs, y, local, dnn = _coherent_problem(N, K, n=n)
     idx = torch.as_tensor([3, 17, 5, 0, 39, 22, 8, 11, 30, 2, 19, 27])
     opts = TrainOptions(lr=1e-2)
-    ref_locals, ref_dnn = {i: local(i) for i in range(N)}, dnn()
-    outs = [ref_locals[i](to_float(torch.as_tensor(xs[i])[idx])) for i in range(N)]
-    if output == "probabilities":
-        outs = [torch.softmax(o, dim=1) for o in outs]
-    torch.nn.functional.cross_entropy(ref_dnn(torch.cat(outs, dim=1)), torch.as_tensor(y)[idx]).backward()
-    ref_grads = {i: [p.grad.clone() for p in ref_locals[i].parameters()] for i in range(N)}
-    make_optimizer(torch.nn.ModuleList([*ref_locals.values(), ref_dnn]), opts).step()
+    ref_locals, ref_dnn, _, ref_grads, _ = _assembled_step(xs, y, local, dnn, N, idx, output, opts)
 
     lo, hi = group.share(n)
     models = {i: group_batchnorm(local(i), group.allreduce) for i in mine}
