@@ -176,10 +176,11 @@ def load_split_labels(path: str, split: str, rows: tuple[int, int] | None = None
         return (labels[rows[0]:rows[1]] if rows is not None else labels[...]).astype(np.int64)
 
 
-def load_labels(path: str) -> dict:
-    """Every split's labels (small: what rank 0 needs when it holds only a share of the images)."""
+def load_labels(path: str, splits=SPLITS) -> dict:
+    """The labels of `splits` (default every split; small: what rank 0 needs when it holds only
+    a share of the images)."""
     with h5py.File(path, "r") as f:
-        return {s: f[s]["labels"][...].astype(np.int64) for s in SPLITS}
+        return {s: f[s]["labels"][...].astype(np.int64) for s in splits}
 
 
 def fingerprint(path: str) -> dict:

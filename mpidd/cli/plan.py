@@ -76,7 +76,7 @@ def order_warning(args, info: data.DataInfo) -> str | None:
     class by class): the order would feed one class at a time. A warning, not a refusal."""
     if args.shuffle != "blocks" or args.shuffle_block <= 1:
         return None
-    labels = data.load_labels(args.data)["train"]
+    labels = data.load_labels(args.data, ("train",))["train"]
     mixed = classes_per_block(labels, args.shuffle_block)
     if mixed >= 0.5 * min(info.num_classes, args.shuffle_block):
         return None

@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "h5"), default=None,
                    help="csv or h5 (default: from the --out suffix, else csv)")
     p.add_argument("--model", dest="kind", default="cnn-dnn",
-                   choices=("cnn-dnn", "average", "vote", "coherent", "global", "recomposed"),
+                   choices=saved.MODELS,
                    help="which model of the run classifies: the coarse DNN, the average or vote of the local "
                         "CNNs, the coherent CNN-DNN (transfer learning if the run has it), the global CNN, "
                         "the recomposed network of --mode width")
