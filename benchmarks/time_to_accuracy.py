@@ -97,7 +97,7 @@ def load(path):
 
 
 def global_cnn(info, seed):
-    """The global CNN exactly as mpidd.methods.global_cnn.fit builds it with the CLI defaults."""
+    """The global CNN exactly as mpidd.methods.global_cnn.fit_global builds it with the CLI defaults."""
     import torch
     from mpidd.seeds import seed_for
     from mpidd.models import CNNConfig, build_cnn

@@ -122,7 +122,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         N, K, C, cfg = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config()
         probs, models, histories = twolevel.fit_local_models(ctx, subsets, dec, C, K, self.width_factor_, cfg,
                                                              ("train", "val"))
-        gathered = twolevel.gather(ctx, probs, subsets, N, K, {s: len(labels[s]) for s in ("train", "val")})
+        gathered = twolevel.gather_to_coarse(ctx, probs, subsets, N, K, {s: len(labels[s]) for s in ("train", "val")})
         if not ctx.master_process:  # rank 0's own part never leaves it
             self._bytes.count("probabilities", sum(p.nbytes for per in probs.values() for p in per.values()))
         dnn = scores = coarse_history = None
@@ -169,7 +169,7 @@ class TwoLevelClassifier(SubdomainEstimator):
             self.comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(self.comm, torch.get_num_threads())
             else None, member=(ctx.group.rank, ctx.group.size) if ctx.group is not None else None)
         name = f"coherent_{init}"
-        history, _, timing = coherent.fit(ctx, name, local, dnn, subsets, labels, cfg, exchange)
+        history, _, timing = coherent.fit_coherent(ctx, name, local, dnn, subsets, labels, cfg, exchange)
         self._bytes.count("exchange", exchange.bytes)
         self._models[name] = saved.combined_part(local, dnn, self.exchange)
         history = self._from_root(history)
@@ -317,7 +317,7 @@ class WidthClassifier(CollectiveEstimator):
         states, scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg, score_splits=("val",))
         if not ctx.master_process:
             self._bytes.count("parameters", sum(t.nbytes for st in states.values() for t in st.values()))
-        states, scores = width.gather(ctx, states, scores)
+        states, scores = width.gather_subnets(ctx, states, scores)
         result = model = None
         if ctx.master_process:
             model = width.recompose(ctx, states, C, K, shape, cfg)

@@ -17,7 +17,7 @@ from .decomposition import DecompositionError, layout
 from .engine import Shard, precision_error, predict_logits, predict_proba
 from .inputs import check_images, count_samples, dtype_name, from_file, hold_out, pixels, subimages
 from .methods import twolevel
-from .methods.context import Context
+from .methods.context import Context, Progress, print_flushed
 from .models import local_width_factor
 from .saved import MODELS, WHOLE_IMAGE
 from .stream import check_finite, is_stream
@@ -131,8 +131,9 @@ class CollectiveEstimator:
         """This rank's Context; ValueError on every rank if `precision` cannot run on a rank's device."""
         device = self._torch_device()
         self._raise_agreed(precision_error(self.precision, device))
+        verbose = self.verbose and self.comm.Get_rank() == 0  # rank 0 prints progress
         return Context(comm=self.comm, device=device, precision=self.precision, mine=mine, group=group,
-                       verbose=self.verbose)
+                       progress=Progress(sinks=(print_flushed,) if verbose else ()))
 
     def _from_file(self, x, y, split, what, labels=True):
         return from_file(x, y, split, what, labels, stats=self._bytes.io)
@@ -294,7 +295,7 @@ class SubdomainEstimator(CollectiveEstimator):
                      for i in ctx.mine}
         else:
             local = twolevel.local_probabilities(ctx, bundle["local"], subsets, ("test",), self.eval_batch_size)
-        gathered = twolevel.gather(ctx, local, subsets, N, K, {"test": n})
+        gathered = twolevel.gather_to_coarse(ctx, local, subsets, N, K, {"test": n})
         if not ctx.master_process:  # rank 0's own part never leaves it
             self._bytes.count("probabilities", sum(p["test"].nbytes for p in local.values()))
         return gathered["test"] if ctx.master_process else None

@@ -80,7 +80,7 @@ def coherent_optimizer_checkpoint(name: str, rank) -> str:
 
 def coherent_state_checkpoints(name: str, rank) -> tuple[str, str]:
     """(the newest, the one before) of rank `rank`'s loop states of coherent phase `name` while
-    it runs (see cli.run.Run.coherent_control)."""
+    it runs (see cli.run.RunDirectory.coherent_control)."""
     return f"{name}_rank{rank}.state.pt", f"{name}_rank{rank}.state.prev.pt"
 
 

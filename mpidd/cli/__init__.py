@@ -4,7 +4,8 @@ mpidd.train, .predict and .report are their entry points, mpidd/train.py, predic
     arguments   flags, config files, resume's options (argparse)
     plan        typed configuration from the arguments; every refusal before training (rank 0);
                 Plan and Work, what rank 0 settled, broadcast to every rank
-    run         Run, the command line's methods.context.Context: checkpoints, marker, agreed stops, logs
+    run         what the methods receive from the command line (methods.context's interfaces):
+                AgreedStops, RunDirectory (checkpoints, marker), progress to the logs; and Run
     phases      the phases of a run, each around its method (mpidd.methods)
     train       mpidd.train's main: a whole run, rank by rank, and its stop
     predict     mpidd.predict: classify with a finished run's model file

@@ -1,11 +1,10 @@
-"""The phases of a mpidd.train run, in order (run_phases): load (each rank reads only its
+"""The phases of a mpidd.train run, in order (every_phase): load (each rank reads only its
 boxes), local, gather, coarse (methods.twolevel), coherent_random / coherent_pretrained
 (methods.coherent), global (methods.global_cnn), or --mode width's (methods.width); each wraps
 its method with the run's timing, checkpoints and metric rows."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -16,7 +15,7 @@ from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
 from ..options import cnn_config, coherent_config, global_options, twolevel_config, width_config
-from .plan import fit_checkpoint, load_pretrained_checkpoint
+from .plan import load_pretrained_checkpoint, load_pretrained_weights
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -25,14 +24,15 @@ def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard,
     Memory access reads the images now; stream access makes a stream.BoxStream of them and, with
     `check`, reads them once in blocks to refuse NaN and inf before any training (phase "check").
     Returns (the Shard, bytes read now)."""
+    ctx = run.ctx
     n = run.plan.info.sizes[split]
-    rows = run.group.share(n) if run.group is not None else None
+    rows = ctx.group.share(n) if ctx.group is not None else None
     if run.access == "stream":
         x = stream.BoxStream(run.args.data, split, slices, range(*rows) if rows else None, stats=run.io)
         y = data.load_split_labels(run.args.data, split, rows)
         nbytes = 0
         if check:
-            with run.phases("check"):
+            with ctx.timer("check"):
                 nbytes = stream.check_finite(x, block=run.args.read_block)
         return Shard(x, y, rows[0] if rows else 0, n), nbytes + y.nbytes
     x, y, nbytes = data.load_split(run.args.data, split, slices, block=run.args.read_block, rows=rows)
@@ -42,16 +42,17 @@ def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard,
 def share_bytes(run: Run) -> int:
     """What this rank's data takes in memory: its subimage boxes of every split (and, where it
     trains on whole images, the whole images too), its share of the samples if data parallel."""
+    ctx = run.ctx
     info, dec, work = run.plan.info, run.plan.decomposition, run.plan.work
     per_voxel = info.channels * np.dtype(info.dtype).itemsize
 
     def samples(split):
         n = info.sizes[split]
-        return n if run.group is None else -(-n // run.group.size)
+        return n if ctx.group is None else -(-n // ctx.group.size)
     total = 0
     if work.boxes:
-        total += sum(samples(s) for s in data.SPLITS) * len(run.mine) * int(np.prod(dec.subimage_shape)) * per_voxel
-    whole = work.width or (work.global_cnn and (run.master_process or run.group is not None
+        total += sum(samples(s) for s in data.SPLITS) * len(ctx.mine) * int(np.prod(dec.subimage_shape)) * per_voxel
+    whole = work.width or (work.global_cnn and (ctx.master_process or ctx.group is not None
                                                 or run.args.mode == "global"))
     if whole:
         total += sum(samples(s) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
@@ -68,8 +69,8 @@ def load_local_data(run: Run):
     """
     dec = run.plan.decomposition
     subsets, bytes_read = {}, 0
-    with run.phases("load"):
-        for i in run.mine:
+    with run.ctx.timer("load"):
+        for i in run.ctx.mine:
             subsets[i] = {}
             for s in data.SPLITS:
                 subsets[i][s], nbytes = read_split(run, s, dec.slices(i))
@@ -81,7 +82,7 @@ def load_whole_images(run: Run, check: bool = True):
     """Every split's whole images (this rank's share of the samples if data parallel)."""
     whole = tuple(slice(0, s) for s in run.plan.info.spatial_shape)
     split, nbytes = {}, 0
-    with run.phases("global_load"):
+    with run.ctx.timer("global_load"):
         for s in data.SPLITS:
             split[s], n = read_split(run, s, whole, check=check)
             nbytes += n
@@ -90,14 +91,15 @@ def load_whole_images(run: Run, check: bool = True):
 
 def load_or_refuse(run: Run, load):
     """Every rank loads; a DataError anywhere (e.g. NaN in one rank's box) refuses on every rank."""
+    ctx = run.ctx
     result, error = None, None
     try:
         result = load()
     except data.DataError as e:
         error = str(e)
-    failed = parallel.agree(run.comm, error)
-    if failed and run.master_process:
-        refuse(f"{failed[1]} (found by rank {failed[0]})" if run.comm.Get_size() > 1 else failed[1])
+    failed = parallel.agree(ctx.comm, error)
+    if failed and ctx.master_process:
+        refuse(f"{failed[1]} (found by rank {failed[0]})" if ctx.comm.Get_size() > 1 else failed[1])
     elif failed:
         sys.exit(EXIT_USAGE)
     return result
@@ -105,26 +107,28 @@ def load_or_refuse(run: Run, load):
 
 def load_local_models(run: Run):
     """The trained local CNNs of this rank, from their checkpoints (the gather is done)."""
+    ctx = run.ctx
     info, dec, args = run.plan.info, run.plan.decomposition, run.args
     models, rows = {}, []
-    for i in run.mine:
-        saved = rundir.load_checkpoint(run.path(rundir.local_checkpoint(i)))
+    for i in ctx.mine:
+        saved = rundir.load_checkpoint(run.directory.path(rundir.local_checkpoint(i)))
         model = build_cnn(info.channels, info.num_classes, dec.subimage_shape, cnn_config(args),
                           run.plan.width_factor)
         model.load_state_dict(saved["model"])
-        models[i] = run.on_device(model)
-        if run.leader:
+        models[i] = ctx.on_device(model)
+        if ctx.leader:
             rows += [dict(r, model=f"local_{i}") for r in saved["loop"]["history"]]
     return models, rows
 
 
 def gather_phase(run: Run, probs, subsets):
     """Phase gather: every subdomain's probabilities to rank 0, (n, N*K) per split, saved there."""
-    with run.phases("gather"):
-        gathered = twolevel.gather(run, probs, subsets, run.plan.decomposition.num_subdomains,
-                                   run.plan.info.num_classes, run.plan.info.sizes)
-    if run.master_process:
-        rundir.save_arrays(run.path(rundir.PROBABILITIES), **gathered)
+    ctx = run.ctx
+    with ctx.timer("gather"):
+        gathered = twolevel.gather_to_coarse(ctx, probs, subsets, run.plan.decomposition.num_subdomains,
+                                             run.plan.info.num_classes, run.plan.info.sizes)
+    if ctx.master_process:
+        rundir.save_arrays(run.directory.path(rundir.PROBABILITIES), **gathered)
     return gathered
 
 
@@ -132,24 +136,25 @@ def coarse_phase(run: Run, gathered, labels):
     """Rank 0: coarse DNN (selected on val), average and vote on the gathered probabilities."""
     N, K = run.plan.decomposition.num_subdomains, run.plan.info.num_classes
     cfg = twolevel_config(run.args)
-    dnn, history = twolevel.fit_coarse(run, gathered, labels, N, K, cfg)
-    acc = twolevel.accuracies(dnn, gathered, labels, N, K, stop=run.poll)
+    dnn, history = twolevel.fit_coarse(run.ctx, gathered, labels, N, K, cfg)
+    acc = twolevel.accuracies(dnn, gathered, labels, N, K, stop=run.stops.poll)
     return acc, [dict(r, model="coarse_dnn") for r in history], dnn
 
 
 def load_pretrained(run: Run):
     """--from RUN_DIR: this rank's trained local CNNs (and, on rank 0, the coarse DNN)."""
+    ctx = run.ctx
     args, info, dec = run.args, run.plan.info, run.plan.decomposition
     src, C, K = args.from_run, info.channels, info.num_classes
-    local = {i: fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan.width_factor),
-                               load_pretrained_checkpoint(src, rundir.local_checkpoint(i)), src,
-                               rundir.local_checkpoint(i)).to(run.device)
-             for i in run.mine}
+
+    def pretrained(model, name):
+        return load_pretrained_weights(model, load_pretrained_checkpoint(src, name), src, name).to(ctx.device)
+    local = {i: pretrained(build_cnn(C, K, dec.subimage_shape, cnn_config(args), run.plan.width_factor),
+                           rundir.local_checkpoint(i)) for i in ctx.mine}
     dnn = None
-    if run.master_process and args.dnn_init == "coarse":
-        dnn = fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
-                             load_pretrained_checkpoint(src, rundir.COARSE_CHECKPOINT), src,
-                             rundir.COARSE_CHECKPOINT).to(run.device)
+    if ctx.master_process and args.dnn_init == "coarse":
+        dnn = pretrained(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden, args.coarse_dropout),
+                         rundir.COARSE_CHECKPOINT)
     return {"local": local, "dnn": dnn}
 
 
@@ -161,6 +166,7 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     saves its part (local CNNs, optimizer, rank 0: DNN), then, once all have, rank 0 records
     the position in the marker. Returns (accuracies on rank 0 else None, metric rows, timing
     of the training steps and their exchange)."""
+    ctx = run.ctx
     args, plan = run.args, run.plan
     info, dec = plan.info, plan.decomposition
     N, K = dec.num_subdomains, info.num_classes
@@ -168,19 +174,19 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
     start = None
     if init == "pretrained":
         start = {"local": pretrained["local"], "dnn": pretrained["dnn"] if args.dnn_init == "coarse" else None}
-    local, dnn = coherent.initial_models(run, dec, info.channels, K, plan.width_factor, cnn_config(args), cfg,
+    local, dnn = coherent.initial_models(ctx, dec, info.channels, K, plan.width_factor, cnn_config(args), cfg,
                                          start)
-    history, optimizer, timing = coherent.fit(run, name, local, dnn, subsets, labels, cfg, exchange)
-    test = coherent.score(run, local, dnn, subsets, labels["test"], cfg, exchange)
-    for i, model in local.items() if run.leader else ():  # (the members of a group hold the same weights)
-        rundir.save_checkpoint(run.path(rundir.coherent_local_checkpoint(name, i)),
+    history, optimizer, timing = coherent.fit_coherent(ctx, name, local, dnn, subsets, labels, cfg, exchange)
+    test = coherent.score(ctx, local, dnn, subsets, labels["test"], cfg, exchange)
+    for i, model in local.items() if ctx.leader else ():  # (the members of a group hold the same weights)
+        rundir.save_checkpoint(run.directory.path(rundir.coherent_local_checkpoint(name, i)),
                                model=model.state_dict(), epoch=cfg.opts.epochs, subdomain=i, box=dec.box(i),
                                width_factor=plan.width_factor, exchange=args.exchange, args=vars(args))
-    rundir.save_checkpoint(run.path(rundir.coherent_optimizer_checkpoint(name, run.rank)),
+    rundir.save_checkpoint(run.directory.path(rundir.coherent_optimizer_checkpoint(name, ctx.rank)),
                            optimizer=optimizer.state_dict(), subdomains=sorted(local), epoch=cfg.opts.epochs)
-    if not run.master_process:
+    if not ctx.master_process:
         return None, [], timing
-    rundir.save_checkpoint(run.path(rundir.coherent_dnn_checkpoint(name)), model=dnn.state_dict(),
+    rundir.save_checkpoint(run.directory.path(rundir.coherent_dnn_checkpoint(name)), model=dnn.state_dict(),
                            in_features=N * K, num_classes=K, hidden=list(args.coarse_hidden),
                            dropout=args.coarse_dropout, exchange=args.exchange, epoch=cfg.opts.epochs,
                            args=vars(args))
@@ -192,15 +198,17 @@ def global_phase(run: Run, split, test=False, alone=True):
     """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
     or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
-    args, info, phases = run.args, run.plan.info, run.phases
-    with phases("global_train"):
-        model, history = global_cnn.fit(run, split, info.channels, info.num_classes, info.spatial_shape,
-                                        cnn_config(args), global_options(args), args.seed, test=test, alone=alone)
+    ctx = run.ctx
+    args, info, timer = run.args, run.plan.info, ctx.timer
+    with timer("global_train"):
+        model, history = global_cnn.fit_global(ctx, split, info.channels, info.num_classes, info.spatial_shape,
+                                               cnn_config(args), global_options(args), args.seed, test=test,
+                                               alone=alone)
     if test:
-        phases.add("global_curve", *curve_seconds(history))
-    with phases("global_eval"):
-        scores = global_cnn.scores(run, model, split, args.eval_batch_size, alone=alone)
-    rows = [dict(r, model="global") for r in history] if run.leader else []
+        timer.add("global_curve", *curve_seconds(history))
+    with timer("global_eval"):
+        scores = global_cnn.scores(ctx, model, split, args.eval_batch_size, alone=alone)
+    rows = [dict(r, model="global") for r in history] if ctx.leader else []
     if test:
         return scores, rows, history
     return {s: acc for s, (_, acc) in scores.items()}, rows
@@ -216,27 +224,28 @@ def width_phases(run: Run, whole):
     gathered to rank 0 and recomposed into the global CNN, which is trained further; then
     the same global CNN from random weights for comparison (rank 0; the others wait).
     Collective. Returns (scores on rank 0 else None, metric rows)."""
-    args, info, phases, cfg = run.args, run.plan.info, run.phases, width_config(run.args)
+    ctx = run.ctx
+    args, info, timer, cfg = run.args, run.plan.info, ctx.timer, width_config(run.args)
     C, K, shape = info.channels, info.num_classes, info.spatial_shape
-    states, sub_scores, histories = width.fit_subnets(run, whole, C, K, shape, cfg)
+    states, sub_scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg)
     rows = [dict(r, model=f"subnet_{m}") for m, h in histories.items() for r in h]
-    run.sync()  # so that width_gather times the exchange, not the slowest rank
-    with phases("width_gather"):
-        states, sub_scores = width.gather(run, states, sub_scores)
-    if not run.master_process:
+    run.stops.sync()  # so that width_gather times the exchange, not the slowest rank
+    with timer("width_gather"):
+        states, sub_scores = width.gather_subnets(ctx, states, sub_scores)
+    if not ctx.master_process:
         return None, rows
     scores = {"subnets": sub_scores}
-    with phases("recompose"):
-        model = width.recompose(run, states, C, K, shape, cfg)
-    rundir.save_checkpoint(run.path(rundir.RECOMPOSED_INITIAL_CHECKPOINT), model=model.state_dict(),
+    with timer("recompose"):
+        model = width.recompose(ctx, states, C, K, shape, cfg)
+    rundir.save_checkpoint(run.directory.path(rundir.RECOMPOSED_INITIAL_CHECKPOINT), model=model.state_dict(),
                            subnets=cfg.subnets, offdiag_noise=args.offdiag_noise, epoch=0, args=vars(args))
-    with phases("recomposed_initial_eval"):
-        scores["recomposed_initial"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
-    with phases("recomposed_train"):
-        history = width.fit_recomposed(run, model, whole, cfg, test=True)
-    phases.add("recomposed_curve", *curve_seconds(history))
-    with phases("recomposed_eval"):
-        scores["recomposed"] = global_cnn.scores(run, model, whole, args.eval_batch_size)
+    with timer("recomposed_initial_eval"):
+        scores["recomposed_initial"] = global_cnn.scores(ctx, model, whole, args.eval_batch_size)
+    with timer("recomposed_train"):
+        history = width.fit_recomposed(ctx, model, whole, cfg, test=True)
+    timer.add("recomposed_curve", *curve_seconds(history))
+    with timer("recomposed_eval"):
+        scores["recomposed"] = global_cnn.scores(ctx, model, whole, args.eval_batch_size)
     scores["recomposed_curve"] = history
     rows += [dict(r, model="recomposed") for r in history]
     acc, global_rows, history = global_phase(run, whole, test=True)
@@ -244,66 +253,67 @@ def width_phases(run: Run, whole):
     return scores, rows + global_rows
 
 
-def run_phases(run: Run, subsets, whole):
+def every_phase(run: Run, subsets, whole):
     """Every phase of this run, in order. Returns (accuracies on rank 0, metric rows, coherent timing)."""
+    ctx = run.ctx
     args, plan, work = run.args, run.plan, run.plan.work
     N, K = plan.decomposition.num_subdomains, plan.info.num_classes
     rows, accuracies, coherent_timing, pretrained = [], {}, {}, None
     if work.width:
         accuracies, rows = width_phases(run, whole)
         return accuracies, rows, coherent_timing
-    if work.boxes and run.group is not None:  # each rank holds a share: the labels of every sample
+    if work.boxes and ctx.group is not None:  # each rank holds a share: the labels of every sample
         labels = data.load_labels(args.data)
     else:
-        labels = {s: subsets[run.mine[0]][s].y for s in data.SPLITS} if subsets else None
+        labels = {s: subsets[ctx.mine[0]][s].y for s in data.SPLITS} if subsets else None
     if args.from_run is not None:  # rank 0 has checked that they fit (plan_run)
-        with run.phases("load"):
+        with ctx.timer("load"):
             pretrained = load_pretrained(run)
     if work.local:
-        if run.resuming and run.progress.get("gathered"):  # local and gather are done: their results
+        if run.directory.resuming and run.directory.marker.get("gathered"):  # local and gather are done
             local_models, rows = load_local_models(run)
-            gathered = rundir.load_arrays(run.path(rundir.PROBABILITIES)) if run.master_process else None
+            gathered = rundir.load_arrays(run.directory.path(rundir.PROBABILITIES)) if ctx.master_process else None
         else:
             info, dec = plan.info, plan.decomposition
             probs, local_models, histories = twolevel.fit_local_models(
-                run, subsets, dec, info.channels, K, plan.width_factor, twolevel_config(args), data.SPLITS)
-            rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if run.leader else []
-            run.sync()  # so that "gather" times the exchange, not the slowest rank
+                ctx, subsets, dec, info.channels, K, plan.width_factor, twolevel_config(args), data.SPLITS)
+            rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if ctx.leader else []
+            run.stops.sync()  # so that "gather" times the exchange, not the slowest rank
             gathered = gather_phase(run, probs, subsets)
             del probs  # rank 0 holds them gathered now
-            run.mark(gathered=True)
+            run.directory.mark(gathered=True)
         dnn = None
-        if run.master_process:
-            with run.phases("coarse"):
+        if ctx.master_process:
+            with ctx.timer("coarse"):
                 accuracies, coarse_rows, dnn = coarse_phase(run, gathered, labels)
             rows += coarse_rows
         pretrained = {"local": local_models, "dnn": dnn}
     if work.coherent:
-        member = (run.group.rank, run.group.size) if run.group is not None else None
-        exchange = parallel.ModelParallelExchange(run.comm, run.mine, N, K, poll_interval=run.wait_interval,
-                                              member=member)
+        member = (ctx.group.rank, ctx.group.size) if ctx.group is not None else None
+        exchange = parallel.ModelParallelExchange(ctx.comm, ctx.mine, N, K, poll_interval=run.stops.wait_interval,
+                                                  member=member)
         for init in work.coherent:
-            run.sync()  # all ranks start together: no rank's phase holds the wait
-            with run.phases(f"coherent_{init}"):
+            run.stops.sync()  # all ranks start together: no rank's phase holds the wait
+            with ctx.timer(f"coherent_{init}"):
                 acc, coherent_rows, coherent_timing[init] = coherent_phase(
                     run, init, subsets, labels, exchange, pretrained)
-            if run.master_process:
+            if ctx.master_process:
                 accuracies[f"coherent_{init}"] = acc
                 rows += coherent_rows
     if work.global_cnn:
         # --mode compare: rank 0 while the others wait, or, with more ranks than subdomains, every
         # rank data parallel (as --mode global always is)
-        alone = args.mode == "compare" and run.group is None
+        alone = args.mode == "compare" and ctx.group is None
         if args.mode == "compare":
-            run.sync()
+            run.stops.sync()
         grun = run
         if args.mode == "compare" and not alone:  # one data-parallel group of every rank
-            grun = dataclasses.replace(run, group=parallel.DataParallelGroup(run.comm, color=0, key=run.rank))
-        if run.master_process or not alone:
+            grun = run.with_group(parallel.DataParallelGroup(ctx.comm, color=0, key=ctx.rank))
+        if ctx.master_process or not alone:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
                 whole, run.bytes_whole = load_whole_images(grun, check=False)
             acc, global_rows = global_phase(grun, whole, alone=alone)
-            if run.master_process:
+            if ctx.master_process:
                 accuracies["global"] = acc
             rows += global_rows
     return accuracies, rows, coherent_timing
@@ -317,7 +327,7 @@ def write_model_file(run: Run, accuracies):
     N = dec.num_subdomains
 
     def weights(name):
-        return rundir.load_checkpoint(run.path(name))["model"]
+        return rundir.load_checkpoint(run.directory.path(name))["model"]
     models = {}
     if "cnn_dnn" in accuracies:
         models["twolevel"] = saved.combined_part({i: weights(rundir.local_checkpoint(i)) for i in range(N)},

@@ -100,15 +100,15 @@ FAMILY_KEYS = {"vgg": {"convs_per_block": None, "hidden": None, "head_pool": Non
 
 def check_pretrained_run(args, info, dec, cfg, width_factor):
     """--from RUN_DIR: refuse (UsageError) unless its checkpoints fit this run's models."""
-    run = args.from_run
-    config_path = os.path.join(run, "config.json")
+    src = args.from_run
+    config_path = os.path.join(src, "config.json")
     if not os.path.isfile(config_path):
-        raise UsageError(f"--from {run}: no config.json there (not an mpidd run directory?)")
+        raise UsageError(f"--from {src}: no config.json there (not an mpidd run directory?)")
     try:
         with open(config_path) as f:
             earlier = json.load(f)
     except ValueError as e:
-        raise UsageError(f"--from {run}: config.json is not valid JSON ({e})") from None
+        raise UsageError(f"--from {src}: config.json is not valid JSON ({e})") from None
     for key, default in {**MODEL_KEYS, **FAMILY_KEYS[args.arch]}.items():
         if key == "coarse_hidden" and args.dnn_init == "random":
             continue  # a fresh DNN may have other layers
@@ -116,28 +116,29 @@ def check_pretrained_run(args, info, dec, cfg, width_factor):
         if isinstance(mine, tuple) and isinstance(theirs, list):
             theirs = tuple(theirs)
         if mine != theirs:
-            raise UsageError(f"--from {run}: it was trained with --{key.replace('_', '-')} {theirs}, "
+            raise UsageError(f"--from {src}: it was trained with --{key.replace('_', '-')} {theirs}, "
                              f"this run has {mine}: use the same model options")
     check_same_normalization(args, earlier)
     files = [rundir.local_checkpoint(i) for i in range(dec.num_subdomains)]
     files += [rundir.COARSE_CHECKPOINT] if args.dnn_init == "coarse" else []
-    missing = [f for f in files if not os.path.isfile(rundir.checkpoint_path(run, f))]
+    missing = [f for f in files if not os.path.isfile(rundir.checkpoint_path(src, f))]
     if missing:
-        raise UsageError(f"--from {run}: missing {rundir.CHECKPOINTS}/{', '.join(missing)} (did that run finish "
+        raise UsageError(f"--from {src}: missing {rundir.CHECKPOINTS}/{', '.join(missing)} (did that run finish "
                          f"its local phase?)")
     C, K = info.channels, info.num_classes
     for i in range(dec.num_subdomains):
         name = rundir.local_checkpoint(i)
-        state = load_pretrained_checkpoint(run, name)
+        state = load_pretrained_checkpoint(src, name)
         box, wf = state.get("box"), state.get("width_factor")
         if box is None or tuple(map(tuple, box)) != tuple(map(tuple, dec.box(i))) or \
                 not isinstance(wf, float) or abs(wf - width_factor) > 1e-9:
-            raise UsageError(f"--from {run}: {name} has box {box} and width factor {wf}, "
+            raise UsageError(f"--from {src}: {name} has box {box} and width factor {wf}, "
                              f"this run needs {dec.box(i)} and {width_factor}")
-        fit_checkpoint(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, run, name)
+        load_pretrained_weights(build_cnn(C, K, dec.subimage_shape, cfg, width_factor), state, src, name)
     if args.dnn_init == "coarse":
-        fit_checkpoint(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
-                       load_pretrained_checkpoint(run, rundir.COARSE_CHECKPOINT), run, rundir.COARSE_CHECKPOINT)
+        name = rundir.COARSE_CHECKPOINT
+        load_pretrained_weights(CoarseDNN(dec.num_subdomains * K, K, args.coarse_hidden),
+                                load_pretrained_checkpoint(src, name), src, name)
 
 
 def check_same_normalization(args, earlier: dict):
@@ -156,9 +157,10 @@ def check_same_normalization(args, earlier: dict):
                          f"this run's are {say(mine)}: {hint}")
 
 
-def load_pretrained_checkpoint(run, name) -> dict:
-    """--from: a checkpoint of another mpidd run (weights only: no code in a pickle runs); UsageError if unreadable."""
-    path = rundir.checkpoint_path(run, name)
+def load_pretrained_checkpoint(src, name) -> dict:
+    """--from SRC: a checkpoint of another mpidd run (weights only: no code in a pickle runs);
+    UsageError if unreadable."""
+    path = rundir.checkpoint_path(src, name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: torch raises pickle, zip or EOF errors
@@ -168,11 +170,12 @@ def load_pretrained_checkpoint(run, name) -> dict:
     return state
 
 
-def fit_checkpoint(model, state, run, name):
+def load_pretrained_weights(model, state, src, name):
+    """`model` with the weights of checkpoint `name` of run directory `src` (--from SRC)."""
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise UsageError(f"--from {run}: {name} does not fit this run's model ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"--from {src}: {name} does not fit this run's model ({str(e).splitlines()[0]})") from None
     return model
 
 

@@ -175,16 +175,16 @@ def write_report(runs: list, out: str) -> str:
     """REPORT_DIR/report.md and its figures for the run directories `runs`; returns report.md's path."""
     from .. import figures
     os.makedirs(out, exist_ok=True)
-    named = [(os.path.basename(os.path.normpath(run)), load_results(run)) for run in runs]
+    named = [(os.path.basename(os.path.normpath(run_dir)), load_results(run_dir)) for run_dir in runs]
     parts = ["# mpidd report", ""]
     if len(named) > 1:
         parts += ["## Test accuracy across runs (%)", "", comparison_table(named), ""]
-    for (name, r), run in zip(named, runs):
-        parts += [f"## {name}", "", f"`{os.path.abspath(run)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
+    for (name, r), run_dir in zip(named, runs):
+        parts += [f"## {name}", "", f"`{os.path.abspath(run_dir)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
                                     f"data `{r.get('data')}`", "", models_table(r), ""]
         for kind, title, draw in (
                 ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
-                ("curves", "Training curves", lambda p: figures.training_curves(run, p)),
+                ("curves", "Training curves", lambda p: figures.training_curves(run_dir, p)),
                 ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
                 ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),
                 ("confusion", "Confusion matrix of the CNN-DNN (test)", lambda p: figures.confusion(r, p)),
@@ -201,12 +201,12 @@ def write_report(runs: list, out: str) -> str:
     return path
 
 
-def write_run_report(run: str):
+def write_run_report(run_dir: str):
     """The end of a run: RUN/report/report.md; a failure to draw costs a warning, not the run."""
     try:
-        return write_report([run], os.path.join(run, "report"))
+        return write_report([run_dir], os.path.join(run_dir, "report"))
     except Exception as e:  # the results are written: a figure must not fail the run
-        print(f"mpidd: warning: no report ({type(e).__name__}: {e}); python -m mpidd.report {run} --out DIR "
+        print(f"mpidd: warning: no report ({type(e).__name__}: {e}); python -m mpidd.report {run_dir} --out DIR "
               f"tries again", file=sys.stderr, flush=True)
         return None
 
@@ -223,7 +223,7 @@ def main(argv=None):
         if args.out:
             print(f"report: {write_report(args.runs, args.out)}")
         else:
-            print("\n\n".join(format_any(load_results(run)) for run in args.runs))
+            print("\n\n".join(format_any(load_results(run_dir)) for run_dir in args.runs))
     except (OSError, ValueError, KeyError) as e:
         print(f"mpidd.report: error: {e}", file=sys.stderr)
         return 2

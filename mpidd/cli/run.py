@@ -1,8 +1,10 @@
-"""The command line's Context: the run directory's checkpoints and marker, stops agreed by every
-rank (SIGTERM/SIGUSR1, exit 75), per-rank logs and rank 0's progress lines."""
+"""What the command line gives its methods (methods.context's interfaces): stops agreed by every
+rank (SIGTERM/SIGUSR1, exit 75), the run directory's checkpoints and marker, per-rank logs and
+rank 0's progress lines; and Run, one rank's state in mpidd.train."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .. import parallel, rundir
 from ..engine import Control, Preempted
-from ..methods.context import Context, progress_printer
+from ..methods.context import Checkpoints, Context, PhaseTimer, Progress, Stops, print_flushed
 from ..stream import StreamStats
 from .plan import Plan
 
@@ -31,30 +33,20 @@ AGREE_EVERY = 10
 log = logging.getLogger("mpidd")
 
 
-@dataclass(kw_only=True)
-class Run(Context):
-    """The command line's Context: the job, its options and plan, the run directory's
-    checkpoints and marker, and how every rank stops together (StopAgreement)."""
-    args: object
-    plan: Plan
-    threads: int
-    stopper: parallel.StopAgreement
-    progress: dict = field(default_factory=dict)  # the marker (rank 0 writes it)
-    resuming: bool = False
-    bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
-    access: str = "memory"         # this rank's data access: memory or stream (--data-access)
-    io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
-    wait_interval: float | None = None  # sleep between tests of a pending MPI request (None: spin)
-    polls: dict = field(default_factory=dict)  # collective stop polls so far, per communicator
+class AgreedStops(Stops):
+    """The command line's stops: SIGTERM/SIGUSR1 on any rank stops every rank at the same step
+    (parallel.StopAgreement), and a stop at a phase boundary (sync) is timed as "wait"."""
 
-    def path(self, name):
-        return rundir.checkpoint_path(self.args.out, name)
+    def __init__(self, stopper: parallel.StopAgreement, timer: PhaseTimer, wait_interval: float | None = None):
+        self.stopper, self.timer = stopper, timer
+        self.wait_interval = wait_interval  # sleep between tests of a pending MPI request (None: spin)
+        self.polls = {}  # collective stop polls so far, per communicator
 
     def poll(self) -> bool:
         return self.stopper.poll()
 
-    def poll_group(self) -> bool:
-        return self._agree("group", self.group.comm) if self.group is not None else self.stopper.poll()
+    def poll_group(self, group) -> bool:
+        return self._agree("group", group.comm)
 
     def poll_world(self) -> bool:
         return self._agree("world", self.stopper.comm)
@@ -71,9 +63,34 @@ class Run(Context):
 
     def sync(self):
         """A phase boundary that every rank reaches (collective): raises Preempted if the job stops."""
-        with self.phases("wait"):
+        with self.timer("wait"):
             if self.stopper.sync():
                 raise SyncedStop("stop agreed at a phase boundary")
+
+
+class RunDirectory(Checkpoints):
+    """The command line's checkpoints: this rank's files in RUN/checkpoints, resumed from when
+    `resuming`, and the marker RUN/progress.json (`marker`, written by rank 0) that says how far
+    the run has come."""
+
+    def __init__(self, out: str, rank: int, args, stopper: parallel.StopAgreement, resuming: bool = False,
+                 marker: dict | None = None):
+        self.out, self.rank, self.args, self.stopper = out, rank, args, stopper
+        self.resuming = resuming
+        self.marker = marker or {}
+
+    def path(self, name):
+        return rundir.checkpoint_path(self.out, name)
+
+    def saved(self, name):
+        """This run's checkpoint `name` if it is resuming and has one (else None)."""
+        return rundir.load_checkpoint(self.path(name)) if self.resuming else None
+
+    def mark(self, **updates):
+        """Rank 0: record progress in the marker (after the ranks' checkpoints it speaks for)."""
+        if self.rank == 0:
+            self.marker.update(updates)
+            rundir.write_progress(self.out, self.marker)
 
     def control(self, name, stop, write=True, epoch_saves=True, **fields) -> Control:
         """Checkpoint `name` each epoch (epoch_saves; else only the last) and at a stop (if
@@ -84,7 +101,7 @@ class Run(Context):
                 rundir.save_checkpoint(self.path(name), **checkpoint_fields(state), **fields, args=vars(self.args))
         return Control(stop=stop, save=save, resume=loop_state(self.saved(name)))
 
-    def coherent_control(self, name) -> Control:
+    def coherent_control(self, name, stop) -> Control:
         """Every rank saves its part of the coherent model each epoch; once all have, rank 0
         records the position in the marker (so it never promises more than the files hold)."""
         def save(state):
@@ -94,18 +111,18 @@ class Run(Context):
                 os.replace(path, previous)
             rundir.save_checkpoint(path, position=position, loop=state)
             if state.get("stopped"):  # the stop path agrees and records the position
-                self.progress[name] = position
+                self.marker[name] = position
                 return
-            stop = self.stopper.sync()  # every rank has saved this position: rank 0 records it
+            stop_now = self.stopper.sync()  # every rank has saved this position: rank 0 records it
             self.mark(**{name: position})
-            if stop:
+            if stop_now:
                 raise SyncedStop("stop agreed at a phase boundary")
-        return Control(stop=self.poll_world, save=save, resume=self.coherent_state(name))
+        return Control(stop=stop, save=save, resume=self.coherent_state(name))
 
     def coherent_state(self, name: str):
         """This rank's saved state of coherent phase `name` at the position the marker agreed on
         (the newest file, or the one before it: a rank may have saved one position ahead)."""
-        position = self.progress.get(name)
+        position = self.marker.get(name)
         if not self.resuming or position is None:
             return None
         for file in rundir.coherent_state_checkpoints(name, self.rank):  # the newest first
@@ -114,20 +131,30 @@ class Run(Context):
                 return saved["loop"]
         raise RuntimeError(f"rank {self.rank} has no state of {name} at {position}, which the marker records")
 
-    def log_progress(self, name, epochs, models_after=0):
-        """To the rank's log, and to stdout on rank 0."""
-        sinks = (log.info, lambda text: print(text, flush=True)) if self.master_process else (log.info,)
-        return progress_printer(name, epochs, models_after, sinks)
 
-    def mark(self, **updates):
-        """Rank 0: record progress in the marker (after the ranks' checkpoints it speaks for)."""
-        if self.master_process:
-            self.progress.update(updates)
-            rundir.write_progress(self.args.out, self.progress)
+def progress_to_log(master_process: bool) -> Progress:
+    """Progress lines to the rank's log, and to stdout on rank 0."""
+    return Progress(sinks=(log.info, print_flushed) if master_process else (log.info,))
 
-    def saved(self, name):
-        """This run's checkpoint `name` if it is resuming and has one (else None)."""
-        return rundir.load_checkpoint(self.path(name)) if self.resuming else None
+
+@dataclass(kw_only=True)
+class Run:
+    """One rank's state in mpidd.train: the job's options and plan, the Context its methods
+    receive (ctx, holding this run's stops, directory and progress), and what the phases
+    measure. It stays in the command line: the methods see only ctx."""
+    ctx: Context
+    args: object
+    plan: Plan
+    threads: int
+    stops: AgreedStops             # = ctx.stops
+    directory: RunDirectory        # = ctx.checkpoints
+    bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
+    access: str = "memory"         # this rank's data access: memory or stream (--data-access)
+    io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
+
+    def with_group(self, group) -> "Run":
+        """This run with its models trained data parallel over `group`."""
+        return dataclasses.replace(self, ctx=dataclasses.replace(self.ctx, group=group))
 
 
 class SyncedStop(Preempted):

@@ -24,14 +24,15 @@ import torch
 from .. import __version__, data, parallel, rundir
 from ..decomposition import format_grid, layout
 from ..engine import Preempted, precision_error
-from ..methods.context import PhaseTimer, peak_rss_bytes
+from ..methods.context import Context, PhaseTimer, peak_rss_bytes
 from ..results import assemble_results, assemble_width_results
 from ..stream import choose_access
 from .arguments import ConfigError, parse_args
-from .phases import load_local_data, load_or_refuse, load_whole_images, run_phases, share_bytes, write_model_file
+from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .plan import Plan, UsageError, plan_run
 from .report import format_any, write_run_report
-from .run import EXIT_PREEMPTED, EXIT_USAGE, Run, SyncedStop, log, print_error, refuse, setup_logging
+from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
+                  progress_to_log, refuse, setup_logging)
 
 
 def start(comm, argv):
@@ -56,20 +57,21 @@ def start(comm, argv):
 
 def stop_here(run: Run, error: Preempted) -> int:
     """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
+    ctx = run.ctx
     if not isinstance(error, SyncedStop):
-        run.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
-    rundir.write_json(run.path(rundir.phases_file(run.rank)), run.phases.seconds)
-    run.stopper.barrier()  # every rank has written its part
-    reason = run.stopper.reason or "a stop"
+        run.stops.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
+    rundir.write_json(run.directory.path(rundir.phases_file(ctx.rank)), ctx.timer.seconds)
+    run.stops.stopper.barrier()  # every rank has written its part
+    reason = run.stops.stopper.reason or "a stop"
     log.info("stopped (%s); state saved", reason)
-    if run.master_process:
-        stops = run.progress.get("stops", []) + [{"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                                                  "reason": reason}]
-        run.mark(state="stopped", stops=stops)
-        size = run.comm.Get_size()
+    if ctx.master_process:
+        stops = run.directory.marker.get("stops", []) + [
+            {"time": datetime.datetime.now().isoformat(timespec="seconds"), "reason": reason}]
+        run.directory.mark(state="stopped", stops=stops)
+        size = ctx.comm.Get_size()
         print(f"mpidd: stopped ({reason}); every rank saved its state in {run.args.out}. Continue with:\n"
               f"  mpirun -n {size} python -m mpidd.train --resume {run.args.out}", flush=True)
-    run.stopper.barrier()  # the marker is written before any rank exits
+    run.stops.stopper.barrier()  # the marker is written before any rank exits
     return EXIT_PREEMPTED
 
 
@@ -83,40 +85,40 @@ def main(argv=None, comm=None) -> int:
     parallel.install_abort_on_error(comm)
     args, plan = start(comm, argv)
     run = prepare(comm, args, plan)
-    work = plan.work
+    ctx, work = run.ctx, plan.work
 
     share = share_bytes(run)
     run.access, why = choose_access(args.data_access, share, parallel.memory_per_rank(comm))
     log_access = parallel.gather_to_root(comm, (run.access, why))
-    if run.master_process:
+    if ctx.master_process:
         args.data_access_choice = access_choice(log_access)
 
     # Read the data before the run directory exists, so that bad data leaves nothing behind.
     subsets, whole, bytes_boxes, bytes_whole = {}, None, 0, 0
     if work.boxes:
         subsets, bytes_boxes = load_or_refuse(run, lambda: load_local_data(run))
-    elif work.width or run.master_process or run.group is not None:
+    elif work.width or ctx.master_process or ctx.group is not None:
         # --mode width (every rank), or global (rank 0, or every rank data parallel)
         whole, bytes_whole = load_or_refuse(run, lambda: load_whole_images(run))
 
     devices = open_run_directory(run, bytes_boxes + bytes_whole)
     run.bytes_whole = bytes_whole
     try:
-        accuracies, rows, coherent_timing = run_phases(run, subsets, whole)
+        accuracies, rows, coherent_timing = every_phase(run, subsets, whole)
         subsets = whole = None
-        run.sync()  # other ranks sleep, not spin, while rank 0 works
+        run.stops.sync()  # other ranks sleep, not spin, while rank 0 works
     except Preempted as e:
         return stop_here(run, e)
 
-    stats = {"rank": run.rank, "host": socket.gethostname(), "device": parallel.device_name(run.device),
+    stats = {"rank": ctx.rank, "host": socket.gethostname(), "device": parallel.device_name(ctx.device),
              "threads": run.threads,
-             "subdomains": run.mine, "data_parallel": [run.group.rank, run.group.size] if run.group else None,
+             "subdomains": ctx.mine, "data_parallel": [ctx.group.rank, ctx.group.size] if ctx.group else None,
              "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
              "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": peak_rss_bytes(),
-             "peak_rss_bytes_after_phase": run.phases.peak_rss,
+             "peak_rss_bytes_after_phase": ctx.timer.peak_rss,
              "data_access": run.access, "share_bytes": share,
              "stream": run.io.as_dict() if run.access == "stream" else None,
-             "phases": run.phases.seconds, "coherent": coherent_timing}
+             "phases": ctx.timer.seconds, "coherent": coherent_timing}
     finish(run, stats, rows, accuracies, devices)
     return 0
 
@@ -142,57 +144,62 @@ def prepare(comm, args, plan: Plan) -> Run:
     torch.set_num_threads(threads)
     parallel.tune_malloc()
     parallel.warm_up_torch()
-    resume = plan.progress
-    run = Run(comm=comm, args=args, plan=plan, device=device, precision=args.precision, threads=threads,
-              stopper=parallel.StopAgreement(comm), mine=[], resuming=resume is not None and not resume.get("fresh"),
-              # ranks that share cores sleep while they wait for each other; ranks with cores
-              # of their own spin in MPI_Wait (lowest latency)
-              wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
-    if run.resuming:
-        run.progress = resume
-        run.phases = PhaseTimer(rundir.read_json(run.path(rundir.phases_file(rank)), {}))
+
+    mine, group = [], None
     if work.width:
-        run.mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
+        mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
     elif work.boxes or size > 1:
-        mine, replicas, member = layout(rank, size, N if work.boxes else 1)
-        run.mine = mine if work.boxes else []
+        subdomains, replicas, member = layout(rank, size, N if work.boxes else 1)
+        mine = subdomains if work.boxes else []
         if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
-            run.group = parallel.DataParallelGroup(comm, color=mine[0], key=member)
-    return run
+            group = parallel.DataParallelGroup(comm, color=subdomains[0], key=member)
+
+    resume = plan.progress
+    resuming = resume is not None and not resume.get("fresh")
+    stopper = parallel.StopAgreement(comm)
+    directory = RunDirectory(args.out, rank, args, stopper, resuming, resume if resuming else None)
+    timer = PhaseTimer(rundir.read_json(directory.path(rundir.phases_file(rank)), {}) if resuming else None)
+    # ranks that share cores sleep while they wait for each other; ranks with cores of their
+    # own spin in MPI_Wait (lowest latency)
+    stops = AgreedStops(stopper, timer, wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
+    ctx = Context(comm=comm, device=device, precision=args.precision, mine=mine, group=group, timer=timer,
+                  stops=stops, checkpoints=directory, progress=progress_to_log(master_process))
+    return Run(ctx=ctx, args=args, plan=plan, threads=threads, stops=stops, directory=directory)
 
 
 def open_run_directory(run: Run, bytes_read: int):
     """Rank 0 makes the run directory, config.json and the marker (or, resuming, records a new
     segment); every rank then logs to RUN/logs/rank<r>.log, and rank 0 prints the header.
     Returns every rank's host:device on rank 0 (None on the others)."""
-    args, comm, rank, size, threads = run.args, run.comm, run.rank, run.comm.Get_size(), run.threads
+    ctx = run.ctx
+    args, comm, rank, size, threads = run.args, ctx.comm, ctx.rank, ctx.comm.Get_size(), run.threads
     dec, work = run.plan.decomposition, run.plan.work
-    if run.master_process:
-        if run.resuming:
-            run.progress["segments"].append({"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                             "threads": threads, "device": args.device})
-            run.mark(state="running")
+    directory = run.directory
+    if ctx.master_process:
+        segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
+                   "device": args.device}
+        if directory.resuming:
+            directory.marker["segments"].append(segment)
+            directory.mark(state="running")
         else:
             rundir.prepare(args.out)
             rundir.write_json(os.path.join(args.out, "config.json"),
                               {k: v for k, v in vars(args).items()
                                if k not in ("config", "overwrite", "out", "resume")})
-            run.progress = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
-                            "state": "running", "stops": [],
-                            "segments": [{"started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                          "threads": threads, "device": args.device}]}
-            run.mark()
-    run.progress = parallel.root_decides(comm, lambda: run.progress)  # the marker as rank 0 wrote it
+            directory.marker = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
+                                "state": "running", "stops": [], "segments": [segment]}
+            directory.mark()
+    directory.marker = parallel.root_decides(comm, lambda: directory.marker)  # the marker as rank 0 wrote it
     parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
-    setup_logging(args.out, rank, append=run.resuming)
-    where = parallel.device_name(run.device)
+    setup_logging(args.out, rank, append=directory.resuming)
+    where = parallel.device_name(ctx.device)
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
-             __version__, torch.__version__, parallel.library_version(), size, threads, where, run.mine,
-             [dec.box(i) for i in run.mine] if work.boxes else "whole images",
-             f", data parallel member {run.group.rank}/{run.group.size}" if run.group else "",
+             __version__, torch.__version__, parallel.library_version(), size, threads, where, ctx.mine,
+             [dec.box(i) for i in ctx.mine] if work.boxes else "whole images",
+             f", data parallel member {ctx.group.rank}/{ctx.group.size}" if ctx.group else "",
              bytes_read)
     devices = parallel.gather_to_root(comm, f"{socket.gethostname()}:{where}")
-    if run.master_process:
+    if ctx.master_process:
         print_header(run, devices)
     return devices
 
@@ -201,9 +208,10 @@ def finish(run: Run, stats: dict, rows: list, accuracies: dict, devices):
     """Every rank's stats and metric rows to rank 0, which writes results.json, metrics.csv,
     model.pt and the report, marks the run finished and prints its table; then every rank
     removes its coherent resume states (no longer needed)."""
-    args, comm, plan, size, threads = run.args, run.comm, run.plan, run.comm.Get_size(), run.threads
+    ctx = run.ctx
+    args, comm, plan, size, threads = run.args, ctx.comm, run.plan, ctx.comm.Get_size(), run.threads
     gathered_reports = parallel.gather_to_root(comm, (stats, rows))
-    if run.master_process:
+    if ctx.master_process:
         all_stats = [st for st, _ in gathered_reports]
         all_rows = [r for _, rs in gathered_reports for r in rs]
         versions = {"mpi_library": parallel.library_version(), "mpi4py": parallel.mpi4py_version(),
@@ -214,20 +222,21 @@ def finish(run: Run, stats: dict, rows: list, accuracies: dict, devices):
         else:
             results = assemble_results(args, plan, all_stats, accuracies, size, threads, versions)
         results["devices"] = devices
-        results["restarts"] = {"segments": run.progress["segments"], "stops": run.progress.get("stops", [])}
+        marker = run.directory.marker
+        results["restarts"] = {"segments": marker["segments"], "stops": marker.get("stops", [])}
         rundir.write_json(os.path.join(args.out, "results.json"), results)
         rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
         write_model_file(run, accuracies)
-        run.mark(state="finished")
+        run.directory.mark(state="finished")
         print(format_any(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}", flush=True)
         if args.report and write_run_report(args.out):
             print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
     parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
     for init in plan.work.coherent:
-        for file in rundir.coherent_state_checkpoints(f"coherent_{init}", run.rank):
+        for file in rundir.coherent_state_checkpoints(f"coherent_{init}", ctx.rank):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(run.path(file))
+                os.remove(run.directory.path(file))
 
 
 def access_choice(per_rank) -> dict:
@@ -240,15 +249,17 @@ def access_choice(per_rank) -> dict:
 
 
 def print_header(run: Run, devices):
-    args, plan, size, threads = run.args, run.plan, run.comm.Get_size(), run.threads
+    ctx = run.ctx
+    args, plan, size, threads = run.args, run.plan, ctx.comm.Get_size(), run.threads
     dec, work = plan.decomposition, plan.work
-    if getattr(args, "grid_choice", None) and not run.resuming:
+    if getattr(args, "grid_choice", None) and not run.directory.resuming:
         print(f"mpidd: {args.grid_choice}", flush=True)
     if plan.note:
         print(f"mpidd: {plan.note}", flush=True)
     print(f"mpidd: {args.data_access_choice['summary']}", flush=True)
-    if run.resuming:
-        print(f"mpidd: resuming {args.out} (stopped {len(run.progress.get('stops', []))} time(s) before)", flush=True)
+    if run.directory.resuming:
+        stops = len(run.directory.marker.get("stops", []))
+        print(f"mpidd: resuming {args.out} (stopped {stops} time(s) before)", flush=True)
     if work.width:
         print(f"mpidd: {size} ranks x {threads} threads, mode width: {args.arch} global CNN of width {args.width} "
               f"({plan.global_params:,} parameters) split into {args.subnets} sub-networks of width "
@@ -256,7 +267,7 @@ def print_header(run: Run, devices):
               f"{'disjoint shards' if args.shard else 'full training set each'}; run directory {args.out}",
               flush=True)
     else:
-        replicas = f" ({run.group.size} ranks per model, data parallel)" if run.group is not None else ""
+        replicas = f" ({ctx.group.size} ranks per model, data parallel)" if ctx.group is not None else ""
         print(f"mpidd: {size} ranks x {threads} threads{replicas}, mode {args.mode}, grid {format_grid(dec.grid)} "
               f"overlap {dec.overlap}, subimages {format_grid(dec.subimage_shape)}, {args.arch} local width "
               f"factor {plan.width_factor:g} ({plan.local_params:,} vs {plan.global_params:,} "

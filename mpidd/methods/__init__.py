@@ -7,6 +7,8 @@
     context     the Context every method receives (no MPI of its own)
 
 They take numpy arrays, typed configuration and a `Context` (communicator, device, this
-rank's subdomains, and the hooks through which the command line adds checkpoints, stops and
-progress). The public API (mpidd.api) and the command line (mpidd.train) both call them.
+rank's subdomains, and three small interfaces: Stops, Checkpoints, Progress). The public API
+(mpidd.api) and the command line (mpidd.train) both call them, each providing those
+interfaces: the API's do nothing (but print progress when verbose), the command line's agree
+stops across the ranks, save and resume through the run directory, and log.
 """

@@ -9,7 +9,7 @@ coarse DNN trained as one model, model parallel over ctx.comm, top to bottom as 
                  -> every rank: backward through its CNNs, optimizer step   (mpidd.coherent_model)
     end          test: the same forward pass, scored on rank 0
 
-Collective over ctx.comm at every step (and every stop poll: ctx.poll_world). With P = G*N
+Collective over ctx.comm at every step (and every stop poll: ctx.stops.poll_world). With P = G*N
 ranks each subdomain's group trains its local CNN data parallel inside the model-parallel
 step: every member computes the rows of the batch it holds, and their gradients (and
 BatchNorm statistics) are summed over the group.
@@ -72,7 +72,7 @@ def initial_models(ctx: Context, dec, channels: int, num_classes: int, width_fac
     return local, dnn
 
 
-def fit(ctx: Context, name: str, local: dict, dnn, subsets: dict, labels: dict, cfg: CoherentConfig, exchange):
+def fit_coherent(ctx: Context, name: str, local: dict, dnn, subsets: dict, labels: dict, cfg: CoherentConfig, exchange):
     """Train the coherent model in place on the "train" Shards of `subsets` ({subdomain: {split:
     Shard}}; this rank's share of the samples in a data-parallel group), validating on "val" each
     epoch; labels: {split: every sample's label}. `name`: coherent_random or coherent_pretrained
@@ -84,14 +84,14 @@ def fit(ctx: Context, name: str, local: dict, dnn, subsets: dict, labels: dict, 
     return train_coherent(
         local, dnn, xs["train"], labels["train"], xs["val"], labels["val"], cfg.opts,
         seed_for(cfg.seed, "coherent_order"), exchange=exchange, output=cfg.output,
-        eval_batch_size=cfg.eval_batch_size, log=ctx.log_progress(NAMES.get(init, name), cfg.opts.epochs),
-        control=ctx.coherent_control(name), train_start=start["train"], val_start=start["val"], group=ctx.group,
-        precision=ctx.precision)
+        eval_batch_size=cfg.eval_batch_size, log=ctx.progress.printer(NAMES.get(init, name), cfg.opts.epochs),
+        control=ctx.checkpoints.coherent_control(name, ctx.stops.poll_world), train_start=start["train"],
+        val_start=start["val"], group=ctx.group, precision=ctx.precision)
 
 
 def score(ctx: Context, local: dict, dnn, subsets: dict, labels, cfg: CoherentConfig, exchange, split="test"):
     """(loss, accuracy) of the coherent model on `split` on rank 0, None elsewhere. Collective."""
     xs = {i: subsets[i][split].x for i in sorted(subsets)}
     return evaluate_coherent(local, dnn, xs, labels, exchange=exchange, output=cfg.output,
-                             batch_size=cfg.eval_batch_size, stop=ctx.poll_world,
+                             batch_size=cfg.eval_batch_size, stop=ctx.stops.poll_world,
                              start=next(iter(subsets.values()))[split].start, precision=ctx.precision)

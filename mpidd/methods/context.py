@@ -1,8 +1,14 @@
 """What a method needs from its caller, besides the data: a `Context`. No MPI import here.
 
-The base class is what the Python API uses: no checkpoints, no stop signals, no progress
-unless asked. The command line (mpidd.train) subclasses it to add the run directory's
-checkpoints and resume, the agreed stops on SIGTERM/SIGUSR1, per-rank logs and progress.
+A Context is this rank's part (communicator, device, subdomains, data-parallel group, phase
+timer) and three small interfaces the caller provides:
+
+    Stops        when a training loop stops (the API: never; the command line: a stop agreed
+                 by every rank on SIGTERM/SIGUSR1, cli.run.AgreedStops)
+    Checkpoints  how a training loop saves and resumes (the API: it does not; the command
+                 line: the run directory's checkpoints and marker, cli.run.RunDirectory)
+    Progress     where progress lines go (the API: rank 0's stdout when verbose; the command
+                 line: every rank's log and rank 0's stdout)
 """
 
 from __future__ import annotations
@@ -69,25 +75,76 @@ def progress_printer(name, epochs, models_after=0, sinks=(print,)):
     return report
 
 
+class Stops:
+    """When a training loop stops; here never. Each poll is called once per step (or
+    evaluation batch) by every rank it names, in the same order."""
+
+    def poll(self) -> bool:
+        """Stop? For a model this rank trains alone."""
+        return False
+
+    def poll_group(self, group) -> bool:
+        """Stop? Agreed by the ranks of `group` (a DataParallelGroup) that train one model."""
+        return False
+
+    def poll_world(self) -> bool:
+        """Stop? Agreed by every rank of the communicator (the coherent model's steps)."""
+        return False
+
+    def sync(self):
+        """A phase boundary that every rank reaches (collective in the command line)."""
+
+
+class Checkpoints:
+    """How a training loop saves and resumes; here it does neither (engine.Control)."""
+
+    def control(self, name: str, stop, write: bool = True, epoch_saves: bool = True, **fields) -> Control:
+        """The loop of the model saved as checkpoint `name` (`fields` are stored beside it;
+        `write`: this rank writes it; epoch_saves: every epoch, else only at its end and at a
+        stop). It stops when `stop()` says so."""
+        return Control(stop=stop)
+
+    def coherent_control(self, name: str, stop) -> Control:
+        """The coherent model's loop (every rank in every step, each saving its part)."""
+        return Control(stop=stop)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a training loop's progress lines go: every callable in `sinks` (none: silent)."""
+    sinks: tuple = ()
+
+    def printer(self, name: str, epochs: int, models_after: int = 0):
+        """The progress callback of a training loop (None when silent); the ETA counts
+        `models_after` more models of the same size on this rank."""
+        return progress_printer(name, epochs, models_after, self.sinks) if self.sinks else None
+
+
+def print_flushed(text):
+    print(text, flush=True)
+
+
 @dataclass
 class Context:
-    """One rank's part in a method: the communicator, the device, its subdomains and its
-    data-parallel group, and hooks (stop polls, checkpoints, progress) that do nothing here.
+    """One rank's part in a method and the caller's interfaces (the defaults do nothing).
 
     comm:    the communicator every collective of the method runs on (never COMM_WORLD
              unless the caller passed it);
     mine:    this rank's subdomains (or width sub-networks);
     group:   the mpidd.parallel.DataParallelGroup that trains this rank's model(s) with it, if any;
     precision: the CNNs' forward passes, "32" or "bf16-mixed" (engine.PRECISIONS); the coarse
-             DNN runs in float32 either way.
+             DNN runs in float32 either way;
+    timer:   ctx.timer("name") times a phase of this rank.
     """
     comm: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "32"
     mine: list = field(default_factory=list)
     group: object = None
-    verbose: bool = False
-    phases: PhaseTimer = field(default_factory=PhaseTimer)  # ctx.phases("name"): times a phase
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    stops: Stops = field(default_factory=Stops)
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def rank(self):
@@ -107,34 +164,8 @@ class Context:
         model = model.to(self.device)
         return group_batchnorm(model, self.group.allreduce) if self.group is not None else model
 
-    # --- hooks: the command line overrides them -------------------------------------------
-
-    def poll(self) -> bool:
-        """Stop? For a model this rank trains alone."""
-        return False
-
-    def poll_group(self) -> bool:
-        """Stop? Agreed by the data-parallel group that trains the model (collective there)."""
-        return False
-
-    def poll_world(self) -> bool:
-        """Stop? Agreed by every rank (collective): the coherent model's steps."""
-        return False
-
-    def sync(self):
-        """A phase boundary that every rank reaches (collective in the command line)."""
-
-    def control(self, name: str, stop, write: bool = True, **fields) -> Control:
-        """How the training loop of checkpoint `name` stops, saves and resumes (here: it
-        only stops when `stop()` says so)."""
-        return Control(stop=stop)
-
-    def coherent_control(self, name: str) -> Control:
-        """How the coherent model's loop (every rank in every step) stops, saves and resumes."""
-        return Control(stop=self.poll_world)
-
-    def log_progress(self, name, epochs, models_after=0):
-        """Progress callback of a training loop: rank 0 prints when verbose."""
-        if self.verbose and self.master_process:
-            return progress_printer(name, epochs, models_after, sinks=(lambda t: print(t, flush=True),))
-        return None
+    def model_stop(self, alone: bool = False):
+        """The stop poll of a model this rank trains: alone, or with its data-parallel group."""
+        if alone or self.group is None:
+            return self.stops.poll
+        return lambda: self.stops.poll_group(self.group)

@@ -21,14 +21,14 @@ def train_whole_image_model(ctx: Context, model, split: dict, opts: TrainOptions
     """Train `model` on split["train"], validating on split["val"] each epoch (and, with `test`,
     the test-accuracy curve of opts.test_points per epoch), checkpointed as `ckpt` through ctx.
     alone: this rank trains it by itself (else with ctx.group). Returns (history, optimizer)."""
-    control = ctx.control(ckpt, ctx.poll if alone else ctx.poll_group, write=alone or ctx.leader, **fields)
+    control = ctx.checkpoints.control(ckpt, ctx.model_stop(alone), write=alone or ctx.leader, **fields)
     return train_classifier(model, split["train"], split["val"], opts, seed,
-                            ctx.log_progress(label, opts.epochs, models_after),
+                            ctx.progress.printer(label, opts.epochs, models_after),
                             test=split["test"] if test else None, control=control,
                             group=None if alone else ctx.group, precision=ctx.precision)
 
 
-def fit(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: CNNConfig, opts: TrainOptions,
+def fit_global(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: CNNConfig, opts: TrainOptions,
         seed: int, test=False, alone=True):
     """The global CNN, seeded from (seed, "global"), trained as train_whole_image_model does.
     Returns (model, history)."""
@@ -44,6 +44,6 @@ def fit(ctx: Context, split: dict, channels: int, num_classes: int, shape, cnn: 
 
 def scores(ctx: Context, model, split: dict, batch_size: int, alone=True, splits=("val", "test")) -> dict:
     """{split: (loss, accuracy)} (over the group's samples when not alone: collective there)."""
-    return {s: evaluate(model, split[s].x, split[s].y, batch_size, stop=ctx.poll if alone else ctx.poll_group,
+    return {s: evaluate(model, split[s].x, split[s].y, batch_size, stop=ctx.model_stop(alone),
                         group=None if alone else ctx.group, total=split[s].total, precision=ctx.precision)
             for s in splits}

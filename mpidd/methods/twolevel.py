@@ -4,7 +4,7 @@ bottom as its data flow:
     every rank   fit_local_models: train the local CNN of each of its subdomains on its
                  subimages (no communication, but within a data-parallel group), then its
                  class probabilities on every split                         (n, K) each
-    gather       gather: MPI_Gatherv to rank 0 of the communicator          (n, N*K), subdomain order
+    gather       gather_to_coarse: MPI_Gatherv to rank 0 of the communicator          (n, N*K), subdomain order
     rank 0       fit_coarse: the coarse DNN on the gathered probabilities (standardised
                  log-probabilities by default; at least coarse_min_steps steps; selected on val);
                  combine: CNN-DNN, average and vote, and every local CNN's own accuracy
@@ -58,15 +58,15 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
     """
     probs, models, histories = {}, {}, {}
     for k, (i, split) in enumerate(subsets.items()):
-        with ctx.phases("local"), ctx.phases(f"subdomain_{i}"):
+        with ctx.timer("local"), ctx.timer(f"subdomain_{i}"):
             seed = seed_for(cfg.seed, "local", i)
             torch.manual_seed(seed)
             model = ctx.on_device(build_local_model(channels, num_classes, dec, cfg.cnn, width_factor))
-            control = ctx.control(rundir.local_checkpoint(i), ctx.poll_group, write=ctx.leader, subdomain=i,
-                                  box=dec.box(i), width_factor=width_factor)
+            control = ctx.checkpoints.control(rundir.local_checkpoint(i), ctx.model_stop(), write=ctx.leader,
+                                              subdomain=i, box=dec.box(i), width_factor=width_factor)
             histories[i], _ = train_classifier(
                 model, split["train"], split["val"], cfg.local, seed,
-                ctx.log_progress(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
+                ctx.progress.printer(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
                 control=control, group=ctx.group, precision=ctx.precision)
             probs[i] = local_probabilities(ctx, {i: model}, {i: split}, splits, cfg.eval_batch_size)[i]
         models[i] = model
@@ -75,12 +75,13 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
 
 def local_probabilities(ctx: Context, models: dict, subsets: dict, splits, batch_size=256) -> dict:
     """{subdomain: {split: (rows, K) float32 class probabilities}} of this rank's local CNNs."""
-    return {i: {s: predict_proba(models[i], subsets[i][s].x, batch_size, stop=ctx.poll_group, group=ctx.group,
+    return {i: {s: predict_proba(models[i], subsets[i][s].x, batch_size, stop=ctx.model_stop(), group=ctx.group,
                                  total=subsets[i][s].total, precision=ctx.precision) for s in splits}
             for i in models}
 
 
-def gather(ctx: Context, probs: dict, subsets: dict, num_subdomains: int, num_classes: int, sizes: dict) -> dict | None:
+def gather_to_coarse(ctx: Context, probs: dict, subsets: dict, num_subdomains: int, num_classes: int,
+                     sizes: dict) -> dict | None:
     """Collective over ctx.comm: every subdomain's probabilities to rank 0, {split: (n, N*K)}
     in subdomain order there (sizes: {split: n}); None elsewhere."""
     gathered = {}
@@ -97,12 +98,12 @@ def fit_coarse(ctx: Context, gathered: dict, labels: dict, num_subdomains: int, 
     Returns (dnn, history)."""
     N, K = num_subdomains, num_classes
     # the coarse DNN trains for seconds, in many short epochs on small sets: no file per epoch
-    control = ctx.control(rundir.COARSE_CHECKPOINT, ctx.poll, epoch_saves=False, in_features=N * K, num_classes=K,
-                          hidden=list(cfg.coarse_hidden), dropout=cfg.coarse_dropout)
+    control = ctx.checkpoints.control(rundir.COARSE_CHECKPOINT, ctx.stops.poll, epoch_saves=False, in_features=N * K,
+                                      num_classes=K, hidden=list(cfg.coarse_hidden), dropout=cfg.coarse_dropout)
     epochs = combine.coarse_epochs(len(labels["train"]), cfg.coarse, cfg.coarse_min_steps)
     return combine.train_coarse_dnn(
         (gathered["train"], labels["train"]), (gathered["val"], labels["val"]), K, cfg.coarse_hidden,
-        cfg.coarse_dropout, cfg.coarse, cfg.seed, ctx.log_progress("coarse DNN", epochs), control=control,
+        cfg.coarse_dropout, cfg.coarse, cfg.seed, ctx.progress.printer("coarse DNN", epochs), control=control,
         inputs=cfg.coarse_input, min_steps=cfg.coarse_min_steps)
 
 

@@ -2,7 +2,7 @@
 
     every rank   fit_subnets: train its thin sub-networks (width C/M, whole images; with
                  `shard`, sub-network m sees training samples m, m+M, ...), no communication
-    gather       their weights (and scores) to rank 0 of ctx.comm
+    gather       gather_subnets: their weights (and scores) to rank 0 of ctx.comm
     rank 0       recompose: block-diagonal weights in the global CNN (mpidd.recomposition), then
                  fit_recomposed: train it further (the transfer learning step)
 """
@@ -42,11 +42,11 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
     """Train this rank's sub-networks (ctx.mine) on whole images, then score them on
     `score_splits`. No communication. Returns ({m: state_dict on the CPU}, {m: {split: (loss,
     acc)}}, {m: history})."""
-    M, phases = cfg.subnets, ctx.phases
+    M, timer = cfg.subnets, ctx.timer
     train_all = whole["train"]
     states, scores, histories = {}, {}, {}
     for k, m in enumerate(ctx.mine):
-        with phases("subnets"), phases(f"subnet_{m}"):
+        with timer("subnets"), timer(f"subnet_{m}"):
             seed = seed_for(cfg.seed, "subnet", m)
             torch.manual_seed(seed)
             model = build_subnet(channels, num_classes, shape, cfg.cnn, M).to(ctx.device)
@@ -55,9 +55,9 @@ def fit_subnets(ctx: Context, whole: dict, channels: int, num_classes: int, shap
                 ctx, model, dict(whole, train=train), cfg.subnet_opts, seed, rundir.subnet_checkpoint(m), f"subnet {m}",
                 models_after=len(ctx.mine) - k - 1, subnet=m, subnets=M, shard=cfg.shard, train_samples=len(train.y))
         # the training steps alone (no validation), for the time to the target accuracy
-        phases.add("subnet_steps", sum(r["seconds"] for r in histories[m]), sum(r["cpu_seconds"] for r in histories[m]))
-        with phases("subnet_eval"):  # for the table only: not on the recomposed network's path
-            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, cfg.eval_batch_size, stop=ctx.poll,
+        timer.add("subnet_steps", sum(r["seconds"] for r in histories[m]), sum(r["cpu_seconds"] for r in histories[m]))
+        with timer("subnet_eval"):  # for the table only: not on the recomposed network's path
+            scores[m] = {s: evaluate(model, whole[s].x, whole[s].y, cfg.eval_batch_size, stop=ctx.stops.poll,
                                      precision=ctx.precision)
                          for s in score_splits}
         states[m] = {key: v.cpu() for key, v in model.state_dict().items()}
@@ -69,7 +69,7 @@ def every(x, start: int, step: int):
     return x.subset(start, step) if is_stream(x) else x[start::step]
 
 
-def gather(ctx: Context, states: dict, scores: dict):
+def gather_subnets(ctx: Context, states: dict, scores: dict):
     """Collective: every sub-network's weights and scores to rank 0, ({m: state}, {m: scores})
     there; (None, None) elsewhere."""
     gathered = parallel.gather_to_root(ctx.comm, (states, scores))

@@ -29,7 +29,7 @@ state = {"phase": None, "polls": 0}
 
 def in_phase(name, function):
     def wrapped(*args, **kwargs):
-        state["phase"] = name if name != "coherent" else args[1]  # coherent.fit(ctx, "coherent_<init>", ...)
+        state["phase"] = name if name != "coherent" else args[1]  # coherent.fit_coherent(ctx, "coherent_<init>", ...)
         try:
             return function(*args, **kwargs)
         finally:
@@ -40,8 +40,8 @@ def in_phase(name, function):
 # the methods each phase runs (their polls count; the phase's final scoring does not)
 twolevel.fit_local_models = in_phase("local", twolevel.fit_local_models)
 twolevel.fit_coarse = in_phase("coarse", twolevel.fit_coarse)
-coherent.fit = in_phase("coherent", coherent.fit)
-global_cnn.fit = in_phase("global", global_cnn.fit)
+coherent.fit_coherent = in_phase("coherent", coherent.fit_coherent)
+global_cnn.fit_global = in_phase("global", global_cnn.fit_global)
 width.fit_subnets = in_phase("subnets", width.fit_subnets)
 original_poll = parallel.StopAgreement.poll
 

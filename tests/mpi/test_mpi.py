@@ -158,8 +158,9 @@ def test_training_path_reads_only_the_ranks_boxes(comm, shared_h5, monkeypatch, 
     monkeypatch.setattr(h5py.Dataset, "__getitem__",
                         lambda self, key: reads.append((self.name, key)) or original(self, key))
     from mpidd.stream import StreamStats
-    run = SimpleNamespace(args=SimpleNamespace(data=shared_h5, read_block=40), mine=mine, group=None,
-                          plan=SimpleNamespace(decomposition=dec, info=data.inspect(shared_h5)), phases=PhaseTimer(),
+    run = SimpleNamespace(args=SimpleNamespace(data=shared_h5, read_block=40),
+                          ctx=SimpleNamespace(mine=mine, group=None, timer=PhaseTimer()),
+                          plan=SimpleNamespace(decomposition=dec, info=data.inspect(shared_h5)),
                           access=access, io=StreamStats())
     reads.clear()
     subsets, nbytes = load_local_data(run)
