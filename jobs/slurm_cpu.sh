@@ -6,6 +6,8 @@
 #   sbatch --ntasks=16 --export=ALL,CONFIG=jobs/fashion_mnist_4x4.toml jobs/slurm_cpu.sh
 #   sbatch jobs/slurm_cpu.sh --epochs 20                more mpidd.train flags (first start only)
 #   DRY_RUN=1 bash jobs/slurm_cpu.sh                    print the command it would run; run nothing
+#   sbatch jobs/slurm_cpu.sh --dry-run                  on the job's allocation: the grid, which rank trains
+#                                                       which subdomains, bytes and memory per rank; trains nothing
 #   DRY_RUN=1 DRY_RUN_EXIT=75 bash jobs/slurm_cpu.sh    ... and what it would do after that exit code
 #
 # Environment: CONFIG (TOML, keys = mpidd.train flags; default jobs/fashion_mnist_2x2.toml);

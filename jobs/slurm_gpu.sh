@@ -7,6 +7,8 @@
 #                                                       4x4 on 16 GPUs (4 nodes of 4)
 #   sbatch jobs/slurm_gpu.sh --epochs 20                more mpidd.train flags (first start only)
 #   DRY_RUN=1 bash jobs/slurm_gpu.sh                    print the command it would run; run nothing
+#   sbatch jobs/slurm_gpu.sh --dry-run                  on the job's allocation: the grid, which rank trains
+#                                                       which subdomains, bytes and memory per rank; trains nothing
 #   DRY_RUN=1 DRY_RUN_EXIT=75 bash jobs/slurm_gpu.sh    ... and what it would do after that exit code
 #
 # Environment: CONFIG (TOML, keys = mpidd.train flags; default jobs/fashion_mnist_2x2.toml);

@@ -17,5 +17,12 @@ __all__ = ["EXIT_USAGE", "IMAGE_SUFFIXES", "InputError", "agree_or_refuse", "che
            "get_args_parser", "main", "read_array", "read_hdf5", "read_images", "read_input", "refuse",
            "write_predictions"]
 
-if __name__ == "__main__":
+
+
+def entry_point():
+    """`mpidd-predict`, as `python -m mpidd.predict`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -14,5 +14,12 @@ from .cli.report import (COMPARISON, comparison_table, confusion_table, format_a
 __all__ = ["COMPARISON", "comparison_table", "confusion_table", "format_any", "format_table", "format_width_table",
            "load_results", "main", "models_table", "write_report", "write_run_report"]
 
-if __name__ == "__main__":
+
+
+def entry_point():
+    """`mpidd-report`, as `python -m mpidd.report`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

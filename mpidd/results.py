@@ -6,6 +6,9 @@ phases it needs, in order) and `total_cpu_s` the CPU seconds summed over ranks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 
 from . import __version__
@@ -121,14 +124,41 @@ def common_results(args, plan, all_stats, size, threads, versions) -> dict:
     """The part of results.json that every mode writes: data, ranks, versions, configuration."""
     info = plan.info
     return {
-        "mpidd_version": __version__, "data": args.data, "classes": info.classes,
-        "sizes": info.sizes, "normalization": getattr(args, "normalization", None),
+        "mpidd_version": __version__, "source": source_commit(), "slurm": slurm_job(),
+        "data": args.data, "classes": info.classes, "sizes": info.sizes,
+        "normalization": getattr(args, "normalization", None),
         "world_size": size, "threads_per_rank": threads, "mode": args.mode,
         "arch": args.arch, "precision": getattr(args, "precision", "32"),
         "per_rank": all_stats,
         "versions": versions,
         "config": {k: v for k, v in vars(args).items() if k not in ("config",)},
     }
+
+
+def slurm_job(environ=None) -> dict | None:
+    """The Slurm job this process runs in: its id and, in a job array, the array's id and this
+    task's index (None outside Slurm)."""
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return {"job_id": env["SLURM_JOB_ID"], "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": env.get("SLURM_ARRAY_TASK_ID"), "job_name": env.get("SLURM_JOB_NAME")}
+
+
+def source_commit(root=None) -> dict | None:
+    """The git commit of the checkout mpidd runs from, and whether it had uncommitted changes to
+    tracked files; None for an installed copy (no .git beside the package) or without git."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        def git(*argv):
+            return subprocess.run(["git", "-C", root, *argv], capture_output=True, text=True, timeout=20,
+                                  check=True).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def time_to_accuracy(history, target, offset=0.0, initial_acc=None):

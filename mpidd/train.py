@@ -1,6 +1,7 @@
 """CNN-DNN training by domain decomposition (Klawonn, Lanser & Weber 2024, arXiv 2408.14442).
 
     mpirun -n 4 python -m mpidd.train                     # demo: the paper's comparison, 2x2, Fashion-MNIST
+    mpirun -n 4 mpidd-train ...                           # the same, as the installed command
     mpirun -n 4 python -m mpidd.train --data FILE --grid 2x2 --overlap 0 --mode twolevel --out runs/NAME
     mpirun -n 8 python -m mpidd.train --grid 2x2 --mode twolevel ...  # P = 2N: 2 ranks per subdomain, data parallel
     mpirun -n 4 python -m mpidd.train --mode coherent --init random --out runs/c
@@ -38,16 +39,19 @@ from mpi4py import MPI
 
 from . import signals
 
-if __name__ == "__main__":
-    signals.catch()  # before the seconds of importing torch (see mpidd.signals)
-
-from .cli.train import main as train  # noqa: E402  (imports torch; the run itself is mpidd.cli.train)
-
 
 def main(argv=None) -> int:
     """mpidd.train on MPI_COMM_WORLD; the exit code: 0 finished, 2 refused, 75 stopped and saved."""
+    from .cli.train import main as train  # imports torch; the run itself is mpidd.cli.train
     return train(argv, comm=MPI.COMM_WORLD)
 
 
-if __name__ == "__main__":
+def entry_point():
+    """`mpidd-train` and `python -m mpidd.train`: catch stop signals before the seconds of
+    importing torch (see mpidd.signals), then run."""
+    signals.catch()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

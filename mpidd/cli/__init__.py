@@ -8,6 +8,7 @@ mpidd.train, .predict and .report are their entry points, mpidd/train.py, predic
                 AgreedStops, RunDirectory (checkpoints, marker), progress to the logs; and Run
     phases      the phases of a run, each around its method (mpidd.methods)
     train       mpidd.train's main: a whole run, rank by rank, and its stop
+    dryrun      mpidd.train --dry-run: what a launch would do, training nothing
     predict     mpidd.predict: classify with a finished run's model file
     report      mpidd.report: tables and figures of finished runs (no MPI)
 """

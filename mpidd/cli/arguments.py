@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tomllib
 
+from .. import __version__
 from ..coherent_model import OUTPUTS
 from ..engine import PRECISIONS
 from ..models import ARCHITECTURES
@@ -31,6 +33,17 @@ def hidden_sizes(text) -> tuple[int, ...]:
     return tuple(int(h) for h in text.split(",") if h.strip()) if text not in ("", "none") else ()
 
 
+def prog(module: str) -> str:
+    """The command's name in usage lines: its installed script (mpidd-train for mpidd.train)
+    when run as one, else `python -m MODULE`."""
+    script = "mpidd-" + module.rsplit(".", 1)[-1]
+    return script if os.path.basename(sys.argv[0]) == script else f"python -m {module}"
+
+
+def add_version(p: argparse.ArgumentParser):
+    p.add_argument("--version", action="version", version=f"mpidd {__version__}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one short line (the full usage is in --help)."""
 
@@ -43,7 +56,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m mpidd.train",
+        prog=prog("mpidd.train"),
         description="CNN-DNN training by domain decomposition on MPI: one local CNN per subimage "
                     "(one rank each, no communication), an MPI Gatherv of the local class "
                     "probabilities, and a coarse DNN on rank 0; the same CNN-DNN trained as one "
@@ -53,6 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(--mode twolevel) a multiple of N: P/N ranks train each local CNN data parallel. "
                     "SIGTERM/SIGUSR1 save and exit with 75; continue with --resume RUN_DIR.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(p)
     p.add_argument("--config", default=None, help="TOML (or config.json) file with the same keys as these flags")
     g = p.add_argument_group("data and decomposition")
     g.add_argument("--data", default=DEMO_DATA, help="HDF5 file in the mpidd layout (data_prep writes it)")
@@ -95,6 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "further, against the global CNN from random init (Gu et al.)")
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print what this launch would do (the resolved configuration, the grid and why, which "
+                        "rank trains which subdomains, the bytes each rank would read, its data access and an "
+                        "estimate of its memory) and exit 0: nothing is trained, no run directory is made")
     g = p.add_argument_group("CNN family (local, global and coherent models)")
     g.add_argument("--arch", choices=ARCHITECTURES, default="vgg",
                    help="vgg: conv blocks with max-pools and a dense head; resnet: small ResNet "
@@ -240,13 +258,16 @@ def check_file_value(path, action, value):
     return value
 
 
+# Options of one launch, not of the run: config.json and the model file leave them out.
+NOT_RECORDED = ("config", "overwrite", "out", "resume", "dry_run")
+
 # Keys of a config.json that record what a run chose, not options: a --config file may hold them.
 INFORMATIONAL = ("grid_choice", "normalization", "data_access_choice", "shuffle_block")
 
 # What may differ when a run is resumed: how it runs, not what it computes. (--data may move:
 # the data file itself is checked against the run's fingerprint of it.)
 RESUME_MAY_CHANGE = ("threads", "device", "log_interval", "report", "resume", "config", "overwrite", "out", "data",
-                     "data_access", "data_access_choice")
+                     "data_access", "data_access_choice", "dry_run")
 
 
 def same_value(a, b) -> bool:
@@ -266,11 +287,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ConfigError(f"--resume {pre.resume}: no config.json there (not an mpidd run directory, or a "
                               f"run refused before it started)")
         stored = load_config_file(path)
-        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "version")}
         parser.set_defaults(**{k: v for k, v in stored.items() if k in actions})
     if pre.config:
         values = load_config_file(pre.config)
-        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "version")}
         unknown = sorted(set(values) - set(actions) - set(INFORMATIONAL))
         if unknown:
             raise ConfigError(f"config file {pre.config}: unknown keys {', '.join(unknown)}")

@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-
 from .. import data, parallel, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
 from ..options import cnn_config, coherent_config, global_options, twolevel_config, width_config
-from .plan import load_pretrained_checkpoint, load_pretrained_weights
+from .arguments import NOT_RECORDED
+from .plan import data_share, load_pretrained_checkpoint, load_pretrained_weights
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -40,23 +39,10 @@ def read_split(run: Run, split: str, slices, check: bool = True) -> tuple[Shard,
 
 
 def share_bytes(run: Run) -> int:
-    """What this rank's data takes in memory: its subimage boxes of every split (and, where it
-    trains on whole images, the whole images too), its share of the samples if data parallel."""
+    """What this rank's data takes in memory (plan.data_share)."""
     ctx = run.ctx
-    info, dec, work = run.plan.info, run.plan.decomposition, run.plan.work
-    per_voxel = info.channels * np.dtype(info.dtype).itemsize
-
-    def samples(split):
-        n = info.sizes[split]
-        return n if ctx.group is None else -(-n // ctx.group.size)
-    total = 0
-    if work.boxes:
-        total += sum(samples(s) for s in data.SPLITS) * len(ctx.mine) * int(np.prod(dec.subimage_shape)) * per_voxel
-    whole = work.width or (work.global_cnn and (ctx.master_process or ctx.group is not None
-                                                or run.args.mode == "global"))
-    if whole:
-        total += sum(samples(s) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
-    return total
+    return data_share(run.plan, run.args, ctx.mine, ctx.group.size if ctx.group is not None else None,
+                      ctx.master_process)
 
 
 def load_local_data(run: Run):
@@ -341,7 +327,7 @@ def write_model_file(run: Run, accuracies):
         models["global"] = saved.whole_part(weights(rundir.GLOBAL_CHECKPOINT))
     if work.width:  # (its decomposition is the whole image: grid 1x1, width factor 1)
         models["recomposed"] = saved.whole_part(weights(rundir.RECOMPOSED_CHECKPOINT))
-    config = saved.recorded({k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "out", "resume")})
+    config = saved.recorded({k: v for k, v in vars(args).items() if k not in NOT_RECORDED})
     manifest = saved.manifest(image_shape=info.image_shape, input_dtype=info.dtype, grid=dec.grid, overlap=dec.overlap,
                               num_classes=info.num_classes, classes=info.classes, cnn=cnn_config(args),
                               width_factor=plan.width_factor, coarse_hidden=args.coarse_hidden,

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import data, parallel, rundir
@@ -55,6 +56,31 @@ class Plan:
     global_params: int
     dnn_params: int
     subnet_params: int | None       # --mode width: one sub-network's
+
+
+def assignment(rank: int, size: int, plan: Plan, args) -> tuple[list, tuple | None]:
+    """(this rank's subdomains, or its sub-networks in --mode width; its data-parallel group as
+    (color, member, ranks), or None where it trains alone)."""
+    work = plan.work
+    if work.width:
+        return layout(rank, size, args.subnets)[0], None  # round robin
+    if not work.boxes and size == 1:
+        return [], None
+    subdomains, replicas, member = layout(rank, size, plan.decomposition.num_subdomains if work.boxes else 1)
+    group = (subdomains[0], member, replicas) if replicas > 1 else None  # P = G*N: G ranks a subdomain
+    return (subdomains if work.boxes else []), group
+
+
+def data_share(plan: Plan, args, mine, group_size: int | None, master_process: bool) -> int:
+    """What this rank's data takes in memory: its subimage boxes of every split (and, where it
+    trains on whole images, the whole images too), its share of the samples if data parallel."""
+    info, dec, work = plan.info, plan.decomposition, plan.work
+    per_voxel = info.channels * np.dtype(info.dtype).itemsize
+    samples = sum(info.sizes[s] if group_size is None else -(-info.sizes[s] // group_size) for s in data.SPLITS)
+    total = samples * len(mine) * int(np.prod(dec.subimage_shape)) * per_voxel if work.boxes else 0
+    if work.width or (work.global_cnn and (master_process or group_size is not None or args.mode == "global")):
+        total += samples * int(np.prod(info.spatial_shape)) * per_voxel
+    return total
 
 
 def work_of(args) -> Work:

@@ -27,7 +27,7 @@ import numpy as np
 from .. import data, parallel, saved, stream
 from ..engine import PRECISIONS
 from ..rundir import atomic_write
-from .arguments import ArgumentParser
+from .arguments import ArgumentParser, add_version, prog
 
 EXIT_USAGE = 2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -38,8 +38,9 @@ class InputError(ValueError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m mpidd.predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog("mpidd.predict"), description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(p)
     p.add_argument("model", metavar="RUN_DIR", help="a finished mpidd.train run directory (its model.pt), or a "
                                                     "model file written by TwoLevelClassifier.save")
     p.add_argument("--data", required=True,

@@ -213,9 +213,11 @@ def write_run_report(run_dir: str):
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(prog="python -m mpidd.report", description=__doc__.split("\n\n")[0],
+    from .arguments import add_version, prog
+    p = argparse.ArgumentParser(prog=prog("mpidd.report"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(p)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (or results.json files)")
     p.add_argument("--out", metavar="REPORT_DIR", help="write report.md and PNG figures there instead of printing")
     args = p.parse_args(argv)

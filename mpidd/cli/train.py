@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from .. import __version__, data, parallel, rundir
-from ..decomposition import format_grid, layout
+from ..decomposition import format_grid
 from ..engine import Preempted, precision_error
 from ..methods.context import Context, PhaseTimer, peak_rss_bytes
-from ..results import assemble_results, assemble_width_results
+from ..results import assemble_results, assemble_width_results, slurm_job
 from ..stream import choose_access
-from .arguments import ConfigError, parse_args
+from .arguments import NOT_RECORDED, ConfigError, parse_args
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
-from .plan import Plan, UsageError, plan_run
+from .dryrun import dry_run
+from .plan import Plan, UsageError, assignment, plan_run
 from .report import format_any, write_run_report
 from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
                   progress_to_log, refuse, setup_logging)
@@ -84,6 +85,8 @@ def main(argv=None, comm=None) -> int:
     comm = parallel.world() if comm is None else comm
     parallel.install_abort_on_error(comm)
     args, plan = start(comm, argv)
+    if args.dry_run:
+        return dry_run(comm, args, plan)
     run = prepare(comm, args, plan)
     ctx, work = run.ctx, plan.work
 
@@ -128,7 +131,6 @@ def prepare(comm, args, plan: Plan) -> Run:
     state, and its subdomains (or sub-networks) and data-parallel group."""
     rank, size = comm.Get_rank(), comm.Get_size()
     master_process = rank == 0
-    work, N = plan.work, plan.decomposition.num_subdomains
     device, error = torch.device("cpu"), None
     try:
         device, local_rank = parallel.select_device(args.device, comm)  # before any CUDA allocation
@@ -145,14 +147,11 @@ def prepare(comm, args, plan: Plan) -> Run:
     parallel.tune_malloc()
     parallel.warm_up_torch()
 
-    mine, group = [], None
-    if work.width:
-        mine = layout(rank, size, args.subnets)[0]  # this rank's sub-networks, round robin
-    elif work.boxes or size > 1:
-        subdomains, replicas, member = layout(rank, size, N if work.boxes else 1)
-        mine = subdomains if work.boxes else []
-        if replicas > 1:  # P = G*N: the G ranks of each subdomain train its model data parallel
-            group = parallel.DataParallelGroup(comm, color=subdomains[0], key=member)
+    mine, grouping = assignment(rank, size, plan, args)
+    group = None
+    if grouping is not None:  # P = G*N: the G ranks of each subdomain train its model data parallel
+        color, member, _ = grouping
+        group = parallel.DataParallelGroup(comm, color=color, key=member)
 
     resume = plan.progress
     resuming = resume is not None and not resume.get("fresh")
@@ -177,15 +176,14 @@ def open_run_directory(run: Run, bytes_read: int):
     directory = run.directory
     if ctx.master_process:
         segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
-                   "device": args.device}
+                   "device": args.device, "slurm": slurm_job()}
         if directory.resuming:
             directory.marker["segments"].append(segment)
             directory.mark(state="running")
         else:
             rundir.prepare(args.out)
             rundir.write_json(os.path.join(args.out, "config.json"),
-                              {k: v for k, v in vars(args).items()
-                               if k not in ("config", "overwrite", "out", "resume")})
+                              {k: v for k, v in vars(args).items() if k not in NOT_RECORDED})
             directory.marker = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
                                 "state": "running", "stops": [], "segments": [segment]}
             directory.mark()

@@ -80,11 +80,13 @@ class Slurm:
             assert proc.returncode == 0, f"{args}: {proc.stderr}"
         return proc
 
-    def submit(self, config, run_dir, *options, python=sys.executable, script=CPU_JOB):
-        """sbatch the job script as a user would (4 tasks, 1 core each); returns the job id."""
+    def submit(self, config, run_dir, *options, python=sys.executable, script=CPU_JOB, script_args=()):
+        """sbatch the job script as a user would (4 tasks, 1 core each), with mpidd.train flags
+        `script_args`; returns the job id."""
         export = f"ALL,CONFIG={config},RUN={run_dir},PYTHON={python},SRUN_MPI={self.mpi}"
         out = self.cmd("sbatch", "--parsable", "--ntasks=4", "--cpus-per-task=1",
-                       f"--output={self.folder}/job-%j.out", f"--export={export}", *options, script).stdout
+                       f"--output={self.folder}/job-%j.out", f"--export={export}", *options, script,
+                       *script_args).stdout
         job_id = out.strip().split(";")[0]
         self.submitted.append(job_id)
         return job_id
@@ -165,6 +167,20 @@ def test_cpu_job_runs_under_srun_and_equals_mpirun(slurm, config, reference, tmp
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "0", slurm.log(job_id)
     assert "mpidd: 4 ranks x 1 threads" in slurm.log(job_id)
     same_run(run_dir, reference)
+
+
+def test_a_dry_run_job_prints_the_plan_and_trains_nothing(slurm, config, tmp_path):
+    """sbatch jobs/slurm_cpu.sh --dry-run: every task of the allocation takes part (srun), rank 0
+    prints each rank's subdomains, the job completes, and no run directory is made."""
+    run_dir = str(tmp_path / "run")
+    job_id = slurm.submit(config, run_dir, script_args=("--dry-run",))
+    job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL)
+    log = slurm.log(job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "0", log
+    assert "mpidd: dry run" in log and "mode twolevel: grid 2x2" in log
+    rows = [line.split() for line in log.splitlines() if re.match(r"\s+[0-3]\s+\S+\s+[0-3]\s", line)]
+    assert [(r[0], r[2]) for r in rows] == [("0", "0"), ("1", "1"), ("2", "2"), ("3", "3")], log
+    assert not os.path.exists(run_dir)
 
 
 @pytest.mark.parametrize("how", ["--batch", "--full"])
