@@ -106,7 +106,10 @@ def format_dry_run(args, plan: Plan, size: int, rows: list) -> str:
     lines = ["mpidd: dry run: nothing is trained and no run directory is made",
              f"data {args.data}: {info.num_classes} classes, {format_grid(info.image_shape)} images "
              f"({info.dtype}), train {info.sizes['train']}, val {info.sizes['val']}, test {info.sizes['test']}"]
-    if work.width:
+    if args.mode == "global":
+        lines.append(f"mode global: the {args.arch} global CNN on whole images ({plan.global_params:,} parameters), "
+                     f"{'data parallel over ' if size > 1 else 'on '}{size} rank{'s' if size > 1 else ''}")
+    elif work.width:
         lines.append(f"mode width: {args.subnets} sub-networks of the {args.arch} global CNN on {size} ranks "
                      f"({plan.subnet_params:,} parameters each, global {plan.global_params:,})")
     else:
