@@ -11,6 +11,15 @@ sys.path.insert(0, ROOT)
 
 from mpidd.data import write_dataset  # noqa: E402
 
+# mpirun for the end-to-end tests: CMake passes the MPI it found through the environment
+MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+
+def launcher(np):
+    """mpirun -n np, with the site's flags (CMake passes them through the environment)."""
+    return [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
+            *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
+
 
 def make_tiny_dataset(path, n=(192, 64, 64), size=16, num_classes=4, channels=1, dtype="uint8",
                       seed=0, classes=True, spatial=2, noise=0.3):

@@ -22,7 +22,7 @@ from ..options import cnn_config
 from ..recomposition import build_subnet
 from ..stream import choose_access, human_bytes
 from .arguments import NOT_RECORDED
-from .plan import Plan, assignment, data_share
+from .plan import Plan, assignment, data_share, trains_global_cnn
 
 # A model being trained holds its weights, their gradients and the optimizer's state (Adam: two
 # moments; SGD with momentum: one), float32: 4 copies of its parameters at most.
@@ -43,28 +43,26 @@ def activation_elements(model: torch.nn.Module, input_shape) -> int:
     return sum(sizes)
 
 
-def models_of_rank(plan: Plan, args, mine, master_process: bool, group) -> list[tuple[str, torch.nn.Module, tuple]]:
-    """(name, model, input shape) of every model this rank trains (built on the CPU, not trained)."""
+def models_of_rank(plan: Plan, args, mine, master_process: bool, group) -> list[tuple[int, torch.nn.Module, tuple]]:
+    """(how many, model, input shape) of the models this rank trains (built on the CPU, not trained)."""
     info, dec, work = plan.info, plan.decomposition, plan.work
     C, K, cfg = info.channels, info.num_classes, cnn_config(args)
+    whole = (C, *info.spatial_shape)
     models = []
-    if work.width:
-        models += [(f"subnet {m}", build_subnet(C, K, info.spatial_shape, cfg, args.subnets),
-                    (C, *info.spatial_shape)) for m in mine]
-    elif work.boxes:
-        models += [(f"local {i}", build_cnn(C, K, dec.subimage_shape, cfg, plan.width_factor),
-                    (C, *dec.subimage_shape)) for i in mine]
-    whole = work.width and master_process or work.global_cnn and (master_process or group is not None
-                                                                   or args.mode == "global")
-    if whole:
-        models.append(("global CNN", build_cnn(C, K, info.spatial_shape, cfg), (C, *info.spatial_shape)))
+    if work.width and mine:  # its sub-networks; rank 0 also the recomposed network and the global CNN
+        models.append((len(mine), build_subnet(C, K, info.spatial_shape, cfg, args.subnets), whole))
+    elif work.boxes and mine:  # its local CNNs (every subdomain's has the same shape)
+        models.append((len(mine), build_cnn(C, K, dec.subimage_shape, cfg, plan.width_factor),
+                       (C, *dec.subimage_shape)))
+    if (work.width and master_process) or trains_global_cnn(plan, args, master_process, group is not None):
+        models.append((1, build_cnn(C, K, info.spatial_shape, cfg), whole))
     return models
 
 
 def memory_estimate(plan: Plan, args, mine, master_process: bool, group, share: int, access: str) -> dict:
     """Bytes this rank would hold at its peak, by part (float32 throughout)."""
     models = models_of_rank(plan, args, mine, master_process, group)
-    states = sum(STATE_COPIES * 4 * count_parameters(m) for _, m, _ in models)
+    states = sum(n * STATE_COPIES * 4 * count_parameters(m) for n, m, _ in models)
     # one training batch at a time: every layer's output kept for the backward pass, and its gradient
     batch = max((2 * 4 * args.batch_size * activation_elements(m, shape) for _, m, shape in models), default=0)
     gathered = 0

@@ -146,11 +146,17 @@ class Run:
     args: object
     plan: Plan
     threads: int
-    stops: AgreedStops             # = ctx.stops
-    directory: RunDirectory        # = ctx.checkpoints
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
     access: str = "memory"         # this rank's data access: memory or stream (--data-access)
     io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
+
+    @property
+    def stops(self) -> AgreedStops:
+        return self.ctx.stops
+
+    @property
+    def directory(self) -> RunDirectory:
+        return self.ctx.checkpoints
 
     def with_group(self, group) -> "Run":
         """This run with its models trained data parallel over `group`."""

@@ -163,7 +163,7 @@ def prepare(comm, args, plan: Plan) -> Run:
     stops = AgreedStops(stopper, timer, wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
     ctx = Context(comm=comm, device=device, precision=args.precision, mine=mine, group=group, timer=timer,
                   stops=stops, checkpoints=directory, progress=progress_to_log(master_process))
-    return Run(ctx=ctx, args=args, plan=plan, threads=threads, stops=stops, directory=directory)
+    return Run(ctx=ctx, args=args, plan=plan, threads=threads)
 
 
 def open_run_directory(run: Run, bytes_read: int):

@@ -10,22 +10,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_tiny_dataset
+from conftest import ROOT, launcher, make_tiny_dataset
 
 if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")):
     pytest.skip("end-to-end tests launch mpirun themselves: run them outside mpirun", allow_module_level=True)
 
-BIN = os.path.dirname(sys.executable)
-MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(BIN, "mpirun")
 # --coarse-steps 200: the coarse DNN's step budget, smaller than the default 2,000 to keep the suite short
 TINY = ["--no-report", "--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16", "--coarse-steps", "200",
         "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
-
-
-def launcher(np):
-    """mpirun -n np, with the site's flags (CMake passes them through the environment)."""
-    return [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
-            *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
 
 
 def run(args, np=None, timeout=240, script=("-m", "mpidd.train"), env=None):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import launcher
 from mpidd import __version__
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,13 +77,6 @@ def test_mpidd_convert_lists_and_runs_a_converter(installed):
     assert done.returncode == 2 and "fashion_mnist" in done.stdout and "image_folder" in done.stdout
     done = run(installed, "mpidd-convert", "fashion_mnist", "--help")
     assert done.returncode == 0 and "--src" in done.stdout
-
-
-def launcher(np):
-    """mpirun -n np, with the site's flags (CMake passes them through the environment)."""
-    mpirun = os.environ.get("MPIDD_MPIRUN") or os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return [mpirun, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
-            *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split()]
 
 
 def dry_run_table(installed, np, *argv):

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, launcher
 
 DEVICE = os.environ.get("MPIDD_GPU_CHECK_DEVICE", "cuda")
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -30,15 +30,13 @@ if any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"
 # GPU and CPU kernels differ in their rounding (cuDNN picks its own algorithms): on this small,
 # easy data every accuracy must agree within this many points of 1 (0.05 = 5 percentage points).
 TOLERANCE = 0.05
-MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(os.path.dirname(sys.executable), "mpirun")
 SMALL = ["--no-report", "--epochs", "3", "--batch-size", "32", "--width", "8", "--hidden", "16", "--coarse-steps",
          "200", "--coarse-epochs", "5", "--coarse-batch-size", "32", "--coherent-epochs", "2", "--threads", "1"]
 TIMES = []
 
 
 def launch(np, argv, timeout=600):
-    cmd = [MPIRUN, os.environ.get("MPIDD_MPIEXEC_NUMPROC_FLAG") or "-n", str(np),
-           *os.environ.get("MPIDD_MPIEXEC_PREFLAGS", "").split(), sys.executable, *argv]
+    cmd = [*launcher(np), sys.executable, *argv]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
