@@ -124,7 +124,7 @@ def common_results(args, plan, all_stats, size, threads, versions) -> dict:
     """The part of results.json that every mode writes: data, ranks, versions, configuration."""
     info = plan.info
     return {
-        "mpidd_version": __version__, "source": source_commit(), "slurm": slurm_job(),
+        "mpidd_version": __version__, "slurm": slurm_job(),
         "data": args.data, "classes": info.classes, "sizes": info.sizes,
         "normalization": getattr(args, "normalization", None),
         "world_size": size, "threads_per_rank": threads, "mode": args.mode,

@@ -25,7 +25,7 @@ from .. import __version__, data, parallel, rundir
 from ..decomposition import format_grid
 from ..engine import Preempted, precision_error
 from ..methods.context import Context, PhaseTimer, peak_rss_bytes
-from ..results import assemble_results, assemble_width_results, slurm_job
+from ..results import assemble_results, assemble_width_results, slurm_job, source_commit
 from ..stream import choose_access
 from .arguments import NOT_RECORDED, ConfigError, parse_args
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
@@ -176,7 +176,7 @@ def open_run_directory(run: Run, bytes_read: int):
     directory = run.directory
     if ctx.master_process:
         segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
-                   "device": args.device, "slurm": slurm_job()}
+                   "device": args.device, "slurm": slurm_job(), "source": source_commit()}
         if directory.resuming:
             directory.marker["segments"].append(segment)
             directory.mark(state="running")
@@ -222,6 +222,7 @@ def finish(run: Run, stats: dict, rows: list, accuracies: dict, devices):
         results["devices"] = devices
         marker = run.directory.marker
         results["restarts"] = {"segments": marker["segments"], "stops": marker.get("stops", [])}
+        results["source"] = marker["segments"][-1].get("source")  # the code this segment started with
         rundir.write_json(os.path.join(args.out, "results.json"), results)
         rundir.write_metrics(os.path.join(args.out, "metrics.csv"), all_rows)
         write_model_file(run, accuracies)

@@ -47,6 +47,8 @@ def test_two_rank_run_writes_everything(two_rank_run):
     assert f"report: {report}" in proc.stdout and "![Training curves](np2_curves.png)" in open(report).read()
     assert os.path.getsize(os.path.join(out, "report", "np2_phases.png")) > 1000
     assert r["world_size"] == 2 and r["decomposition"]["grid"] == "2x2"
+    from mpidd.results import slurm_job, source_commit  # the checkout it started from (None: not a git one)
+    assert r["source"] == source_commit(ROOT) == r["restarts"]["segments"][0]["source"] and r["slurm"] == slurm_job()
     assert r["decomposition"]["subimage_shape"] == "10x10"
     assert r["decomposition"]["rank_of_subdomain"] == [0, 1, 0, 1]
     names = [m["name"] for m in r["models"]]
