@@ -63,14 +63,28 @@ else
   TRAIN=(--config "$CONFIG" --out "$RUN" --device cuda --threads "$THREADS" "$@")
 fi
 # --kill-on-bad-exit=1: a rank that fails ends the whole step at once instead of leaving the others
-# waiting. (srun exits with the highest exit code of the ranks, or 128+signal for a rank it had to
-# kill, so mpidd.train's ranks exit 75 together, once every checkpoint is written.)
+# waiting. srun exits with the highest exit code of the ranks, or 128+signal for a rank it had to
+# kill: after a stop every rank exits 75, and srun may kill one still exiting when another's 75
+# comes first, so whether the step stopped is read from the run's marker too (recorded_stops).
 # --gpus-per-task=1: each rank gets its own GPU (Slurm binds it, so the rank sees one device).
 # --cpus-per-task again: some Slurm versions do not pass sbatch's on to srun.
 CMD=(srun ${SRUN_MPI:+--mpi=$SRUN_MPI} --kill-on-bad-exit=1 --gpus-per-task=1 --cpus-per-task="$THREADS"
      "$PYTHON" -m mpidd.train "${TRAIN[@]}")
 
 show() { printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'; }
+
+# How many stops RUN's marker records if its state is "stopped", else -1. Rank 0 records a stop
+# once every rank has saved its state, before any rank exits.
+recorded_stops() {
+  local n
+  n=$("$PYTHON" - "$RUN/checkpoints/progress.json" 2>/dev/null <<'EOF'
+import json, sys
+marker = json.load(open(sys.argv[1]))
+print(len(marker.get("stops", [])) if marker.get("state") == "stopped" else -1)
+EOF
+) || n=-1
+  if [[ $n =~ ^-?[0-9]+$ ]]; then echo "$n"; else echo -1; fi
+}
 
 # After mpidd.train exited with $1: 75 (stopped by a signal, checkpoints written) requeues the
 # job; any other code is the job's exit code.
@@ -93,6 +107,7 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
 fi
 # srun in the background: bash runs a trap only once the foreground command returns, and the
 # ranks must get the signal while they train.
+stops_before=$(recorded_stops)
 "${CMD[@]}" &
 step=$!
 trap 'kill -USR1 "$step" 2>/dev/null || true' USR1
@@ -102,4 +117,9 @@ while :; do
   wait "$step" || code=$?
   kill -0 "$step" 2>/dev/null || break  # wait returned for a signal (code > 128) while srun runs on
 done
+if [[ $code -ne 0 && $code -ne 75 && $(recorded_stops) -gt $stops_before ]]; then
+  echo "mpidd: srun exited with $code, but every rank saved its state and rank 0 recorded the stop" \
+       "in $RUN/checkpoints/progress.json (srun killed a rank that was exiting with 75)" >&2
+  code=75
+fi
 finish "$code"

@@ -183,13 +183,29 @@ def test_a_dry_run_job_prints_the_plan_and_trains_nothing(slurm, config, tmp_pat
     assert not os.path.exists(run_dir)
 
 
-@pytest.mark.parametrize("how", ["--batch", "--full"])
+def python_wrapper(path, mpidd_train):
+    """A stand-in for the job's PYTHON: `python -m mpidd.train ARGS` runs the bash `mpidd_train`
+    (ARGS in "$@"); anything else (the script reading the marker) goes to this python."""
+    path.write_text(f'#!/bin/bash\nif [[ "$1 $2" != "-m mpidd.train" ]]; then exec {sys.executable} "$@"; fi\n'
+                    f'shift 2\n{mpidd_train}\n')
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("how,slow_exit", [("--batch", False), ("--full", False), ("--batch", True)])
 def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(slurm, config, reference,
-                                                                               tmp_path, how):
+                                                                               tmp_path, how, slow_exit):
     """scancel --signal=USR1 --batch (the batch shell only: the script forwards it to srun) or
-    --full (every process of the job): checkpoints, exit 75, requeue, --resume, same result."""
+    --full (every process of the job): checkpoints, exit 75, requeue, --resume, same result.
+    slow_exit: rank 1 lingers after its exit 75, so srun (--kill-on-bad-exit) kills it once the
+    others' 75 arrive and reports a signal; the marker says the step stopped, and it is requeued."""
     run_dir = str(tmp_path / "run")
-    job_id = slurm.submit(config, run_dir)
+    python = sys.executable
+    if slow_exit:
+        python = str(tmp_path / "python")
+        python_wrapper(tmp_path / "python", f'trap : USR1  # for mpidd.train: this shell lives on\n'
+                       f'{sys.executable} -m mpidd.train "$@"; code=$?\n'
+                       f'if [[ $code == 75 && $SLURM_PROCID == 1 ]]; then sleep 30; fi\nexit $code')
+    job_id = slurm.submit(config, run_dir, python=python)
     slurm.wait_for_log(job_id, "local 0 (0, 0): epoch 2/60")
     slurm.cmd("scancel", "--signal=USR1", how, job_id)
     job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL)
@@ -198,6 +214,8 @@ def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(
     assert job["Restarts"] == "1", log  # the scheduler's record: requeued once, then completed
     assert "mpidd: stopped (SIGUSR1)" in log and f"requeueing job {job_id}" in log
     assert f"mpidd: resuming {run_dir} (restart 1 of job {job_id})" in log
+    if slow_exit:  # (the others may meet the same end without help: the marker is read every time)
+        assert re.search(r"task 1: (Terminated|Killed)", log) and "rank 0 recorded the stop" in log, log
     stops = json.load(open(os.path.join(run_dir, "results.json")))["restarts"]["stops"]
     assert [s["reason"] for s in stops] == ["SIGUSR1"]
     same_run(run_dir, reference)
@@ -224,9 +242,7 @@ def test_a_failing_rank_fails_the_job_without_requeue(slurm, config, tmp_path):
     """Rank 1 raises in its local phase: srun --kill-on-bad-exit ends the step, the job fails
     with the exit code, and the script does not requeue it."""
     wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/bash\n# called as: python -m mpidd.train ARGS...\nshift 2\n'
-                       f'exec {sys.executable} {ROOT}/tests/helpers/raise_on_rank.py 1 local "$@"\n')
-    wrapper.chmod(0o755)
+    python_wrapper(wrapper, f'exec {sys.executable} {ROOT}/tests/helpers/raise_on_rank.py 1 local "$@"')
     job_id = slurm.submit(config, str(tmp_path / "run"), python=str(wrapper))
     job = slurm.wait_for(job_id, lambda j: j["JobState"] in TERMINAL)
     log = slurm.log(job_id)

@@ -2,15 +2,19 @@
 
 The Slurm scripts run here with a fake Slurm environment (no Slurm needed): first start, restart
 from a run directory with config.json, the requeue after mpidd.train's exit code 75 (DRY_RUN_EXIT
-makes the dry run act as if mpidd.train had exited with that code), and their #SBATCH headers.
+makes the dry run act as if mpidd.train had exited with that code), and their #SBATCH headers; and
+the real script with stand-ins for srun and scontrol, to see what it makes of srun's exit code and
+the run's marker.
 """
 
 import glob
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -173,3 +177,40 @@ def test_default_config_of_the_slurm_scripts_exists():
         with open(os.path.join(ROOT, "jobs", script)) as f:
             default = re.search(r"CONFIG=\$\{CONFIG:-([^}]+)\}", f.read()).group(1)
         assert os.path.exists(os.path.join(ROOT, default))
+
+
+@pytest.mark.parametrize("script", sorted(SLURM))
+@pytest.mark.parametrize("srun_code,stopped_now,requeued", [
+    (143, True, True),    # a rank killed while it exited 75 after the recorded stop: still a stop
+    (143, False, False),  # killed, and the marker holds only the earlier stop: a failure
+    (1, False, False),    # a failing rank
+    (75, True, True),     # every rank's 75 reached srun
+])
+def test_slurm_requeues_when_the_marker_records_a_new_stop(script, srun_code, stopped_now, requeued, tmp_path):
+    """srun --kill-on-bad-exit takes a rank's 75 for a failure and may kill another rank still exiting
+    (srun then reports 143): the script also asks RUN's marker whether rank 0 recorded a stop during
+    this step. Runs the real script (not a dry run) with stand-ins for srun and scontrol on PATH."""
+    bin_dir, run = tmp_path / "bin", tmp_path / "runs" / "fm-4242"
+    bin_dir.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    marker = run / "checkpoints" / "progress.json"
+    marker.write_text(json.dumps({"state": "stopped", "stops": [{"reason": "SIGUSR1"}]}))  # the previous start's
+    new_marker = {"state": "stopped", "stops": [{"reason": "SIGUSR1"}, {"reason": "SIGTERM"}]} if stopped_now \
+        else {"state": "running", "stops": [{"reason": "SIGUSR1"}]}
+    (bin_dir / "srun").write_text(f"#!/bin/bash\necho \"$*\" > {tmp_path}/srun.args\n"
+                                  f"echo {shlex.quote(json.dumps(new_marker))} > {marker}\nexit {srun_code}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"scontrol $*\" >> {tmp_path}/scontrol.log\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = slurm_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable)
+    del env["DRY_RUN"]
+    proc = run_script(os.path.join(ROOT, "jobs", script), env=env)
+    assert "--resume runs/fm-4242" in (tmp_path / "srun.args").read_text()
+    scontrol = tmp_path / "scontrol.log"
+    if requeued:
+        assert proc.returncode == 0, proc.stderr
+        assert scontrol.read_text() == "scontrol requeue 4242\n" and "requeueing job 4242" in proc.stderr
+        assert ("rank 0 recorded the stop" in proc.stderr) == (srun_code != 75)
+    else:
+        assert proc.returncode == srun_code and not scontrol.exists(), proc.stderr
