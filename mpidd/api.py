@@ -3,7 +3,7 @@
     mpirun -n 4 python my_script.py
 
     import mpidd
-    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a Dup of COMM_WORLD;
+    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=3, comm=comm)   # comm=None: a shared Dup of COMM_WORLD;
                                                                       # grid="auto": from comm's size
     clf.fit(x_train, y_train, x_val, y_val)       # collective; x: (n, C, H, W) numpy, the same on every rank
     p = clf.predict_proba(x_test)                  # collective; (n, K) on every rank
@@ -20,7 +20,9 @@ Images come in one of two forms, in fit, predict_proba, predict and score alike:
       split; "FILE.h5:val" names another), with its labels unless y is given. Each rank then
       reads only its own boxes, batch by batch (streamed, as --data-access stream), never the
       whole set.
-Labels y are (n,) integers 0..K-1, the same on every rank. uint8 images are divided by 255,
+Labels y are (n,) values of any kind numpy sorts (integers, strings), the same on every rank:
+classes_ holds the distinct values of y and y_val, sorted (or 0..num_classes-1 if num_classes
+is given), and predict returns values of classes_. uint8 images are divided by 255,
 float images are used as they are (as float32). normalization=(mean, std), one number per
 channel in those units (e.g. mpidd.read_info(FILE).mean and .std, the statistics data_prep
 writes into a data file), makes every model normalise its input, (x - mean) / std, as the
@@ -28,11 +30,19 @@ command line does; the default None leaves the input as it is.
 
 Ranks: P <= N subdomains (rank r trains r, r+P, ...) or P a multiple of N (P/N ranks train
 each local CNN data parallel, each on its share of the samples). Nothing here touches
-COMM_WORLD unless comm=None asks for a Dup of it, installs a signal handler or excepthook, or
-sets torch's threads unless `threads` is given.
+COMM_WORLD unless comm=None asks for the process's one duplicate of it (made at the first
+collective call, shared by every estimator), installs a signal handler or excepthook, or
+sets torch's threads unless `threads` is given. The constructor is not collective.
+
+scikit-learn's conventions hold: get_params, set_params, a repr, sklearn.base.clone (the clone
+runs on the same comm), so GridSearchCV and Pipeline take these estimators; under mpirun every
+rank runs the same search (the same splits and fits, collective). close(), or a `with` block,
+frees the communicators an estimator split off a given comm (P > N).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -41,11 +51,12 @@ from . import __version__, options, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, evaluate, precision_error
 from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, hyperparameters
-from .inputs import from_file, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
-from .methods import coherent, twolevel, width
-from .models import COARSE_INPUTS
+from .inputs import dtype_name, encode_labels, from_file, label_classes, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
+from .methods import coherent, online, twolevel, width
+from .models import COARSE_INPUTS, CoarseDNN, local_width_factor
 from .recomposition import WidthError, subnet_config as width_subnet_config
 from .saved import COMBINERS, MODELS, WHOLE_IMAGE  # noqa: F401 (WHOLE_IMAGE: a name of api)
+from .seeds import seed_for
 from .stream import check_finite, is_stream
 
 
@@ -56,8 +67,10 @@ class TwoLevelClassifier(SubdomainEstimator):
 
     Every keyword is the command line's option of the same name (mpidd.train --help), with the
     same default; `coarse_hidden` is a tuple. API-only: `validation_fraction` (the share of the
-    training set held out for validation when fit gets no x_val), `num_classes` (default:
-    max label + 1), `class_names`, `comm`, `device` (None: this rank's GPU, node-local rank
+    training set held out for validation when fit gets no x_val), `buffer_size` (partial_fit's
+    replay buffer: at most this many samples kept), `num_classes` (labels
+    0..num_classes-1; default: the distinct labels of y and y_val), `class_names`, `comm` (None:
+    the process's shared duplicate of MPI_COMM_WORLD), `device` (None: this rank's GPU, node-local rank
     modulo the visible GPUs, when torch sees one, else the CPU), `threads` (None: torch's
     setting is left alone) and `verbose` (rank 0 prints progress).
 
@@ -73,12 +86,11 @@ class TwoLevelClassifier(SubdomainEstimator):
                  coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
                  coarse_batch_size=128, coherent_epochs=2, coherent_lr=2e-3,
                  transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
-                 num_classes=None, class_names=None, normalization=None, precision="32", comm=None, device=None,
-                 threads=None, verbose=False):
-        for k, v in locals().items():
+                 buffer_size=2048, num_classes=None, class_names=None, normalization=None, precision="32", comm=None,
+                 device=None, threads=None, verbose=False):
+        for k, v in locals().items():  # as given (scikit-learn's rule): options makes the typed configs
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)
-        self.dense_layers, self.coarse_hidden = tuple(dense_layers), tuple(coarse_hidden)
         self._setup(comm, device, threads, verbose)  # self._models: kind -> {"local": {i: module}, "dnn": ...}
 
     HYPERPARAMETERS = hyperparameters(__init__)  # every keyword above but comm, device, threads, verbose
@@ -94,7 +106,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         decomposition.choose_grid of comm's size, as on the command line."""
         try:
             if self.grid == "auto":
-                grid = choose_grid(self.comm.Get_size(), tuple(image_shape)[1:])[0]
+                grid = choose_grid(self._comm.Get_size(), tuple(image_shape)[1:])[0]
             else:
                 grid = parse_grid(self.grid)
             return Decomposition(tuple(image_shape)[1:], grid, self.overlap)
@@ -165,8 +177,9 @@ class TwoLevelClassifier(SubdomainEstimator):
             two = self._models["twolevel"]
             start = {"local": two["local"], "dnn": two["dnn"] if self.dnn_init == "coarse" else None}
         local, dnn = coherent.initial_models(ctx, dec, C, K, self.width_factor_, self.config().cnn, cfg, start)
+        comm = self._comm
         exchange = parallel.ModelParallelExchange(
-            self.comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(self.comm, torch.get_num_threads())
+            comm, ctx.mine, N, K, poll_interval=1e-4 if parallel.oversubscribed(comm, torch.get_num_threads())
             else None, member=(ctx.group.rank, ctx.group.size) if ctx.group is not None else None)
         name = f"coherent_{init}"
         history, _, timing = coherent.fit_coherent(ctx, name, local, dnn, subsets, labels, cfg, exchange)
@@ -177,6 +190,81 @@ class TwoLevelClassifier(SubdomainEstimator):
         self.scores_ = {**getattr(self, "scores_", {}), name: {"val": history[-1]["val_acc"]}}
         self.coherent_timing_ = {**getattr(self, "coherent_timing_", {}), name: timing}
         return self
+
+    def partial_fit(self, x, y, classes=None, *, image_shape=None):
+        """Online training (scikit-learn's partial_fit; not fit with warm_start, which would
+        train again on the same samples: a solver hands over new samples call after call and
+        never again). Each call trains every local CNN one pass over the new samples and the
+        replay buffer, then the coarse DNN one pass over their gathered probabilities, with
+        optimizers kept between calls at constant learning rates (lr, coarse_lr); then the new
+        samples enter the buffer, which stays a uniform sample of every sample seen (reservoir
+        sampling), at most `buffer_size`. Collective over comm. Returns self.
+
+        x: whole images on every rank, or this rank's subimages {subdomain: array} with
+        `image_shape` (arrays, not a data file); y: (n,) labels on every rank. The first call
+        needs `classes` (every label value that will come), unless fit or load came first (it
+        then continues from their models). save writes the online state too (buffer and
+        optimizers), so that load and partial_fit continue exactly where the run was.
+        P <= N ranks (no data-parallel groups). After each call: n_samples_seen_,
+        history_["online"] (one record per call: samples trained on, coarse loss and accuracy
+        of the pass, each local CNN's accuracy)."""
+        if isinstance(x, (str, os.PathLike)) or is_stream(x) or (isinstance(x, dict) and any(
+                is_stream(v) for v in x.values())):
+            raise ValueError("partial_fit takes the new samples as arrays (whole images or this rank's subimages)")
+        if getattr(self, "_online", None) is None:
+            self._start_online(x, classes, image_shape)
+        ctx, dec, N, K = self._ctx, self._dec, self.n_subdomains_, len(self.classes_)
+        y = self._agreed(lambda: encode_labels(np.asarray(y), self.classes_))
+        n = self._check_shape(x, image_shape)
+        if len(y) != n:
+            raise ValueError(f"labels for x have shape {y.shape}, expected ({n},)")
+        new = {i: s.x for i, s in self._shards(ctx, dec, x, y).items()}
+        two = self._models["twolevel"]
+        record = online.partial_fit(ctx, self._online, new, y, two["local"], two["dnn"], N, K, self.config(),
+                                    self.buffer_size)
+        record = self._from_root(record)
+        history = getattr(self, "history_", {})
+        self.history_ = {**history, "online": history.get("online", []) + [record]}
+        self.n_samples_seen_ = self._online.seen
+        return self
+
+    def _start_online(self, x, classes, image_shape):
+        """partial_fit's first call: the fitted or loaded models, or new ones for `classes`."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        if self._models:
+            if "twolevel" not in self._models:
+                raise ValueError("partial_fit continues a two-level model: this one has none")
+        else:
+            if classes is None:
+                raise ValueError("the first partial_fit needs classes=, every label value that will come "
+                                 "(as in scikit-learn)")
+            self.classes_ = self._agreed(lambda: label_classes([np.asarray(classes)], self.num_classes))
+            self.class_names_ = self._agreed(self._class_names)
+            shape, _ = self._check(x, None, image_shape, "x")
+            self.image_shape_, self.input_dtype_ = tuple(int(s) for s in shape), dtype_name(x)
+            dec = self.decomposition(self.image_shape_)
+            self._refuse_groups(dec)
+            ctx = self._context(dec)
+            N, K, C, cnn = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config().cnn
+            wf = self.width_factor or local_width_factor(C, K, self.image_shape_[1:], dec.subimage_shape, N, cnn)
+            local = {}
+            for i in ctx.mine:  # initialised as fit initialises them
+                torch.manual_seed(seed_for(self.seed, "local", i))
+                local[i] = ctx.on_device(twolevel.build_local_model(C, K, dec, cnn, wf))
+            dnn = None
+            if ctx.master_process:
+                torch.manual_seed(seed_for(self.seed, "coarse"))
+                dnn = CoarseDNN(N * K, K, tuple(self.coarse_hidden), self.coarse_dropout)
+            self._models = {"twolevel": saved.combined_part(local, dnn, "probabilities")}
+            self._ctx, self._dec, self.n_subdomains_, self.width_factor_ = ctx, dec, N, wf
+        self._refuse_groups(self._dec)
+        self._online = online.OnlineState()
+
+    def _refuse_groups(self, dec):
+        if self._layout(dec)[1] > 1:
+            raise ValueError(f"partial_fit runs on at most as many ranks as subdomains ({dec.num_subdomains}), "
+                             f"not {self._comm.Get_size()}")
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -189,12 +277,13 @@ class TwoLevelClassifier(SubdomainEstimator):
         return self._predict(x, model, image_shape)[0]
 
     def predict(self, x, model="cnn-dnn", *, image_shape=None) -> np.ndarray:
-        """Predicted classes (n,), the same on every rank. Collective over comm."""
-        return self._predict(x, model, image_shape)[1]
+        """Predicted labels (n,), values of classes_, the same on every rank. Collective over comm."""
+        return self.classes_[self._predict(x, model, image_shape)[1]]
 
     def predict_proba_and_classes(self, x, model="cnn-dnn", *, image_shape=None) -> tuple:
         """(predict_proba, predict) in one pass. Collective over comm."""
-        return self._predict(x, model, image_shape)
+        probs, classes = self._predict(x, model, image_shape)
+        return probs, self.classes_[classes]
 
     def score(self, x, y=None, model="cnn-dnn", *, image_shape=None) -> float:
         """Accuracy on (x, y), the same on every rank (y None: the labels of a data file x).
@@ -207,7 +296,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         {"cnn-dnn": acc, "average": acc, "vote": acc, "local": {subdomain: acc}}, the same on
         every rank (y None: the labels of a data file x). Collective over comm."""
         x, y = self._agreed(lambda: self._from_file(x, y, "test", "x"))
-        y = np.asarray(y)
+        y = encode_labels(np.asarray(y), self.classes_, strict=False)  # a label not in classes_: -1, never right
         gathered = self._gather_outputs(x, "twolevel", image_shape)
         result = None
         if self._ctx.master_process:
@@ -230,7 +319,8 @@ class TwoLevelClassifier(SubdomainEstimator):
         return saved.manifest(image_shape=self.image_shape_, input_dtype=self.input_dtype_, grid=self._dec.grid,
                               overlap=self._dec.overlap, num_classes=len(self.classes_), classes=self.class_names_,
                               cnn=self.config().cnn, width_factor=self.width_factor_, coarse_hidden=self.coarse_hidden,
-                              coarse_dropout=self.coarse_dropout, hyperparameters=saved.recorded(self.get_params()))
+                              coarse_dropout=self.coarse_dropout, labels=self.classes_,
+                              hyperparameters=saved.recorded(self.hyperparameters()))
 
     def save(self, path) -> str:
         """Write the whole model (every local CNN, the coarse DNN, the decomposition and what is
@@ -238,7 +328,8 @@ class TwoLevelClassifier(SubdomainEstimator):
         Returns the file's path on every rank."""
         self._fitted()
         models = self._weights_on_root()
-        return self._write_on_root(path, lambda: (self.manifest(), models))
+        state = self._online_on_root()
+        return self._write_on_root(path, lambda: ({**self.manifest(), **state}, models))
 
     @classmethod
     def load(cls, path, comm=None, device=None, threads=None, verbose=False, precision=None) -> "TwoLevelClassifier":
@@ -247,13 +338,12 @@ class TwoLevelClassifier(SubdomainEstimator):
         rank reads the file. Raises saved.ModelFileError (one line) for a missing, corrupt,
         foreign or incompatible file. precision None: the one it was trained in where this
         rank's device supports it, else "32" (the saved weights are float32 either way)."""
-        comm = comm if comm is not None else parallel.world_dup()
         error, state = None, None
         try:
             state = saved.load_model(path)
         except saved.ModelFileError as e:
             error = str(e)
-        agree_on_file(comm, error)
+        agree_on_file(comm if comm is not None else parallel.shared_world(), error)
         clf = cls(**saved.estimator_keywords(state, cls.HYPERPARAMETERS), comm=comm, device=device, threads=threads,
                   verbose=verbose)
         if precision is not None:
@@ -282,7 +372,7 @@ class WidthClassifier(CollectiveEstimator):
                  eval_batch_size=256, subnet_epochs=6, shard=False, offdiag_noise=0.0, transfer_lr=5e-4, seed=0,
                  validation_fraction=0.1, num_classes=None, class_names=None, normalization=None, precision="32",
                  comm=None, device=None, threads=None, verbose=False):
-        for k, v in locals().items():
+        for k, v in locals().items():  # as given (scikit-learn's rule)
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)
         self._setup(comm, device, threads, verbose)
@@ -303,11 +393,11 @@ class WidthClassifier(CollectiveEstimator):
         cfg = self.config()
         try:
             width_subnet_config(cfg.cnn, self.subnets)
-            mine = layout(self.comm.Get_rank(), self.comm.Get_size(), self.subnets)[0]
+            mine = layout(self._comm.Get_rank(), self._comm.Get_size(), self.subnets)[0]
         except (WidthError, DecompositionError) as e:
             raise ValueError(str(e).replace("subdomains", "sub-networks")) from None
-        if self.comm.Get_size() > self.subnets:
-            raise ValueError(f"{self.comm.Get_size()} ranks but only {self.subnets} sub-networks: use at most "
+        if self._comm.Get_size() > self.subnets:
+            raise ValueError(f"{self._comm.Get_size()} ranks but only {self.subnets} sub-networks: use at most "
                              f"{self.subnets} ranks or more sub-networks")
         ctx = self._context_of(mine)
         C, shape = image_shape[0], image_shape[1:]
@@ -338,8 +428,8 @@ class WidthClassifier(CollectiveEstimator):
         return self._predict(x)[0]
 
     def predict(self, x) -> np.ndarray:
-        """Predicted classes (n,) on every rank. Collective."""
-        return self._predict(x)[1]
+        """Predicted labels (n,), values of classes_, on every rank. Collective."""
+        return self.classes_[self._predict(x)[1]]
 
     def score(self, x, y=None) -> float:
         """Accuracy on (x, y), the same on every rank (y None: the labels of a data file x). Collective."""
@@ -361,7 +451,8 @@ class WidthClassifier(CollectiveEstimator):
         self._fitted()
         manifest = saved.width_manifest(image_shape=self.image_shape_, input_dtype=self.input_dtype_,
                                         num_classes=len(self.classes_), classes=self.class_names_,
-                                        cnn=self.config().cnn, hyperparameters=self.get_params())
+                                        cnn=self.config().cnn, hyperparameters=self.hyperparameters(),
+                                        labels=self.classes_)
         return self._write_on_root(path, lambda: (
             manifest, {"recomposed": saved.whole_part(saved.cpu_state(self._models["recomposed"]))}))
 

@@ -224,7 +224,7 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256, stop=never, group=No
 
 
 def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int, log=None, test=None,
-                     control: Control | None = None, group=None, precision: str = "32"):
+                     control: Control | None = None, group=None, precision: str = "32", optimizer=None):
     """Train `model` on train=(x, y) (or a Shard), validating on val each epoch.
 
     `log(record)` is called after every epoch (record has epoch, loss, acc, val_loss, val_acc,
@@ -237,13 +237,14 @@ def train_classifier(model: nn.Module, train, val, opts: TrainOptions, seed: int
     and cpu_seconds. Returns (history, optimizer); with select_best the model ends with the
     weights of the best validation epoch. `control`: stop, checkpoint and resume (see Control);
     `group`: data parallel over a group of ranks (see the module docstring); `precision`: of the
-    forward passes (see PRECISIONS; the loss is float32 in both).
+    forward passes (see PRECISIONS; the loss is float32 in both); `optimizer`: one that already
+    holds state (online training continues with it), else a new one (make_optimizer).
     """
     train, val, test = as_shard(train), as_shard(val), as_shard(test)
     device = module_device(model)
     x, y = Feed(train.x, device), torch.as_tensor(train.y).to(device)
     to_channels_last(model, x.dim())
-    optimizer = make_optimizer(model, opts)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, opts)
     lo, hi = train.start, train.start + len(train.y)
 
     def mine_of(idx):  # this rank's samples of a global batch, as indices into its share

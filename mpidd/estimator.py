@@ -6,6 +6,7 @@ routing and loading."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 
@@ -15,7 +16,8 @@ import torch
 from . import parallel, saved
 from .decomposition import DecompositionError, layout
 from .engine import Shard, precision_error, predict_logits, predict_proba
-from .inputs import check_images, count_samples, dtype_name, from_file, hold_out, pixels, subimages
+from .inputs import (check_images, count_samples, dtype_name, encode_labels, from_file, hold_out, label_classes, pixels,
+                     subimages)
 from .methods import twolevel
 from .methods.context import Context, Progress, print_flushed
 from .models import local_width_factor
@@ -37,18 +39,46 @@ def hyperparameters(init) -> tuple:
 class CollectiveEstimator:
     """The base of TwoLevelClassifier and WidthClassifier: every method that takes `comm` is
     collective over it, and an error found on one rank is raised on every rank. A subclass
-    sets HYPERPARAMETERS = hyperparameters(__init__) and builds its typed config with
-    mpidd.options from its attributes (the command line's names)."""
+    sets HYPERPARAMETERS = hyperparameters(__init__), stores every keyword of its __init__ as
+    given (scikit-learn's rule: get_params, set_params, clone) and builds its typed config with
+    mpidd.options from its attributes (the command line's names).
+
+    The constructor is not collective and makes no communicator: comm=None means the one
+    duplicate of MPI_COMM_WORLD that every such estimator of the process shares
+    (parallel.shared_world, made at the first collective call). What an estimator makes for
+    itself (the data-parallel groups split off a given comm) close() frees."""
 
     HYPERPARAMETERS: tuple = ()
 
     def _setup(self, comm, device, threads, verbose):
-        self.comm = comm if comm is not None else parallel.world_dup()
-        self.device, self.threads, self.verbose = device, threads, verbose
+        self.comm, self.device, self.threads, self.verbose = comm, device, threads, verbose
         self._models = {}
+        self._groups = {}  # (subdomains, ranks) -> the data-parallel group's communicator (comm given)
         # payload this rank contributed to the estimator's collectives, by kind (see bytes_sent_),
         # and what this rank's reads of data files (input form c) did
         self._bytes = ByteCounter()
+
+    @property
+    def _comm(self):
+        """The communicator the estimator runs on: comm, or the process's shared duplicate of
+        MPI_COMM_WORLD (collective the first time any estimator asks for it)."""
+        return self.comm if self.comm is not None else parallel.shared_world()
+
+    def close(self):
+        """Free the communicators this estimator split off its comm (the data-parallel groups,
+        P > N) and its fitted models. Collective over comm. The estimator can be fitted again."""
+        groups, self._groups = self._groups, {}
+        for split in groups.values():
+            split.Free()
+        self._models = {}
+        self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     @property
     def bytes_sent_(self) -> dict:
@@ -67,17 +97,65 @@ class CollectiveEstimator:
         """Bytes of images this rank has read from data files (input form c): its boxes only."""
         return self._bytes.bytes_read
 
-    def get_params(self) -> dict:
-        """The hyperparameters, as scikit-learn estimators report them."""
+    # --- scikit-learn's estimator conventions -------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> tuple:
+        return tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")
+
+    def get_params(self, deep=True) -> dict:
+        """Every keyword of the constructor, as set (scikit-learn's get_params; nothing nested,
+        so `deep` changes nothing). Not collective."""
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params):
+        """Set constructor keywords (scikit-learn's set_params); they apply from the next fit.
+        Returns self. Not collective."""
+        known = self._param_names()
+        for k, v in params.items():
+            if k not in known:
+                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}: one of {', '.join(known)}")
+            setattr(self, k, v)
+        return self
+
+    def hyperparameters(self) -> dict:
+        """The keywords that say what the estimator computes (HYPERPARAMETERS: all but comm,
+        device, threads, verbose): what the model file records."""
         return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
+
+    def __sklearn_clone__(self):
+        """sklearn.base.clone: a new, unfitted estimator with copies of the hyperparameters and
+        the same comm and device (a communicator cannot be copied; the clone runs on it too)."""
+        runtime = {k: getattr(self, k) for k in RUNTIME}
+        return type(self)(**copy.deepcopy(self.hyperparameters()), **runtime)
+
+    _estimator_type = "classifier"  # what scikit-learn before 1.6 reads
+
+    def __sklearn_tags__(self):
+        """What scikit-learn (1.6 on) asks of an estimator: a classifier of image arrays that
+        must be fitted before it predicts. Imports scikit-learn only when it asks."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags(), input_tags=InputTags(two_d_array=False, three_d_array=True))
+
+    def __repr__(self):
+        """The constructor keywords that differ from their defaults, as scikit-learn prints them."""
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = []
+        for k in self._param_names():
+            value = getattr(self, k)
+            differs = value is not defaults[k] and (not _comparable(value) or value != defaults[k])
+            if differs:
+                changed.append(f"{k}={value!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     # --- every rank agrees -------------------------------------------------------------------
 
     def _raise_agreed(self, error):
         """ValueError on every rank if any rank's `error` (a message, or None) is set. Collective."""
-        failed = parallel.agree(self.comm, error)
+        failed = parallel.agree(self._comm, error)
         if failed:
-            raise ValueError(failed[1] if self.comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
+            raise ValueError(failed[1] if self._comm.Get_size() == 1 else f"rank {failed[0]}: {failed[1]}")
 
     def _agreed(self, step):
         """step() on every rank; a ValueError on any rank is raised on every rank."""
@@ -106,15 +184,15 @@ class CollectiveEstimator:
 
     def _from_root(self, obj):
         """Rank 0's `obj` on every rank (counted as results sent by rank 0)."""
-        if self.comm.Get_rank() == 0 and self.comm.Get_size() > 1:
+        if self._comm.Get_rank() == 0 and self._comm.Get_size() > 1:
             self._bytes.count("results", obj)
-        return parallel.broadcast_from_root(self.comm, obj)
+        return parallel.broadcast_from_root(self._comm, obj)
 
     def _allgathered(self, mine: dict) -> dict:
         """Every rank's dict `mine` merged, on every rank (counted as metadata). Collective."""
         self._bytes.count("metadata", mine)
         merged = {}
-        for part in parallel.allgather(self.comm, mine):
+        for part in parallel.allgather(self._comm, mine):
             merged.update(part)
         return merged
 
@@ -124,15 +202,15 @@ class CollectiveEstimator:
         if self.device is not None:
             return torch.device(self.device)
         if not hasattr(self, "_device"):
-            self._device = parallel.select_device("auto", self.comm, set_current=False)[0]
+            self._device = parallel.select_device("auto", self._comm, set_current=False)[0]
         return self._device
 
     def _context_of(self, mine, group=None) -> Context:
         """This rank's Context; ValueError on every rank if `precision` cannot run on a rank's device."""
         device = self._torch_device()
         self._raise_agreed(precision_error(self.precision, device))
-        verbose = self.verbose and self.comm.Get_rank() == 0  # rank 0 prints progress
-        return Context(comm=self.comm, device=device, precision=self.precision, mine=mine, group=group,
+        verbose = self.verbose and self._comm.Get_rank() == 0  # rank 0 prints progress
+        return Context(comm=self._comm, device=device, precision=self.precision, mine=mine, group=group,
                        progress=Progress(sinks=(print_flushed,) if verbose else ()))
 
     def _from_file(self, x, y, split, what, labels=True):
@@ -158,11 +236,18 @@ class CollectiveEstimator:
         else:
             y_val = np.asarray(y_val)
             self._check(x_val, y_val, image_shape, "x_val")
-        K = self.num_classes or int(max(y.max(), y_val.max())) + 1
+        self.classes_ = self._agreed(lambda: label_classes((y, y_val), self.num_classes))
         self.image_shape_, self.input_dtype_ = tuple(int(s) for s in image_shape), dtype_name(x)
-        self.classes_ = np.arange(K)
-        self.class_names_ = list(self.class_names) if self.class_names is not None else [str(k) for k in range(K)]
-        return x, y, x_val, y_val
+        self.class_names_ = self._class_names()
+        return x, encode_labels(y, self.classes_), x_val, encode_labels(y_val, self.classes_)
+
+    def _class_names(self) -> list:
+        if self.class_names is None:
+            return [str(c) for c in self.classes_]
+        if len(self.class_names) != len(self.classes_):
+            raise ValueError(f"{len(self.class_names)} class_names for {len(self.classes_)} classes "
+                             f"({', '.join(map(str, self.classes_))})")
+        return list(self.class_names)
 
     def _fitted(self):
         if not self._models:
@@ -174,9 +259,9 @@ class CollectiveEstimator:
         """(probabilities, classes) of a CNN of the whole image (rank 0's `model`) on whole
         images x, computed on rank 0, on every rank. Collective."""
         if is_stream(x):  # rank 0 reads them all: it checks them first
-            self._agreed(lambda: check_finite(x) if self.comm.Get_rank() == 0 else None)
+            self._agreed(lambda: check_finite(x) if self._comm.Get_rank() == 0 else None)
         result = None
-        if self.comm.Get_rank() == 0:
+        if self._comm.Get_rank() == 0:
             probs = predict_proba(model, pixels(x), self.eval_batch_size, precision=self._ctx.precision)
             result = (probs, probs.argmax(1))
         return self._from_root(result)
@@ -185,12 +270,12 @@ class CollectiveEstimator:
         """Rank 0 writes the model file of contents() = (manifest, models), atomically; every
         rank returns its path or raises the same OSError. Collective."""
         error, written = None, None
-        if self.comm.Get_rank() == 0:
+        if self._comm.Get_rank() == 0:
             try:
                 written = saved.save_model(path, *contents())
             except OSError as e:
                 error = f"cannot write {path}: {e}"
-        error, written = parallel.broadcast_from_root(self.comm, (error, written))
+        error, written = parallel.broadcast_from_root(self._comm, (error, written))
         if error:
             raise OSError(error)
         return written
@@ -204,7 +289,7 @@ class SubdomainEstimator(CollectiveEstimator):
     gathered to rank 0, and a loaded model file's models."""
 
     def _layout(self, dec):
-        size, rank = self.comm.Get_size(), self.comm.Get_rank()
+        size, rank = self._comm.Get_size(), self._comm.Get_rank()
         try:
             return layout(rank, size, dec.num_subdomains)
         except DecompositionError as e:
@@ -219,8 +304,12 @@ class SubdomainEstimator(CollectiveEstimator):
         """Collective (the data-parallel groups are split off comm when P > N)."""
         mine, replicas, member = self._layout(dec)
         group = None
-        if replicas > 1:
-            group = parallel.DataParallelGroup(self.comm, color=mine[0], key=member)
+        if replicas > 1:  # one Split per layout, kept: shared by every comm=None estimator, else freed by close
+            groups = parallel.SHARED_GROUPS if self.comm is None else self._groups
+            key = (dec.num_subdomains, self._comm.Get_size())
+            if key not in groups:
+                groups[key] = self._comm.Split(mine[0], member)
+            group = parallel.DataParallelGroup(split=groups[key])
         return self._context_of(mine, group)
 
     def _shards(self, ctx, dec, x, y) -> dict:
@@ -323,12 +412,49 @@ class SubdomainEstimator(CollectiveEstimator):
             mine = {i: saved.cpu_state(m) for i, m in bundle["local"].items()} if self._ctx.leader else {}
             if not self._ctx.master_process:
                 self._bytes.count("parameters", sum(t.nbytes for st in mine.values() for t in st.values()))
-            parts = parallel.gather_to_root(self.comm, mine)
+            parts = parallel.gather_to_root(self._comm, mine)
             if self._ctx.master_process:
                 models[kind] = saved.combined_part({i: s for part in parts for i, s in sorted(part.items())},
                                                    saved.cpu_state(bundle["dnn"]),
                                                    bundle.get("exchange", "probabilities"))
         return models
+
+    def _online_on_root(self) -> dict:
+        """partial_fit's state for the model file, {"online": ...} on rank 0 ({} elsewhere, or
+        before any partial_fit): counters, the buffer's labels, and per subdomain the buffer's
+        subimages and the optimizer (gathered from every rank), the coarse DNN's optimizer. Collective."""
+        st = getattr(self, "_online", None)
+        if st is None:
+            return {}
+        mine = {i: {"buffer": torch.from_numpy(np.ascontiguousarray(st.buffers[i])) if i in st.buffers else None,
+                    "optimizer": st.optimizers[i].state_dict() if i in st.optimizers else None}
+                for i in self._ctx.mine}
+        parts = parallel.gather_to_root(self._comm, mine)
+        if not self._ctx.master_process:
+            return {}
+        local = {i: part for p in parts for i, part in p.items()}
+        return {"online": {"calls": st.calls, "seen": st.seen, "labels": torch.from_numpy(st.labels),
+                           "local": dict(sorted(local.items())), "coarse_optimizer":
+                           st.coarse_optimizer.state_dict() if st.coarse_optimizer is not None else None}}
+
+    def _restore_online(self, saved_state):
+        """partial_fit's state of this rank from a model file's "online" entry."""
+        from .engine import make_optimizer
+        from .methods import online
+        two, cfg = self._models["twolevel"], self.config()
+        st = online.OnlineState(calls=int(saved_state["calls"]), seen=int(saved_state["seen"]),
+                                labels=saved_state["labels"].numpy().astype(np.int64))
+        for i in self._ctx.mine:
+            part = saved_state["local"][i]
+            if part["buffer"] is not None:
+                st.buffers[i] = part["buffer"].numpy()
+            if part["optimizer"] is not None:
+                st.optimizers[i] = make_optimizer(two["local"][i], online.one_pass(cfg.local))
+                st.optimizers[i].load_state_dict(part["optimizer"])
+        if self._ctx.master_process and saved_state["coarse_optimizer"] is not None:
+            st.coarse_optimizer = make_optimizer(two["dnn"], online.one_pass(cfg.coarse))
+            st.coarse_optimizer.load_state_dict(saved_state["coarse_optimizer"])
+        self._online, self.n_samples_seen_ = st, st.seen
 
     def _restore(self, state, path):
         """This rank's models of a loaded model file (`state`, read from `path`) and the fitted
@@ -341,11 +467,19 @@ class SubdomainEstimator(CollectiveEstimator):
             models = saved.build_models(state, path, dec, cnn, ctx.mine, ctx.master_process, ctx.device)
         except saved.ModelFileError as e:
             error = str(e)
-        agree_on_file(self.comm, error)
+        agree_on_file(self._comm, error)
         self._ctx, self._dec, self._models = ctx, dec, models
         self.image_shape_, self.input_dtype_ = image_shape, state["input_dtype"]
         K, self.n_subdomains_, self.width_factor_ = int(state["num_classes"]), dec.num_subdomains, state["width_factor"]
-        self.classes_, self.class_names_ = np.arange(K), list(state["classes"])
+        self.classes_ = np.asarray(state["labels"]) if "labels" in state else np.arange(K)
+        self.class_names_ = list(state["classes"])
+        if "online" in state:
+            self._restore_online(state["online"])
+
+
+def _comparable(value) -> bool:
+    """Whether == on `value` gives one bool (not numpy's elementwise answer, nor a communicator's)."""
+    return isinstance(value, (type(None), bool, int, float, str, tuple, list, dict))
 
 
 def agree_on_file(comm, error):

@@ -121,13 +121,46 @@ def check_images(x, y, image_shape, what, num_classes=None, owned=None):
     if y is not None:
         if y.ndim != 1 or len(y) != n:
             raise ValueError(f"labels for {what} have shape {y.shape}, expected ({n},)")
-        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-            raise ValueError(f"labels for {what} must be integers 0..K-1")
-        if num_classes is not None and len(y) and y.max() >= num_classes:
-            raise ValueError(f"labels for {what} go up to {y.max()}, but num_classes is {num_classes}")
+        if num_classes is not None and not (np.issubdtype(y.dtype, np.integer) and (not len(y) or (
+                y.min() >= 0 and y.max() < num_classes))):
+            raise ValueError(f"labels for {what} must be integers 0..{num_classes - 1} (num_classes is {num_classes})")
     if n == 0:
         raise ValueError(f"{what} holds no images")
     return image_shape, n
+
+
+def label_classes(labels, num_classes=None) -> np.ndarray:
+    """classes_: 0..num_classes-1 where given, else the distinct values of the label arrays,
+    sorted (scikit-learn's rule). ValueError if there are fewer than two."""
+    if num_classes is not None:
+        classes = np.arange(num_classes)
+    else:
+        try:
+            classes = np.unique(np.concatenate([np.asarray(y) for y in labels]))
+        except TypeError as e:  # values numpy cannot order, such as None mixed with numbers
+            raise ValueError(f"labels must be values of one kind that can be sorted: {e}") from None
+    if len(classes) < 2:
+        raise ValueError(f"the labels hold {len(classes)} class: a classifier needs at least 2")
+    return classes
+
+
+def encode_labels(y, classes, strict=True) -> np.ndarray:
+    """Labels -> their indices in classes_ (sorted), int64; a label not in classes_ raises
+    (strict) or becomes -1."""
+    y = np.asarray(y)
+    if np.issubdtype(classes.dtype, np.integer) and np.array_equal(classes, np.arange(len(classes))) \
+            and np.issubdtype(y.dtype, np.integer):
+        index = y.astype(np.int64)
+        known = (index >= 0) & (index < len(classes))
+    else:
+        index = np.searchsorted(classes, y).clip(0, len(classes) - 1)
+        known = classes[index] == y
+    if not known.all():
+        if strict:
+            raise ValueError(f"labels {sorted(set(np.asarray(y)[~known].tolist()))[:5]} are not among the classes "
+                             f"{classes.tolist()[:10]}")
+        index = np.where(known, index, -1)
+    return index.astype(np.int64)
 
 
 def check_values(a, what):

@@ -8,6 +8,7 @@ estimator_keywords and build_models. No MPI.
                 "image_shape": [C, H, W] or [C, D, H, W], "input_dtype": "uint8" | "float32",
                 "input_scaling": how pixels become the networks' inputs,
                 "grid": [...], "overlap": int, "num_classes": K, "classes": [K names],
+                "labels": [K label values] (an estimator's classes_, only where they are not 0..K-1),
                 "cnn": {CNNConfig fields}, "width_factor": float,
                 "coarse_hidden": [...], "coarse_dropout": float,
                 "hyperparameters": {what trained it},
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -90,22 +92,27 @@ def load_model(path: str) -> dict:
 # --- the manifest: what a model file says of its models -------------------------------------------
 
 def manifest(*, image_shape, input_dtype, grid, overlap, num_classes, classes, cnn: CNNConfig, width_factor,
-             coarse_hidden, coarse_dropout, hyperparameters, method=None) -> dict:
+             coarse_hidden, coarse_dropout, hyperparameters, method=None, labels=None) -> dict:
     """The model file's keys but "models" and those save_model adds: image_shape, grid,
-    classes and coarse_hidden as lists, cnn as a dict, the rest as given."""
+    classes and coarse_hidden as lists, cnn as a dict, the rest as given. labels: the K label
+    values the classes stand for (an estimator's classes_), where they are not 0..K-1."""
     head = {"method": method} if method is not None else {}
+    if labels is not None and not np.array_equal(np.asarray(labels), np.arange(num_classes)):
+        head["labels"] = np.asarray(labels).tolist()
     return {**head, "image_shape": list(image_shape), "input_dtype": input_dtype, "grid": list(grid),
             "overlap": overlap, "num_classes": num_classes, "classes": list(classes),
             "cnn": dataclasses.asdict(cnn), "width_factor": width_factor, "coarse_hidden": list(coarse_hidden),
             "coarse_dropout": coarse_dropout, "hyperparameters": hyperparameters}
 
 
-def width_manifest(*, image_shape, input_dtype, num_classes, classes, cnn: CNNConfig, hyperparameters) -> dict:
+def width_manifest(*, image_shape, input_dtype, num_classes, classes, cnn: CNNConfig, hyperparameters,
+                   labels=None) -> dict:
     """The manifest of WidthClassifier's recomposed network: its decomposition is the whole
     image (grid 1x1 or 1x1x1, no overlap, width factor 1), and it has no coarse DNN."""
     return manifest(method="width", image_shape=image_shape, input_dtype=input_dtype,
                     grid=[1] * (len(image_shape) - 1), overlap=0, num_classes=num_classes, classes=classes, cnn=cnn,
-                    width_factor=1.0, coarse_hidden=[], coarse_dropout=0.0, hyperparameters=hyperparameters)
+                    width_factor=1.0, coarse_hidden=[], coarse_dropout=0.0, hyperparameters=hyperparameters,
+                    labels=labels)
 
 
 def recorded(params: dict) -> dict:
@@ -153,7 +160,8 @@ def estimator_keywords(state: dict, known) -> dict:
     params["dense_layers"] = tuple(cnn.get("dense_layers", CNNConfig.dense_layers))
     params.update(grid="x".join(map(str, state["grid"])), overlap=state["overlap"],
                   coarse_hidden=tuple(state["coarse_hidden"]), coarse_dropout=state["coarse_dropout"],
-                  width_factor=state["width_factor"], class_names=state["classes"], num_classes=state["num_classes"],
+                  width_factor=state["width_factor"], class_names=state["classes"],
+                  num_classes=None if "labels" in state else state["num_classes"],
                   normalization=(tuple(cnn["input_mean"]), tuple(cnn["input_std"])) if cnn.get("input_mean")
                   else None)
     return params

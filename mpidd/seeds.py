@@ -28,6 +28,9 @@ SEED_STREAMS = {
     "recomposed_order": (9,),  # recomposed network: batch order
     "validation": (10,),       # API: validation samples held out of the training set
     "coherent_dropout": (11,), # coherent model: dropout of local CNN i (+ i) and of the DNN (+ N)
+    "online": (12,),           # partial_fit call c: batch order of local CNN i (+ c, i)
+    "online_coarse": (12, 1),  # partial_fit call c: the coarse DNN's batch order (+ c)
+    "replay": (13,),           # partial_fit call c: which new samples enter the replay buffer (+ c)
 }
 
 

@@ -10,7 +10,7 @@
 
 Invariants the rest of mpidd relies on:
 - every collective is entered by all ranks of the communicator it is given, in the same
-  order; none uses COMM_WORLD unless handed it (world_dup() is what comm=None means);
+  order; none uses COMM_WORLD unless handed it (shared_world() is what comm=None means);
 - under the command lines, an uncaught exception on any rank aborts the job (no rank is left
   waiting in a collective), after a message that names the rank.
 """
@@ -25,10 +25,21 @@ from .launch import (StartupError, check_slurm_tasks, default_threads, device_na
 from .stop import EXIT_PREEMPTED, StopAgreement
 
 
-def world_dup():
-    """A duplicate of MPI_COMM_WORLD: what comm=None means in the API (its own message space)."""
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Dup()
+_SHARED = {}        # "world": the one duplicate of MPI_COMM_WORLD that comm=None means
+SHARED_GROUPS = {}  # (subdomains, ranks) -> the data-parallel groups' communicator split off it
+
+
+def shared_world():
+    """The duplicate of MPI_COMM_WORLD that every API estimator made with comm=None uses (its
+    own message space, apart from the caller's messages on COMM_WORLD). One per process, made
+    at the first call, which is collective over COMM_WORLD: every rank makes it at the same
+    point of the same program. Estimators share it safely because each call on it is a
+    sequence of collectives that every rank enters in the same order. Never freed: it lives as
+    long as MPI."""
+    if "world" not in _SHARED:
+        from mpi4py import MPI
+        _SHARED["world"] = MPI.COMM_WORLD.Dup()
+    return _SHARED["world"]
 
 
 def world():
@@ -42,4 +53,5 @@ __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", 
            "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "oversubscribed",
-           "select_device", "tune_malloc", "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement", "world_dup", "world"]
+           "select_device", "tune_malloc", "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement",
+           "shared_world", "SHARED_GROUPS", "world"]

@@ -20,8 +20,10 @@ class DataParallelGroup:
     the same order (same batches, same evaluation batch counts, same stop polls).
     """
 
-    def __init__(self, comm, color: int, key: int):
-        self.comm = comm.Split(color, key)
+    def __init__(self, comm=None, color: int = 0, key: int = 0, *, split=None):
+        """The group of this rank: comm.Split(color, key), or `split`, a communicator already
+        split that way (kept and freed by its maker)."""
+        self.comm = split if split is not None else comm.Split(color, key)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.bytes = 0  # payload this rank contributed to the group's gradient sums
 

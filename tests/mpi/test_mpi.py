@@ -635,3 +635,66 @@ def test_coherent_training_on_data_parallel_groups_ends_where_one_process_ends(c
         assert [h["val_acc"] for h in hist] == pytest.approx([h["val_acc"] for h in ref_hist], abs=1e-6)
         assert result[1] == pytest.approx(evaluate_coherent(ref_locals, ref_dnn, xs, y, exchange=SerialExchange())[1])
     group.comm.Free()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_grid_search_clone_and_string_labels_under_mpirun(comm):
+    """sklearn's GridSearchCV (cv=2 over two values of epochs) on a collective estimator: every
+    rank runs the same search and finds the same best parameters and score; the refitted
+    estimator, trained on string labels, predicts strings, the same on every rank."""
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    import mpidd
+    x, y = _api_problem()
+    names = np.array(["circle", "square", "triangle"])[y % 3]
+    base = mpidd.TwoLevelClassifier(grid="2x2", batch_size=16, width=4, hidden=8, coarse_steps=20, coarse_epochs=1,
+                                    threads=1, seed=3, comm=comm)
+    twin = clone(base).set_params(epochs=2)
+    assert twin.comm is comm and twin.epochs == 2 and base.epochs == 3
+    search = GridSearchCV(base, {"epochs": [1, 2]}, cv=2).fit(x[:96], names[:96])
+    best = comm.allgather((search.best_params_, search.best_score_))
+    assert all(b == best[0] for b in best), best
+    predicted = search.predict(x[96:])
+    assert predicted.dtype.kind == "U" and set(predicted) <= set(names)
+    assert all(np.array_equal(p, predicted) for p in comm.allgather(predicted))
+    assert search.best_estimator_.comm is comm
+
+
+@pytest.mark.mpi(min_size=2)
+def test_data_parallel_groups_are_split_once_and_freed_by_close(comm):
+    """P > N (a 1x1 grid: every rank trains the one local CNN, data parallel): fitting again
+    reuses the group's communicator instead of splitting another; close() frees it; a `with`
+    block closes."""
+    import mpidd
+    x, y = _api_problem()
+    opts = dict(grid="1x1", epochs=1, batch_size=16, width=4, hidden=8, coarse_steps=5, threads=1, comm=comm)
+    with mpidd.TwoLevelClassifier(**opts) as clf:
+        clf.fit(x[:64], y[:64])
+        first = clf._ctx.group.comm
+        clf.fit(x[:64], y[:64])
+        assert clf._ctx.group.comm is first and list(clf._groups.values()) == [first]
+    assert clf._groups == {} and first == type(first)()  # MPI_COMM_NULL: freed
+
+
+@pytest.mark.mpi(min_size=1)
+def test_partial_fit_on_a_communicator_equals_one_process(comm):
+    """Online training on `comm` (P <= N), each rank handing over only its own subimages (form
+    b), gives, bit for bit, the probabilities of the same calls in one process on whole images."""
+    import mpidd
+    from mpi4py import MPI
+    if comm.size > 4:
+        pytest.skip("partial_fit runs on at most as many ranks as subdomains")
+    x, y = _api_problem()
+    opts = dict(grid="2x2", batch_size=16, width=4, hidden=8, coarse_batch_size=16, buffer_size=30, threads=1, seed=5)
+    clf, alone = mpidd.TwoLevelClassifier(**opts, comm=comm), mpidd.TwoLevelClassifier(**opts, comm=MPI.COMM_SELF)
+    for k in range(3):
+        rows = slice(25 * k, 25 * (k + 1))
+        boxes = clf.local_boxes(x.shape[1:])
+        mine = {i: x[rows][(slice(None), slice(None)) + b] for i, b in boxes.items()}
+        clf.partial_fit(mine, y[rows], classes=[0, 1, 2], image_shape=x.shape[1:])
+        alone.partial_fit(x[rows], y[rows], classes=[0, 1, 2])
+    test = x[100:]
+    for model in ("cnn-dnn", "average", "vote"):
+        assert np.array_equal(clf.predict_proba(test, model), alone.predict_proba(test, model)), model
+    assert clf.history_["online"][-1]["coarse_loss"] == alone.history_["online"][-1]["coarse_loss"]

@@ -302,3 +302,115 @@ def test_images_in_a_data_file_equal_the_arrays_read_from_it(data, fitted, tmp_p
         by_path.predict(str(tmp_path / "missing.h5"))
     with pytest.raises(ValueError, match="fit needs the labels y"):
         mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(data["train"][0])
+
+
+def test_scikit_learn_conventions_get_set_params_repr_and_clone():
+    """get_params(deep=True) holds every keyword, comm included; set_params returns self and
+    refuses unknown names; repr shows what differs from the defaults; sklearn.base.clone gives
+    an unfitted estimator with equal hyperparameters on the same communicator."""
+    import inspect
+
+    from sklearn.base import clone
+
+    import mpidd
+    from mpi4py import MPI
+    for cls in (mpidd.TwoLevelClassifier, mpidd.WidthClassifier):
+        clf = cls(comm=MPI.COMM_SELF, epochs=5, dense_layers=[4, 4, 4, 4])  # a list is kept as given
+        params = clf.get_params(deep=True)
+        assert list(params) == [k for k in inspect.signature(cls).parameters]
+        assert params["comm"] is MPI.COMM_SELF and params["epochs"] == 5
+        assert clf.set_params(epochs=7, lr=1e-3) is clf and clf.epochs == 7
+        with pytest.raises(ValueError, match="invalid parameter 'epoch'"):
+            clf.set_params(epoch=1)
+        assert repr(clf).startswith(f"{cls.__name__}(") and "epochs=7" in repr(clf) and "lr=0.001" in repr(clf)
+        assert "batch_size" not in repr(clf) and "comm=" in repr(clf)
+        twin = clone(clf)
+        assert type(twin) is cls and twin is not clf and twin.comm is MPI.COMM_SELF
+        assert twin.get_params() == params | {"epochs": 7, "lr": 1e-3}
+        assert twin.dense_layers == [4, 4, 4, 4] and twin.dense_layers is not clf.dense_layers
+        assert repr(cls()) == f"{cls.__name__}()"
+
+
+def test_the_constructor_makes_no_communicator():
+    """comm=None: nothing collective in __init__ (a subprocess without mpirun: singleton MPI);
+    3,000 estimators, the first and the last fitted, share the one duplicate of COMM_WORLD."""
+    code = ("import numpy as np, mpidd\n"
+            "from mpidd import parallel\n"
+            "x = np.random.default_rng(0).integers(0, 255, (24, 1, 8, 8)).astype(np.uint8)\n"
+            "y = np.arange(24) % 2\n"
+            "made = [mpidd.TwoLevelClassifier('2x2', epochs=1, width=4, hidden=8, coarse_steps=1, threads=1)"
+            " for _ in range(3000)]\n"
+            "assert not parallel._SHARED\n"
+            "for clf in (made[0], made[-1]):\n"
+            "    clf.fit(x, y)\n"
+            "assert made[0]._comm is made[-1]._comm is parallel.shared_world()\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("labels", [np.array(["cat", "dog", "eel"]), np.array([3, 7, 9]), np.array([-1.5, 0.0, 2.5])])
+def test_labels_of_any_kind_are_mapped_to_classes(data, labels, tmp_path):
+    """Labels of any sortable kind: classes_ are the distinct values, sorted; predict returns
+    them; the model is the one trained on 0..K-1; score and save/load keep them."""
+    import mpidd
+    from mpi4py import MPI
+    (x, y), (xv, yv), (xt, yt) = data["train"], data["val"], data["test"]
+    clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(x, labels[y], xv, labels[yv])
+    reference = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(x, y, xv, yv)
+    assert np.array_equal(clf.classes_, labels) and clf.class_names_ == [str(v) for v in labels]
+    assert np.array_equal(clf.predict(xt), labels[reference.predict(xt)])
+    assert np.array_equal(clf.predict_proba(xt), reference.predict_proba(xt))
+    assert clf.score(xt, labels[yt]) == reference.score(xt, yt)
+    assert clf.score_all(xt, labels[yt]) == reference.score_all(xt, yt)
+    loaded = mpidd.TwoLevelClassifier.load(clf.save(str(tmp_path / "m.pt")), comm=MPI.COMM_SELF)
+    assert np.array_equal(loaded.predict(xt), clf.predict(xt)) and loaded.classes_.tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="num_classes is 2"):
+        mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, num_classes=2, **SMALL).fit(x, y, xv, yv)
+    with pytest.raises(ValueError, match="at least 2"):
+        mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(x, np.zeros(len(x), int), xv, yv * 0)
+
+
+def test_partial_fit_continues_exactly_after_save_and_load(data, tmp_path):
+    """Online training, call after call (string labels, a replay buffer of 40): 4 calls in a row
+    and 2 calls, save, load, 2 more calls give the same probabilities, bit for bit; the buffer
+    never holds more than buffer_size samples; the first call needs classes."""
+    import mpidd
+    from mpi4py import MPI
+    (x, y), (xt, _) = data["train"], data["test"]
+    names = np.array(["a", "b", "c"])
+    opts = dict(SMALL, buffer_size=40, comm=MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="needs classes="):
+        mpidd.TwoLevelClassifier("2x2", **opts).partial_fit(x[:40], names[y[:40]])
+    steps = [slice(k * 40, (k + 1) * 40) for k in range(4)]
+    straight = mpidd.TwoLevelClassifier("2x2", **opts)
+    for k, rows in enumerate(steps):
+        straight.partial_fit(x[rows], names[y[rows]], classes=names if k == 0 else None)
+        assert len(straight._online.labels) == 40 and straight.n_samples_seen_ == 40 * (k + 1)
+    assert [r["samples"] for r in straight.history_["online"]] == [40, 80, 80, 80]
+    halted = mpidd.TwoLevelClassifier("2x2", **opts)
+    for rows in steps[:2]:
+        halted.partial_fit(x[rows], names[y[rows]], classes=names)
+    resumed = mpidd.TwoLevelClassifier.load(halted.save(str(tmp_path / "online.pt")), comm=MPI.COMM_SELF)
+    assert resumed.n_samples_seen_ == 80
+    for rows in steps[2:]:
+        resumed.partial_fit(x[rows], names[y[rows]])
+    assert np.array_equal(resumed.predict_proba(xt), straight.predict_proba(xt))
+    assert resumed.predict(xt).dtype.kind == "U"
+    for model in ("average", "vote"):
+        assert np.array_equal(resumed.predict_proba(xt, model), straight.predict_proba(xt, model))
+
+
+def test_the_replay_buffer_is_a_uniform_sample_of_everything_seen():
+    """Reservoir sampling: after 100 samples through a buffer of 10, each sample was kept with
+    probability 1/10 (counted over 4,000 seeded runs)."""
+    from mpidd.methods.online import OnlineState, remember
+    kept = np.zeros(100)
+    for seed in range(4000):
+        state = OnlineState()
+        for k in range(10):  # ten calls of ten samples
+            remember(state, {0: np.arange(10 * k, 10 * (k + 1))[:, None]}, np.zeros(10, np.int64), 10, seed)
+        assert len(state.labels) == 10 and state.seen == 100
+        kept[state.buffers[0][:, 0]] += 1
+    assert np.all(np.abs(kept / 4000 - 0.1) < 0.025), kept / 4000
