@@ -4,6 +4,19 @@
     mpirun -n 8 python examples/insitu_heat.py --dim 3        # 3D, 16^3 field, 2x2x2 process grid
     mpirun -n 4 python examples/insitu_heat.py --tiny         # a smoke test (seconds)
     mpirun -n 8 python examples/insitu_heat.py --dim 3 --write data/heat3d.h5   # the volumes, as a data file
+    mpirun -n 4 python examples/insitu_heat.py --online       # train while the solver runs (partial_fit)
+    mpirun -n 4 python examples/insitu_heat.py --online --checkpoint run.pt     # ... and continue after a kill
+
+--online trains while the solver runs: the held-out validation and test fields are solved first;
+then the solver advances step by step, each step solving --step-samples new draws, and every
+--every steps each rank hands the classifier its own blocks of the new fields
+(TwoLevelClassifier.partial_fit), which trains on them and on its replay buffer (--buffer
+samples) and forgets them. After each call it prints the samples seen, the test accuracy of the
+CNN-DNN and the time of the solver's step against the classifier's call. Nothing is written
+but the --checkpoint file (clf.save after each call; a run started again with the same
+arguments continues from it, the solver skipping the draws already trained on). At the end
+(--offline-check) the same training fields, kept for this purpose only, are fitted once offline
+with clf.fit, for the accuracy an online run gives up.
 
 --write FILE stores the solved fields (float32, (n, 1, D, H, W) in 3D) and their labels as an mpidd
 data file instead of training, for `mpidd.train --data FILE` (the 3D end-to-end runs of the
@@ -57,6 +70,15 @@ parser.add_argument("--width", type=int, help="CNN width before the local width 
 parser.add_argument("--tiny", action="store_true", help="a smoke test: 16 (3D: 8) points per axis, few samples")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--write", metavar="FILE", help="write the fields as an mpidd data file instead of training")
+parser.add_argument("--online", action="store_true", help="train while the solver runs (partial_fit)")
+parser.add_argument("--step-samples", type=int, default=250, help="online: new draws the solver solves per step (250)")
+parser.add_argument("--every", type=int, default=2, help="online: hand the new fields over every K solver steps (2)")
+parser.add_argument("--buffer", type=int, default=4096, help="online: replay buffer, in samples (4096)")
+parser.add_argument("--passes", type=int, default=2, help="online: passes over new fields and buffer per call (2)")
+parser.add_argument("--checkpoint", metavar="FILE", help="online: save the classifier there after each call, and "
+                    "continue from it when it exists")
+parser.add_argument("--offline-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="online: at the end, fit once offline on the same training fields and compare (default on)")
 args = parser.parse_args()
 defaults = dict(DEFAULTS[args.dim], **(dict(TINY, size=16 if args.dim == 2 else 8) if args.tiny else {}))
 for key, value in defaults.items():
@@ -143,8 +165,84 @@ def heat_sources(n, rng):
     return counts - 1, h ** 2 * f / (2 * np.pi * sigma ** 2) ** (args.dim / 2)
 
 
+def make_classifier(**extra):
+    return mpidd.TwoLevelClassifier(
+        grid="x".join(map(str, dims)), overlap=0, epochs=args.epochs, batch_size=64, width=args.width,
+        hidden=64, coarse_epochs=60, coarse_batch_size=128, seed=args.seed, comm=cart, threads=1, **extra)
+
+
+def online():
+    """Train while the solver runs (see the docstring): partial_fit every --every solver steps."""
+    import os
+    rng = np.random.default_rng(args.seed)
+    held_labels, held_rhs = heat_sources(args.val + args.test, rng)  # the held-out fields, solved first
+    held = solve(held_rhs)[0].astype(np.float32)[:, None]
+    y_test, x_test = held_labels[args.val:], held[args.val:]
+    resume = bool(args.checkpoint) and os.path.exists(args.checkpoint)
+    if resume:
+        clf = mpidd.TwoLevelClassifier.load(args.checkpoint, comm=cart)
+    else:
+        clf = make_classifier(buffer_size=args.buffer, partial_epochs=args.passes)
+    (i,) = clf.local_boxes(image_shape) if not resume else clf.local_boxes(clf.image_shape_)
+    done = clf.n_samples_seen_ if resume else 0
+    steps = args.train // args.step_samples
+    kept_x, kept_y, rows = [], [], []
+    solver_s, train_s, step_s = 0.0, 0.0, []
+    if rank == 0:
+        print(f"online: {steps} solver steps of {args.step_samples} draws, partial_fit every {args.every} steps "
+              f"(buffer {args.buffer}, {args.passes} passes a call)" + (f"; continuing after {done} samples" if resume
+                                                                        else ""))
+        print(f"{'seen':>7}{'test CNN-DNN':>14}{'average':>9}{'solver s/step':>15}{'partial_fit s':>15}")
+    for step in range(steps):
+        y_new, rhs_new = heat_sources(args.step_samples, rng)  # the draws go on in the same order on a restart
+        if (step + 1) * args.step_samples <= done:
+            continue  # trained on before the restart: not solved again
+        t0 = time.perf_counter()
+        fields = solve(rhs_new)[0].astype(np.float32)[:, None]
+        step_s.append(time.perf_counter() - t0)
+        solver_s += step_s[-1]
+        rows.append((fields, y_new))
+        if args.offline_check:
+            kept_x.append(fields)
+            kept_y.append(y_new)
+        if len(rows) < args.every and step < steps - 1:
+            continue
+        x_new, y_batch = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+        rows = []
+        t0 = time.perf_counter()
+        clf.partial_fit({i: x_new}, y_batch, classes=np.arange(args.classes), image_shape=image_shape)
+        call_s = time.perf_counter() - t0
+        train_s += call_s
+        if args.checkpoint:
+            clf.save(args.checkpoint)
+        scores = clf.score_all({i: x_test}, y_test, image_shape=image_shape)
+        if rank == 0:
+            print(f"{clf.n_samples_seen_:>7}{scores['cnn-dnn']:>14.3f}{scores['average']:>9.3f}"
+                  f"{np.mean(step_s[-args.every:]):>15.2f}{call_s:>15.2f}", flush=True)
+    calls = len(clf.history_.get("online", []))
+    if rank == 0:
+        print(f"\nsolver {solver_s:.1f} s for {len(step_s)} steps ({solver_s / max(len(step_s), 1):.2f} s a step); "
+              f"partial_fit {train_s:.1f} s for {calls} calls ({train_s / max(len(step_s), 1):.2f} s per solver step, "
+              f"{train_s / max(solver_s, 1e-9):.1f}x the solver's time)")
+    if args.offline_check and kept_x and not resume:
+        x_all, y_all = np.concatenate(kept_x), np.concatenate(kept_y)
+        offline = make_classifier()
+        t0 = time.perf_counter()
+        offline.fit({i: x_all}, y_all, {i: held[:args.val]}, held_labels[:args.val], image_shape=image_shape)
+        fit_s = time.perf_counter() - t0
+        on, off = (c.score_all({i: x_test}, y_test, image_shape=image_shape) for c in (clf, offline))
+        if rank == 0:
+            print(f"offline fit on the same {len(y_all)} fields ({args.epochs} epochs): {fit_s:.1f} s")
+            print(f"{'test accuracy':<16}{'online':>8}{'offline':>9}")
+            for m in ("cnn-dnn", "average", "vote"):
+                print(f"{m:<16}{on[m]:>8.3f}{off[m]:>9.3f}")
+    sys.exit(0)
+
+
 rng = np.random.default_rng(args.seed)  # the same parameter draws on every rank
 n_total = args.train + args.val + args.test
+if args.online:
+    online()  # defined above; never returns
 labels, rhs = heat_sources(n_total, rng)
 cart.Barrier()
 t0 = time.perf_counter()
@@ -185,9 +283,7 @@ if args.write:
     sys.exit(0)
 
 # --- the two-level classifier, on the solver's communicator ------------------------------------
-clf = mpidd.TwoLevelClassifier(
-    grid="x".join(map(str, dims)), overlap=0, epochs=args.epochs, batch_size=64, width=args.width,
-    hidden=64, coarse_epochs=60, coarse_batch_size=128, seed=args.seed, comm=cart, threads=1)
+clf = make_classifier()
 mine = clf.local_boxes(image_shape)
 assert mine == {cart.Get_rank(): box}, f"rank {rank}: solver block {box} but the classifier wants {mine}"
 (i,) = mine

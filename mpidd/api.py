@@ -51,7 +51,7 @@ from . import __version__, options, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, evaluate, precision_error
 from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, hyperparameters
-from .inputs import dtype_name, encode_labels, from_file, label_classes, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
+from .inputs import dtype_name, encode_labels, from_file, from_torch, label_classes, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
 from .methods import coherent, online, twolevel, width
 from .models import COARSE_INPUTS, CoarseDNN, local_width_factor
 from .recomposition import WidthError, subnet_config as width_subnet_config
@@ -68,7 +68,8 @@ class TwoLevelClassifier(SubdomainEstimator):
     Every keyword is the command line's option of the same name (mpidd.train --help), with the
     same default; `coarse_hidden` is a tuple. API-only: `validation_fraction` (the share of the
     training set held out for validation when fit gets no x_val), `buffer_size` (partial_fit's
-    replay buffer: at most this many samples kept), `num_classes` (labels
+    replay buffer: at most this many samples kept), `partial_epochs` (partial_fit's passes over
+    the new samples and the buffer in each call), `num_classes` (labels
     0..num_classes-1; default: the distinct labels of y and y_val), `class_names`, `comm` (None:
     the process's shared duplicate of MPI_COMM_WORLD), `device` (None: this rank's GPU, node-local rank
     modulo the visible GPUs, when torch sees one, else the CPU), `threads` (None: torch's
@@ -86,8 +87,8 @@ class TwoLevelClassifier(SubdomainEstimator):
                  coarse_input="logprob", coarse_epochs=5, coarse_steps=2000, coarse_lr=3e-3, coarse_weight_decay=1e-4,
                  coarse_batch_size=128, coherent_epochs=2, coherent_lr=2e-3,
                  transfer_lr=5e-4, dnn_init="coarse", exchange="probabilities", seed=0, validation_fraction=0.1,
-                 buffer_size=2048, num_classes=None, class_names=None, normalization=None, precision="32", comm=None,
-                 device=None, threads=None, verbose=False):
+                 buffer_size=2048, partial_epochs=1, num_classes=None, class_names=None, normalization=None,
+                 precision="32", comm=None, device=None, threads=None, verbose=False):
         for k, v in locals().items():  # as given (scikit-learn's rule): options makes the typed configs
             if k in self.HYPERPARAMETERS:
                 setattr(self, k, v)
@@ -194,8 +195,9 @@ class TwoLevelClassifier(SubdomainEstimator):
     def partial_fit(self, x, y, classes=None, *, image_shape=None):
         """Online training (scikit-learn's partial_fit; not fit with warm_start, which would
         train again on the same samples: a solver hands over new samples call after call and
-        never again). Each call trains every local CNN one pass over the new samples and the
-        replay buffer, then the coarse DNN one pass over their gathered probabilities, with
+        never again). Each call trains every local CNN `partial_epochs` passes (default 1) over the
+        new samples and the replay buffer, then the coarse DNN `coarse_epochs` passes over their
+        gathered probabilities (it is small: each call fits it to the local CNNs as they are), with
         optimizers kept between calls at constant learning rates (lr, coarse_lr); then the new
         samples enter the buffer, which stays a uniform sample of every sample seen (reservoir
         sampling), at most `buffer_size`. Collective over comm. Returns self.
@@ -208,6 +210,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         P <= N ranks (no data-parallel groups). After each call: n_samples_seen_,
         history_["online"] (one record per call: samples trained on, coarse loss and accuracy
         of the pass, each local CNN's accuracy)."""
+        x, y = from_torch(x), from_torch(y)
         if isinstance(x, (str, os.PathLike)) or is_stream(x) or (isinstance(x, dict) and any(
                 is_stream(v) for v in x.values())):
             raise ValueError("partial_fit takes the new samples as arrays (whole images or this rank's subimages)")
@@ -221,7 +224,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         new = {i: s.x for i, s in self._shards(ctx, dec, x, y).items()}
         two = self._models["twolevel"]
         record = online.partial_fit(ctx, self._online, new, y, two["local"], two["dnn"], N, K, self.config(),
-                                    self.buffer_size)
+                                    self.buffer_size, self.partial_epochs)
         record = self._from_root(record)
         history = getattr(self, "history_", {})
         self.history_ = {**history, "online": history.get("online", []) + [record]}

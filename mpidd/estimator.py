@@ -16,8 +16,8 @@ import torch
 from . import parallel, saved
 from .decomposition import DecompositionError, layout
 from .engine import Shard, precision_error, predict_logits, predict_proba
-from .inputs import (check_images, count_samples, dtype_name, encode_labels, from_file, hold_out, label_classes, pixels,
-                     subimages)
+from .inputs import (check_images, check_values, count_samples, dtype_name, encode_labels, from_file, from_torch,
+                     hold_out, label_classes, pixels, subimages)
 from .methods import twolevel
 from .methods.context import Context, Progress, print_flushed
 from .models import local_width_factor
@@ -49,6 +49,9 @@ class CollectiveEstimator:
     itself (the data-parallel groups split off a given comm) close() frees."""
 
     HYPERPARAMETERS: tuple = ()
+    # whether every rank uses the whole of an image array (and so checks all of it for NaN and
+    # inf): WidthClassifier's do; TwoLevelClassifier's ranks check their own subimages only
+    USES_WHOLE_ARRAYS = True
 
     def _setup(self, comm, device, threads, verbose):
         self.comm, self.device, self.threads, self.verbose = comm, device, threads, verbose
@@ -171,7 +174,8 @@ class CollectiveEstimator:
         """(image_shape, n) of `x`, checked on this rank; every rank raises if any rank's is bad."""
         error = None
         try:
-            image_shape, n = check_images(x, y, image_shape, what, self.num_classes, self._owned)
+            image_shape, n = check_images(x, y, image_shape, what, self.num_classes, self._owned,
+                                          values=self.USES_WHOLE_ARRAYS)
         except ValueError as e:
             error = str(e)
         self._bytes.count("metadata", error)
@@ -214,7 +218,8 @@ class CollectiveEstimator:
                        progress=Progress(sinks=(print_flushed,) if verbose else ()))
 
     def _from_file(self, x, y, split, what, labels=True):
-        return from_file(x, y, split, what, labels, stats=self._bytes.io)
+        """x and y as arrays (torch tensors through DLPack) or, for images in a data file, a stream."""
+        return from_file(from_torch(x), from_torch(y), split, what, labels, stats=self._bytes.io)
 
     def _training_data(self, x, y, x_val, y_val, image_shape):
         """(x, y, x_val, y_val) checked on every rank (x_val held out of x if not given); sets
@@ -258,8 +263,9 @@ class CollectiveEstimator:
     def _whole_image_predictions(self, model, x) -> tuple:
         """(probabilities, classes) of a CNN of the whole image (rank 0's `model`) on whole
         images x, computed on rank 0, on every rank. Collective."""
-        if is_stream(x):  # rank 0 reads them all: it checks them first
-            self._agreed(lambda: check_finite(x) if self._comm.Get_rank() == 0 else None)
+        if is_stream(x) or not self.USES_WHOLE_ARRAYS:  # rank 0 uses them all: it checks them first
+            self._agreed(lambda: (check_finite(x) if is_stream(x) else check_values(x, "x"))
+                         if self._comm.Get_rank() == 0 else None)
         result = None
         if self._comm.Get_rank() == 0:
             probs = predict_proba(model, pixels(x), self.eval_batch_size, precision=self._ctx.precision)
@@ -287,6 +293,8 @@ class SubdomainEstimator(CollectiveEstimator):
     inputs, predict routed over the fitted parts (self._models: part -> {"local": {i: module},
     "dnn": ..., "exchange": ...} or {"model": ...}, see saved.part_of), the local CNNs' outputs
     gathered to rank 0, and a loaded model file's models."""
+
+    USES_WHOLE_ARRAYS = False
 
     def _layout(self, dec):
         size, rank = self._comm.Get_size(), self._comm.Get_rank()
@@ -322,6 +330,8 @@ class SubdomainEstimator(CollectiveEstimator):
             out[i] = Shard(pixels(subimages(x, i, dec.slices(i), rows)), labels, rows[0], n)
         if is_stream(x):  # NaN and inf, in this rank's boxes only: read once, in blocks
             self._agreed(lambda: [check_finite(s.x) for s in out.values()])
+        elif not isinstance(x, dict):  # whole images: only the boxes this rank uses (form b: checked already)
+            self._agreed(lambda: [check_values(s.x, f"x, in subdomain {i}'s box,") for i, s in out.items()])
         return out
 
     def _prepare(self, x, y, x_val, y_val, image_shape):
@@ -449,10 +459,10 @@ class SubdomainEstimator(CollectiveEstimator):
             if part["buffer"] is not None:
                 st.buffers[i] = part["buffer"].numpy()
             if part["optimizer"] is not None:
-                st.optimizers[i] = make_optimizer(two["local"][i], online.one_pass(cfg.local))
+                st.optimizers[i] = make_optimizer(two["local"][i], online.one_call(cfg.local))
                 st.optimizers[i].load_state_dict(part["optimizer"])
         if self._ctx.master_process and saved_state["coarse_optimizer"] is not None:
-            st.coarse_optimizer = make_optimizer(two["dnn"], online.one_pass(cfg.coarse))
+            st.coarse_optimizer = make_optimizer(two["dnn"], online.one_call(cfg.coarse, cfg.coarse.epochs))
             st.coarse_optimizer.load_state_dict(saved_state["coarse_optimizer"])
         self._online, self.n_samples_seen_ = st, st.seen
 

@@ -11,6 +11,18 @@ from .seeds import seed_for
 from .stream import file_images, is_stream
 
 
+def from_torch(x):
+    """Torch tensors (a GPU solver's fields) as numpy arrays: a CPU tensor shares its memory
+    (DLPack, no copy), a GPU tensor is copied to the host once; a dict of them alike; anything
+    else as it is. (Recognised without importing torch.)"""
+    if isinstance(x, dict):
+        return {k: from_torch(v) for k, v in x.items()}
+    if type(x).__module__.split(".")[0] == "torch" and hasattr(x, "__dlpack__"):
+        x = x.detach()
+        return np.from_dlpack(x if x.device.type == "cpu" else x.cpu())
+    return x
+
+
 def from_file(x, y, split: str, what: str, labels: bool = True, stats=None):
     """(x, y) with images in an HDF5 file (see mpidd.api, form c) as a stream.BoxStream
     (counting its reads in `stats`) and, where y is None, the labels beside them; arrays pass
@@ -84,10 +96,11 @@ def hold_out(x, y, n, fraction, seed):
     return take(x, train), y[train], take(x, val), y[val]
 
 
-def check_images(x, y, image_shape, what, num_classes=None, owned=None):
+def check_images(x, y, image_shape, what, num_classes=None, owned=None, values=True):
     """(image_shape, n) of images in form (a) or (b) (or a stream, form c) and their labels y
     (None: unchecked); ValueError with one line otherwise. Form (b) needs owned(image_shape) ->
-    (the Decomposition, this rank's subdomains)."""
+    (the Decomposition, this rank's subdomains). values=False: the NaN and inf of whole images
+    (form a) are left to the caller, who checks the parts it uses."""
     if isinstance(x, dict):
         if image_shape is None:
             raise ValueError(f"{what} holds subimages by subdomain: pass image_shape=(C, H, W) of the whole images")
@@ -116,8 +129,10 @@ def check_images(x, y, image_shape, what, num_classes=None, owned=None):
         if is_stream(x):  # (its values: in each rank's boxes, when they are read: see TwoLevelClassifier._shards)
             if x.dtype != np.uint8 and x.dtype.kind != "f":
                 raise ValueError(f"{what} ({x.name}) has dtype {x.dtype}: expected uint8 or float images")
-        else:
+        elif values:
             check_values(x, what)
+        else:
+            check_dtype(x, what)
     if y is not None:
         if y.ndim != 1 or len(y) != n:
             raise ValueError(f"labels for {what} have shape {y.shape}, expected ({n},)")
@@ -163,10 +178,14 @@ def encode_labels(y, classes, strict=True) -> np.ndarray:
     return index.astype(np.int64)
 
 
+def check_dtype(a, what):
+    if a.dtype != np.uint8 and not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{what} has dtype {a.dtype}: expected uint8 or float images")
+
+
 def check_values(a, what):
     """ValueError unless `a` holds uint8 or finite float values."""
     a = np.asarray(a)
-    if a.dtype != np.uint8 and not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"{what} has dtype {a.dtype}: expected uint8 or float images")
+    check_dtype(a, what)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ValueError(f"{what} holds NaN or inf values")

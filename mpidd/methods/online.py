@@ -1,11 +1,12 @@
 """Online training of the two-level CNN-DNN (TwoLevelClassifier.partial_fit): a solver hands over
 new samples call after call and never again. One call, collective over ctx.comm:
 
-    every rank   each local CNN of this rank: one pass over the new samples and the replay buffer
+    every rank   each local CNN of this rank: partial_epochs passes (1) over the new samples and the replay buffer
                  (its subimages of them), with the optimizer kept from the previous calls; then
                  its class probabilities on the same samples
     gather       gather_to_coarse, as in the two-level fit                    (n, N*K) on rank 0
-    rank 0       the coarse DNN: one pass over them, its optimizer kept too
+    rank 0       the coarse DNN: coarse epochs (cfg.coarse.epochs) passes over them, its optimizer
+                 kept too: it is small, and each call fits it to the local CNNs as they are now
     every rank   the new samples enter the buffer by reservoir sampling: the buffer stays a
                  uniform sample of every sample seen, at most buffer_size of them
 
@@ -39,9 +40,9 @@ class OnlineState:
     coarse_optimizer: object = None                  # rank 0's
 
 
-def one_pass(opts: TrainOptions) -> TrainOptions:
-    """One epoch at a constant learning rate: an online run has no end for a schedule to aim at."""
-    return dataclasses.replace(opts, epochs=1, schedule="constant", select_best=False)
+def one_call(opts: TrainOptions, epochs: int = 1) -> TrainOptions:
+    """`epochs` passes at a constant learning rate: an online run has no end for a schedule to aim at."""
+    return dataclasses.replace(opts, epochs=epochs, schedule="constant", select_best=False)
 
 
 def reservoir_slots(seen: int, size: int, n_new: int, rng) -> np.ndarray:
@@ -53,12 +54,14 @@ def reservoir_slots(seen: int, size: int, n_new: int, rng) -> np.ndarray:
 
 
 def partial_fit(ctx: Context, state: OnlineState, new: dict, labels: np.ndarray, local: dict, dnn,
-                num_subdomains: int, num_classes: int, cfg: twolevel.TwoLevelConfig, buffer_size: int) -> dict | None:
+                num_subdomains: int, num_classes: int, cfg: twolevel.TwoLevelConfig, buffer_size: int,
+                epochs: int = 1) -> dict | None:
     """One online call (see the module docstring). new: {subdomain: (n, C, *box) subimages} of
     this rank; labels: (n,) class indices, the same on every rank; local: {subdomain: model}
-    of this rank; dnn: rank 0's coarse DNN. Returns rank 0's record of the call, None elsewhere."""
+    of this rank; dnn: rank 0's coarse DNN; epochs: passes over the new samples and the buffer.
+    Returns rank 0's record of the call, None elsewhere."""
     y = np.concatenate([labels.astype(np.int64), state.labels])
-    opts = one_pass(cfg.local)
+    opts = one_call(cfg.local, epochs)
     subsets, local_acc = {}, {}
     for i, model in local.items():
         x = np.concatenate([np.asarray(new[i]), state.buffers[i]]) if len(state.labels) else np.asarray(new[i])
@@ -82,11 +85,11 @@ def partial_fit(ctx: Context, state: OnlineState, new: dict, labels: np.ndarray,
 
 
 def coarse_pass(state: OnlineState, dnn, gathered: np.ndarray, y: np.ndarray, cfg: twolevel.TwoLevelConfig) -> dict:
-    """Rank 0: the coarse DNN's pass over the gathered (n, N*K) probabilities of the call."""
-    opts = one_pass(cfg.coarse)
+    """Rank 0: the coarse DNN's cfg.coarse.epochs passes over the gathered (n, N*K) probabilities of the call."""
+    opts = one_call(cfg.coarse, cfg.coarse.epochs)
+    if cfg.coarse_input == "logprob":  # standardised with this call's statistics: the local CNNs have changed
+        dnn.use_log_probabilities(gathered)
     if state.coarse_optimizer is None:
-        if cfg.coarse_input == "logprob":  # the standardisation of the first call's inputs, kept
-            dnn.use_log_probabilities(gathered)
         state.coarse_optimizer = make_optimizer(dnn, opts)
     history, _ = train_classifier(dnn, (gathered, y), None, opts, seed_for(cfg.seed, "online_coarse", state.calls),
                                   optimizer=state.coarse_optimizer)

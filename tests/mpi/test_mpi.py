@@ -698,3 +698,26 @@ def test_partial_fit_on_a_communicator_equals_one_process(comm):
     for model in ("cnn-dnn", "average", "vote"):
         assert np.array_equal(clf.predict_proba(test, model), alone.predict_proba(test, model)), model
     assert clf.history_["online"][-1]["coarse_loss"] == alone.history_["online"][-1]["coarse_loss"]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_each_rank_checks_only_its_own_boxes_for_nan(comm, monkeypatch):
+    """Whole images on every rank (form a): a rank checks NaN and inf only in the boxes of its
+    subdomains, not the whole array; a NaN in one box is still refused on every rank."""
+    import mpidd
+    from mpidd import estimator
+    if comm.size > 4:
+        pytest.skip("at most one rank per subdomain here")
+    x, y = _api_problem()
+    x = x.astype(np.float32) / 255
+    checked = []
+    original = estimator.check_values
+    monkeypatch.setattr(estimator, "check_values", lambda a, what: (checked.append(np.asarray(a).size),
+                                                                     original(a, what))[1])
+    clf = mpidd.TwoLevelClassifier(grid="2x2", epochs=1, batch_size=16, width=4, hidden=8, coarse_steps=5, threads=1,
+                                   comm=comm).fit(x[:40], y[:40], x[40:50], y[40:50])
+    mine = len(clf.local_boxes(x.shape[1:]))
+    assert sum(checked) == mine * 50 * 6 * 6  # its 6x6 boxes of the 50 images, nothing else
+    x[3, 0, 1, 1] = np.nan  # in subdomain 0's box: its rank finds it, every rank raises
+    with pytest.raises(ValueError, match="subdomain 0's box, holds NaN"):
+        clf.fit(x[:40], y[:40], x[40:50], y[40:50])

@@ -414,3 +414,21 @@ def test_the_replay_buffer_is_a_uniform_sample_of_everything_seen():
         assert len(state.labels) == 10 and state.seen == 100
         kept[state.buffers[0][:, 0]] += 1
     assert np.all(np.abs(kept / 4000 - 0.1) < 0.025), kept / 4000
+
+
+def test_torch_tensors_are_taken_through_dlpack(data, fitted):
+    """Images and labels as torch tensors (a solver's fields): a CPU tensor is used in place
+    (DLPack, the numpy view shares its memory), and fit and predict give what the arrays give."""
+    import torch
+
+    import mpidd
+    from mpi4py import MPI
+    from mpidd.inputs import from_torch
+    (x, y), (xv, yv), (xt, _) = data["train"], data["val"], data["test"]
+    tensor = torch.from_numpy(xt.astype(np.float32) / 255)
+    assert np.shares_memory(from_torch(tensor), tensor.numpy()) and from_torch(xt) is xt
+    assert np.array_equal(from_torch({0: tensor})[0], tensor.numpy())
+    clf = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL)
+    clf.fit(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(xv), torch.from_numpy(yv))
+    assert np.array_equal(clf.predict_proba(torch.from_numpy(xt)), fitted.predict_proba(xt))
+    assert np.array_equal(clf.predict(tensor.requires_grad_()), fitted.predict(xt.astype(np.float32) / 255))
