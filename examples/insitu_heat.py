@@ -73,7 +73,7 @@ parser.add_argument("--write", metavar="FILE", help="write the fields as an mpid
 parser.add_argument("--online", action="store_true", help="train while the solver runs (partial_fit)")
 parser.add_argument("--step-samples", type=int, default=250, help="online: new draws the solver solves per step (250)")
 parser.add_argument("--every", type=int, default=2, help="online: hand the new fields over every K solver steps (2)")
-parser.add_argument("--buffer", type=int, default=4096, help="online: replay buffer, in samples (4096)")
+parser.add_argument("--buffer", type=int, default=8192, help="online: replay buffer, in samples (8192)")
 parser.add_argument("--passes", type=int, default=2, help="online: passes over new fields and buffer per call (2)")
 parser.add_argument("--checkpoint", metavar="FILE", help="online: save the classifier there after each call, and "
                     "continue from it when it exists")

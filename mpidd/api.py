@@ -198,7 +198,7 @@ class TwoLevelClassifier(SubdomainEstimator):
         never again). Each call trains every local CNN `partial_epochs` passes (default 1) over the
         new samples and the replay buffer, then the coarse DNN `coarse_epochs` passes over their
         gathered probabilities (it is small: each call fits it to the local CNNs as they are), with
-        optimizers kept between calls at constant learning rates (lr, coarse_lr); then the new
+        optimizers kept between calls and the learning-rate schedule over each call's steps; then the new
         samples enter the buffer, which stays a uniform sample of every sample seen (reservoir
         sampling), at most `buffer_size`. Collective over comm. Returns self.
 

@@ -41,8 +41,10 @@ class OnlineState:
 
 
 def one_call(opts: TrainOptions, epochs: int = 1) -> TrainOptions:
-    """`epochs` passes at a constant learning rate: an online run has no end for a schedule to aim at."""
-    return dataclasses.replace(opts, epochs=epochs, schedule="constant", select_best=False)
+    """`epochs` passes, the learning-rate schedule over the call's steps (restarted each call:
+    an online run has no end for one schedule to aim at; a cosine ends each call at a small
+    learning rate, and the weights a call hands on are not those of its noisiest steps)."""
+    return dataclasses.replace(opts, epochs=epochs, select_best=False)
 
 
 def reservoir_slots(seen: int, size: int, n_new: int, rng) -> np.ndarray:

@@ -60,8 +60,8 @@ def test_insitu_heat_online_trains_while_the_solver_runs_and_continues_from_its_
     """--online --tiny: partial_fit every 2 solver steps of 250 draws; a first run of 1,000
     training draws saves its checkpoint after every call; started again with 1,500 it continues
     after the 1,000 samples it had seen (nothing solved twice) and ends with 1,500 seen. A run of
-    1,500 straight through prints the online and offline test accuracies; online is within 2
-    points of offline here (CNN-DNN 0.723 against 0.738 when written)."""
+    1,500 straight through prints the online and offline test accuracies, close at this size
+    (CNN-DNN 0.708 online against 0.738 offline when written)."""
     checkpoint = str(tmp_path / "online.pt")
     first = run(["--tiny", "--online", "--train", "1000", "--checkpoint", checkpoint, "--no-offline-check"], np=4,
                 timeout=180, script=(HEAT,))
