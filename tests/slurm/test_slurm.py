@@ -191,13 +191,14 @@ def python_wrapper(path, mpidd_train):
     path.chmod(0o755)
 
 
-@pytest.mark.parametrize("how,slow_exit", [("--batch", False), ("--full", False), ("--batch", True)])
+@pytest.mark.parametrize("how,slow_exit", [("--batch", True), ("--full", False)])
 def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(slurm, config, reference,
                                                                                tmp_path, how, slow_exit):
     """scancel --signal=USR1 --batch (the batch shell only: the script forwards it to srun) or
     --full (every process of the job): checkpoints, exit 75, requeue, --resume, same result.
-    slow_exit: rank 1 lingers after its exit 75, so srun (--kill-on-bad-exit) kills it once the
-    others' 75 arrive and reports a signal; the marker says the step stopped, and it is requeued."""
+    slow_exit (with --batch, one job less than a case of its own): rank 1 lingers after its exit
+    75, so srun (--kill-on-bad-exit) kills it once the others' 75 arrive and reports a signal;
+    the marker says the step stopped, and it is requeued."""
     run_dir = str(tmp_path / "run")
     python = sys.executable
     if slow_exit:
