@@ -1,9 +1,9 @@
 """Online training of the two-level CNN-DNN (TwoLevelClassifier.partial_fit): a solver hands over
 new samples call after call and never again. One call, collective over ctx.comm:
 
-    every rank   each local CNN of this rank: partial_epochs passes (1) over the new samples and the replay buffer
-                 (its subimages of them), with the optimizer kept from the previous calls; then
-                 its class probabilities on the same samples
+    every rank   each local CNN of this rank: `epochs` passes (partial_epochs, default 1) over
+                 the new samples and the replay buffer (its subimages of them), with the
+                 optimizer kept from the previous calls; then its class probabilities on them
     gather       gather_to_coarse, as in the two-level fit                    (n, N*K) on rank 0
     rank 0       the coarse DNN: coarse epochs (cfg.coarse.epochs) passes over them, its optimizer
                  kept too: it is small, and each call fits it to the local CNNs as they are now
@@ -31,7 +31,7 @@ from .context import Context
 
 @dataclass
 class OnlineState:
-    """What partial_fit keeps between calls on this rank (optimizer states as state dicts)."""
+    """What partial_fit keeps between calls on this rank (save writes it, load restores it)."""
     calls: int = 0                 # partial_fit calls so far
     seen: int = 0                  # samples handed over so far
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the buffer's (b,) class indices
