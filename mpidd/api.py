@@ -47,16 +47,15 @@ import os
 import numpy as np
 import torch
 
-from . import __version__, options, parallel, saved
+from . import __version__, combine, options, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, evaluate, precision_error
 from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, hyperparameters
 from .inputs import dtype_name, encode_labels, from_file, from_torch, label_classes, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
 from .methods import coherent, online, twolevel, width
-from .models import COARSE_INPUTS, CoarseDNN, local_width_factor
+from .models import COARSE_INPUTS, local_width_factor
 from .recomposition import WidthError, subnet_config as width_subnet_config
 from .saved import COMBINERS, MODELS, WHOLE_IMAGE  # noqa: F401 (WHOLE_IMAGE: a name of api)
-from .seeds import seed_for
 from .stream import check_finite, is_stream
 
 
@@ -251,14 +250,9 @@ class TwoLevelClassifier(SubdomainEstimator):
             ctx = self._context(dec)
             N, K, C, cnn = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config().cnn
             wf = self.width_factor or local_width_factor(C, K, self.image_shape_[1:], dec.subimage_shape, N, cnn)
-            local = {}
-            for i in ctx.mine:  # initialised as fit initialises them
-                torch.manual_seed(seed_for(self.seed, "local", i))
-                local[i] = ctx.on_device(twolevel.build_local_model(C, K, dec, cnn, wf))
-            dnn = None
-            if ctx.master_process:
-                torch.manual_seed(seed_for(self.seed, "coarse"))
-                dnn = CoarseDNN(N * K, K, tuple(self.coarse_hidden), self.coarse_dropout)
+            local = {i: twolevel.initial_local_model(ctx, i, C, K, dec, cnn, wf, self.seed) for i in ctx.mine}
+            dnn = combine.initial_coarse_dnn(N * K, K, tuple(self.coarse_hidden), self.coarse_dropout,
+                                             self.seed) if ctx.master_process else None
             self._models = {"twolevel": saved.combined_part(local, dnn, "probabilities")}
             self._ctx, self._dec, self.n_subdomains_, self.width_factor_ = ctx, dec, N, wf
         self._refuse_groups(self._dec)

@@ -47,6 +47,12 @@ def coarse_epochs(n: int, opts: TrainOptions, min_steps: int) -> int:
     return max(opts.epochs, math.ceil(min_steps / steps_per_epoch))
 
 
+def initial_coarse_dnn(in_features, num_classes, hidden, dropout, seed: int) -> CoarseDNN:
+    """The coarse DNN as training starts it: initialised from seed_for(seed, "coarse")."""
+    torch.manual_seed(seed_for(seed, "coarse"))
+    return CoarseDNN(in_features, num_classes, hidden, dropout)
+
+
 def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOptions, seed: int, log=None,
                      control=None, inputs: str = "logprob", min_steps: int = 0):
     """Train the coarse DNN on flattened (n, N*K) probabilities for coarse_epochs(...) epochs;
@@ -56,8 +62,7 @@ def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOption
     x, y = train
     if inputs not in COARSE_INPUTS:
         raise ValueError(f"coarse DNN inputs {inputs!r}: one of {', '.join(COARSE_INPUTS)}")
-    torch.manual_seed(seed_for(seed, "coarse"))
-    model = CoarseDNN(x.shape[1], num_classes, hidden, dropout)
+    model = initial_coarse_dnn(x.shape[1], num_classes, hidden, dropout, seed)
     if inputs == "logprob":
         model.use_log_probabilities(x)
     opts = dataclasses.replace(opts, epochs=coarse_epochs(len(y), opts, min_steps))

@@ -15,10 +15,10 @@ import torch
 
 from . import parallel, saved
 from .decomposition import DecompositionError, layout
-from .engine import Shard, precision_error, predict_logits, predict_proba
+from .engine import Shard, make_optimizer, precision_error, predict_logits, predict_proba
 from .inputs import (check_images, check_values, count_samples, dtype_name, encode_labels, from_file, from_torch,
                      hold_out, label_classes, pixels, subimages)
-from .methods import twolevel
+from .methods import online, twolevel
 from .methods.context import Context, Progress, print_flushed
 from .models import local_width_factor
 from .saved import MODELS, WHOLE_IMAGE
@@ -70,9 +70,7 @@ class CollectiveEstimator:
     def close(self):
         """Free the communicators this estimator split off its comm (the data-parallel groups,
         P > N) and its fitted models. Collective over comm. The estimator can be fitted again."""
-        groups, self._groups = self._groups, {}
-        for split in groups.values():
-            split.Free()
+        parallel.free_groups(self._groups)
         self._models = {}
         self._ctx = None
 
@@ -313,11 +311,8 @@ class SubdomainEstimator(CollectiveEstimator):
         mine, replicas, member = self._layout(dec)
         group = None
         if replicas > 1:  # one Split per layout, kept: shared by every comm=None estimator, else freed by close
-            groups = parallel.SHARED_GROUPS if self.comm is None else self._groups
-            key = (dec.num_subdomains, self._comm.Get_size())
-            if key not in groups:
-                groups[key] = self._comm.Split(mine[0], member)
-            group = parallel.DataParallelGroup(split=groups[key])
+            group = parallel.cached_group(parallel.SHARED_GROUPS if self.comm is None else self._groups,
+                                          (dec.num_subdomains, self._comm.Get_size()), self._comm, mine[0], member)
         return self._context_of(mine, group)
 
     def _shards(self, ctx, dec, x, y) -> dict:
@@ -449,8 +444,6 @@ class SubdomainEstimator(CollectiveEstimator):
 
     def _restore_online(self, saved_state):
         """partial_fit's state of this rank from a model file's "online" entry."""
-        from .engine import make_optimizer
-        from .methods import online
         two, cfg = self._models["twolevel"], self.config()
         st = online.OnlineState(calls=int(saved_state["calls"]), seen=int(saved_state["seen"]),
                                 labels=saved_state["labels"].numpy().astype(np.int64))

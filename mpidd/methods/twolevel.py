@@ -49,6 +49,13 @@ def build_local_model(channels, num_classes, dec, cnn: CNNConfig, width_factor) 
     return build_cnn(channels, num_classes, dec.subimage_shape, cnn, width_factor)
 
 
+def initial_local_model(ctx: Context, i: int, channels, num_classes, dec, cnn: CNNConfig, width_factor, seed: int):
+    """Subdomain i's local CNN as training starts it: initialised from seed_for(seed, "local", i),
+    on ctx's device."""
+    torch.manual_seed(seed_for(seed, "local", i))
+    return ctx.on_device(build_local_model(channels, num_classes, dec, cnn, width_factor))
+
+
 def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classes: int, width_factor: float,
                      cfg: TwoLevelConfig, splits=("train", "val")):
     """Train each local CNN of this rank (or continue it from ctx's checkpoint), then its class
@@ -60,8 +67,7 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
     for k, (i, split) in enumerate(subsets.items()):
         with ctx.timer("local"), ctx.timer(f"subdomain_{i}"):
             seed = seed_for(cfg.seed, "local", i)
-            torch.manual_seed(seed)
-            model = ctx.on_device(build_local_model(channels, num_classes, dec, cfg.cnn, width_factor))
+            model = initial_local_model(ctx, i, channels, num_classes, dec, cfg.cnn, width_factor, cfg.seed)
             control = ctx.checkpoints.control(rundir.local_checkpoint(i), ctx.model_stop(), write=ctx.leader,
                                               subdomain=i, box=dec.box(i), width_factor=width_factor)
             histories[i], _ = train_classifier(

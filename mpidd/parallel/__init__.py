@@ -18,7 +18,7 @@ Invariants the rest of mpidd relies on:
 from .collectives import (agree, allgather, broadcast_from_root, gather_probabilities, gather_to_root, root_decides,
                           sleepy_barrier, sleepy_wait)
 from .exchange import GatherToRoot, ModelParallelExchange
-from .groups import AllSum, DataParallelGroup
+from .groups import AllSum, DataParallelGroup, cached_group, free_groups
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
                      library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, oversubscribed,
                      select_device, tune_malloc, warm_up_torch)
@@ -50,7 +50,8 @@ def world():
 
 __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides",
            "sleepy_barrier", "sleepy_wait",
-           "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "StartupError",
+           "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "cached_group", "free_groups",
+           "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "oversubscribed",
            "select_device", "tune_malloc", "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement",

@@ -56,6 +56,21 @@ class DataParallelGroup:
         return AllSum.apply(tensor, self.comm)
 
 
+def cached_group(cache: dict, layout, comm, color: int, key: int) -> DataParallelGroup:
+    """This rank's DataParallelGroup (its own byte count) on comm.Split(color, key), split once
+    per `layout` and kept in `cache` for the next call (free_groups frees them)."""
+    if layout not in cache:
+        cache[layout] = comm.Split(color, key)
+    return DataParallelGroup(split=cache[layout])
+
+
+def free_groups(cache: dict):
+    """Free the communicators cached_group kept in `cache`. Collective over each."""
+    for split in cache.values():
+        split.Free()
+    cache.clear()
+
+
 def _allreduce_tensor(comm, tensor):
     array = np.ascontiguousarray(tensor.detach().cpu().numpy())
     comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
