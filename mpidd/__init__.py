@@ -9,7 +9,7 @@ Importing mpidd imports neither torch nor mpi4py (the names below load on first 
 installs no signal handler or excepthook: those belong to the command line (python -m
 mpidd.train). Pure modules (decomposition, data, stream, models, combine, seeds, feed, engine,
 coherent_model, recomposition, saved, inputs, traffic, rundir, results, report, options,
-methods.context) import no MPI; mpidd.parallel is the only package that imports mpi4py.
+sklearn_conventions, methods.context) import no MPI; mpidd.parallel is the only package that imports mpi4py.
 """
 
 __version__ = "0.1.0"

@@ -42,24 +42,25 @@ frees the communicators an estimator split off a given comm (P > N).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 
-from . import __version__, combine, options, parallel, saved
+from . import __version__, options, parallel, saved
 from .decomposition import Decomposition, DecompositionError, choose_grid, layout, parse_grid
 from .engine import Shard, evaluate, precision_error
-from .estimator import CollectiveEstimator, SubdomainEstimator, agree_on_file, hyperparameters
+from .estimator import CollectiveEstimator, agree_on_file
 from .inputs import dtype_name, encode_labels, from_file, from_torch, label_classes, normalization_pair, pixels  # noqa: F401 (from_file, normalization_pair: names of api)
-from .methods import coherent, online, twolevel, width
-from .models import COARSE_INPUTS, local_width_factor
+from .methods import coherent, twolevel, width
+from .models import COARSE_INPUTS
+from .online_estimator import OnlineSubdomainEstimator
 from .recomposition import WidthError, subnet_config as width_subnet_config
 from .saved import COMBINERS, MODELS, WHOLE_IMAGE  # noqa: F401 (WHOLE_IMAGE: a name of api)
+from .sklearn_conventions import hyperparameters
 from .stream import check_finite, is_stream
 
 
-class TwoLevelClassifier(SubdomainEstimator):
+class TwoLevelClassifier(OnlineSubdomainEstimator):
     """The two-level CNN-DNN of Klawonn, Lanser & Weber: one local CNN per subimage, trained
     without communication, and a coarse DNN on rank 0 of `comm` that combines their class
     probabilities (gathered with MPI_Gatherv).
@@ -190,78 +191,6 @@ class TwoLevelClassifier(SubdomainEstimator):
         self.scores_ = {**getattr(self, "scores_", {}), name: {"val": history[-1]["val_acc"]}}
         self.coherent_timing_ = {**getattr(self, "coherent_timing_", {}), name: timing}
         return self
-
-    def partial_fit(self, x, y, classes=None, *, image_shape=None):
-        """Online training (scikit-learn's partial_fit; not fit with warm_start, which would
-        train again on the same samples: a solver hands over new samples call after call and
-        never again). Each call trains every local CNN `partial_epochs` passes (default 1) over the
-        new samples and the replay buffer, then the coarse DNN `coarse_epochs` passes over their
-        gathered probabilities (it is small: each call fits it to the local CNNs as they are), with
-        optimizers kept between calls and the learning-rate schedule over each call's steps; then the new
-        samples enter the buffer, which stays a uniform sample of every sample seen (reservoir
-        sampling), at most `buffer_size`. Collective over comm. Returns self.
-
-        x: whole images on every rank, or this rank's subimages {subdomain: array} with
-        `image_shape` (arrays, not a data file); y: (n,) labels on every rank. The first call
-        needs `classes` (every label value that will come), unless fit or load came first (it
-        then continues from their models). save writes the online state too (buffer and
-        optimizers), so that load and partial_fit continue exactly where the run was.
-        P <= N ranks (no data-parallel groups). After each call: n_samples_seen_,
-        history_["online"] (one record per call: samples trained on, coarse loss and accuracy
-        of the pass, each local CNN's accuracy)."""
-        x, y = from_torch(x), from_torch(y)
-        if isinstance(x, (str, os.PathLike)) or is_stream(x) or (isinstance(x, dict) and any(
-                is_stream(v) for v in x.values())):
-            raise ValueError("partial_fit takes the new samples as arrays (whole images or this rank's subimages)")
-        if getattr(self, "_online", None) is None:
-            self._start_online(x, classes, image_shape)
-        ctx, dec, N, K = self._ctx, self._dec, self.n_subdomains_, len(self.classes_)
-        y = self._agreed(lambda: encode_labels(np.asarray(y), self.classes_))
-        n = self._check_shape(x, image_shape)
-        if len(y) != n:
-            raise ValueError(f"labels for x have shape {y.shape}, expected ({n},)")
-        new = {i: s.x for i, s in self._shards(ctx, dec, x, y).items()}
-        two = self._models["twolevel"]
-        record = online.partial_fit(ctx, self._online, new, y, two["local"], two["dnn"], N, K, self.config(),
-                                    self.buffer_size, self.partial_epochs)
-        record = self._from_root(record)
-        history = getattr(self, "history_", {})
-        self.history_ = {**history, "online": history.get("online", []) + [record]}
-        self.n_samples_seen_ = self._online.seen
-        return self
-
-    def _start_online(self, x, classes, image_shape):
-        """partial_fit's first call: the fitted or loaded models, or new ones for `classes`."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if self._models:
-            if "twolevel" not in self._models:
-                raise ValueError("partial_fit continues a two-level model: this one has none")
-        else:
-            if classes is None:
-                raise ValueError("the first partial_fit needs classes=, every label value that will come "
-                                 "(as in scikit-learn)")
-            self.classes_ = self._agreed(lambda: label_classes([np.asarray(classes)], self.num_classes))
-            self.class_names_ = self._agreed(self._class_names)
-            shape, _ = self._check(x, None, image_shape, "x")
-            self.image_shape_, self.input_dtype_ = tuple(int(s) for s in shape), dtype_name(x)
-            dec = self.decomposition(self.image_shape_)
-            self._refuse_groups(dec)
-            ctx = self._context(dec)
-            N, K, C, cnn = dec.num_subdomains, len(self.classes_), self.image_shape_[0], self.config().cnn
-            wf = self.width_factor or local_width_factor(C, K, self.image_shape_[1:], dec.subimage_shape, N, cnn)
-            local = {i: twolevel.initial_local_model(ctx, i, C, K, dec, cnn, wf, self.seed) for i in ctx.mine}
-            dnn = combine.initial_coarse_dnn(N * K, K, tuple(self.coarse_hidden), self.coarse_dropout,
-                                             self.seed) if ctx.master_process else None
-            self._models = {"twolevel": saved.combined_part(local, dnn, "probabilities")}
-            self._ctx, self._dec, self.n_subdomains_, self.width_factor_ = ctx, dec, N, wf
-        self._refuse_groups(self._dec)
-        self._online = online.OnlineState()
-
-    def _refuse_groups(self, dec):
-        if self._layout(dec)[1] > 1:
-            raise ValueError(f"partial_fit runs on at most as many ranks as subdomains ({dec.num_subdomains}), "
-                             f"not {self._comm.Get_size()}")
 
     # --- inference -----------------------------------------------------------------------------
 

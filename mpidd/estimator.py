@@ -2,12 +2,11 @@
 and WidthClassifier share (the communicator and device, input checks agreed by every rank, the
 seeded validation hold-out, rank 0's results on every rank, the bytes sent and read, the model
 file written by rank 0). SubdomainEstimator: TwoLevelClassifier's subdomains, shards, predict
-routing and loading."""
+routing and loading. partial_fit is in online_estimator.py, scikit-learn's conventions in
+sklearn_conventions.py."""
 
 from __future__ import annotations
 
-import copy
-import inspect
 import os
 
 import numpy as np
@@ -15,28 +14,19 @@ import torch
 
 from . import parallel, saved
 from .decomposition import DecompositionError, layout
-from .engine import Shard, make_optimizer, precision_error, predict_logits, predict_proba
+from .engine import Shard, precision_error, predict_logits, predict_proba
 from .inputs import (check_images, check_values, count_samples, dtype_name, encode_labels, from_file, from_torch,
                      hold_out, label_classes, pixels, subimages)
-from .methods import online, twolevel
+from .methods import twolevel
 from .methods.context import Context, Progress, print_flushed
 from .models import local_width_factor
 from .saved import MODELS, WHOLE_IMAGE
+from .sklearn_conventions import SklearnConventions
 from .stream import check_finite, is_stream
 from .traffic import ByteCounter
 
 
-# The keywords of an estimator that say how it runs, not what it computes: not hyperparameters.
-RUNTIME = ("comm", "device", "threads", "verbose")
-
-
-def hyperparameters(init) -> tuple:
-    """An estimator's hyperparameters (get_params, the model file's record, load's keywords):
-    every keyword of its __init__, in order, but RUNTIME."""
-    return tuple(k for k in inspect.signature(init).parameters if k != "self" and k not in RUNTIME)
-
-
-class CollectiveEstimator:
+class CollectiveEstimator(SklearnConventions):
     """The base of TwoLevelClassifier and WidthClassifier: every method that takes `comm` is
     collective over it, and an error found on one rank is raised on every rank. A subclass
     sets HYPERPARAMETERS = hyperparameters(__init__), stores every keyword of its __init__ as
@@ -97,58 +87,6 @@ class CollectiveEstimator:
     def bytes_read_(self) -> int:
         """Bytes of images this rank has read from data files (input form c): its boxes only."""
         return self._bytes.bytes_read
-
-    # --- scikit-learn's estimator conventions -------------------------------------------------
-
-    @classmethod
-    def _param_names(cls) -> tuple:
-        return tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")
-
-    def get_params(self, deep=True) -> dict:
-        """Every keyword of the constructor, as set (scikit-learn's get_params; nothing nested,
-        so `deep` changes nothing). Not collective."""
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor keywords (scikit-learn's set_params); they apply from the next fit.
-        Returns self. Not collective."""
-        known = self._param_names()
-        for k, v in params.items():
-            if k not in known:
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}: one of {', '.join(known)}")
-            setattr(self, k, v)
-        return self
-
-    def hyperparameters(self) -> dict:
-        """The keywords that say what the estimator computes (HYPERPARAMETERS: all but comm,
-        device, threads, verbose): what the model file records."""
-        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
-
-    def __sklearn_clone__(self):
-        """sklearn.base.clone: a new, unfitted estimator with copies of the hyperparameters and
-        the same comm and device (a communicator cannot be copied; the clone runs on it too)."""
-        runtime = {k: getattr(self, k) for k in RUNTIME}
-        return type(self)(**copy.deepcopy(self.hyperparameters()), **runtime)
-
-    _estimator_type = "classifier"  # what scikit-learn before 1.6 reads
-
-    def __sklearn_tags__(self):
-        """What scikit-learn (1.6 on) asks of an estimator: a classifier of image arrays that
-        must be fitted before it predicts. Imports scikit-learn only when it asks."""
-        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
-        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
-                    classifier_tags=ClassifierTags(), input_tags=InputTags(two_d_array=False, three_d_array=True))
-
-    def __repr__(self):
-        """The constructor keywords that differ from their defaults, as scikit-learn prints them."""
-        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
-        changed = []
-        for k in self._param_names():
-            value = getattr(self, k)
-            differs = value is not defaults[k] and (not _comparable(value) or value != defaults[k])
-            if differs:
-                changed.append(f"{k}={value!r}")
-        return f"{type(self).__name__}({', '.join(changed)})"
 
     # --- every rank agrees -------------------------------------------------------------------
 
@@ -424,41 +362,6 @@ class SubdomainEstimator(CollectiveEstimator):
                                                    bundle.get("exchange", "probabilities"))
         return models
 
-    def _online_on_root(self) -> dict:
-        """partial_fit's state for the model file, {"online": ...} on rank 0 ({} elsewhere, or
-        before any partial_fit): counters, the buffer's labels, and per subdomain the buffer's
-        subimages and the optimizer (gathered from every rank), the coarse DNN's optimizer. Collective."""
-        st = getattr(self, "_online", None)
-        if st is None:
-            return {}
-        mine = {i: {"buffer": torch.from_numpy(np.ascontiguousarray(st.buffers[i])) if i in st.buffers else None,
-                    "optimizer": st.optimizers[i].state_dict() if i in st.optimizers else None}
-                for i in self._ctx.mine}
-        parts = parallel.gather_to_root(self._comm, mine)
-        if not self._ctx.master_process:
-            return {}
-        local = {i: part for p in parts for i, part in p.items()}
-        return {"online": {"calls": st.calls, "seen": st.seen, "labels": torch.from_numpy(st.labels),
-                           "local": dict(sorted(local.items())), "coarse_optimizer":
-                           st.coarse_optimizer.state_dict() if st.coarse_optimizer is not None else None}}
-
-    def _restore_online(self, saved_state):
-        """partial_fit's state of this rank from a model file's "online" entry."""
-        two, cfg = self._models["twolevel"], self.config()
-        st = online.OnlineState(calls=int(saved_state["calls"]), seen=int(saved_state["seen"]),
-                                labels=saved_state["labels"].numpy().astype(np.int64))
-        for i in self._ctx.mine:
-            part = saved_state["local"][i]
-            if part["buffer"] is not None:
-                st.buffers[i] = part["buffer"].numpy()
-            if part["optimizer"] is not None:
-                st.optimizers[i] = make_optimizer(two["local"][i], online.one_call(cfg.local))
-                st.optimizers[i].load_state_dict(part["optimizer"])
-        if self._ctx.master_process and saved_state["coarse_optimizer"] is not None:
-            st.coarse_optimizer = make_optimizer(two["dnn"], online.one_call(cfg.coarse, cfg.coarse.epochs))
-            st.coarse_optimizer.load_state_dict(saved_state["coarse_optimizer"])
-        self._online, self.n_samples_seen_ = st, st.seen
-
     def _restore(self, state, path):
         """This rank's models of a loaded model file (`state`, read from `path`) and the fitted
         attributes. Collective; ModelFileError on every rank if a rank's part does not fit."""
@@ -476,13 +379,6 @@ class SubdomainEstimator(CollectiveEstimator):
         K, self.n_subdomains_, self.width_factor_ = int(state["num_classes"]), dec.num_subdomains, state["width_factor"]
         self.classes_ = np.asarray(state["labels"]) if "labels" in state else np.arange(K)
         self.class_names_ = list(state["classes"])
-        if "online" in state:
-            self._restore_online(state["online"])
-
-
-def _comparable(value) -> bool:
-    """Whether == on `value` gives one bool (not numpy's elementwise answer, nor a communicator's)."""
-    return isinstance(value, (type(None), bool, int, float, str, tuple, list, dict))
 
 
 def agree_on_file(comm, error):

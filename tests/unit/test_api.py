@@ -56,7 +56,7 @@ def test_every_keyword_has_the_command_lines_default():
 
     import mpidd
     from mpidd.cli.arguments import get_args_parser, hidden_sizes
-    from mpidd.estimator import RUNTIME
+    from mpidd.sklearn_conventions import RUNTIME
     cli = vars(get_args_parser().parse_args([]))
     for estimator, least in ((mpidd.TwoLevelClassifier, 30), (mpidd.WidthClassifier, 20)):
         params = inspect.signature(estimator).parameters
