@@ -310,6 +310,8 @@ def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: i
         generator.set_state(r["generator"])
         torch.set_rng_state(r["torch_rng"])
         state = {k: r[k] for k in state}
+        if group is not None and group.rank != 0:  # the leader's file holds the group's running sums
+            state["partial"] = dict(state["partial"], loss_sum=0.0, correct=0)
         if r.get("done"):
             if opts.select_best and state["best"] is not None:
                 module.load_state_dict(state["best"])
@@ -326,9 +328,15 @@ def run_epochs(module: nn.Module, optimizer, opts: TrainOptions, seed: int, n: i
             plan([order[bounds[b]:bounds[b + 1]] for b in range(begin, steps_per_epoch)])
 
         def stopped(steps_done):
-            """Hand the position after `steps_done` steps of this epoch to control.save."""
+            """Hand the position after `steps_done` steps of this epoch to control.save. In a
+            group (every member stops at the same step) the epoch's running loss and correct
+            count are the group's sums, which its leader saves and alone resumes with."""
+            saved = partial
+            if group is not None:
+                saved = dict(partial)
+                saved["loss_sum"], saved["correct"] = group.sum([partial["loss_sum"], partial["correct"]])
             if control.save is not None:
-                control.save(dict(_loop_state(module, optimizer, epoch, steps_done, epoch_generator, partial,
+                control.save(dict(_loop_state(module, optimizer, epoch, steps_done, epoch_generator, saved,
                                               history, state), stopped=True))
             return Preempted(f"stopped at epoch {epoch}, step {steps_done}")
 
