@@ -72,28 +72,37 @@ def read_metrics(run_dir: str) -> dict:
 
 
 def training_curves(run_dir: str, path: str):
-    """Training loss and validation accuracy per epoch of every model the run trained (beyond 8
-    local CNNs, they are thin grey lines with one legend entry)."""
+    """Training loss (top) and validation accuracy (bottom) against epochs, one column per phase
+    (local CNNs, coarse DNN, each coherent model, global CNN; width: sub-networks, recomposed),
+    each on its own epoch axis. Beyond 8 local CNNs (or sub-networks) they are thin grey lines."""
     metrics = read_metrics(run_dir)
     if not metrics:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    locals_ = sorted((m for m in metrics if m.startswith("local_")), key=lambda m: int(m.split("_")[1]))
-    many = len(locals_) > 8
-    for model in locals_ + sorted(set(metrics) - set(locals_)):
-        rows = metrics[model]
-        style = {"color": "grey", "lw": 0.6, "alpha": 0.6, "label": None} if many and model in locals_ else \
-            {"marker": ".", "label": model}
-        if many and model == locals_[0]:
-            style["label"] = f"local CNNs ({len(locals_)})"
-        epochs = [float(r["epoch"]) for r in rows]
-        left.plot(epochs, [float(r["loss"]) for r in rows], **style)
-        val = [float(r["val_acc"]) * 100 for r in rows if r.get("val_acc")]
-        if val:
-            right.plot(epochs[:len(val)], val, **style)
-    left.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    right.set(xlabel="epoch", ylabel="validation accuracy (%)")
-    right.legend(fontsize=7, loc="lower right")
+    groups = defaultdict(list)
+    for model in metrics:
+        groups[model.split("_")[0] if model.startswith(("local_", "subnet_")) else model].append(model)
+    order = ["local", "subnet", "coarse_dnn", "coherent_random", "coherent_pretrained", "recomposed", "global"]
+    columns = [g for g in order if g in groups] + sorted(set(groups) - set(order))
+    titles = {"local": "local CNNs", "subnet": "sub-networks", "coarse_dnn": "coarse DNN",
+              "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
+              "recomposed": "recomposed network", "global": "global CNN"}
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns) + 1, 5.5), squeeze=False)
+    for col, group in enumerate(columns):
+        models = sorted(groups[group], key=lambda m: int(m.split("_")[1]) if m.split("_")[-1].isdigit() else 0)
+        many = len(models) > 8
+        for k, model in enumerate(models):
+            rows = metrics[model]
+            style = {"color": "grey", "lw": 0.6, "alpha": 0.6} if many else {"marker": "."}
+            style["label"] = (f"{len(models)} models" if k == 0 else None) if many else model
+            epochs = [float(r["epoch"]) for r in rows]
+            axes[0, col].plot(epochs, [float(r["loss"]) for r in rows], **style)
+            val = [(e, float(r["val_acc"]) * 100) for e, r in zip(epochs, rows) if r.get("val_acc")]
+            if val:
+                axes[1, col].plot(*zip(*val), **style)
+        axes[0, col].set(title=titles.get(group, group), yscale="log", ylabel="training loss" if col == 0 else None)
+        axes[1, col].set(xlabel="epoch", ylabel="validation accuracy (%)" if col == 0 else None)
+        if len(models) > 1:
+            axes[1, col].legend(fontsize=6, loc="lower right")
     return _save(fig, path)
 
 
@@ -175,4 +184,125 @@ def time_to_accuracy(results: dict, path: str):
     ax.axhline(100 * t["target_test_acc"], color="grey", ls=":", label=f"target {100 * t['target_test_acc']:.1f}%")
     ax.set(xlabel="critical-path CPU seconds (training steps)", ylabel="test accuracy (%)")
     ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def subdomain_accuracies(results: dict):
+    """(test accuracy of each subdomain's local CNN as an array shaped like the grid, the rank
+    that trained each, subdomain indices alike), or None without local CNNs. Volumes: (D, H, W)."""
+    dec = results.get("decomposition") or {}
+    locals_ = [m for m in results.get("models", []) if m.get("kind") == "local" and m.get("test_acc") is not None]
+    if not dec.get("grid") or not locals_:
+        return None
+    grid = tuple(int(g) for g in dec["grid"].split("x"))
+    acc = np.full(grid, np.nan)
+    ranks, index = np.full(grid, -1), np.full(grid, -1)
+    for m in locals_:
+        where = np.unravel_index(m["subdomain"], grid)  # C order, as Decomposition.coords
+        acc[where], ranks[where], index[where] = m["test_acc"], m["rank"], m["subdomain"]
+    return acc, ranks, index
+
+
+def subdomain_heat_map(results: dict, path: str):
+    """Each local CNN's test accuracy over the grid (subdomain, rank and accuracy in every cell);
+    volumes: one panel per slice of the grid along its first axis."""
+    grids = subdomain_accuracies(results)
+    if grids is None:
+        return None
+    acc, ranks, index = (g if g.ndim == 3 else g[None] for g in grids)
+    D, H, W = acc.shape
+    fig, axes = plt.subplots(1, D, figsize=(min(4 + 0.6 * W, 12) * D ** 0.5, 0.6 * H + 2), squeeze=False)
+    lo, hi = 100 * np.nanmin(acc), 100 * np.nanmax(acc)
+    for d, ax in enumerate(axes[0]):
+        image = ax.imshow(100 * acc[d], cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9))
+        for (r, c), a in np.ndenumerate(acc[d]):
+            if H * W <= 64:  # numbers only where they can be read
+                ax.text(c, r, f"{index[d, r, c]}\nrank {ranks[d, r, c]}\n{100 * a:.1f}%", ha="center", va="center",
+                        fontsize=7 if H * W <= 16 else 5, color="white" if 100 * a < (lo + hi) / 2 else "black")
+        ax.set_xticks(range(W)), ax.set_yticks(range(H))
+        ax.set(xlabel="grid column", ylabel="grid row", title=f"slice {d} of the grid" if D > 1 else None)
+    fig.colorbar(image, ax=list(axes[0]), label="local CNN test accuracy (%)", shrink=0.8)
+    fig.suptitle(f"grid {results['decomposition']['grid']}: each subdomain's local CNN on its subimages", fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def across_runs(named: list) -> dict | None:
+    """What the across-runs figures draw, from [(name, results)] of two-level runs sorted by
+    the number of subdomains N: {"N": [...], "locals_min"/"locals_max"/"average"/"vote"/"cnn_dnn"/
+    "coherent_random"/"coherent_pretrained"/"global": test accuracies (None where a run has
+    none), "speedup": global training CPU s (one process's) / two-level critical path CPU s,
+    "flop_limit": global / (local x subdomains per rank) forward FLOPs}, or None for fewer than
+    two such runs."""
+    runs = sorted(((r["decomposition"]["num_subdomains"], name, r) for name, r in named
+                   if r.get("decomposition") and r.get("models")), key=lambda t: (t[0], t[1]))
+    if len(runs) < 2:
+        return None
+    out = {k: [] for k in ("N", "names", "locals_min", "locals_max", "average", "vote", "cnn_dnn",
+                           "coherent_random", "coherent_pretrained", "global", "speedup", "flop_limit")}
+    for N, name, r in runs:
+        acc = {m.get("kind"): m.get("test_acc") for m in r["models"]}
+        locals_ = [m["test_acc"] for m in r["models"] if m.get("kind") == "local"]
+        out["N"].append(N)
+        out["names"].append(name)
+        out["locals_min"].append(min(locals_) if locals_ else None)
+        out["locals_max"].append(max(locals_) if locals_ else None)
+        for kind in ("average", "vote", "cnn_dnn", "coherent_random", "coherent_pretrained", "global"):
+            out[kind].append(acc.get(kind))
+        t = r.get("timing", {})
+        cp = t.get("critical_path")
+        out["speedup"].append(t["global_train_cpu_s"] / cp["cpu_s"] if cp and t.get("global_train_cpu_s") else None)
+        f = r.get("flops") or {}
+        per_rank = max(r["decomposition"]["rank_of_subdomain"].count(k) for k in range(r.get("world_size", 1))) \
+            if r["decomposition"].get("rank_of_subdomain") else 1
+        out["flop_limit"].append(f["global_forward"] / (f["local_forward"] * per_rank)
+                                 if f.get("global_forward") and f.get("local_forward") else None)
+    return out
+
+
+def accuracy_against_subdomains(named: list, path: str):
+    """Test accuracy against the number of subdomains N: the local CNNs' min-max band, average,
+    vote, CNN-DNN, the coherent models and the global CNN."""
+    a = across_runs(named)
+    if a is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    N = np.array(a["N"])
+
+    def line(key):
+        return np.array([np.nan if v is None else 100 * v for v in a[key]])
+    if any(v is not None for v in a["locals_min"]):
+        ax.fill_between(N, line("locals_min"), line("locals_max"), color="grey", alpha=0.3,
+                        label="local CNNs (min-max)")
+    for key, label, style in (("average", "average", "o-"), ("vote", "majority vote", "s-"),
+                              ("cnn_dnn", "CNN-DNN", "D-"), ("coherent_random", "coherent (random init)", "v--"),
+                              ("coherent_pretrained", "coherent (transfer learning)", "^--"),
+                              ("global", "global CNN", "k:")):
+        if any(v is not None for v in a[key]):
+            ax.plot(N, line(key), style, label=label, ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(N, [str(n) for n in N])
+    ax.set(xlabel="number of subdomains N", ylabel="test accuracy (%)")
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def speedup_against_subdomains(named: list, path: str):
+    """The two-level critical path's speed-up over the global CNN (training CPU s, one
+    process's) against N, beside the FLOP limit (global / local forward FLOPs per rank)."""
+    a = across_runs(named)
+    if a is None or all(s is None for s in a["speedup"]):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    N = np.array(a["N"])
+    ax.plot(N, [np.nan if s is None else s for s in a["speedup"]], "D-", label="measured: global CNN / critical path")
+    if any(f is not None for f in a["flop_limit"]):
+        ax.plot(N, [np.nan if f is None else f for f in a["flop_limit"]], "k--", label="FLOP limit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.set_xticks(N, [str(n) for n in N])
+    ax.set(xlabel="number of subdomains N", ylabel="speed-up, global CNN CPU s / two-level critical path")
+    ax.legend(fontsize=8)
     return _save(fig, path)

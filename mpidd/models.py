@@ -269,6 +269,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def forward_flops(model: nn.Module, input_shape) -> int:
+    """Forward FLOPs of `model` on one input of shape (C, *spatial), on the CPU: convolutions and
+    matmuls only (torch's FlopCounterMode counts no BatchNorm, ReLU or pooling); a training
+    step costs about 3x this (forward and two backward products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    model.train(training)
+    return int(counter.get_total_flops())
+
+
 def local_width_factor(in_channels, num_classes, image_shape, subimage_shape, num_subdomains,
                        cfg: CNNConfig) -> float:
     """Width factor that gives a local CNN about 1/N of the global CNN's parameters (bisection)."""

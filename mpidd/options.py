@@ -54,19 +54,20 @@ def local_options(o) -> TrainOptions:
     """The local CNNs' optimisation; every other CNN's (global, coherent, width) is this one with changes."""
     return TrainOptions(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, optimizer=o.optimizer,
                         momentum=o.momentum, weight_decay=o.weight_decay, schedule=o.schedule,
-                        shuffle_block=optional(o, "shuffle_block"), shuffle_buffer=optional(o, "shuffle_buffer"))
+                        shuffle_block=optional(o, "shuffle_block"), shuffle_buffer=optional(o, "shuffle_buffer"),
+                        log_interval=optional(o, "log_interval"))
 
 
 def coarse_options(o) -> TrainOptions:
     """The coarse DNN's optimisation: Adam, cosine, the best epoch on val."""
     return TrainOptions(epochs=o.coarse_epochs, batch_size=o.coarse_batch_size, lr=o.coarse_lr, optimizer="adam",
-                        weight_decay=o.coarse_weight_decay, schedule="cosine", select_best=True)
+                        weight_decay=o.coarse_weight_decay, schedule="cosine", select_best=True,
+                        log_interval=optional(o, "log_interval"))
 
 
 def global_options(o) -> TrainOptions:
-    """The global CNN's (command line only): the local CNNs' with progress lines and a test curve."""
-    return dataclasses.replace(local_options(o), log_interval=optional(o, "log_interval"),
-                               test_points=optional(o, "curve_points"))
+    """The global CNN's (command line only): the local CNNs' with a test curve."""
+    return dataclasses.replace(local_options(o), test_points=optional(o, "curve_points"))
 
 
 def twolevel_config(o) -> TwoLevelConfig:
@@ -81,8 +82,7 @@ def coherent_config(o, init) -> CoherentConfig:
     """The coherent model's, from random weights (init "random": coherent_lr) or pre-trained ones (transfer_lr)."""
     from .methods.coherent import CoherentConfig
     opts = dataclasses.replace(local_options(o), epochs=o.coherent_epochs,
-                               lr=o.coherent_lr if init == "random" else o.transfer_lr,
-                               log_interval=optional(o, "log_interval"))
+                               lr=o.coherent_lr if init == "random" else o.transfer_lr)
     return CoherentConfig(opts=opts, output=o.exchange, coarse_hidden=tuple(o.coarse_hidden),
                           coarse_dropout=o.coarse_dropout, seed=o.seed, eval_batch_size=o.eval_batch_size)
 
@@ -95,6 +95,5 @@ def width_config(o) -> WidthConfig:
     return WidthConfig(cnn=cnn_config(o), subnets=o.subnets,
                        subnet_opts=dataclasses.replace(local, epochs=o.subnet_epochs),
                        recomposed_opts=dataclasses.replace(local, lr=o.transfer_lr,
-                                                           log_interval=optional(o, "log_interval"),
                                                            test_points=optional(o, "curve_points")),
                        shard=o.shard, offdiag_noise=o.offdiag_noise, seed=o.seed, eval_batch_size=o.eval_batch_size)

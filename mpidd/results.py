@@ -92,15 +92,21 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
         models.append({"name": name, "kind": phase, "params": composite_params, "cpu_s": cpu,
                        "total_cpu_s": cpu_total, **_accs(acc[phase])})
     if "global" in acc:
+        # rank 0 alone (--global-alone, or one rank), or data parallel over every rank: then the
+        # CPU seconds one process would spend are every rank's summed (the same model, batches and
+        # steps, each rank a share of every batch; the gradient sums' cost included)
+        trained = [st for st in all_stats if "global_train" in st["phases"]]
         g = all_stats[0]["phases"]["global_train"]
-        timing["global_train_cpu_s"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
-        # rank 0 alone, or data parallel over every rank (--mode global; compare with P > N)
-        timing["global_ranks"] = sum("global_train" in st["phases"] for st in all_stats)
-        cpu = seconds(all_stats[0], "cpu_s", "global_load", "global_train", "global_eval")
+        timing["global_ranks"] = len(trained)
+        timing["global_train_cpu_s"] = sum(st["phases"]["global_train"]["cpu_s"] for st in trained)
+        timing["global_train_cpu_s_rank0"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
+        cpu = sum(seconds(st, "cpu_s", "global_load", "global_train", "global_eval") for st in trained)
         models.append({"name": "global CNN", "kind": "global", "params": plan.global_params,
-                       "cpu_s": cpu, "total_cpu_s": cpu, **_accs(acc["global"])})
+                       "cpu_s": cpu, "total_cpu_s": cpu, "ranks": len(trained),
+                       "cpu_s_rank0": seconds(all_stats[0], "cpu_s", "global_load", "global_train", "global_eval"),
+                       **_accs(acc["global"])})
         if "critical_path" in timing:
-            timing["global_over_critical_path"] = g["cpu_s"] / timing["critical_path"]["cpu_s"]
+            timing["global_over_critical_path"] = timing["global_train_cpu_s"] / timing["critical_path"]["cpu_s"]
     return {
         **common_results(args, plan, all_stats, size, threads, versions),
         "decomposition": {"grid": format_grid(dec.grid), "overlap": dec.overlap,

@@ -107,6 +107,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "global, in one table; width: the global CNN split along its channels into "
                         "--subnets thin sub-networks, trained in parallel, recomposed and trained "
                         "further, against the global CNN from random init (Gu et al.)")
+    g.add_argument("--global-alone", action="store_true",
+                   help="--mode compare: train the global CNN on rank 0 alone, the one-process baseline of the "
+                        "papers (the other ranks wait), instead of data parallel over every rank (the default: "
+                        "the same model and optimiser, its figures in results.json also summed over the ranks, "
+                        "what one process would spend)")
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
     g.add_argument("--dry-run", action="store_true",
@@ -224,7 +229,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="at the end, write RUN/report/report.md with its figures (python -m mpidd.report "
                         "RUN --out DIR does it again, also across runs)")
     g.add_argument("--log-interval", type=int, default=100,
-                   help="progress line every this many batches of the global and coherent models (0: per epoch)")
+                   help="progress line every this many batches of every model that trains (local CNNs, coarse DNN, "
+                        "coherent, global, width; 0: one line an epoch); each line ends with the whole run's "
+                        "estimated time left, and each phase starts with a numbered line")
     return p
 
 

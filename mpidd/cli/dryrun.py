@@ -22,7 +22,7 @@ from ..options import cnn_config
 from ..recomposition import build_subnet
 from ..stream import choose_access, human_bytes
 from .arguments import NOT_RECORDED
-from .plan import Plan, assignment, data_share, trains_global_cnn
+from .plan import Plan, assignment, data_share, global_cnn_alone, trains_global_cnn
 
 # A model being trained holds its weights, their gradients and the optimizer's state (Adam: two
 # moments; SGD with momentum: one), float32: 4 copies of its parameters at most.
@@ -43,7 +43,7 @@ def activation_elements(model: torch.nn.Module, input_shape) -> int:
     return sum(sizes)
 
 
-def models_of_rank(plan: Plan, args, mine, master_process: bool, group) -> list[tuple[int, torch.nn.Module, tuple]]:
+def models_of_rank(plan: Plan, args, mine, master_process: bool, size: int) -> list[tuple[int, torch.nn.Module, tuple]]:
     """(how many, model, input shape) of the models this rank trains (built on the CPU, not trained)."""
     info, dec, work = plan.info, plan.decomposition, plan.work
     C, K, cfg = info.channels, info.num_classes, cnn_config(args)
@@ -54,14 +54,14 @@ def models_of_rank(plan: Plan, args, mine, master_process: bool, group) -> list[
     elif work.boxes and mine:  # its local CNNs (every subdomain's has the same shape)
         models.append((len(mine), build_cnn(C, K, dec.subimage_shape, cfg, plan.width_factor),
                        (C, *dec.subimage_shape)))
-    if (work.width and master_process) or trains_global_cnn(plan, args, master_process, group is not None):
+    if (work.width and master_process) or trains_global_cnn(plan, args, master_process, size):
         models.append((1, build_cnn(C, K, info.spatial_shape, cfg), whole))
     return models
 
 
-def memory_estimate(plan: Plan, args, mine, master_process: bool, group, share: int, access: str) -> dict:
+def memory_estimate(plan: Plan, args, mine, master_process: bool, size: int, share: int, access: str) -> dict:
     """Bytes this rank would hold at its peak, by part (float32 throughout)."""
-    models = models_of_rank(plan, args, mine, master_process, group)
+    models = models_of_rank(plan, args, mine, master_process, size)
     states = sum(n * STATE_COPIES * 4 * count_parameters(m) for n, m, _ in models)
     # one training batch at a time: every layer's output kept for the backward pass, and its gradient
     batch = max((2 * 4 * args.batch_size * activation_elements(m, shape) for _, m, shape in models), default=0)
@@ -87,9 +87,9 @@ def dry_run(comm, args, plan: Plan) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     master_process = rank == 0
     mine, group = assignment(rank, size, plan, args)
-    share = data_share(plan, args, mine, group[2] if group else None, master_process)
+    share = data_share(plan, args, mine, group[2] if group else None, master_process, size)
     access, why = choose_access(args.data_access, share, parallel.memory_per_rank(comm))
-    memory = memory_estimate(plan, args, mine, master_process, group, share, access)
+    memory = memory_estimate(plan, args, mine, master_process, size, share, access)
     row = {"rank": rank, "host": socket.gethostname(), "mine": mine, "group": group, "share": share,
            "access": access, "why": why, "memory": memory}
     rows = parallel.gather_to_root(comm, row)
@@ -115,6 +115,9 @@ def format_dry_run(args, plan: Plan, size: int, rows: list) -> str:
                      f"), overlap {dec.overlap}, subimages {format_grid(dec.subimage_shape)}, {args.arch} local "
                      f"width factor {plan.width_factor:g} ({plan.local_params:,} vs {plan.global_params:,} global "
                      f"parameters), {size} ranks")
+        if work.global_cnn:
+            lines.append("global CNN: " + ("on rank 0 alone (the one-process baseline)" if global_cnn_alone(args, size)
+                                           else f"data parallel over the {size} ranks"))
     if plan.note:
         lines.append(plan.note)
     what = "sub-networks" if work.width else "subdomains"

@@ -14,7 +14,7 @@ from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
 from ..options import cnn_config, coherent_config, global_options, twolevel_config, width_config
 from .arguments import NOT_RECORDED
-from .plan import data_share, load_pretrained_checkpoint, load_pretrained_weights
+from .plan import data_share, global_cnn_alone, load_pretrained_checkpoint, load_pretrained_weights
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -42,7 +42,7 @@ def share_bytes(run: Run) -> int:
     """What this rank's data takes in memory (plan.data_share)."""
     ctx = run.ctx
     return data_share(run.plan, run.args, ctx.mine, ctx.group.size if ctx.group is not None else None,
-                      ctx.master_process)
+                      ctx.master_process, ctx.comm.Get_size())
 
 
 def load_local_data(run: Run):
@@ -182,7 +182,7 @@ def coherent_phase(run: Run, init, subsets, labels, exchange, pretrained):
 
 def global_phase(run: Run, split, test=False, alone=True):
     """The global CNN on whole images, same family and options as the local CNNs (rank 0 alone,
-    or data parallel over every rank in --mode global). Returns ({split: accuracy}, metric rows),
+    or data parallel over every rank, ctx.group). Returns ({split: accuracy}, metric rows),
     or with `test` ({split: (loss, accuracy)}, metric rows, history with its test-accuracy curve)."""
     ctx = run.ctx
     args, info, timer = run.args, run.plan.info, ctx.timer
@@ -213,11 +213,13 @@ def width_phases(run: Run, whole):
     ctx = run.ctx
     args, info, timer, cfg = run.args, run.plan.info, ctx.timer, width_config(run.args)
     C, K, shape = info.channels, info.num_classes, info.spatial_shape
+    run.begin("subnets")
     states, sub_scores, histories = width.fit_subnets(ctx, whole, C, K, shape, cfg)
     rows = [dict(r, model=f"subnet_{m}") for m, h in histories.items() for r in h]
     run.stops.sync()  # so that width_gather times the exchange, not the slowest rank
     with timer("width_gather"):
         states, sub_scores = width.gather_subnets(ctx, states, sub_scores)
+    run.begin("recomposed")
     if not ctx.master_process:
         return None, rows
     scores = {"subnets": sub_scores}
@@ -261,14 +263,17 @@ def every_phase(run: Run, subsets, whole):
             gathered = rundir.load_arrays(run.directory.path(rundir.PROBABILITIES)) if ctx.master_process else None
         else:
             info, dec = plan.info, plan.decomposition
+            run.begin("local")
             probs, local_models, histories = twolevel.fit_local_models(
                 ctx, subsets, dec, info.channels, K, plan.width_factor, twolevel_config(args), data.SPLITS)
             rows = [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h] if ctx.leader else []
             run.stops.sync()  # so that "gather" times the exchange, not the slowest rank
+            run.begin("gather")
             gathered = gather_phase(run, probs, subsets)
             del probs  # rank 0 holds them gathered now
             run.directory.mark(gathered=True)
         dnn = None
+        run.begin("coarse")
         if ctx.master_process:
             with ctx.timer("coarse"):
                 accuracies, coarse_rows, dnn = coarse_phase(run, gathered, labels)
@@ -280,6 +285,7 @@ def every_phase(run: Run, subsets, whole):
                                                   member=member)
         for init in work.coherent:
             run.stops.sync()  # all ranks start together: no rank's phase holds the wait
+            run.begin(f"coherent_{init}")
             with ctx.timer(f"coherent_{init}"):
                 acc, coherent_rows, coherent_timing[init] = coherent_phase(
                     run, init, subsets, labels, exchange, pretrained)
@@ -287,14 +293,15 @@ def every_phase(run: Run, subsets, whole):
                 accuracies[f"coherent_{init}"] = acc
                 rows += coherent_rows
     if work.global_cnn:
-        # --mode compare: rank 0 while the others wait, or, with more ranks than subdomains, every
-        # rank data parallel (as --mode global always is)
-        alone = args.mode == "compare" and ctx.group is None
+        # --mode compare: every rank data parallel (one group of them all), or with --global-alone
+        # rank 0 while the others wait; --mode global: every rank, data parallel (ctx.group)
+        alone = global_cnn_alone(args, ctx.comm.Get_size())
         if args.mode == "compare":
             run.stops.sync()
+        run.begin("global")
         grun = run
-        if args.mode == "compare" and not alone:  # one data-parallel group of every rank
-            grun = run.with_group(parallel.DataParallelGroup(ctx.comm, color=0, key=ctx.rank))
+        if args.mode == "compare":
+            grun = run.with_group(None if alone else parallel.DataParallelGroup(ctx.comm, color=0, key=ctx.rank))
         if ctx.master_process or not alone:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
                 whole, run.bytes_whole = load_whole_images(grun, check=False)

@@ -71,21 +71,29 @@ def assignment(rank: int, size: int, plan: Plan, args) -> tuple[list, tuple | No
     return (subdomains if work.boxes else []), group
 
 
-def trains_global_cnn(plan: Plan, args, master_process: bool, in_group: bool) -> bool:
-    """This rank trains the global CNN: rank 0 in --mode compare, or every rank data parallel
-    (--mode global, or compare with more ranks than subdomains)."""
-    return plan.work.global_cnn and (master_process or in_group or args.mode == "global")
+def global_cnn_alone(args, size: int) -> bool:
+    """Rank 0 trains the global CNN by itself (--mode compare with --global-alone, or one rank);
+    else every rank does, data parallel (--mode global, compare)."""
+    return args.mode == "compare" and (getattr(args, "global_alone", False) or size == 1)
 
 
-def data_share(plan: Plan, args, mine, group_size: int | None, master_process: bool) -> int:
-    """What this rank's data takes in memory: its subimage boxes of every split (and, where it
-    trains on whole images, the whole images too), its share of the samples if data parallel."""
+def trains_global_cnn(plan: Plan, args, master_process: bool, size: int) -> bool:
+    """This rank trains the global CNN (see global_cnn_alone)."""
+    return plan.work.global_cnn and (master_process or not global_cnn_alone(args, size))
+
+
+def data_share(plan: Plan, args, mine, group_size: int | None, master_process: bool, size: int) -> int:
+    """What this rank's data takes in memory: its subimage boxes of every split (its share of the
+    samples if data parallel), and where it trains on whole images, its share of those."""
     info, dec, work = plan.info, plan.decomposition, plan.work
     per_voxel = info.channels * np.dtype(info.dtype).itemsize
     samples = sum(info.sizes[s] if group_size is None else -(-info.sizes[s] // group_size) for s in data.SPLITS)
     total = samples * len(mine) * int(np.prod(dec.subimage_shape)) * per_voxel if work.boxes else 0
-    if work.width or trains_global_cnn(plan, args, master_process, group_size is not None):
+    if work.width:
         total += samples * int(np.prod(info.spatial_shape)) * per_voxel
+    elif trains_global_cnn(plan, args, master_process, size):
+        ranks = 1 if global_cnn_alone(args, size) else size
+        total += sum(-(-info.sizes[s] // ranks) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
     return total
 
 

@@ -51,7 +51,7 @@ def format_table(results: dict) -> str:
                      f"{_sec(row.get('total_cpu_s')):>14}")
     lines += [rule, "critical CPU s: max over ranks of the CPU seconds of the phases a model needs, in order "
                     "(a local CNN: its own; a coherent model: a lower bound, its ranks wait for each other "
-                    "every step)"]
+                    "every step; the global CNN: what one process would spend, its ranks' CPU seconds summed)"]
     t = results.get("timing", {})
     cp = t.get("critical_path")
     if cp:
@@ -62,7 +62,10 @@ def format_table(results: dict) -> str:
     if g is not None:
         line = f"global CNN training: {g:.1f} CPU s"
         if t.get("global_ranks", 1) > 1:
-            line += f" on rank 0 of {t['global_ranks']} (data parallel over every rank)"
+            line += (f" summed over {t['global_ranks']} ranks, data parallel (one process's equivalent; rank 0: "
+                     f"{t.get('global_train_cpu_s_rank0', g):.1f} CPU s, {t['global_train_wall_s']:.1f} s wall)")
+        else:
+            line += f" on rank 0 alone ({t['global_train_wall_s']:.1f} s wall)"
         if cp:
             line += f"  =  {g / cp['cpu_s']:.1f}x the two-level critical path"
         lines.append(line)
@@ -179,11 +182,20 @@ def write_report(runs: list, out: str) -> str:
     parts = ["# mpidd report", ""]
     if len(named) > 1:
         parts += ["## Test accuracy across runs (%)", "", comparison_table(named), ""]
+        for kind, title, draw in (
+                ("accuracy_against_N", "Test accuracy against the number of subdomains",
+                 lambda p: figures.accuracy_against_subdomains(named, p)),
+                ("speedup_against_N", "Two-level critical path against the global CNN, with the FLOP limit",
+                 lambda p: figures.speedup_against_subdomains(named, p))):
+            if draw(os.path.join(out, f"runs_{kind}.png")):
+                parts += [f"![{title}](runs_{kind}.png)", ""]
     for (name, r), run_dir in zip(named, runs):
         parts += [f"## {name}", "", f"`{os.path.abspath(run_dir)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
                                     f"data `{r.get('data')}`", "", models_table(r), ""]
         for kind, title, draw in (
                 ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
+                ("subdomain_accuracy", "Test accuracy of each subdomain's local CNN",
+                 lambda p: figures.subdomain_heat_map(r, p)),
                 ("curves", "Training curves", lambda p: figures.training_curves(run_dir, p)),
                 ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
                 ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),

@@ -16,6 +16,7 @@ from ..engine import Control, Preempted
 from ..methods.context import Checkpoints, Context, PhaseTimer, Progress, Stops, print_flushed
 from ..stream import StreamStats
 from .plan import Plan
+from .progress import RunProgress
 
 
 EXIT_USAGE = 2
@@ -149,6 +150,12 @@ class Run:
     bytes_whole: int = 0           # bytes of whole images read (global CNN, width mode)
     access: str = "memory"         # this rank's data access: memory or stream (--data-access)
     io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
+    run_progress: RunProgress | None = None  # the phase lines and the whole run's time left
+
+    def begin(self, phase: str):
+        """Phase `phase` of run_progress starts (its line; nothing without run_progress)."""
+        if self.run_progress is not None:
+            self.run_progress.start(phase)
 
     @property
     def stops(self) -> AgreedStops:

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import socket
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -31,6 +33,7 @@ from .arguments import NOT_RECORDED, ConfigError, parse_args
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .dryrun import dry_run
 from .plan import Plan, UsageError, assignment, plan_run
+from .progress import RunProgress, model_flops, phases_of
 from .report import format_any, write_run_report
 from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
                   progress_to_log, refuse, setup_logging)
@@ -83,6 +86,7 @@ def main(argv=None, comm=None) -> int:
     0's results (finish). Returns 0, or EXIT_PREEMPTED after a stop (state saved); exits 2 on
     a refusal."""
     comm = parallel.world() if comm is None else comm
+    started = time.perf_counter()
     parallel.install_abort_on_error(comm)
     args, plan = start(comm, argv)
     if args.dry_run:
@@ -106,8 +110,12 @@ def main(argv=None, comm=None) -> int:
 
     devices = open_run_directory(run, bytes_boxes + bytes_whole)
     run.bytes_whole = bytes_whole
+    # phase lines and the whole run's time left, in every progress line of this rank
+    run.run_progress = RunProgress(phases_of(run), ctx.progress.sinks, started=started)
+    ctx.progress = dataclasses.replace(ctx.progress, suffix=run.run_progress.suffix)
     try:
         accuracies, rows, coherent_timing = every_phase(run, subsets, whole)
+        run.run_progress.finish()
         subsets = whole = None
         run.stops.sync()  # other ranks sleep, not spin, while rank 0 works
     except Preempted as e:
@@ -220,6 +228,8 @@ def finish(run: Run, stats: dict, rows: list, accuracies: dict, devices):
         else:
             results = assemble_results(args, plan, all_stats, accuracies, size, threads, versions)
         results["devices"] = devices
+        if not plan.work.width:
+            results["flops"] = model_flops(plan, args)  # forward, one image: the speed-up's FLOP limit
         marker = run.directory.marker
         results["restarts"] = {"segments": marker["segments"], "stops": marker.get("stops", [])}
         results["source"] = marker["segments"][-1].get("source")  # the code this segment started with

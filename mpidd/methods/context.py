@@ -57,9 +57,10 @@ def peak_rss_bytes() -> int:
         return 0
 
 
-def progress_printer(name, epochs, models_after=0, sinks=(print,)):
+def progress_printer(name, epochs, models_after=0, sinks=(print,), suffix=None):
     """One progress line per epoch (and per `log_interval` batches) to every sink, e.g. print
-    and a logger. The ETA covers `models_after` more models of the same size on this rank."""
+    and a logger. The ETA covers `models_after` more models of the same size on this rank;
+    `suffix(eta_s)`, if given, ends the line (the command line's whole-run estimate)."""
     def report(r):
         if "seconds" in r:
             r = dict(r, eta_s=r["eta_s"] + models_after * epochs * r["seconds"])
@@ -70,6 +71,8 @@ def progress_printer(name, epochs, models_after=0, sinks=(print,)):
             scores += f"val {100 * r['val_acc']:.2f}% "
         text = (f"{name}: epoch {r['epoch']}/{epochs} {where}{scores}{r['images_per_s']:.0f} img/s "
                 f"ETA {datetime.timedelta(seconds=round(r['eta_s']))}")
+        if suffix is not None:
+            text += suffix(r["eta_s"])
         for sink in sinks:
             sink(text)
     return report
@@ -111,13 +114,15 @@ class Checkpoints:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a training loop's progress lines go: every callable in `sinks` (none: silent)."""
+    """Where a training loop's progress lines go: every callable in `sinks` (none: silent);
+    `suffix(eta_s)`, if set, ends each line."""
     sinks: tuple = ()
+    suffix: object = None
 
     def printer(self, name: str, epochs: int, models_after: int = 0):
         """The progress callback of a training loop (None when silent); the ETA counts
         `models_after` more models of the same size on this rank."""
-        return progress_printer(name, epochs, models_after, self.sinks) if self.sinks else None
+        return progress_printer(name, epochs, models_after, self.sinks, self.suffix) if self.sinks else None
 
 
 def print_flushed(text):

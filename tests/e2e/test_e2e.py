@@ -35,7 +35,8 @@ def results(out):
 @pytest.fixture(scope="module")
 def two_rank_run(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "np2")
-    proc = run(["--data", tiny, "--grid", "2x2", "--overlap", "1", "--out", out, *TINY[1:]], np=2)  # with its report
+    proc = run(["--data", tiny, "--grid", "2x2", "--overlap", "1", "--out", out, "--log-interval", "8", *TINY[1:]],
+               np=2)  # with its report
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return out, proc
 
@@ -68,8 +69,12 @@ def test_two_rank_run_writes_everything(two_rank_run):
         assert 0 < c["exchange_fraction_max"] < 1 and 0 < c["exchange_cpu_fraction_max"] < 1
         assert c["bytes_per_step_per_rank"] == [2 * 32 * 2 * 4 * 4] * 2  # B x 2 subdomains x K floats, both ways
     box_bytes = 2 * (512 + 128 + 128) * (10 * 10 + 8)  # two 10x10 boxes + labels, per split
-    whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # rank 0 also reads whole images for the global CNN
-    assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes, box_bytes]
+    whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # the global CNN's whole images: half on each rank
+    assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes // 2] * 2
+    g = next(m for m in r["models"] if m["kind"] == "global")  # data parallel: one process's CPU s = the sum
+    assert r["timing"]["global_ranks"] == g["ranks"] == 2 and g["cpu_s"] > g["cpu_s_rank0"] > 0
+    assert r["timing"]["global_train_cpu_s"] > r["timing"]["global_train_cpu_s_rank0"] > 0
+    assert "summed over 2 ranks, data parallel" in proc.stdout
     for s in r["per_rank"]:
         assert s["bytes_read_boxes"] == box_bytes
         assert s["peak_rss_bytes"] > 10 * 2 ** 20
@@ -101,6 +106,20 @@ def test_two_rank_run_writes_everything(two_rank_run):
     assert "CNN-DNN" in proc.stdout and "critical path" in proc.stdout and "of a step's wall time" in proc.stdout
     assert proc.stdout.count("mpidd: 2 ranks") == 1
     assert "local 0 (0, 0): epoch 3/3" in proc.stdout and "local 1 (0, 1): epoch" not in proc.stdout
+    # every phase starts with a numbered line; every model that trains logs every --log-interval
+    # batches (16 a model's epoch here); each line ends with the run's time left; plain lines
+    phases = [line for line in proc.stdout.splitlines() if line.startswith("phase ")]
+    assert [p.split(":")[0] for p in phases] == [f"phase {k} of 6" for k in range(1, 7)]
+    assert phases[0].startswith("phase 1 of 6: local CNNs [0, 2] of 4")
+    assert "global CNN, data parallel over 2 ranks" in phases[-1]
+    for model in ("local 0 (0, 0): epoch 1/3", "local 2 (1, 0): epoch 3/3", "coarse DNN: epoch 1/13",
+                  "coherent (random init): epoch 2/2", "coherent (transfer learning): epoch 1/2",
+                  "global CNN: epoch 3/3"):
+        assert f"{model} batch 8/16 " in proc.stdout, model
+    assert " left" in phases[-1] and "| run 0:00:" in proc.stdout
+    assert "\r" not in proc.stdout and "\x1b" not in proc.stdout
+    rank1 = open(os.path.join(out, "logs", "rank1.log")).read()
+    assert "phase 1 of 6: local CNNs [1, 3] of 4" in rank1 and "local 3 (1, 1): epoch 2/3 batch 8/16 " in rank1
 
 
 def test_checkpoints_reload(two_rank_run):
@@ -117,14 +136,17 @@ def test_checkpoints_reload(two_rank_run):
 
 
 def test_same_accuracies_with_1_2_and_4_ranks(tiny, tmp_path):
-    """Local, combined and coherent (model parallel) models alike: the ranks change nothing."""
+    """Local, combined and coherent (model parallel) models alike: the ranks change nothing. (The
+    global CNN on rank 0 alone, --global-alone: data parallel, its sums change order with the
+    ranks, see test_global_cnn_data_parallel_on_two_ranks.)"""
     accs = {}
     for np_ in (1, 2, 3, 4):  # 3: rank 0 owns two subdomains, ranks 1 and 2 one each
         out = str(tmp_path / f"np{np_}")
         proc = run(["--data", tiny, "--grid", "2x2", "--mode", "compare", "--out", out, "--seed", "3",
-                    *TINY, "--epochs", "2", "--coarse-epochs", "2"], np=np_)
+                    *TINY, "--epochs", "2", "--coarse-epochs", "2", "--global-alone"], np=np_)
         assert proc.returncode == 0, proc.stderr
         accs[np_] = results(out)["accuracy"]
+        assert results(out)["timing"]["global_ranks"] == 1 and "global CNN on rank 0" in proc.stdout
     assert accs[1] == accs[2] == accs[3] == accs[4]
     assert "coherent (random init)" in accs[4]
 
@@ -512,12 +534,17 @@ def test_grid_auto_follows_the_rank_count(tiny, tmp_path, np_, grid):
         assert "grid auto" not in proc.stdout and results(again)["accuracy"] == r["accuracy"]
 
 
-def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
-    """python -m mpidd.report RUN RUN --out DIR: report.md's tables hold results.json's numbers,
-    and every figure it links is a PNG with content."""
+def test_report_with_figures_of_two_runs(two_rank_run, width_run, tiny, tmp_path):
+    """python -m mpidd.report RUN RUN RUN --out DIR (2x2, 4x4 and a width run): report.md's tables
+    hold results.json's numbers, every figure it links is a PNG with content, and the heat maps
+    and across-runs plots draw results.json's numbers."""
     import re
     from PIL import Image
-    runs = [two_rank_run[0], width_run[0]]
+    from mpidd import figures as drawn
+    four = str(tmp_path / "grid4x4")
+    proc = run(["--data", tiny, "--grid", "4x4", "--out", four, "--no-report", *FAST], np=4)
+    assert proc.returncode == 0, proc.stderr
+    runs = [two_rank_run[0], width_run[0], four]
     out = tmp_path / "report"
     proc = run([*runs, "--out", str(out)], script=("-m", "mpidd.report"))
     assert proc.returncode == 0, proc.stderr
@@ -526,6 +553,24 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tmp_path):
     name = os.path.basename(runs[0])
     assert {f"{name}_{k}.png" for k in ("decomposition", "curves", "accuracy", "phases", "confusion")} <= set(figures)
     assert f"{os.path.basename(runs[1])}_time_to_accuracy.png" in figures
+    assert {f"{name}_subdomain_accuracy.png", "grid4x4_subdomain_accuracy.png", "runs_accuracy_against_N.png",
+            "runs_speedup_against_N.png"} <= set(figures)
+    for run_dir, grid in ((runs[0], (2, 2)), (four, (4, 4))):  # the heat maps' cells: each local CNN's
+        r = results(run_dir)
+        acc, ranks, index = drawn.subdomain_accuracies(r)
+        assert acc.shape == grid and sorted(index.ravel()) == list(range(grid[0] * grid[1]))
+        for m in (m for m in r["models"] if m["kind"] == "local"):
+            where = np.argwhere(index == m["subdomain"])[0]
+            assert acc[tuple(where)] == m["test_acc"] and ranks[tuple(where)] == m["rank"]
+            assert f"({where[0]}, {where[1]})" in m["name"]
+    across = drawn.across_runs([(os.path.basename(d), results(d)) for d in runs])  # the width run has no grid
+    two, four_r = results(runs[0]), results(four)
+    assert across["N"] == [4, 16] and across["cnn_dnn"] == [two["accuracy"]["CNN-DNN"]["test"],
+                                                          four_r["accuracy"]["CNN-DNN"]["test"]]
+    assert across["global"] == [two["accuracy"]["global CNN"]["test"], four_r["accuracy"]["global CNN"]["test"]]
+    assert across["speedup"][1] == four_r["timing"]["global_over_critical_path"]
+    # 16 subdomains on 4 ranks: the critical path trains 4 local CNNs one after the other
+    assert across["flop_limit"][1] == four_r["flops"]["global_forward"] / (4 * four_r["flops"]["local_forward"])
     for file in figures:
         with Image.open(out / file) as im:
             assert im.format == "PNG" and min(im.size) > 100

@@ -18,7 +18,8 @@ from test_e2e import TINY, results, run
 from test_restart import EXIT_PREEMPTED, SIGNAL, marker, scores
 
 SMALL_MEMORY = (os.path.join(ROOT, "tests", "helpers", "memory_on_rank.py"),)
-COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", *TINY]
+# --global-alone: compared bit for bit across rank counts (data parallel, its sums follow the ranks)
+COMPARE = ["--grid", "2x2", "--mode", "compare", "--seed", "5", "--global-alone", *TINY]
 
 
 def splits_of(path):

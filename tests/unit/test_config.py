@@ -162,13 +162,16 @@ def test_the_command_line_and_the_api_build_their_configs_alike():
     # defaults, spelled out
     cli = resolved([])
     two, wide = api_twin(cli, mpidd.TwoLevelClassifier), api_twin(cli, mpidd.WidthClassifier)
-    assert options.twolevel_config(cli) == two.config() == TwoLevelConfig()
+    assert options.twolevel_config(cli) == TwoLevelConfig(local=TrainOptions(log_interval=100), coarse=TrainOptions(
+        epochs=5, lr=3e-3, weight_decay=1e-4, select_best=True, log_interval=100))
+    assert two.config() == TwoLevelConfig()
     assert options.coherent_config(two, "random") == CoherentConfig()
     assert options.coherent_config(two, "pretrained") == CoherentConfig(opts=TrainOptions(epochs=2, lr=5e-4))
     assert options.coherent_config(cli, "random") == CoherentConfig(opts=TrainOptions(epochs=2, lr=2e-3,
                                                                                       log_interval=100))
     assert wide.config() == WidthConfig()
-    assert options.width_config(cli) == WidthConfig(recomposed_opts=TrainOptions(epochs=3, lr=5e-4, log_interval=100,
+    assert options.width_config(cli) == WidthConfig(subnet_opts=TrainOptions(epochs=6, log_interval=100),
+                                                    recomposed_opts=TrainOptions(epochs=3, lr=5e-4, log_interval=100,
                                                                                  test_points=4))
     assert options.global_options(cli) == TrainOptions(log_interval=100, test_points=4)
 
@@ -179,11 +182,11 @@ def test_the_command_line_and_the_api_build_their_configs_alike():
     assert c.cnn == a.cnn and (c.cnn.input_mean, c.cnn.input_std) == ((0.5, 0.25), (0.2, 0.125))
     assert (c.cnn.arch, c.cnn.dense_layers, c.cnn.batchnorm) == ("resnet", (2, 3, 4), False)
     assert (c.local.shuffle_block, c.local.shuffle_buffer) == (64, 3)
-    assert dataclasses.replace(c, local=api_side(c.local)) == a
+    assert dataclasses.replace(c, local=api_side(c.local), coarse=api_side(c.coarse)) == a
     assert c.local == TrainOptions(epochs=5, batch_size=32, lr=1e-3, optimizer="sgd", momentum=0.8, weight_decay=1e-4,
-                                   schedule="step", shuffle_block=64, shuffle_buffer=3)
+                                   schedule="step", shuffle_block=64, shuffle_buffer=3, log_interval=7)
     assert c.coarse == TrainOptions(epochs=7, batch_size=16, lr=1e-2, optimizer="adam", weight_decay=0,
-                                    schedule="cosine", select_best=True)
+                                    schedule="cosine", select_best=True, log_interval=7)
     assert (c.coarse_hidden, c.coarse_dropout, c.coarse_input, c.coarse_min_steps, c.seed, c.eval_batch_size) == (
         (32, 16), 0.1, "prob", 100, 3, 64)
     for init, lr in (("random", 1e-3), ("pretrained", 1e-4)):
@@ -192,7 +195,7 @@ def test_the_command_line_and_the_api_build_their_configs_alike():
                                                                                               (32, 16))
         assert dataclasses.replace(c, opts=api_side(c.opts)) == a
     c, a = options.width_config(cli), wide.config()
-    assert (c.subnet_opts.epochs, c.subnet_opts.lr, c.subnet_opts.log_interval) == (4, 1e-3, 0)
+    assert (c.subnet_opts.epochs, c.subnet_opts.lr, c.subnet_opts.log_interval) == (4, 1e-3, 7)
     assert (c.recomposed_opts.epochs, c.recomposed_opts.lr, c.recomposed_opts.log_interval,
             c.recomposed_opts.test_points) == (5, 1e-4, 7, 2)
     assert (c.subnets, c.shard, c.offdiag_noise) == (2, True, 0.01)
