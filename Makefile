@@ -12,6 +12,8 @@
 #   make test CTEST_ARGS='-R unit'   only some suites (any ctest options)
 #   make gpu-check            only the GPU suite, with its report (wall times, accuracies against
 #                             the CPU); on a machine without a GPU it says so and skips
+#   make docs-figures         run the demo again and write its numbers and figures into README.md,
+#                             BENCHMARKS.md and docs/figures (one run, one commit)
 #
 # Not root and no SUDO: nothing is installed with apt and nothing asks for a password; the suites
 # that need a Debian package or root (e2e_openmpi without Debian's Open MPI, slurm) are skipped,
@@ -62,7 +64,7 @@ CTEST         = $(dir $(CMAKE))ctest
 empty        :=
 space        := $(empty) $(empty)
 
-.PHONY: all setup openmpi data demo test gpu-check clean
+.PHONY: all setup openmpi data demo docs-figures test gpu-check clean
 
 all: test
 
@@ -145,6 +147,10 @@ data: $(DATA)
 
 demo: $(STAMP) $(DATA)
 	$(MPIEXEC) -n $(NP) $(MPIEXEC_PREFLAGS) $(PY) -m mpidd.train --data $(DATA) --out $(DEMO_OUT) --overwrite
+
+docs-figures: $(STAMP) $(DATA)
+	$(PY) benchmarks/docs_figures.py --data $(DATA) --out $(DEMO_OUT) --mpirun $(MPIEXEC) \
+	    --np $(NP) --preflags "$(MPIEXEC_PREFLAGS)"
 
 # All suites through CTest: unit tests, MPI tests at 1 to 4 ranks, end-to-end runs (and the
 # Open MPI end-to-end run unless OPENMPI_TEST=0, the Slurm suite unless SLURM_TEST=0).

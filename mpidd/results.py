@@ -98,6 +98,7 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
         trained = [st for st in all_stats if "global_train" in st["phases"]]
         g = all_stats[0]["phases"]["global_train"]
         timing["global_ranks"] = len(trained)
+        timing["global_threads"] = all_stats[0].get("global_threads") or threads
         timing["global_train_cpu_s"] = sum(st["phases"]["global_train"]["cpu_s"] for st in trained)
         timing["global_train_cpu_s_rank0"], timing["global_train_wall_s"] = g["cpu_s"], g["wall_s"]
         cpu = sum(seconds(st, "cpu_s", "global_load", "global_train", "global_eval") for st in trained)

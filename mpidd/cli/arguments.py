@@ -108,10 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--subnets thin sub-networks, trained in parallel, recomposed and trained "
                         "further, against the global CNN from random init (Gu et al.)")
     g.add_argument("--global-alone", action="store_true",
-                   help="--mode compare: train the global CNN on rank 0 alone, the one-process baseline of the "
-                        "papers (the other ranks wait), instead of data parallel over every rank (the default: "
-                        "the same model and optimiser, its figures in results.json also summed over the ranks, "
-                        "what one process would spend)")
+                   help="--mode compare: train the global CNN on rank 0 with its own --threads, the "
+                        "one-process baseline as the papers ran it, while the other ranks wait. Default: the "
+                        "first rank of each node trains it with the cores of its node's waiting ranks too, data "
+                        "parallel across nodes (its CPU seconds in results.json summed over those ranks)")
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
     g.add_argument("--dry-run", action="store_true",

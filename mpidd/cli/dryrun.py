@@ -22,7 +22,7 @@ from ..options import cnn_config
 from ..recomposition import build_subnet
 from ..stream import choose_access, human_bytes
 from .arguments import NOT_RECORDED
-from .plan import Plan, assignment, data_share, global_cnn_alone, trains_global_cnn
+from .plan import Plan, assignment, data_share, global_cnn_alone, global_share
 
 # A model being trained holds its weights, their gradients and the optimizer's state (Adam: two
 # moments; SGD with momentum: one), float32: 4 copies of its parameters at most.
@@ -43,8 +43,9 @@ def activation_elements(model: torch.nn.Module, input_shape) -> int:
     return sum(sizes)
 
 
-def models_of_rank(plan: Plan, args, mine, master_process: bool, size: int) -> list[tuple[int, torch.nn.Module, tuple]]:
-    """(how many, model, input shape) of the models this rank trains (built on the CPU, not trained)."""
+def models_of_rank(plan: Plan, args, mine, master_process: bool, global_ranks: int | None) -> list[tuple]:
+    """(how many, model, input shape) of the models this rank trains (built on the CPU, not
+    trained); global_ranks: see plan.global_share."""
     info, dec, work = plan.info, plan.decomposition, plan.work
     C, K, cfg = info.channels, info.num_classes, cnn_config(args)
     whole = (C, *info.spatial_shape)
@@ -54,14 +55,14 @@ def models_of_rank(plan: Plan, args, mine, master_process: bool, size: int) -> l
     elif work.boxes and mine:  # its local CNNs (every subdomain's has the same shape)
         models.append((len(mine), build_cnn(C, K, dec.subimage_shape, cfg, plan.width_factor),
                        (C, *dec.subimage_shape)))
-    if (work.width and master_process) or trains_global_cnn(plan, args, master_process, size):
+    if (work.width and master_process) or global_ranks is not None:
         models.append((1, build_cnn(C, K, info.spatial_shape, cfg), whole))
     return models
 
 
-def memory_estimate(plan: Plan, args, mine, master_process: bool, size: int, share: int, access: str) -> dict:
+def memory_estimate(plan: Plan, args, mine, master_process: bool, global_ranks, share: int, access: str) -> dict:
     """Bytes this rank would hold at its peak, by part (float32 throughout)."""
-    models = models_of_rank(plan, args, mine, master_process, size)
+    models = models_of_rank(plan, args, mine, master_process, global_ranks)
     states = sum(n * STATE_COPIES * 4 * count_parameters(m) for n, m, _ in models)
     # one training batch at a time: every layer's output kept for the backward pass, and its gradient
     batch = max((2 * 4 * args.batch_size * activation_elements(m, shape) for _, m, shape in models), default=0)
@@ -87,10 +88,13 @@ def dry_run(comm, args, plan: Plan) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     master_process = rank == 0
     mine, group = assignment(rank, size, plan, args)
-    share = data_share(plan, args, mine, group[2] if group else None, master_process, size)
+    leader, nodes, global_threads = parallel.node_leaders(comm, args.threads or parallel.default_threads(comm))
+    global_ranks = global_share(plan, args, master_process, size, (leader, nodes))
+    share = data_share(plan, args, mine, group[2] if group else None, global_ranks)
     access, why = choose_access(args.data_access, share, parallel.memory_per_rank(comm))
-    memory = memory_estimate(plan, args, mine, master_process, size, share, access)
+    memory = memory_estimate(plan, args, mine, master_process, global_ranks, share, access)
     row = {"rank": rank, "host": socket.gethostname(), "mine": mine, "group": group, "share": share,
+           "global_ranks": global_ranks, "global_threads": global_threads,
            "access": access, "why": why, "memory": memory}
     rows = parallel.gather_to_root(comm, row)
     if master_process:
@@ -116,8 +120,10 @@ def format_dry_run(args, plan: Plan, size: int, rows: list) -> str:
                      f"width factor {plan.width_factor:g} ({plan.local_params:,} vs {plan.global_params:,} global "
                      f"parameters), {size} ranks")
         if work.global_cnn:
+            ranks = rows[0]["global_ranks"]
             lines.append("global CNN: " + ("on rank 0 alone (the one-process baseline)" if global_cnn_alone(args, size)
-                                           else f"data parallel over the {size} ranks"))
+                                           else f"the first rank of each node ({ranks}, data parallel across nodes) "
+                                                f"with {rows[0]['global_threads']} threads, the others wait"))
     if plan.note:
         lines.append(plan.note)
     what = "sub-networks" if work.width else "subdomains"

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 from .. import data, parallel, rundir, saved, stream
 from ..engine import Shard
 from ..methods import coherent, global_cnn, twolevel, width
 from ..models import CoarseDNN, build_cnn
 from ..options import cnn_config, coherent_config, global_options, twolevel_config, width_config
 from .arguments import NOT_RECORDED
-from .plan import data_share, global_cnn_alone, load_pretrained_checkpoint, load_pretrained_weights
+from .plan import data_share, load_pretrained_checkpoint, load_pretrained_weights
 from .run import EXIT_USAGE, Run, refuse
 
 
@@ -42,7 +44,7 @@ def share_bytes(run: Run) -> int:
     """What this rank's data takes in memory (plan.data_share)."""
     ctx = run.ctx
     return data_share(run.plan, run.args, ctx.mine, ctx.group.size if ctx.group is not None else None,
-                      ctx.master_process, ctx.comm.Get_size())
+                      run.global_ranks)
 
 
 def load_local_data(run: Run):
@@ -293,19 +295,25 @@ def every_phase(run: Run, subsets, whole):
                 accuracies[f"coherent_{init}"] = acc
                 rows += coherent_rows
     if work.global_cnn:
-        # --mode compare: every rank data parallel (one group of them all), or with --global-alone
-        # rank 0 while the others wait; --mode global: every rank, data parallel (ctx.group)
-        alone = global_cnn_alone(args, ctx.comm.Get_size())
-        if args.mode == "compare":
-            run.stops.sync()
-        run.begin("global")
+        # --mode compare: the first rank of each node with the node's cores (data parallel
+        # across nodes; the others wait), or with --global-alone rank 0 with its own threads
+        # while the others wait; --mode global: every rank, data parallel (ctx.group)
+        alone = run.global_size == 1  # (one node: its first rank, plain BatchNorm, no group)
         grun = run
         if args.mode == "compare":
-            grun = run.with_group(None if alone else parallel.DataParallelGroup(ctx.comm, color=0, key=ctx.rank))
-        if ctx.master_process or not alone:
+            run.stops.sync()
+            grun = run.with_group(None if alone else parallel.DataParallelGroup(
+                ctx.comm, color=0 if run.global_ranks is not None else 1, key=ctx.rank,
+                wait_interval=run.stops.wait_interval))
+        run.begin("global")
+        if run.global_ranks is not None:
             if whole is None:  # --mode compare: the local phase has already checked every pixel
                 whole, run.bytes_whole = load_whole_images(grun, check=False)
-            acc, global_rows = global_phase(grun, whole, alone=alone)
+            torch.set_num_threads(run.global_threads)  # the cores of its node's waiting ranks too
+            try:
+                acc, global_rows = global_phase(grun, whole, alone=alone)
+            finally:
+                torch.set_num_threads(run.threads)
             if ctx.master_process:
                 accuracies["global"] = acc
             rows += global_rows

@@ -73,27 +73,39 @@ def assignment(rank: int, size: int, plan: Plan, args) -> tuple[list, tuple | No
 
 def global_cnn_alone(args, size: int) -> bool:
     """Rank 0 trains the global CNN by itself (--mode compare with --global-alone, or one rank);
-    else every rank does, data parallel (--mode global, compare)."""
+    else ranks train it data parallel (--mode global: every rank; compare: see global_share)."""
     return args.mode == "compare" and (getattr(args, "global_alone", False) or size == 1)
 
 
-def trains_global_cnn(plan: Plan, args, master_process: bool, size: int) -> bool:
-    """This rank trains the global CNN (see global_cnn_alone)."""
-    return plan.work.global_cnn and (master_process or not global_cnn_alone(args, size))
+def global_share(plan: Plan, args, master_process: bool, size: int, leaders=(True, 1)) -> int | None:
+    """How many ranks share the global CNN's samples with this rank (1: it trains it alone), or
+    None where it does not train it. --mode global: every rank; compare: rank 0 alone
+    (--global-alone), or the first rank of every node (leaders: (this rank is one, how many
+    there are), parallel.node_leaders), data parallel across nodes, each with its node's cores
+    while the other ranks of the node wait."""
+    if not plan.work.global_cnn:
+        return None
+    if args.mode == "global":
+        return size
+    if global_cnn_alone(args, size):
+        return 1 if master_process else None
+    leader, nodes = leaders
+    return nodes if leader else None
 
 
-def data_share(plan: Plan, args, mine, group_size: int | None, master_process: bool, size: int) -> int:
+def data_share(plan: Plan, args, mine, group_size: int | None, global_ranks: int | None) -> int:
     """What this rank's data takes in memory: its subimage boxes of every split (its share of the
-    samples if data parallel), and where it trains on whole images, its share of those."""
+    samples if data parallel), and where it trains on whole images (global_ranks: how many share
+    them, see global_share; --mode width: all of them), its share of those."""
     info, dec, work = plan.info, plan.decomposition, plan.work
     per_voxel = info.channels * np.dtype(info.dtype).itemsize
     samples = sum(info.sizes[s] if group_size is None else -(-info.sizes[s] // group_size) for s in data.SPLITS)
     total = samples * len(mine) * int(np.prod(dec.subimage_shape)) * per_voxel if work.boxes else 0
     if work.width:
         total += samples * int(np.prod(info.spatial_shape)) * per_voxel
-    elif trains_global_cnn(plan, args, master_process, size):
-        ranks = 1 if global_cnn_alone(args, size) else size
-        total += sum(-(-info.sizes[s] // ranks) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) * per_voxel
+    elif global_ranks is not None:
+        total += sum(-(-info.sizes[s] // global_ranks) for s in data.SPLITS) * int(np.prod(info.spatial_shape)) \
+            * per_voxel
     return total
 
 

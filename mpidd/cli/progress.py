@@ -139,7 +139,6 @@ def phases_of(run) -> list[PhaseWork]:
     from ..options import cnn_config, coarse_options
     from ..combine import coarse_epochs
     from ..recomposition import build_subnet
-    from .plan import global_cnn_alone
     ctx, args, plan = run.ctx, run.args, run.plan
     info, dec, work = plan.info, plan.decomposition, plan.work
     C, K, cnn, sizes = info.channels, info.num_classes, cnn_config(args), info.sizes
@@ -177,11 +176,11 @@ def phases_of(run) -> list[PhaseWork]:
         flops = mine * training_flops(f_local, args.coherent_epochs, n_tr, n_val, n_test)
         phases.append(PhaseWork(f"coherent_{init}", f"{names[init]} (model parallel, every rank)", flops, True))
     if work.global_cnn:
-        ranks = 1 if global_cnn_alone(args, ctx.comm.Get_size()) else ctx.comm.Get_size()
+        ranks = run.global_ranks or 1
         f_glob = forward["global_forward"]
         n = {s: -(-sizes[s] // ranks) for s in sizes}
         flops = training_flops(f_glob, args.epochs, n["train"], n["val"], n["train"] + n["val"] + n["test"])
-        phases.append(PhaseWork("global", f"global CNN, data parallel over {ranks} ranks" if ranks > 1 else
-                                "global CNN on rank 0 (the one-process baseline)",
-                                flops if ranks > 1 or ctx.master_process else 0.0, ranks > 1))
+        title = (f"global CNN, data parallel over {ranks} ranks" if ranks > 1 else
+                 f"global CNN on rank 0 with {run.global_threads} thread{'s' if run.global_threads > 1 else ''}")
+        phases.append(PhaseWork("global", title, flops if run.global_ranks is not None else 0.0, ranks > 1))
     return phases

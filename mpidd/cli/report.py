@@ -65,7 +65,10 @@ def format_table(results: dict) -> str:
             line += (f" summed over {t['global_ranks']} ranks, data parallel (one process's equivalent; rank 0: "
                      f"{t.get('global_train_cpu_s_rank0', g):.1f} CPU s, {t['global_train_wall_s']:.1f} s wall)")
         else:
-            line += f" on rank 0 alone ({t['global_train_wall_s']:.1f} s wall)"
+            n = t.get("global_threads", results["threads_per_rank"])
+            line += (f" on rank 0 alone with {n} thread{'s' if n > 1 else ''}"
+                     f"{' (its node’s cores: the other ranks waited)' if n > results['threads_per_rank'] else ''}"
+                     f", {t['global_train_wall_s']:.1f} s wall")
         if cp:
             line += f"  =  {g / cp['cpu_s']:.1f}x the two-level critical path"
         lines.append(line)

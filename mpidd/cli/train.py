@@ -32,7 +32,7 @@ from ..stream import choose_access
 from .arguments import NOT_RECORDED, ConfigError, parse_args
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .dryrun import dry_run
-from .plan import Plan, UsageError, assignment, plan_run
+from .plan import Plan, UsageError, assignment, global_cnn_alone, global_share, plan_run
 from .progress import RunProgress, model_flops, phases_of
 from .report import format_any, write_run_report
 from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
@@ -122,7 +122,7 @@ def main(argv=None, comm=None) -> int:
         return stop_here(run, e)
 
     stats = {"rank": ctx.rank, "host": socket.gethostname(), "device": parallel.device_name(ctx.device),
-             "threads": run.threads,
+             "threads": run.threads, "global_threads": run.global_threads if run.global_ranks else None,
              "subdomains": ctx.mine, "data_parallel": [ctx.group.rank, ctx.group.size] if ctx.group else None,
              "bytes_read": bytes_boxes + run.bytes_whole + run.io.bytes_read, "bytes_read_boxes": bytes_boxes,
              "bytes_read_whole_images": run.bytes_whole, "peak_rss_bytes": peak_rss_bytes(),
@@ -155,23 +155,29 @@ def prepare(comm, args, plan: Plan) -> Run:
     parallel.tune_malloc()
     parallel.warm_up_torch()
 
+    # ranks that share cores sleep while they wait for each other (stops, data-parallel sums);
+    # ranks with cores of their own spin in MPI_Wait (lowest latency)
+    wait_interval = 1e-4 if parallel.oversubscribed(comm, threads) else None
     mine, grouping = assignment(rank, size, plan, args)
     group = None
     if grouping is not None:  # P = G*N: the G ranks of each subdomain train its model data parallel
         color, member, _ = grouping
-        group = parallel.DataParallelGroup(comm, color=color, key=member)
+        group = parallel.DataParallelGroup(comm, color=color, key=member, wait_interval=wait_interval)
 
     resume = plan.progress
     resuming = resume is not None and not resume.get("fresh")
     stopper = parallel.StopAgreement(comm)
     directory = RunDirectory(args.out, rank, args, stopper, resuming, resume if resuming else None)
     timer = PhaseTimer(rundir.read_json(directory.path(rundir.phases_file(rank)), {}) if resuming else None)
-    # ranks that share cores sleep while they wait for each other; ranks with cores of their
-    # own spin in MPI_Wait (lowest latency)
-    stops = AgreedStops(stopper, timer, wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
+    stops = AgreedStops(stopper, timer, wait_interval=wait_interval)
     ctx = Context(comm=comm, device=device, precision=args.precision, mine=mine, group=group, timer=timer,
                   stops=stops, checkpoints=directory, progress=progress_to_log(master_process))
-    return Run(ctx=ctx, args=args, plan=plan, threads=threads)
+    leader, nodes, global_threads = parallel.node_leaders(comm, threads)
+    share = global_share(plan, args, master_process, size, (leader, nodes))
+    spread = args.mode == "compare" and not global_cnn_alone(args, size)  # the node leaders, not rank 0 alone
+    return Run(ctx=ctx, args=args, plan=plan, threads=threads, global_ranks=share,
+               global_threads=global_threads if spread else threads,
+               global_size=nodes if spread else (size if args.mode == "global" else 1))
 
 
 def open_run_directory(run: Run, bytes_read: int):

@@ -1,9 +1,9 @@
 """The global CNN on whole images (the baseline of every comparison), and the training loop of
 any whole-image model (also the width decomposition's sub-networks and recomposed network):
 
-    rank 0 alone (--mode width, compare with --global-alone), or every rank data parallel (--mode
-    global and compare, P ranks: each holds its share of the samples, gradients and BatchNorm
-    statistics summed over ctx.group)
+    one rank alone (--mode width; compare on one node), or data parallel over ctx.group (--mode
+    global: every rank; compare on several nodes: the first rank of each): each holds its share
+    of the samples, gradients and BatchNorm statistics summed over the group
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from .collectives import (agree, allgather, broadcast_from_root, gather_probabil
 from .exchange import GatherToRoot, ModelParallelExchange
 from .groups import AllSum, DataParallelGroup, cached_group, free_groups
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
-                     library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, oversubscribed,
+                     library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, node_leaders,
+                     oversubscribed,
                      select_device, tune_malloc, warm_up_torch)
 from .stop import EXIT_PREEMPTED, StopAgreement
 
@@ -53,6 +54,7 @@ __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", 
            "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "cached_group", "free_groups",
            "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
-           "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "oversubscribed",
+           "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "node_leaders",
+           "oversubscribed",
            "select_device", "tune_malloc", "warm_up_torch", "EXIT_PREEMPTED", "StopAgreement",
            "shared_world", "SHARED_GROUPS", "world"]

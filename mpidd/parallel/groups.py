@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .collectives import sleepy_wait
+
 
 class DataParallelGroup:
     """The ranks that train one model together, data parallel (P = G*N: G ranks a subdomain).
@@ -20,11 +22,14 @@ class DataParallelGroup:
     the same order (same batches, same evaluation batch counts, same stop polls).
     """
 
-    def __init__(self, comm=None, color: int = 0, key: int = 0, *, split=None):
+    def __init__(self, comm=None, color: int = 0, key: int = 0, *, split=None, wait_interval=None):
         """The group of this rank: comm.Split(color, key), or `split`, a communicator already
-        split that way (kept and freed by its maker)."""
+        split that way (kept and freed by its maker). wait_interval: seconds to sleep between
+        tests of a pending sum (ranks that share cores; a spinning wait would take the core of
+        a member still computing), None: MPI's blocking Allreduce."""
         self.comm = split if split is not None else comm.Split(color, key)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.wait_interval = wait_interval
         self.bytes = 0  # payload this rank contributed to the group's gradient sums
 
     def share(self, n: int) -> tuple[int, int]:
@@ -32,8 +37,8 @@ class DataParallelGroup:
 
     def sum(self, values) -> list:
         """Element-wise sum over the group of a few numbers (float64)."""
-        out = np.zeros(len(values), dtype=np.float64)
-        self.comm.Allreduce(np.asarray(values, dtype=np.float64), out, op=MPI.SUM)
+        out = np.array(values, dtype=np.float64)
+        _allreduce_array(self.comm, out, self.wait_interval)
         return out.tolist()
 
     def sum_gradients(self, model):
@@ -43,7 +48,7 @@ class DataParallelGroup:
             if p.grad is None:  # a member whose share of the batch was empty
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params]).float().cpu().numpy()
-        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        _allreduce_array(self.comm, flat, self.wait_interval)
         self.bytes += flat.nbytes
         summed = torch.from_numpy(flat)
         offset = 0
@@ -53,7 +58,7 @@ class DataParallelGroup:
 
     def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Differentiable sum over the group (the adjoint of a sum is a sum of the gradients)."""
-        return AllSum.apply(tensor, self.comm)
+        return AllSum.apply(tensor, self.comm, self.wait_interval)
 
 
 def cached_group(cache: dict, layout, comm, color: int, key: int) -> DataParallelGroup:
@@ -71,18 +76,26 @@ def free_groups(cache: dict):
     cache.clear()
 
 
-def _allreduce_tensor(comm, tensor):
+def _allreduce_array(comm, array, wait_interval=None):
+    """Sum `array` over comm in place: blocking, or non-blocking with sleeps (wait_interval)."""
+    if wait_interval is None:
+        comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    else:
+        sleepy_wait(comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM), wait_interval)
+
+
+def _allreduce_tensor(comm, tensor, wait_interval=None):
     array = np.ascontiguousarray(tensor.detach().cpu().numpy())
-    comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    _allreduce_array(comm, array, wait_interval)
     return torch.from_numpy(array).to(tensor.device)
 
 
 class AllSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, comm):
-        ctx.comm = comm
-        return _allreduce_tensor(comm, tensor)
+    def forward(ctx, tensor, comm, wait_interval=None):
+        ctx.comm, ctx.wait_interval = comm, wait_interval
+        return _allreduce_tensor(comm, tensor, wait_interval)
 
     @staticmethod
     def backward(ctx, grad):
-        return _allreduce_tensor(ctx.comm, grad.contiguous()), None
+        return _allreduce_tensor(ctx.comm, grad.contiguous(), ctx.wait_interval), None, None

@@ -157,6 +157,18 @@ def node_cores_and_ranks(comm) -> tuple[int, int]:
         local.Free()
 
 
+def node_leaders(comm, threads: int) -> tuple[bool, int, int]:
+    """(whether this rank is its node's first, how many nodes comm spans, the torch threads this
+    rank may use while the others of its node wait: at least `threads`, up to the cores it may
+    run on). Collective."""
+    local = node_comm(comm)
+    try:
+        leader = local.Get_rank() == 0
+    finally:
+        local.Free()
+    return leader, comm.allreduce(int(leader)), max(threads, len(os.sched_getaffinity(0)))
+
+
 def default_threads(comm) -> int:
     """Cores available to this node's ranks divided by the ranks on the node, at least 1."""
     cores, ranks = node_cores_and_ranks(comm)

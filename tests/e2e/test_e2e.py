@@ -69,12 +69,14 @@ def test_two_rank_run_writes_everything(two_rank_run):
         assert 0 < c["exchange_fraction_max"] < 1 and 0 < c["exchange_cpu_fraction_max"] < 1
         assert c["bytes_per_step_per_rank"] == [2 * 32 * 2 * 4 * 4] * 2  # B x 2 subdomains x K floats, both ways
     box_bytes = 2 * (512 + 128 + 128) * (10 * 10 + 8)  # two 10x10 boxes + labels, per split
-    whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # the global CNN's whole images: half on each rank
-    assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes // 2] * 2
-    g = next(m for m in r["models"] if m["kind"] == "global")  # data parallel: one process's CPU s = the sum
-    assert r["timing"]["global_ranks"] == g["ranks"] == 2 and g["cpu_s"] > g["cpu_s_rank0"] > 0
-    assert r["timing"]["global_train_cpu_s"] > r["timing"]["global_train_cpu_s_rank0"] > 0
-    assert "summed over 2 ranks, data parallel" in proc.stdout
+    whole_bytes = (512 + 128 + 128) * (16 * 16 + 8)     # rank 0 also reads whole images for the global CNN
+    assert [s["bytes_read"] for s in r["per_rank"]] == [box_bytes + whole_bytes, box_bytes]
+    # one node: its first rank trains the global CNN with the node's cores while rank 1 waits
+    g = next(m for m in r["models"] if m["kind"] == "global")
+    threads = len(os.sched_getaffinity(0))
+    assert r["timing"]["global_ranks"] == g["ranks"] == 1 and g["cpu_s"] == g["cpu_s_rank0"] > 0
+    assert r["timing"]["global_threads"] == max(1, threads) and r["per_rank"][0]["global_threads"] == max(1, threads)
+    assert f"on rank 0 alone with {max(1, threads)} thread" in proc.stdout
     for s in r["per_rank"]:
         assert s["bytes_read_boxes"] == box_bytes
         assert s["peak_rss_bytes"] > 10 * 2 ** 20
@@ -111,7 +113,7 @@ def test_two_rank_run_writes_everything(two_rank_run):
     phases = [line for line in proc.stdout.splitlines() if line.startswith("phase ")]
     assert [p.split(":")[0] for p in phases] == [f"phase {k} of 6" for k in range(1, 7)]
     assert phases[0].startswith("phase 1 of 6: local CNNs [0, 2] of 4")
-    assert "global CNN, data parallel over 2 ranks" in phases[-1]
+    assert f"global CNN on rank 0 with {max(1, threads)} thread" in phases[-1]
     for model in ("local 0 (0, 0): epoch 1/3", "local 2 (1, 0): epoch 3/3", "coarse DNN: epoch 1/13",
                   "coherent (random init): epoch 2/2", "coherent (transfer learning): epoch 1/2",
                   "global CNN: epoch 3/3"):
@@ -137,8 +139,8 @@ def test_checkpoints_reload(two_rank_run):
 
 def test_same_accuracies_with_1_2_and_4_ranks(tiny, tmp_path):
     """Local, combined and coherent (model parallel) models alike: the ranks change nothing. (The
-    global CNN on rank 0 alone, --global-alone: data parallel, its sums change order with the
-    ranks, see test_global_cnn_data_parallel_on_two_ranks.)"""
+    global CNN with --global-alone: on rank 0 with its own threads at every rank count; without
+    it, with the node's cores, which are more threads than one rank's from 2 ranks on.)"""
     accs = {}
     for np_ in (1, 2, 3, 4):  # 3: rank 0 owns two subdomains, ranks 1 and 2 one each
         out = str(tmp_path / f"np{np_}")
@@ -593,3 +595,21 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tiny, tmp_path
         assert f"| {cls} | " + " | ".join(str(n) for n in row) + " |" in text
     proc = run([str(tmp_path / "missing"), "--out", str(out)], script=("-m", "mpidd.report"))
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+    # make docs-figures' writer: the docs' demo blocks and figures from one run, with its commit
+    docs = tmp_path / "docs_root"
+    (docs / "docs" / "figures").mkdir(parents=True)
+    for name in ("README.md", "BENCHMARKS.md"):
+        (docs / name).write_text("before\n<!-- demo:begin -->\nold numbers\n<!-- demo:end -->\nafter\n")
+    proc = run(["--run", runs[0], "--wall", "75.4", "--root", str(docs)],
+               script=(os.path.join(ROOT, "benchmarks", "docs_figures.py"),))
+    assert proc.returncode == 0, proc.stderr
+    readme, bench = (docs / "README.md").read_text(), (docs / "BENCHMARKS.md").read_text()
+    acc = r["accuracy"]
+    assert "old numbers" not in readme and readme.startswith("before\n") and readme.endswith("after\n")
+    assert (f"`make demo` took 1m15s wall (CNN-DNN {100 * acc['CNN-DNN']['test']:.2f}%, average "
+            f"{100 * acc['average']['test']:.2f}%") in readme
+    assert f"commit {r['source']['commit'][:7]}" in readme if r.get("source") else "commit unknown" in readme
+    from mpidd.cli.report import format_any
+    assert format_any(r) in bench and "took 1m15s wall" in bench
+    assert {"demo_curves.png", "demo_subdomain_accuracy.png"} <= set(os.listdir(docs / "docs" / "figures"))
