@@ -6,7 +6,10 @@ like a terminal.
 The estimate: each phase's work on this rank in FLOPs (forward FLOPs of its models, x3 a
 training image, x1 an evaluated one), turned into seconds with this rank's CPU seconds per FLOP
 measured so far, times the wall/CPU ratio measured where every rank works at once (ranks that
-share cores run slower) or 1 in a phase this rank runs alone (the others sleep meanwhile).
+share cores run slower) or 1 in a phase this rank runs alone (the others sleep meanwhile),
+divided by its threads over the run's (the global CNN with the waiting ranks' cores). Larger
+models run more FLOPs per CPU second than the small local CNNs the rate is first measured on,
+so the estimate is high until they run.
 Reading data, gathers and waits count nothing: an estimate, not a promise."""
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class PhaseWork:
     title: str       # for the phase line
     flops: float     # this rank's, 0 where it only reads, exchanges or waits
     shared: bool     # every rank works at the same time (else this rank alone, or waiting)
+    threads: float = 1.0  # its torch threads over the run's (the global CNN on the waiting ranks' cores)
 
 
 def training_flops(forward: float, epochs: int, n_train: int, n_val: int, n_eval: int = 0) -> float:
@@ -105,7 +109,7 @@ class RunProgress:
         rest = self.phases[k + 1:] if phase_eta_s is not None else self.phases[k:]
         seconds = phase_eta_s or 0.0
         for p in rest:
-            seconds += p.flops * cpu_per_flop * (max(shared_ratio or 1.0, 1.0) if p.shared else 1.0)
+            seconds += p.flops * cpu_per_flop * (max(shared_ratio or 1.0, 1.0) if p.shared else 1.0) / p.threads
         return seconds if math.isfinite(seconds) else None
 
     def suffix(self, phase_eta_s: float) -> str:
@@ -182,5 +186,6 @@ def phases_of(run) -> list[PhaseWork]:
         flops = training_flops(f_glob, args.epochs, n["train"], n["val"], n["train"] + n["val"] + n["test"])
         title = (f"global CNN, data parallel over {ranks} ranks" if ranks > 1 else
                  f"global CNN on rank 0 with {run.global_threads} thread{'s' if run.global_threads > 1 else ''}")
-        phases.append(PhaseWork("global", title, flops if run.global_ranks is not None else 0.0, ranks > 1))
+        phases.append(PhaseWork("global", title, flops if run.global_ranks is not None else 0.0, ranks > 1,
+                                run.global_threads / run.threads))
     return phases

@@ -19,7 +19,7 @@ def tracker(phases):
 
 
 PHASES = [PhaseWork("local", "local CNNs", 100.0, True), PhaseWork("gather", "gather", 0.0, True),
-          PhaseWork("coarse", "coarse DNN", 200.0, False), PhaseWork("global", "global CNN", 100.0, True)]
+          PhaseWork("coarse", "coarse DNN", 200.0, False), PhaseWork("global", "global CNN", 200.0, True, 2.0)]
 
 
 def test_phase_lines_are_numbered_and_say_the_time_left_once_measured():
@@ -30,7 +30,7 @@ def test_phase_lines_are_numbered_and_say_the_time_left_once_measured():
     wall.t, cpu.t = 13.0, 5.0  # 100 FLOPs in 5 CPU s (0.05 s a FLOP), 10 s of wall: shared ranks at 2x
     p.start("gather")
     p.start("coarse")
-    # coarse: 200 x 0.05 alone = 10 s; global: 100 x 0.05 x 2 = 10 s
+    # coarse: 200 x 0.05 alone = 10 s; global: 200 x 0.05 x 2 / 2 threads = 10 s
     assert lines[-1] == "phase 3 of 4: coarse DNN (run 0:00:13 so far, run about 0:00:20 left)"
     wall.t, cpu.t = 15.0, 7.0
     assert p.suffix(4.0) == " | run 0:00:14 left"  # 4 s of this phase's own ETA + 10 s of the global CNN
@@ -46,7 +46,7 @@ def test_before_any_phase_ends_the_current_phase_measures_the_rate():
     assert p.suffix(30.0) == ""  # no time and no CPU yet: no estimate
     wall.t, cpu.t = 10.0, 5.0
     # 10 s done and 30 s to go: a quarter of 100 FLOPs in 5 CPU s = 0.2 s a FLOP, wall/CPU 2
-    # coarse 200 x 0.2 = 40 s alone; global 100 x 0.2 x 2 = 40 s
+    # coarse 200 x 0.2 = 40 s alone; global 200 x 0.2 x 2 / 2 threads = 40 s
     assert p.left_s(30.0) == 30.0 + 40.0 + 40.0
     assert p.suffix(30.0) == " | run 0:01:50 left"
 
