@@ -270,14 +270,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def forward_flops(model: nn.Module, input_shape) -> int:
-    """Forward FLOPs of `model` on one input of shape (C, *spatial), on the CPU: convolutions and
-    matmuls only (torch's FlopCounterMode counts no BatchNorm, ReLU or pooling); a training
-    step costs about 3x this (forward and two backward products)."""
+    """Forward FLOPs of `model` on one input of shape (C, *spatial), on the model's device (a
+    model built on the "meta" device costs no memory): convolutions and matmuls only (torch's
+    FlopCounterMode counts no BatchNorm, ReLU or pooling); a training step costs about 3x this
+    (forward and two backward products)."""
     from torch.utils.flop_counter import FlopCounterMode
     training = model.training
     model.eval()
+    device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=device))
     model.train(training)
     return int(counter.get_total_flops())
 

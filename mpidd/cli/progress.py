@@ -127,12 +127,14 @@ def model_flops(plan, args) -> dict:
     "flops"; the FLOP limit of the two-level speed-up is their ratio)."""
     from ..models import build_cnn, forward_flops
     from ..options import cnn_config
+    import torch
     info, dec, cnn = plan.info, plan.decomposition, cnn_config(args)
     C, K = info.channels, info.num_classes
-    flops = {"global_forward": forward_flops(build_cnn(C, K, info.spatial_shape, cnn), info.image_shape)}
-    if plan.work.boxes:
-        flops["local_forward"] = forward_flops(build_cnn(C, K, dec.subimage_shape, cnn, plan.width_factor),
-                                               (C, *dec.subimage_shape))
+    with torch.device("meta"):  # shapes only: no weights, no activations in memory
+        flops = {"global_forward": forward_flops(build_cnn(C, K, info.spatial_shape, cnn), info.image_shape)}
+        if plan.work.boxes:
+            flops["local_forward"] = forward_flops(build_cnn(C, K, dec.subimage_shape, cnn, plan.width_factor),
+                                                   (C, *dec.subimage_shape))
     return flops
 
 
