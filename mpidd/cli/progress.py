@@ -19,6 +19,13 @@ import math
 import time
 from dataclasses import dataclass
 
+import torch
+
+from ..combine import coarse_epochs
+from ..models import CoarseDNN, build_cnn, count_parameters, forward_flops
+from ..options import cnn_config, coarse_options
+from ..recomposition import build_subnet
+
 
 @dataclass(frozen=True)
 class PhaseWork:
@@ -125,9 +132,6 @@ class RunProgress:
 def model_flops(plan, args) -> dict:
     """Forward FLOPs of one image (subimage) of the run's global CNN and local CNN (results.json's
     "flops"; the FLOP limit of the two-level speed-up is their ratio)."""
-    from ..models import build_cnn, forward_flops
-    from ..options import cnn_config
-    import torch
     info, dec, cnn = plan.info, plan.decomposition, cnn_config(args)
     C, K = info.channels, info.num_classes
     with torch.device("meta"):  # shapes only: no weights, no activations in memory
@@ -141,10 +145,6 @@ def model_flops(plan, args) -> dict:
 def phases_of(run) -> list[PhaseWork]:
     """The phases this rank's run goes through, in order, with this rank's FLOPs in each (see
     the module's docstring): what every_phase runs for the run's Work."""
-    from ..models import CoarseDNN, count_parameters, forward_flops
-    from ..options import cnn_config, coarse_options
-    from ..combine import coarse_epochs
-    from ..recomposition import build_subnet
     ctx, args, plan = run.ctx, run.args, run.plan
     info, dec, work = plan.info, plan.decomposition, plan.work
     C, K, cnn, sizes = info.channels, info.num_classes, cnn_config(args), info.sizes
@@ -155,7 +155,8 @@ def phases_of(run) -> list[PhaseWork]:
     phases = []
     if work.width:
         M = args.subnets
-        f_sub = forward_flops(build_subnet(C, K, info.spatial_shape, cnn, M), info.image_shape)
+        with torch.device("meta"):  # shapes only, as model_flops
+            f_sub = forward_flops(build_subnet(C, K, info.spatial_shape, cnn, M), info.image_shape)
         f_glob = model_flops(plan, args)["global_forward"]
         n_sub = sizes["train"] // M if args.shard else sizes["train"]
         alone = f_glob * (2 * args.epochs * (3 * sizes["train"] + sizes["val"]) + 4 * (sizes["val"] + sizes["test"]))

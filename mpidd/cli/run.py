@@ -151,9 +151,14 @@ class Run:
     access: str = "memory"         # this rank's data access: memory or stream (--data-access)
     io: StreamStats = field(default_factory=StreamStats)  # what this rank's streams read and waited
     run_progress: RunProgress | None = None  # the phase lines and the whole run's time left
-    global_ranks: int | None = None  # ranks that share the global CNN's samples with this rank (plan.global_share)
-    global_threads: int = 1          # torch threads of this rank while it trains the global CNN
-    global_size: int = 1             # how many ranks train the global CNN (the same on every rank)
+    trains_global: bool = False      # this rank trains the global CNN (plan.global_share)
+    global_size: int = 1             # how many ranks train it (the same on every rank)
+    global_threads: int = 1          # torch threads of this rank while it trains it
+
+    @property
+    def global_ranks(self) -> int | None:
+        """Ranks that share the global CNN's samples with this rank, None where it does not train it."""
+        return self.global_size if self.trains_global else None
 
     def begin(self, phase: str):
         """Phase `phase` of run_progress starts (its line; nothing without run_progress)."""

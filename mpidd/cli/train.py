@@ -173,11 +173,11 @@ def prepare(comm, args, plan: Plan) -> Run:
     ctx = Context(comm=comm, device=device, precision=args.precision, mine=mine, group=group, timer=timer,
                   stops=stops, checkpoints=directory, progress=progress_to_log(master_process))
     leader, nodes, global_threads = parallel.node_leaders(comm, threads)
-    share = global_share(plan, args, master_process, size, (leader, nodes))
     spread = args.mode == "compare" and not global_cnn_alone(args, size)  # the node leaders, not rank 0 alone
-    return Run(ctx=ctx, args=args, plan=plan, threads=threads, global_ranks=share,
-               global_threads=global_threads if spread else threads,
-               global_size=nodes if spread else (size if args.mode == "global" else 1))
+    return Run(ctx=ctx, args=args, plan=plan, threads=threads,
+               trains_global=global_share(plan, args, master_process, size, (leader, nodes)) is not None,
+               global_size=global_share(plan, args, True, size, (True, nodes)) or 1,  # a trainer's count
+               global_threads=global_threads if spread else threads)
 
 
 def open_run_directory(run: Run, bytes_read: int):
