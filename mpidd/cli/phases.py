@@ -283,10 +283,12 @@ def every_phase(run: Run, subsets, whole):
         pretrained = {"local": local_models, "dnn": dnn}
     if work.coherent:
         member = (ctx.group.rank, ctx.group.size) if ctx.group is not None else None
-        exchange = parallel.ModelParallelExchange(ctx.comm, ctx.mine, N, K, poll_interval=run.stops.wait_interval,
-                                                  member=member)
+        exchange = None
         for init in work.coherent:
             run.stops.sync()  # all ranks start together: no rank's phase holds the wait
+            # made after the sleepy sync: its allgathers would spin while rank 0 trains the coarse DNN
+            exchange = exchange or parallel.ModelParallelExchange(
+                ctx.comm, ctx.mine, N, K, poll_interval=run.stops.wait_interval, member=member)
             run.begin(f"coherent_{init}")
             with ctx.timer(f"coherent_{init}"):
                 acc, coherent_rows, coherent_timing[init] = coherent_phase(

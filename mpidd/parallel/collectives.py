@@ -12,20 +12,31 @@ import time
 import numpy as np
 
 
-def sleepy_wait(request, interval: float | None):
+# Waits at phase boundaries (a rank may wait minutes while rank 0 trains alone) sleep from
+# 1 ms, doubling up to this: a prompt return for short waits, and few wake-ups (each one takes a
+# core from the ranks that work, threads of rank 0 included) for long ones.
+LONG_WAIT_SLEEP_S = 0.1
+
+
+def sleepy_wait(request, interval: float | None, longest: float | None = None, between=None):
     """Wait for a non-blocking MPI request, sleeping `interval` seconds between tests: busy-
     polling MPI waits would steal the cores of ranks that are still computing when ranks
-    outnumber cores. interval None: MPI's own (busy, lowest-latency) Wait."""
+    outnumber cores. interval None: MPI's own (busy, lowest-latency) Wait. `longest`: the
+    sleep doubles after each test up to it; `between`: called before each sleep."""
     if interval is None:
         request.Wait()
         return
     while not request.Test():
+        if between is not None:
+            between()
         time.sleep(interval)
+        if longest is not None:
+            interval = min(2 * interval, longest)
 
 
-def sleepy_barrier(comm, interval: float = 0.01):
-    """A barrier that sleeps while it waits (see sleepy_wait)."""
-    sleepy_wait(comm.Ibarrier(), interval)
+def sleepy_barrier(comm):
+    """A barrier that sleeps while it waits (see sleepy_wait), for phase boundaries."""
+    sleepy_wait(comm.Ibarrier(), 1e-3, longest=LONG_WAIT_SLEEP_S)
 
 
 def root_decides(comm, decide, root=0):

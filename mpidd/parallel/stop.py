@@ -4,13 +4,12 @@ rank stops at its next step boundary, saves, and the job exits with EXIT_PREEMPT
 from __future__ import annotations
 
 import signal
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 from .. import signals as stop_signals
-from .collectives import sleepy_wait
+from .collectives import LONG_WAIT_SLEEP_S, sleepy_wait
 
 
 # Exit code of a run stopped on SIGTERM or SIGUSR1 after saving its state: resume it with
@@ -77,15 +76,14 @@ class StopAgreement:
                 self._told_root = True  # the root knows: it told us
         return self.requested
 
-    def sync(self, stopping: bool = False, interval: float = 0.01) -> bool:
+    def sync(self, stopping: bool = False) -> bool:
         """A phase boundary (collective). Returns True when the job stops here: some rank is
         stopping (or learnt of a stop before it arrived). Waits sleep, polling for signals."""
         mine = np.array([1 if stopping or self.poll() else 0], dtype=np.int32)
         agreed = np.zeros(1, dtype=np.int32)
-        request = self.comm.Iallreduce(mine, agreed, op=MPI.MAX)
-        while not request.Test():
-            self.poll()  # the root relays signals that reach waiting ranks
-            time.sleep(interval)
+        # the root relays signals that reach waiting ranks
+        sleepy_wait(self.comm.Iallreduce(mine, agreed, op=MPI.MAX), 1e-3, longest=LONG_WAIT_SLEEP_S,
+                    between=self.poll)
         if agreed[0] and not self.requested:  # the root, too, has learnt it from this allreduce
             self.requested, self.reason, self._told_root = True, "a stop on another rank", True
         return bool(agreed[0])
