@@ -12,8 +12,9 @@
 #   make test CTEST_ARGS='-R unit'   only some suites (any ctest options)
 #   make gpu-check            only the GPU suite, with its report (wall times, accuracies against
 #                             the CPU); on a machine without a GPU it says so and skips
-#   make docs-figures         run the demo again and write its numbers and figures into README.md,
-#                             BENCHMARKS.md and docs/figures (one run, one commit)
+#   make docs-figures         run the demo, benchmarks/scaling.py and time_to_accuracy.py again
+#                             and write their numbers and figures into README.md, BENCHMARKS.md
+#                             and docs/figures (one commit; about 25 minutes on 2 cores)
 #
 # Not root and no SUDO: nothing is installed with apt and nothing asks for a password; the suites
 # that need a Debian package or root (e2e_openmpi without Debian's Open MPI, slurm) are skipped,

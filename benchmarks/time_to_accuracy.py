@@ -21,6 +21,9 @@ torch thread per process, the three methods one after another (each in its own s
    4 times per epoch while the others wait; every rank's clocks stop meanwhile. Critical-path
    CPU = max over ranks, total = sum over ranks, both to the first point at the target.
 
+The table goes to the terminal; the work folder keeps summary.json and time_to_accuracy.png
+(test accuracy against critical-path CPU seconds: the curves, mpidd's runs, the target).
+
     --quick   plumbing check: a small subset file (--limit training images) in the work folder,
               mpidd E = 1, 2, the global CNNs 1 epoch, target 0.5
 """
@@ -215,7 +218,7 @@ def run_mpidd(a, work):
     """Method 1: whole mpidd runs with growing E until the CNN-DNN reaches the target."""
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     mpirun = mpirun if os.path.exists(mpirun) else "mpirun"
-    row = None
+    row, points = None, []
     for E in [int(e) for e in a.mpidd_epochs.split(",")]:
         out = os.path.join(work, f"mpidd_e{E}")
         cmd = [mpirun, "-n", str(WORLD), sys.executable, "-m", "mpidd.train", "--data", a.data, "--grid", "2x2",
@@ -238,9 +241,10 @@ def run_mpidd(a, work):
                "process_wall_s": process_wall, "critical_cpu_s": r["timing"]["critical_path"]["cpu_s"],
                "total_cpu_s": cnn_dnn["total_cpu_s"], "final_acc": acc,
                "threads": r["threads_per_rank"], "versions": r["versions"]}
+        points.append({"epoch": E, "test_acc": acc, "cpu_s": row["critical_cpu_s"], "wall_s": row["wall_s"]})
         if acc >= a.target:
             break
-    return row
+    return dict(row, curve=points)
 
 
 def run_worker(a, work, kind):
@@ -283,6 +287,35 @@ def curve_row(name, processes, res, process_wall, target):
             "acc": p["test_acc"], "wall_s": p["wall_s"], "process_wall_s": process_wall,
             "critical_cpu_s": max(p["cpu_s"]), "total_cpu_s": sum(p["cpu_s"]), "final_acc": curve[-1]["test_acc"],
             "threads": res["threads"], "curve": curve}
+
+
+def plot(summary: dict, path: str) -> str:
+    """Test accuracy against critical-path CPU seconds: the global CNN's curves (a point 4 times
+    an epoch; DDP: its slowest process) and mpidd's whole runs of E epochs (one point each),
+    with the target. Returns path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in summary["rows"]:
+        xs = [max(p["cpu_s"]) if isinstance(p["cpu_s"], list) else p["cpu_s"] for p in r["curve"]]
+        ys = [100 * p["test_acc"] for p in r["curve"]]
+        mpidd = r["method"].startswith("mpidd")
+        ax.plot(xs, ys, marker="o" if mpidd else ".", ls="-" if not mpidd else "--",
+                label=f"{r['method']} ({r['processes']} process{'es' if r['processes'] > 1 else ''})")
+        if mpidd:
+            for x, y, p in zip(xs, ys, r["curve"]):
+                ax.annotate(f"E={p['epoch']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.axhline(100 * summary["target"], color="grey", ls=":", label=f"target {100 * summary['target']:.1f}%")
+    ax.set(xlabel="critical-path CPU seconds (the slowest process; evaluations excluded)",
+           ylabel="test accuracy (%)", title="time to accuracy")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main():
@@ -331,6 +364,7 @@ def main():
     print(f"mpidd critical path shorter than both baselines: {'yes' if best else 'no'}"
           + ("" if all(r["reached"] for r in rows) else " (some method did not reach the target)"))
     print(f"results: {os.path.join(work, 'summary.json')}")
+    print(f"figure: {plot({'target': a.target, 'rows': rows}, os.path.join(work, 'time_to_accuracy.png'))}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "one-process baseline as the papers ran it, while the other ranks wait. Default: the "
                         "first rank of each node trains it with the cores of its node's waiting ranks too, data "
                         "parallel across nodes (its CPU seconds in results.json summed over those ranks)")
+    g.add_argument("--global-threads", type=int, default=None, metavar="T",
+                   help="--mode compare: torch threads of each rank that trains the global CNN (default: the "
+                        "cores its node's ranks may run on). Small CNNs gain little from many threads: cap it "
+                        "on large nodes")
     g.add_argument("--out", default=None, help="run directory (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
     g.add_argument("--dry-run", action="store_true",
@@ -350,6 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--target-acc is a fraction in (0, 1], got {args.target_acc}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.global_threads is not None and args.global_threads < 1:
+        raise ConfigError(f"--global-threads must be >= 1, got {args.global_threads}")
     if args.width_factor is not None and not 0 < args.width_factor <= 4:
         raise ConfigError(f"--width-factor must be in (0, 4], got {args.width_factor}")
     if args.from_run is not None and not (args.mode == "coherent" and args.init == "pretrained"):

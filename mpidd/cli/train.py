@@ -33,7 +33,7 @@ from .arguments import NOT_RECORDED, ConfigError, parse_args
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .dryrun import dry_run
 from .plan import Plan, UsageError, assignment, global_cnn_alone, global_share, plan_run
-from .progress import RunProgress, model_flops, phases_of
+from .progress import RunProgress, calibrated_rates, model_flops, phases_of
 from .report import format_any, write_run_report
 from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
                   progress_to_log, refuse, setup_logging)
@@ -111,7 +111,8 @@ def main(argv=None, comm=None) -> int:
     devices = open_run_directory(run, bytes_boxes + bytes_whole)
     run.bytes_whole = bytes_whole
     # phase lines and the whole run's time left, in every progress line of this rank
-    run.run_progress = RunProgress(phases_of(run), ctx.progress.sinks, started=started)
+    run.run_progress = RunProgress(phases_of(run), ctx.progress.sinks, started=started,
+                                   calibrated=calibrated_rates(run))
     ctx.progress = dataclasses.replace(ctx.progress, suffix=run.run_progress.suffix)
     try:
         accuracies, rows, coherent_timing = every_phase(run, subsets, whole)
@@ -177,7 +178,7 @@ def prepare(comm, args, plan: Plan) -> Run:
     return Run(ctx=ctx, args=args, plan=plan, threads=threads,
                trains_global=global_share(plan, args, master_process, size, (leader, nodes)) is not None,
                global_size=global_share(plan, args, True, size, (True, nodes)) or 1,  # a trainer's count
-               global_threads=global_threads if spread else threads)
+               global_threads=(args.global_threads or global_threads) if spread else threads)
 
 
 def open_run_directory(run: Run, bytes_read: int):

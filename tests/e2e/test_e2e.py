@@ -278,6 +278,41 @@ def test_global_baseline_alone_on_one_rank(tiny, tmp_path):
     assert "critical_path" not in r["timing"] and r["timing"]["global_train_cpu_s"] > 0
 
 
+# A launcher that fakes nodes of two ranks each: mpidd asks MPI for the ranks sharing a node
+# through parallel.launch.node_comm (leaders, cores, memory), so splitting by rank // 2 there is
+# what a job on several nodes looks like to mpidd.
+TWO_RANK_NODES = """
+from mpidd.parallel import launch
+launch.node_comm = lambda comm: comm.Split(comm.Get_rank() // 2, comm.Get_rank())
+from mpidd.train import entry_point
+entry_point()
+"""
+
+
+def test_compare_trains_the_global_cnn_data_parallel_across_nodes(tiny, tmp_path):
+    """--mode compare on two nodes (faked): the first rank of each node trains the global CNN
+    (--global-threads of them), data parallel across the nodes, while the others wait; the same
+    global CNN as --mode global on two ranks with as many threads."""
+    script = tmp_path / "two_rank_nodes.py"
+    script.write_text(TWO_RANK_NODES)
+    out = str(tmp_path / "compare")
+    proc = run(["--data", tiny, "--grid", "2x2", "--out", out, *TINY, "--global-threads", "1"], np=4,
+               script=(str(script),))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = results(out)
+    threads = r["timing"]["global_threads"]
+    assert r["timing"]["global_ranks"] == 2 and threads == 1
+    assert [p["global_threads"] for p in r["per_rank"]] == [1, None, 1, None]
+    assert "phase 6 of 6: global CNN, data parallel over 2 ranks" in proc.stdout
+    g = next(m for m in r["models"] if m["kind"] == "global")
+    assert g["ranks"] == 2 and g["cpu_s"] > g["cpu_s_rank0"] > 0  # its CPU: both trainers' summed
+
+    alone = str(tmp_path / "global")
+    proc = run(["--data", tiny, "--mode", "global", "--out", alone, *TINY, "--threads", str(threads)], np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert results(alone)["accuracy"]["global CNN"] == r["accuracy"]["global CNN"]
+
+
 def test_report_reprints_the_table(two_rank_run):
     out, proc = two_rank_run
     again = subprocess.run([sys.executable, "-m", "mpidd.report", out], cwd=ROOT, capture_output=True,
@@ -601,7 +636,7 @@ def test_report_with_figures_of_two_runs(two_rank_run, width_run, tiny, tmp_path
     (docs / "docs" / "figures").mkdir(parents=True)
     for name in ("README.md", "BENCHMARKS.md"):
         (docs / name).write_text("before\n<!-- demo:begin -->\nold numbers\n<!-- demo:end -->\nafter\n")
-    proc = run(["--run", runs[0], "--wall", "75.4", "--root", str(docs)],
+    proc = run(["--parts", "demo", "--run", runs[0], "--wall", "75.4", "--root", str(docs)],
                script=(os.path.join(ROOT, "benchmarks", "docs_figures.py"),))
     assert proc.returncode == 0, proc.stderr
     readme, bench = (docs / "README.md").read_text(), (docs / "BENCHMARKS.md").read_text()

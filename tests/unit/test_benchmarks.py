@@ -76,3 +76,50 @@ def test_streaming_benchmark_sorts_the_training_split_by_class(tiny_h5, tmp_path
         assert dst["train/images"].chunks[0] == src["train/images"].chunks[0]
         for split in ("val", "test"):
             assert np.array_equal(dst[split]["images"][:], src[split]["images"][:])
+
+
+def test_time_to_accuracy_figure_draws_every_point(tmp_path, monkeypatch):
+    """The benchmark's figure: mpidd's runs (one point per E) and the global CNN's curves (DDP:
+    the slowest process's CPU), against critical-path CPU seconds, on a non-blank PNG."""
+    import importlib.util
+
+    import matplotlib.axes
+    import matplotlib.image
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("tta", os.path.join(ROOT, "benchmarks", "time_to_accuracy.py"))
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    summary = {"target": 0.9, "rows": [
+        {"method": "mpidd CNN-DNN 2x2", "processes": 4,
+         "curve": [{"epoch": 2, "test_acc": 0.88, "cpu_s": 30.0}, {"epoch": 3, "test_acc": 0.905, "cpu_s": 44.0}]},
+        {"method": "global CNN", "processes": 1,
+         "curve": [{"epoch": 0.25, "test_acc": 0.8, "cpu_s": [40.0]},
+                   {"epoch": 0.5, "test_acc": 0.86, "cpu_s": [80.0]}]},
+        {"method": "global CNN, DDP (gloo)", "processes": 4,
+         "curve": [{"epoch": 0.25, "test_acc": 0.78, "cpu_s": [12.0, 15.0, 11.0, 13.0]}]}]}
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append((list(x), list(y))) or plot(self, x, y, **kw))
+    path = tta.plot(summary, str(tmp_path / "tta.png"))
+    assert drawn == [([30.0, 44.0], [88.0, 90.5]), ([40.0, 80.0], [80.0, 86.0]), ([15.0], [78.0])]
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] > 100 and np.std(pixels) > 0.05
+
+
+def test_docs_figures_blocks_hold_what_a_benchmark_printed():
+    """make docs-figures' benchmark blocks: the command, the wall time, the provenance and the
+    printed lines from `first` to `last`, between the block's own markers."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("docs_figures", os.path.join(ROOT, "benchmarks", "docs_figures.py"))
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    output = ("[mpidd] E=2: mpirun ...\nTime to test accuracy 0.900\nrow 1\nmpidd critical path shorter: yes\n"
+              "results: /tmp\n")
+    block = docs.benchmark_block("python b.py", output, "Time to test accuracy", "mpidd critical path", 125.0,
+                                 {"source": {"commit": "0123456789abcdef", "dirty": False}})
+    assert block.startswith("`python b.py` took 2m05s wall at commit 0123456, ")
+    assert block.endswith("\n\n```\nTime to test accuracy 0.900\nrow 1\nmpidd critical path shorter: yes\n```")
+    text = "a\n<!-- demo:begin -->\nx\n<!-- demo:end -->\n<!-- tta:begin -->\nold\n<!-- tta:end -->\nb\n"
+    assert docs.replace_block(text, "new", "T", "tta") == text.replace("old", "new")
+    with pytest.raises(SystemExit):
+        docs.replace_block(text, "new", "T", "scaling")

@@ -1,7 +1,9 @@
 """The whole run's progress (mpidd.cli.progress) with clocks the test moves: numbered phase
 lines, and the time left from the CPU seconds per FLOP and the wall/CPU ratio measured so far."""
 
-from mpidd.cli.progress import PhaseWork, RunProgress, clock_text, training_flops
+import torch
+
+from mpidd.cli.progress import PhaseWork, RunProgress, calibrate, clock_text, training_flops
 from mpidd.methods.context import progress_printer
 
 
@@ -13,9 +15,10 @@ class Clock:
         return self.t
 
 
-def tracker(phases):
+def tracker(phases, calibrated=None):
     wall, cpu, lines = Clock(), Clock(), []
-    return RunProgress(phases, sinks=(lines.append,), started=0.0, wall=wall, cpu=cpu), wall, cpu, lines
+    return (RunProgress(phases, sinks=(lines.append,), started=0.0, wall=wall, cpu=cpu, calibrated=calibrated),
+            wall, cpu, lines)
 
 
 PHASES = [PhaseWork("local", "local CNNs", 100.0, True), PhaseWork("gather", "gather", 0.0, True),
@@ -61,3 +64,31 @@ def test_progress_lines_end_with_the_suffix():
 def test_training_flops_and_clock_text():
     assert training_flops(2.0, 3, 10, 4, 5) == 2.0 * (3 * (30 + 4) + 5)
     assert clock_text(3725.4) == "1:02:05" and clock_text(-1) == "0:00:00"
+
+
+def test_each_model_at_its_own_rate_calibrated_until_measured():
+    """Phases of one model run at its measured rate; a model not run yet at its calibrated rate
+    times how the measured ones compared with theirs (here 2x)."""
+    phases = [PhaseWork("local", "local CNNs", 100.0, False, model="local"),
+              PhaseWork("coarse", "coarse DNN", 10.0, False, model="coarse"),
+              PhaseWork("coherent", "coherent", 50.0, False, model="local"),
+              PhaseWork("global", "global CNN", 1000.0, False, 2.0, model="global")]
+    p, wall, cpu, lines = tracker(phases, calibrated={"local": 0.05, "coarse": 0.1, "global": 0.01})
+    p.start("local")
+    wall.t, cpu.t = 10.0, 10.0  # 100 FLOPs in 10 CPU s: 0.1 s a FLOP, twice the calibration
+    p.start("coarse")
+    # coarse 10 x 0.1 x 2 = 2 s; coherent 50 x 0.1 = 5 s; global 1000 x 0.01 x 2 / 2 threads = 10 s
+    assert p.left_s(None) == 2.0 + 5.0 + 10.0
+    wall.t, cpu.t = 30.0, 30.0  # the coarse DNN took 20 CPU s: 2 s a FLOP (its own; local stays at 0.1)
+    p.start("coherent")
+    # correction now (10 + 20) / (100 x 0.05 + 10 x 0.1) = 5: global 1000 x 0.01 x 5 / 2 = 25 s
+    assert p.left_s(None) == 5.0 + 25.0
+
+
+def test_calibration_measures_a_step_and_leaves_the_random_state():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    rate = calibrate(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), (1, 8, 8), 10, 32)
+    assert torch.equal(torch.rand(4), expected)
+    assert 0 < rate < 1e-6  # a few ns a FLOP on any CPU for this small model
