@@ -154,7 +154,8 @@ def slurm_job(environ=None) -> dict | None:
 
 def source_commit(root=None) -> dict | None:
     """The git commit of the checkout mpidd runs from, and whether it had uncommitted changes to
-    tracked files; None for an installed copy (no .git beside the package) or without git."""
+    tracked files other than documentation (*.md, docs/: make docs-figures rewrites them between
+    its runs); None for an installed copy (no .git beside the package) or without git."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.exists(os.path.join(root, ".git")):
         return None
@@ -163,7 +164,8 @@ def source_commit(root=None) -> dict | None:
             return subprocess.run(["git", "-C", root, *argv], capture_output=True, text=True, timeout=20,
                                   check=True).stdout.strip()
         return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md",
+                                  ":(exclude)docs"))}
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -33,6 +33,25 @@ def test_source_commit_of_a_checkout_and_of_an_installed_copy(tmp_path):
     assert source_commit(str(tmp_path)) is None  # no .git: an installed copy records none
 
 
+def test_source_commit_is_dirty_for_code_not_for_documentation(tmp_path):
+    def git(*argv):
+        subprocess.run(["git", "-C", str(tmp_path), *argv], check=True, capture_output=True,
+                       env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                                GIT_COMMITTER_EMAIL="t@t"))
+    (tmp_path / "docs").mkdir()
+    for name in ("code.py", "README.md", "docs/figure.png"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    assert source_commit(str(tmp_path))["dirty"] is False
+    (tmp_path / "README.md").write_text("b\n")
+    (tmp_path / "docs" / "figure.png").write_text("b\n")
+    assert source_commit(str(tmp_path))["dirty"] is False  # make docs-figures rewrote the docs
+    (tmp_path / "code.py").write_text("b\n")
+    assert source_commit(str(tmp_path))["dirty"] is True
+
+
 @pytest.mark.parametrize("module", ["mpidd.train", "mpidd.predict", "mpidd.report"])
 def test_every_command_line_has_version(module, tmp_path):
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, cwd=ROOT,
