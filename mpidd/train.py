@@ -31,8 +31,6 @@ This module only launches: MPI, the early signal catch, then mpidd.cli.train.mai
 itself (its parts: mpidd.cli's arguments, plan, run and phases).
 """
 
-import logging
-import os
 import sys
 
 # The launch's one direct use of mpi4py (the rest goes through mpidd.parallel): MPI_Init first, before
@@ -50,17 +48,9 @@ def main(argv=None) -> int:
 
 def entry_point():
     """`mpidd-train` and `python -m mpidd.train`: catch stop signals before the seconds of
-    importing torch (see mpidd.signals), then run, then leave without the interpreter's teardown."""
+    importing torch (see mpidd.signals), then run."""
     signals.catch()
-    code = main()
-    # Every file is closed and written by now (results, checkpoints, marker). The interpreter's
-    # teardown (freeing torch's modules and tensors) costs each rank about 0.5-1 CPU s, seconds
-    # of wall time when ranks share cores: finalize MPI and exit instead.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    MPI.Finalize()
-    os._exit(code)
+    sys.exit(main())
 
 
 if __name__ == "__main__":
