@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mpidd import combine, rundir  # noqa: E402
-from mpidd.data import inspect, load_labels, write_subset  # noqa: E402
+from mpidd.data import inspect, load_labels  # noqa: E402
+from mpidd.writer import write_subset  # noqa: E402
 from mpidd.engine import TrainOptions, predict_proba  # noqa: E402
 
 PAPERS = TrainOptions(epochs=5, batch_size=512, lr=3e-3, optimizer="adam", schedule="cosine", select_best=True)

@@ -21,7 +21,7 @@ Target (issue): touched <= 1.25 x share for chunk-aligned grids (every box edge 
 boundary or the image border). Unaligned grids and grids with overlap get no verdict ("--").
 
 By default the same table is printed again for a temporary copy of the first --samples (8192)
-images written with another spatial tile (--chunks 4) by mpidd.data.DatasetWriter, to compare
+images written with another spatial tile (--chunks 4) by mpidd.writer.DatasetWriter, to compare
 e.g. 7x7 on tile 4 with tile 7. The copy has fewer samples, so compare its ratios and MB/s, not
 its seconds. --chunks "" leaves the copy out; --chunks 4,14 makes two.
 """
@@ -38,7 +38,8 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from mpidd.data import DatasetWriter, SPLITS, read_box  # noqa: E402
+from mpidd.data import SPLITS, read_box  # noqa: E402
+from mpidd.writer import DatasetWriter  # noqa: E402
 from mpidd.decomposition import Decomposition, DecompositionError, format_grid, parse_grid  # noqa: E402
 
 TARGET = 1.25
@@ -194,7 +195,7 @@ def main(argv=None):
                 copy = os.path.join(tmp, f"tile{tile}.h5")
                 write_copy(args.data, args.split, args.samples, tile, copy)
                 print(f"\n--- temporary copy: first {args.samples} images, tile {tile} "
-                      f"(mpidd.data.DatasetWriter(..., tile={tile}))")
+                      f"(mpidd.writer.DatasetWriter(..., tile={tile}))")
                 table(copy, "train", grids, overlaps, args.repeat)
 
 

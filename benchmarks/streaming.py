@@ -37,7 +37,8 @@ sys.path.insert(0, ROOT)
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mpidd.data import SPLITS, DatasetWriter, inspect  # noqa: E402
+from mpidd.data import SPLITS, inspect  # noqa: E402
+from mpidd.writer import DatasetWriter  # noqa: E402
 
 MB = 1 << 20
 

@@ -210,8 +210,8 @@ def one_thread_env():
 
 def quick_subset(a, path):
     """A small data file (the first --limit training images, a quarter as many val and test)."""
-    from mpidd import data
-    return data.write_subset(a.data, path, {"train": a.limit, "val": a.limit // 4, "test": a.limit // 4})
+    from mpidd import writer
+    return writer.write_subset(a.data, path, {"train": a.limit, "val": a.limit // 4, "test": a.limit // 4})
 
 
 def run_mpidd(a, work):

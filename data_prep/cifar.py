@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, Progress, main_of
-from mpidd.data import DatasetWriter
+from mpidd.writer import DatasetWriter
 
 PIXELS = 3 * 32 * 32
 # What the real batch files (pickled by Python 2, or by Python 3 with any protocol) refer to.

@@ -4,7 +4,7 @@ for long conversions, and the seeded train/val/test split.
 A converter module defines `add_arguments(parser)` and `convert(args) -> {split: n written}`,
 `main = main_of("data_prep.NAME", __doc__, add_arguments, convert)`, and ends with
 `if __name__ == "__main__": sys.exit(main())`.
-Its convert writes through mpidd.data.DatasetWriter (block by block, atomically, with the
+Its convert writes through mpidd.writer.DatasetWriter (block by block, atomically, with the
 training split's per-channel mean and std), so a refused or failed conversion leaves no file.
 """
 

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, Progress, main_of, parse_shape
-from mpidd.data import DatasetWriter
+from mpidd.writer import DatasetWriter
 
 CLASSES = ["no lesion", "1 lesion", "2 lesions", "3 lesions"]
 WINDOW = (-1000.0, 400.0)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from mpidd.data import write_dataset
+from mpidd.writer import write_dataset
 
 
 def load(val: int = 300, test: int = 300, seed: int = 0) -> dict:

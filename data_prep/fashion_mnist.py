@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from mpidd.data import write_dataset
+from mpidd.writer import write_dataset
 
 DEBIAN_SRC = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

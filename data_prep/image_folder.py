@@ -31,7 +31,8 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, Progress, main_of, parse_shape, require_path, seeded_split
-from mpidd.data import SPLITS, DatasetWriter
+from mpidd.data import SPLITS
+from mpidd.writer import DatasetWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BLOCK_BYTES = 64 << 20  # buffer up to this many bytes (and 256 samples) per write

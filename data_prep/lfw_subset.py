@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, main_of, seeded_split
-from mpidd.data import write_dataset
+from mpidd.writer import write_dataset
 
 CLASSES = ["face", "non-face"]
 

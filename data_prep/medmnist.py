@@ -31,7 +31,8 @@ import numpy as np
 from numpy.lib import format as npy
 
 from data_prep.common import ConvertError, Progress, main_of, require_path
-from mpidd.data import SPLITS, DatasetWriter
+from mpidd.data import SPLITS
+from mpidd.writer import DatasetWriter
 
 BLOCK = 1024  # samples per read
 KEYS = [f"{s}_{w}" for s in SPLITS for w in ("images", "labels")]

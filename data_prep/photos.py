@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, main_of
-from mpidd.data import DatasetWriter
+from mpidd.writer import DatasetWriter
 
 SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 SKLEARN = ("china.jpg", "flower.jpg")

@@ -258,7 +258,7 @@ y_train, y_val, y_test = np.split(labels, splits)
 def write_fields(path, block_samples=256):
     """Rank 0 writes every split's whole fields: per block of samples, each rank's box is
     gathered to rank 0 (never more than one block of whole fields in memory)."""
-    from mpidd.data import DatasetWriter
+    from mpidd.writer import DatasetWriter
     sizes = {"train": args.train, "val": args.val, "test": args.test}
     classes = [f"{k + 1} source{'s' if k else ''}" for k in range(args.classes)]
     writer = DatasetWriter(path, image_shape, "float32", sizes, classes,

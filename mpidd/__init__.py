@@ -21,8 +21,8 @@ def __getattr__(name):
         from . import api
         return getattr(api, name)
     if name in ("write_dataset", "read_info"):
-        from . import data
-        return {"write_dataset": data.write_dataset, "read_info": data.inspect}[name]
+        from . import data, writer
+        return {"write_dataset": writer.write_dataset, "read_info": data.inspect}[name]
     if name == "ModelFileError":
         from .saved import ModelFileError
         return ModelFileError

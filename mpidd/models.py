@@ -286,13 +286,18 @@ def forward_flops(model: nn.Module, input_shape) -> int:
 
 def local_width_factor(in_channels, num_classes, image_shape, subimage_shape, num_subdomains,
                        cfg: CNNConfig) -> float:
-    """Width factor that gives a local CNN about 1/N of the global CNN's parameters (bisection)."""
+    """Width factor that gives a local CNN about 1/N of the global CNN's parameters."""
     target = count_parameters(build_cnn(in_channels, num_classes, image_shape, cfg)) / num_subdomains
+    return width_factor_for(lambda f: build_cnn(in_channels, num_classes, subimage_shape, cfg, f), target)
+
+
+def width_factor_for(build, target: float) -> float:
+    """The smallest width factor in (0, 1] (to 4 decimals, by bisection) at which build(factor)
+    has at least `target` parameters."""
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        n = count_parameters(build_cnn(in_channels, num_classes, subimage_shape, cfg, mid))
-        lo, hi = (mid, hi) if n < target else (lo, mid)
+        lo, hi = (mid, hi) if count_parameters(build(mid)) < target else (lo, mid)
     return round(hi, 4)
 
 

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .data import atomic_path
+from .writer import atomic_path
 
 METRIC_FIELDS = ("model", "epoch", "loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
                  "images_per_s", "seconds", "cpu_seconds")

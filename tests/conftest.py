@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mpidd.data import write_dataset  # noqa: E402
+from mpidd.writer import write_dataset  # noqa: E402
 
 # mpirun for the end-to-end tests: CMake passes the MPI it found through the environment
 MPIRUN = os.environ.get("MPIDD_MPIRUN") or os.path.join(os.path.dirname(sys.executable), "mpirun")

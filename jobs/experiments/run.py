@@ -48,7 +48,7 @@ def get_args_parser():
 
 def quick_data(src: str, dst: str) -> str:
     """The first QUICK_SIZES images of every split of src, as a data file of its own."""
-    from mpidd.data import write_subset
+    from mpidd.writer import write_subset
     return dst if os.path.exists(dst) else write_subset(src, dst, QUICK_SIZES)
 
 

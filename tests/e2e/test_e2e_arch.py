@@ -8,7 +8,7 @@ import h5py
 import pytest
 
 from conftest import make_tiny_dataset
-from mpidd.data import write_dataset
+from mpidd.writer import write_dataset
 from test_e2e import TINY, results, run
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mpidd.data import write_dataset
+from mpidd.writer import write_dataset
 from test_e2e import TINY, results, run
 from test_restart import EXIT_PREEMPTED, SIGNAL, marker, scores
 

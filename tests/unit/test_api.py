@@ -269,7 +269,7 @@ def test_images_in_a_data_file_equal_the_arrays_read_from_it(data, fitted, tmp_p
 
     import mpidd
     from mpi4py import MPI
-    from mpidd.data import write_dataset
+    from mpidd.writer import write_dataset
     path = write_dataset(str(tmp_path / "d.h5"), data, chunk_samples=16)
     x_test = data["test"][0]
     by_path = mpidd.TwoLevelClassifier("2x2", comm=MPI.COMM_SELF, **SMALL).fit(path)

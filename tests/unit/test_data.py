@@ -7,7 +7,8 @@ import pytest
 
 from conftest import make_tiny_dataset
 from data_prep.fashion_mnist import IDXError, convert, read_idx
-from mpidd.data import DataError, inspect, load_split, read_box, write_dataset
+from mpidd.data import DataError, inspect, load_split, read_box
+from mpidd.writer import write_dataset
 from mpidd.decomposition import Decomposition
 
 
@@ -162,7 +163,7 @@ def test_write_is_atomic_on_failure(tmp_path):
 def test_dataset_writer_streams_blocks_and_stores_channel_statistics(tmp_path):
     """Blocks of any size, in order; the training split's per-channel mean and std (uint8 in
     units of /255) match numpy's over the whole split; inspect returns them."""
-    from mpidd.data import DatasetWriter
+    from mpidd.writer import DatasetWriter
     rng = np.random.default_rng(1)
     x = {s: rng.integers(0, 256, (n, 3, 6, 5), dtype=np.uint8) for s, n in (("train", 23), ("val", 4), ("test", 5))}
     x["train"][:, 2] = 7  # a constant channel: std 1 (nothing to scale), not 0
@@ -221,7 +222,7 @@ def test_inspect_refuses_bad_channel_statistics(tmp_path, attrs, message):
 
 
 def test_write_subset_takes_the_first_samples_of_each_split(tmp_path, tiny):
-    from mpidd.data import write_subset
+    from mpidd.writer import write_subset
     out = write_subset(tiny, str(tmp_path / "sub.h5"), {"train": 100, "val": 10, "test": 1000})
     info, whole = inspect(out), inspect(tiny)
     assert info.sizes == {"train": 100, "val": 10, "test": whole.sizes["test"]}  # test: all it has
@@ -231,3 +232,87 @@ def test_write_subset_takes_the_first_samples_of_each_split(tmp_path, tiny):
         assert np.array_equal(f["val/labels"][...], g["val/labels"][:10])
     x = h5py.File(out)["train/images"][...] / 255.0
     assert np.allclose(info.mean, x.mean(axis=(0, 2, 3)), atol=1e-6)  # its own statistics
+
+
+# ---- dense targets (--task segment | regress) ----------------------------------------------------
+def dense_splits(kind, n=6, shape=(8, 8), seed=0):
+    """{split: (images, None, targets)}: masks (n, *shape) in 0..2 or fields (n, 2, *shape)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in ("train", "val", "test"):
+        x = rng.random((n, 1) + shape).astype(np.float32)
+        t = np.digitize(x[:, 0], [0.3, 0.7]) if kind == "mask" else np.stack([x[:, 0], -x[:, 0]], 1)
+        out[split] = (x, None, t)
+    return out
+
+
+@pytest.mark.parametrize("kind,shape", [("mask", (8, 8)), ("field", (8, 8)), ("mask", (4, 6, 8)),
+                                        ("field", (4, 6, 8))])
+def test_dense_targets_written_inspected_and_read_by_box(tmp_path, kind, shape):
+    from mpidd.data import load_targets
+    splits = dense_splits(kind, shape=shape)
+    path = write_dataset(tmp_path / "d.h5", splits, target_classes=["cold", "warm", "hot"] if kind == "mask" else None)
+    info = inspect(path, task="segment" if kind == "mask" else "regress")
+    assert info.targets.kind == kind and info.classes == [] and info.num_classes == 0
+    if kind == "mask":
+        assert info.targets.shape == shape and info.targets.classes == ["cold", "warm", "hot"]
+        assert info.targets.channels == 3
+    else:
+        assert info.targets.shape == (2,) + shape and info.targets.channels == 2
+    box = tuple(slice(s // 2, s) for s in shape)
+    t, nbytes = load_targets(path, "test", box, block=4, rows=(1, 5))
+    want = splits["test"][2][1:5][(slice(None),) * (1 if kind == "mask" else 2) + box]
+    assert np.array_equal(t, want) and nbytes == t.nbytes
+    with h5py.File(path) as f:
+        assert "labels" not in f["train"] and f["train/targets"].chunks is not None
+
+
+def test_dense_targets_refused_in_one_line(tmp_path):
+    from mpidd.data import load_targets
+    fields = dense_splits("field")
+    path = write_dataset(tmp_path / "f.h5", fields)
+    with pytest.raises(DataError, match="labels is missing .*--task segment or regress"):
+        inspect(path)
+    with pytest.raises(DataError, match="--task segment needs masks"):
+        inspect(path, task="segment")
+    plain = make_tiny_dataset(tmp_path / "t.h5", n=(8, 4, 4), size=8, num_classes=2)
+    with pytest.raises(DataError, match="--task regress needs .*targets"):
+        inspect(plain, task="regress")
+    bad = dict(fields)
+    x, _, t = bad["val"]
+    bad["val"] = (x, None, t[:, :, :4])  # a target smaller than its image
+    with pytest.raises(DataError, match="targets of shape"):
+        write_dataset(tmp_path / "b.h5", bad)
+    nan = dict(fields)
+    t = fields["test"][2].copy()
+    t[3, 1, 2, 2] = np.nan
+    nan["test"] = (fields["test"][0], None, t)
+    with pytest.raises(DataError, match="target 3 holds NaN"):
+        write_dataset(tmp_path / "n.h5", nan)
+    masks = dense_splits("mask")
+    with pytest.raises(DataError, match="masks out of range"):
+        write_dataset(tmp_path / "m.h5", masks, target_classes=["a", "b"])
+    # files written by others: the same refusals on reading
+    path = write_dataset(tmp_path / "m.h5", masks)
+    with h5py.File(path, "r+") as f:
+        f["val/targets"][2, 5, 5] = 7
+        del f["test/targets"]
+        f["test"].create_dataset("targets", data=np.zeros((6, 8, 7), np.int64))
+    with pytest.raises(DataError, match=r"/test/targets is int64\(8, 7\) but /train/targets int64\(8, 8\)"):
+        inspect(path, task="segment")
+    with h5py.File(path, "r+") as f:
+        for split in ("train", "val"):
+            del f[split]["targets"]
+            f[split].create_dataset("targets", data=np.zeros((6, 8, 7), np.int64))
+    with pytest.raises(DataError, match=r"/train/targets of shape \(8, 7\) and dtype int64 do not fit images"):
+        inspect(path, task="segment")
+    path = write_dataset(tmp_path / "m.h5", masks)
+    with h5py.File(path, "r+") as f:
+        f["val/targets"][2, 5, 5] = 7
+    with pytest.raises(DataError, match="mask 2 holds class 7, outside 0..2"):
+        load_targets(path, "val", (slice(4, 8), slice(4, 8)))
+    path = write_dataset(tmp_path / "f2.h5", fields)
+    with h5py.File(path, "r+") as f:
+        f["train/targets"][4, 0, 1, 1] = np.inf
+    with pytest.raises(DataError, match="target 4 holds NaN or inf"):
+        load_targets(path, "train", (slice(0, 4), slice(0, 4)))

@@ -8,7 +8,8 @@ import torch
 
 from conftest import make_tiny_dataset
 from mpidd import stream
-from mpidd.data import DataError, write_dataset
+from mpidd.data import DataError
+from mpidd.writer import write_dataset
 from mpidd.engine import Shard, TrainOptions, predict_proba, train_classifier
 from mpidd.feed import epoch_order
 from mpidd.models import CNNConfig, build_cnn

@@ -1,0 +1,152 @@
+"""Dense prediction's pure core (serial): U-Nets, their scores and losses, their training loop."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mpidd.dense import evaluate_dense, predict_dense, train_dense
+from mpidd.engine import Control, Preempted, TrainOptions
+from mpidd.metrics import (dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums,
+                           soft_dice_loss, ssim)
+from mpidd.models import count_parameters
+from mpidd.unet import UNetConfig, build_unet, matching_width_factor
+
+
+# ---- U-Nets ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,pooled", [((16, 16), [True, True]), ((6, 6), [True, False]), ((7, 7), [False, False]),
+                                          ((8, 8, 4), [True, True]), ((5, 6, 7), [False, False])])
+def test_unet_keeps_the_input_shape_and_pools_where_it_can(shape, pooled):
+    torch.manual_seed(0)
+    net = build_unet(2, 3, shape, UNetConfig(width=4, depth=2))
+    assert net.pooled == pooled
+    x = torch.randn(2, 2, *shape)
+    out = net(x)
+    assert out.shape == (2, 3) + shape
+    bottleneck, skips = net.encode(x)
+    assert bottleneck.shape == (2,) + net.bottleneck_shape
+    assert torch.equal(net.decode(bottleneck, skips), out)
+    assert torch.equal(net(x, torch.zeros_like(bottleneck)), out)
+    assert not torch.allclose(net(x, torch.ones_like(bottleneck)), out)  # the coarse correction reaches the output
+
+
+@pytest.mark.parametrize("image,sub,N", [((64, 64), (32, 32), 4), ((64, 64), (16, 16), 16), ((32,) * 3, (16,) * 3, 8)])
+def test_a_local_unet_has_about_one_nth_of_the_global_parameters(image, sub, N):
+    cfg = UNetConfig()
+    wf = matching_width_factor(1, 1, image, sub, N, cfg)
+    ratio = count_parameters(build_unet(1, 1, image, cfg)) / count_parameters(build_unet(1, 1, sub, cfg, wf))
+    assert 0.85 * N < ratio <= 1.0001 * N and wf < 1
+
+
+# ---- scores and losses ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 24, 20), (2, 16, 12), (1, 12, 14, 13)])
+def test_ssim_is_scikit_images(shape):
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(0)
+    target = rng.random((3,) + shape)
+    pred = target + 0.2 * rng.standard_normal(target.shape)
+    ours = ssim(pred, target, data_range=1.0)
+    for k in range(3):
+        theirs = structural_similarity(pred[k], target[k], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False, channel_axis=0)
+        assert ours[k] == pytest.approx(theirs, abs=1e-9)
+    assert ssim(target, target, 1.0) == pytest.approx(np.ones(3))
+
+
+def test_regression_scores_add_across_boxes():
+    rng = np.random.default_rng(1)
+    target, pred = rng.random((5, 2, 8, 8)), rng.random((5, 2, 8, 8))
+    whole = regression_scores(regression_sums(pred, target))
+    halves = [regression_sums(pred[..., :, s], target[..., :, s]) for s in (slice(0, 3), slice(3, 8))]
+    summed = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    assert regression_scores(summed) == pytest.approx(whole)
+    err = pred - target
+    assert whole["mae"] == pytest.approx(np.abs(err).mean()) and whole["mse"] == pytest.approx((err ** 2).mean())
+    rel = [np.linalg.norm(err[k]) / np.linalg.norm(target[k]) for k in range(5)]
+    assert whole["rel_l2"] == pytest.approx(np.mean(rel))
+
+
+def test_segmentation_scores_by_hand():
+    target = np.array([[0, 0, 1, 1], [2, 2, 2, 0]])
+    pred = np.array([[0, 1, 1, 1], [2, 2, 0, 0]])
+    scores = segmentation_scores(segmentation_sums(pred, target, 4))  # class 3 occurs nowhere
+    # class 0: tp 2 (of 3 targets, 3 predicted) -> IoU 2/4; class 1: tp 2, fp 1 -> 2/3; class 2: tp 2, fn 1 -> 2/3
+    assert scores["iou"][:3] == pytest.approx([2 / 4, 2 / 3, 2 / 3]) and scores["iou"][3] is None
+    assert scores["miou"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert scores["dice"][:3] == pytest.approx([4 / 6, 4 / 5, 4 / 5]) and scores["dice"][3] is None
+    assert scores["pixel_acc"] == pytest.approx(6 / 8)
+    halves = segmentation_sums(pred[:, :2], target[:, :2], 4) + segmentation_sums(pred[:, 2:], target[:, 2:], 4)
+    assert segmentation_scores(halves) == segmentation_scores(segmentation_sums(pred, target, 4))
+
+
+def test_dense_losses():
+    target = torch.tensor([[[0, 1], [1, 2]]])
+    perfect = 50.0 * torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0, abs=1e-6)
+    assert dense_loss("segment", "ce+dice")(perfect, target).item() == pytest.approx(0, abs=1e-6)
+    assert dense_loss("segment", "dice")(torch.zeros(1, 3, 2, 2), target).item() > 0.3
+    assert dense_loss("regress", "l1")(torch.ones(2, 1, 3), torch.zeros(2, 1, 3)).item() == 1.0
+    with pytest.raises(ValueError, match="--loss dice does not fit --task regress"):
+        dense_loss("regress", "dice")
+
+
+# ---- the training loop ----------------------------------------------------------------------------
+def blobs(n=160, size=8, seed=0):
+    """Images of random blobs; the regression target is a blurred copy, the mask its level sets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g)
+    field = torch.nn.functional.avg_pool2d(x, 3, 1, 1) * 2.0
+    masks = (field[:, 0] > 1.0).long() + (field[:, 0] > 1.2).long()
+    return x.numpy(), field.numpy(), masks.numpy()
+
+
+def fit(task, loss, epochs=8, control=None, seed=3):
+    x, field, masks = blobs()
+    t = field if task == "regress" else masks
+    torch.manual_seed(seed)
+    net = build_unet(1, 1 if task == "regress" else 3, (8, 8), UNetConfig(width=4, depth=1))
+    opts = TrainOptions(epochs=epochs, batch_size=16, lr=1e-2)
+    history, _ = train_dense(net, (x[:128], t[:128]), (x[128:], t[128:]), opts, seed, task, loss, control=control)
+    return net, history, (x[128:], t[128:])
+
+
+@pytest.mark.parametrize("task,loss", [("regress", "mse"), ("regress", "l1"), ("segment", "ce"),
+                                       ("segment", "ce+dice")])
+def test_train_dense_learns(task, loss):
+    torch.set_num_threads(1)
+    net, history, (x, t) = fit(task, loss)
+    first, last = history[0], history[-1]
+    assert last["val_loss"] < 0.6 * first["val_loss"]
+    if task == "regress":
+        assert last["val_acc"] < first["val_acc"]  # the MAE falls
+        pred = predict_dense(net, x).numpy()
+        assert regression_scores(regression_sums(pred, t))["mae"] == pytest.approx(last["val_acc"], rel=1e-5)
+    else:
+        assert last["val_acc"] > 0.75 and last["val_acc"] > first["val_acc"]
+        pred = predict_dense(net, x).argmax(1).numpy()
+        assert segmentation_scores(segmentation_sums(pred, t, 3))["pixel_acc"] == pytest.approx(last["val_acc"])
+    assert evaluate_dense(net, x, t, task, loss) == pytest.approx((last["val_loss"], last["val_acc"]))
+
+
+class StopAfter:
+    def __init__(self, k):
+        self.k, self.calls = k, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls == self.k
+
+
+@pytest.mark.parametrize("stop_at", [2, 5, 11])
+def test_stopped_and_resumed_dense_training_is_the_uninterrupted_one(stop_at):
+    torch.set_num_threads(1)
+    reference, ref_history, (x, _) = fit("segment", "ce", epochs=2)
+    saved = []
+    with pytest.raises(Preempted):
+        fit("segment", "ce", epochs=2, control=Control(stop=StopAfter(stop_at), save=lambda s: saved.append(
+            copy.deepcopy(s))))
+    resumed, history, _ = fit("segment", "ce", epochs=2, control=Control(resume=saved[-1]))
+    keys = ("loss", "acc", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in ref_history]
+    assert torch.equal(predict_dense(resumed, x), predict_dense(reference, x))
