@@ -4,6 +4,7 @@
     mpirun -n 8 python examples/insitu_heat.py --dim 3        # 3D, 16^3 field, 2x2x2 process grid
     mpirun -n 4 python examples/insitu_heat.py --tiny         # a smoke test (seconds)
     mpirun -n 8 python examples/insitu_heat.py --dim 3 --write data/heat3d.h5   # the volumes, as a data file
+    mpirun -n 4 python examples/insitu_heat.py --size 64 --screening 0.1 --task regress --write data/heat64.h5
     mpirun -n 4 python examples/insitu_heat.py --online       # train while the solver runs (partial_fit)
     mpirun -n 4 python examples/insitu_heat.py --online --checkpoint run.pt     # ... and continue after a kill
 
@@ -21,7 +22,12 @@ with clf.fit, for the accuracy an online run gives up.
 --write FILE stores the solved fields (float32, (n, 1, D, H, W) in 3D) and their labels as an mpidd
 data file instead of training, for `mpidd.train --data FILE` (the 3D end-to-end runs of the
 README): rank 0 assembles the fields block by block of samples from every rank's box and
-writes them through mpidd.write_dataset's writer, atomically.
+writes them through mpidd.writer.DatasetWriter, atomically. With --task regress the file is a
+surrogate-model problem instead: images are the source fields f, targets the temperatures u
+(n, 1, ...); with --task segment the targets are u's level sets, masks of 3 classes (cold below
+0.1, warm below 0.3, hot from 0.3 of the largest temperature of the draws). --screening sets
+h * kappa: 0.5 (the default) lets a source's heat fade within 2 grid spacings, 0.1 carries it
+over 10, across the borders of small subdomains.
 
 Every sample is the steady temperature of a plate (block) that loses heat to its surroundings:
 -Laplace(u) + kappa^2 u = f on the unit square (cube), u = 0 on the boundary, where f is 1..K
@@ -70,6 +76,11 @@ parser.add_argument("--width", type=int, help="CNN width before the local width 
 parser.add_argument("--tiny", action="store_true", help="a smoke test: 16 (3D: 8) points per axis, few samples")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--write", metavar="FILE", help="write the fields as an mpidd data file instead of training")
+parser.add_argument("--task", choices=("classify", "regress", "segment"), default="classify",
+                    help="--write: images u with labels (classify), or sources f with targets u (regress) or u's "
+                         "level sets (segment) (default classify)")
+parser.add_argument("--screening", type=float, default=0.5,
+                    help="h * kappa: heat fades by e over 1/screening grid spacings (default 0.5)")
 parser.add_argument("--online", action="store_true", help="train while the solver runs (partial_fit)")
 parser.add_argument("--step-samples", type=int, default=250, help="online: new draws the solver solves per step (250)")
 parser.add_argument("--every", type=int, default=2, help="online: hand the new fields over every K solver steps (2)")
@@ -83,6 +94,8 @@ args = parser.parse_args()
 defaults = dict(DEFAULTS[args.dim], **(dict(TINY, size=16 if args.dim == 2 else 8) if args.tiny else {}))
 for key, value in defaults.items():
     setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+if args.task != "classify" and not args.write:
+    parser.error("--task regress and segment write a data file: add --write FILE (then mpidd.train trains on it)")
 if args.size % 2:
     parser.error(f"--size must be even (two blocks per axis), got {args.size}")
 size_1d = args.size
@@ -101,7 +114,7 @@ image_shape = (1,) + (size_1d,) * args.dim
 
 # --- the solver: batched CG for -Laplace(u) + kappa^2 u = f, u = 0 outside, on this rank's block --
 halo_bytes = 0
-SCREENING = 1 / 2  # h * kappa: a source's heat decays by e over 2 grid spacings
+SCREENING = args.screening  # h * kappa: a source's heat decays by e over 1 / SCREENING grid spacings
 
 
 def axis_slice(axis, s):
@@ -255,31 +268,56 @@ y_train, y_val, y_test = np.split(labels, splits)
 
 
 
+LEVELS = (0.1, 0.3)  # --task segment: cold | warm | hot, as fractions of the largest temperature
+
+
 def write_fields(path, block_samples=256):
     """Rank 0 writes every split's whole fields: per block of samples, each rank's box is
-    gathered to rank 0 (never more than one block of whole fields in memory)."""
+    gathered to rank 0 (never more than one block of whole fields in memory). --task regress or
+    segment: the sources as images, the temperatures (or their level sets) as targets."""
     from mpidd.writer import DatasetWriter
     sizes = {"train": args.train, "val": args.val, "test": args.test}
     classes = [f"{k + 1} source{'s' if k else ''}" for k in range(args.classes)]
-    writer = DatasetWriter(path, image_shape, "float32", sizes, classes,
-                           attrs={"source": f"examples/insitu_heat.py --dim {args.dim} --size {size_1d} "
-                                            f"--classes {args.classes} --seed {args.seed}"}) if rank == 0 else None
+    dense = args.task != "classify"
+    sources = np.split((rhs / (1.0 / (size_1d + 1)) ** 2).astype(np.float32)[:, None], splits) if dense else None
+    top = cart.allreduce(float(fields.max()), op=MPI.MAX)
+    spatial = image_shape[1:]
+    targets = {"regress": (image_shape, "float32"), "segment": (spatial, "uint8")}.get(args.task)
+    source = (f"examples/insitu_heat.py --dim {args.dim} --size {size_1d} --classes {args.classes} "
+              f"--screening {args.screening} --task {args.task} --seed {args.seed}")
+    writer = DatasetWriter(path, image_shape, "float32", sizes, classes, targets=targets,
+                           target_classes=["cold", "warm", "hot"] if args.task == "segment" else None,
+                           attrs={"source": source}) if rank == 0 else None
+
+    def whole(parts, shape):
+        out = np.empty((len(parts[0][1]),) + shape, np.float32)
+        for b, part in parts:
+            out[(slice(None), slice(None)) + b] = part
+        return out
+
     with writer if writer is not None else contextlib.nullcontext():
-        for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+        for k, (split, x, y) in enumerate((("train", x_train, y_train), ("val", x_val, y_val),
+                                           ("test", x_test, y_test))):
             for lo in range(0, len(x), block_samples):
                 parts = cart.gather((box, x[lo:lo + block_samples]), root=0)
-                if rank == 0:
-                    whole = np.empty((len(parts[0][1]),) + image_shape, np.float32)
-                    for b, part in parts:
-                        whole[(slice(None), slice(None)) + b] = part
-                    writer.write(split, whole, y[lo:lo + block_samples])
+                inputs = cart.gather((box, sources[k][lo:lo + block_samples]), root=0) if dense else None
+                if rank != 0:
+                    continue
+                u = whole(parts, image_shape)
+                if args.task == "classify":
+                    writer.write(split, u, y[lo:lo + block_samples])
+                    continue
+                t = u if args.task == "regress" else np.digitize(u[:, 0], [v * top for v in LEVELS]).astype(np.uint8)
+                writer.write(split, whole(inputs, image_shape), y[lo:lo + block_samples], t)
 
 
 if args.write:
     write_fields(args.write)
     if rank == 0:
+        what = {"classify": f"{args.classes} classes", "regress": "sources -> temperatures",
+                "segment": "sources -> cold/warm/hot masks"}[args.task]
         print(f"wrote {args.write}: {args.train}/{args.val}/{args.test} fields of "
-              f"{'x'.join([str(size_1d)] * args.dim)} points, {args.classes} classes; solver {solver_s:.1f} s")
+              f"{'x'.join([str(size_1d)] * args.dim)} points, {what}; solver {solver_s:.1f} s")
     sys.exit(0)
 
 # --- the two-level classifier, on the solver's communicator ------------------------------------

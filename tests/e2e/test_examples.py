@@ -90,11 +90,12 @@ def test_insitu_heat_refuses_the_wrong_rank_count():
     assert "runs on 4 ranks (mpirun -n 4), not 2" in proc.stderr
 
 
-def heat_operator(u):
-    """h^2 (-Laplace u + kappa^2 u) of whole fields (n, *shape), u = 0 outside: the example's stencil."""
+def heat_operator(u, screening2=0.25):
+    """h^2 (-Laplace u + kappa^2 u) of whole fields (n, *shape), u = 0 outside: the example's
+    stencil, with (h kappa)^2 = screening2 (the example's default --screening 0.5)."""
     dim = u.ndim - 1
     padded = np.pad(u, [(0, 0)] + [(1, 1)] * dim)
-    out = (2 * dim + 0.25) * u
+    out = (2 * dim + screening2) * u
     for d in range(1, dim + 1):
         for shift in (-1, 1):
             out -= np.roll(padded, shift, axis=d)[(slice(None),) + (slice(1, -1),) * dim]
@@ -153,3 +154,35 @@ def test_training_on_the_heat_volumes(heat_volumes, tmp_path, grid, flags):
     for stats in r["per_rank"]:
         assert stats["bytes_read_boxes"] == len(stats["subdomains"]) * 2200 * (4 * voxels + 8)
     assert all(0 <= m["test_acc"] <= 1 for m in r["models"])
+
+
+@pytest.mark.parametrize("task", ["regress", "segment"])
+def test_insitu_heat_writes_sources_and_temperatures_for_dense_tasks(tmp_path, task):
+    """--task regress: the images are the sources f and the targets the temperatures u that
+    solve the screened heat equation for them (each rank's box in its place); --task segment:
+    the targets are u's level sets at 0.1 and 0.3 of the largest temperature."""
+    path = str(tmp_path / f"{task}.h5")
+    regress = str(tmp_path / "regress.h5")
+    for t, p in {task: path, "regress": regress}.items():
+        if not os.path.exists(p):
+            proc = run(["--tiny", "--size", "16", "--screening", "0.1", "--task", t, "--write", p], np=4,
+                       timeout=180, script=(HEAT,))
+            assert proc.returncode == 0, proc.stderr + proc.stdout
+    info = data.inspect(path, task=task)
+    assert info.sizes == {"train": 1600, "val": 200, "test": 400} and info.image_shape == (1, 16, 16)
+    with h5py.File(regress) as f:
+        f_src = f["train/images"][:64, 0].astype(np.float64)
+        u = {s: f[f"{s}/targets"][...].astype(np.float64) for s in ("train", "val", "test")}
+    h2 = (1.0 / 17) ** 2
+    residual = heat_operator(u["train"][:64, 0], 0.01) - h2 * f_src
+    assert np.abs(residual).max() < 1e-4 * (h2 * f_src).max()
+    shuffled = u["train"][:64, 0].copy()
+    shuffled[:, :8, :8], shuffled[:, 8:, 8:] = u["train"][:64, 0, 8:, 8:], u["train"][:64, 0, :8, :8]
+    assert np.abs(heat_operator(shuffled, 0.01) - h2 * f_src).max() > 1e-2 * (h2 * f_src).max()  # can fail
+    if task == "segment":
+        top = max(v.max() for v in u.values())
+        with h5py.File(path) as f:
+            masks = f["test/targets"][...]
+            assert list(f.attrs["target_classes"]) == ["cold", "warm", "hot"]
+        assert np.array_equal(masks, np.digitize(u["test"][:, 0], [0.1 * top, 0.3 * top]))
+        assert set(np.unique(masks).tolist()) == {0, 1, 2}
