@@ -113,3 +113,51 @@ def matching_width_factor(in_channels, out_channels, image_shape, subimage_shape
     """Width factor that gives a local U-Net about 1/N of the global U-Net's parameters."""
     target = count_parameters(build_unet(in_channels, out_channels, image_shape, cfg)) / num_subdomains
     return width_factor_for(lambda f: build_unet(in_channels, out_channels, subimage_shape, cfg, f), target)
+
+
+class CoarseCorrection(nn.Module):
+    """The coarse network of the dense two-level method: every subdomain's bottleneck in, a
+    correction of every bottleneck out, both flat (B, N*F) in subdomain order (F = C*h*w of
+    one bottleneck, as the exchange carries them).
+
+    The N bottlenecks are laid out as one coarse map in their grid positions (B, C, g0*h,
+    g1*w[, ...]), which `layers` 3x3 convolutions of `hidden` channels (ReLU between) map to a
+    correction map of C channels, cut back into the N subdomains. Its last convolution starts at
+    zero, so before training the two-level model is the local-only one."""
+
+    def __init__(self, grid, bottleneck_shape, hidden: int = 32, layers: int = 3):
+        super().__init__()
+        self.grid, self.bottleneck_shape = tuple(grid), tuple(bottleneck_shape)
+        ndim = len(self.grid)
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        channels = self.bottleneck_shape[0]
+        widths = [channels] + [hidden] * (layers - 1) + [channels]
+        body = []
+        for k in range(layers):
+            body.append(conv(widths[k], widths[k + 1], 3, padding=1))
+            if k < layers - 1:
+                body.append(nn.ReLU(inplace=True))
+        nn.init.zeros_(body[-1].weight)
+        nn.init.zeros_(body[-1].bias)
+        self.body = nn.Sequential(*body)
+
+    def to_map(self, flat):
+        """(B, N*F) -> (B, C, g0*h0, g1*h1, ...): subdomain i at its grid coordinates (C order)."""
+        B, (C, *h), g = flat.shape[0], self.bottleneck_shape, self.grid
+        x = flat.reshape(B, *g, C, *h)
+        d = len(g)
+        # (B, g0, g1, C, h0, h1) -> (B, C, g0, h0, g1, h1)
+        x = x.permute(0, d + 1, *[a for k in range(d) for a in (1 + k, d + 2 + k)])
+        return x.reshape(B, C, *[gk * hk for gk, hk in zip(g, h)])
+
+    def from_map(self, coarse):
+        """The inverse of to_map."""
+        B, (C, *h), g = coarse.shape[0], self.bottleneck_shape, self.grid
+        d = len(g)
+        x = coarse.reshape(B, C, *[v for k in range(d) for v in (g[k], h[k])])
+        # (B, C, g0, h0, g1, h1) -> (B, g0, g1, C, h0, h1)
+        x = x.permute(0, *[2 + 2 * k for k in range(d)], 1, *[3 + 2 * k for k in range(d)])
+        return x.reshape(B, -1)
+
+    def forward(self, flat):
+        return self.from_map(self.body(self.to_map(flat)))

@@ -2,7 +2,8 @@
 
     collectives  sleeping waits, root_decides, agree, broadcast_from_root, allgather, gather_to_root,
                  gather_probabilities
-    exchange     ModelParallelExchange and its autograd operator GatherToRoot (coherent CNN-DNN)
+    exchange     ModelParallelExchange and its autograd operators GatherToRoot (coherent CNN-DNN)
+                 and ScatterFromRoot (dense two-level coarse corrections)
     groups       DataParallelGroup and its autograd operator AllSum (P = G*N ranks)
     stop         StopAgreement: SIGTERM/SIGUSR1 on any rank stops every rank (exit 75)
     launch       what only the command lines install or choose: the abort hook, devices,
@@ -17,7 +18,7 @@ Invariants the rest of mpidd relies on:
 
 from .collectives import (agree, allgather, broadcast_from_root, gather_probabilities, gather_to_root, root_decides,
                           sleepy_barrier, sleepy_wait)
-from .exchange import GatherToRoot, ModelParallelExchange
+from .exchange import GatherToRoot, ModelParallelExchange, ScatterFromRoot
 from .groups import AllSum, DataParallelGroup, cached_group, free_groups
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
                      library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, node_leaders,
@@ -51,7 +52,8 @@ def world():
 
 __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides",
            "sleepy_barrier", "sleepy_wait",
-           "GatherToRoot", "ModelParallelExchange", "AllSum", "DataParallelGroup", "cached_group", "free_groups",
+           "GatherToRoot", "ModelParallelExchange", "ScatterFromRoot", "AllSum", "DataParallelGroup", "cached_group",
+           "free_groups",
            "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "node_leaders",

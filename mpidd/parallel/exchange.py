@@ -1,6 +1,8 @@
-"""The coherent CNN-DNN's model-parallel exchange as an autograd operator, GatherToRoot
-(forward: Gatherv of every rank's local outputs to the root; adjoint: Scatterv of their
-gradients back)."""
+"""The model-parallel exchanges as autograd operators: GatherToRoot (forward: Gatherv of every
+rank's local outputs to the root; adjoint: Scatterv of their gradients back), the coherent
+CNN-DNN's; and its adjoint ScatterFromRoot (forward: Scatterv of the root's (B, N*F) to the
+ranks' subdomains; adjoint: Gatherv of their gradients), the dense two-level method's coarse
+corrections."""
 
 from __future__ import annotations
 
@@ -126,3 +128,26 @@ class GatherToRoot(torch.autograd.Function):
         ex = ctx.exchange
         received = ex.scatter(_float32_array(grad) if ex.is_root else None, ctx.rows, ctx.batch)
         return torch.from_numpy(received).to(device=grad.device, dtype=grad.dtype), None, None, None
+
+
+class ScatterFromRoot(torch.autograd.Function):
+    """forward: Scatterv of the root's (B, N*F) (batch rows, subdomains in order) to every rank,
+    which gets its (b_r, m_r*F); backward (its adjoint): Gatherv of those gradients to the root.
+    Ranks other than the root pass `whole` as a placeholder that requires grad (e.g.
+    torch.zeros(0, requires_grad=True)), so that their backward runs and joins the gather.
+    Same invariant as GatherToRoot: every rank calls forward and backward alike."""
+
+    @staticmethod
+    def forward(ctx, whole, exchange, idx, n, batch):
+        ctx.exchange, ctx.batch, ctx.rows = exchange, batch, exchange.rows(idx, n, batch)
+        ctx.placeholder = None if exchange.is_root else whole
+        received = exchange.scatter(_float32_array(whole) if exchange.is_root else None, ctx.rows, batch)
+        return torch.from_numpy(received).to(device=whole.device, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex = ctx.exchange
+        gathered = ex.gather(_float32_array(grad), ctx.rows, ctx.batch)
+        if gathered is None:
+            return torch.zeros_like(ctx.placeholder), None, None, None, None
+        return torch.from_numpy(gathered).to(device=grad.device, dtype=grad.dtype), None, None, None, None

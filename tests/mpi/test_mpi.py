@@ -721,3 +721,93 @@ def test_each_rank_checks_only_its_own_boxes_for_nan(comm, monkeypatch):
     x[3, 0, 1, 1] = np.nan  # in subdomain 0's box: its rank finds it, every rank raises
     with pytest.raises(ValueError, match="subdomain 0's box, holds NaN"):
         clf.fit(x[:40], y[:40], x[40:50], y[40:50])
+
+
+@pytest.mark.mpi(min_size=1)
+def test_scatter_from_root_is_adjoint_to_its_backward(comm):
+    """F: the root's (B, N*F) -> every rank's (B, m_r*F) (Scatterv); its backward must be F*
+    (Gatherv of the gradients to the root): <F x, y> summed over ranks = <x, F* y> on the root."""
+    import torch
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.parallel import ModelParallelExchange, ScatterFromRoot
+    N, F, B = 5, 3, 7
+    if comm.size > N:
+        pytest.skip("more ranks than subdomains")
+    mine = subdomains_of_rank(comm.rank, comm.size, N)
+    exchange = ModelParallelExchange(comm, mine, N, F)
+    x = (torch.randn(B, N * F, generator=torch.Generator().manual_seed(5), requires_grad=True) if comm.rank == 0
+         else torch.zeros(0, requires_grad=True))
+    fx = ScatterFromRoot.apply(x, exchange, None, None, B)
+    assert fx.shape == (B, len(mine) * F)
+    whole = torch.randn(B, N * F, generator=torch.Generator().manual_seed(5)).reshape(B, N, F)
+    assert torch.equal(fx.detach().reshape(B, len(mine), F), whole[:, mine])  # each rank gets its columns
+    y = torch.randn(B, len(mine) * F, generator=torch.Generator().manual_seed(100 + comm.rank))
+    torch.autograd.backward(fx, y)
+    lhs = comm.allreduce(float((fx.detach().double() * y.double()).sum()))
+    rhs = comm.bcast(float((x.detach().double() * x.grad.double()).sum()) if comm.rank == 0 else None, root=0)
+    assert lhs == pytest.approx(rhs, rel=1e-6) and abs(lhs) > 1e-3
+
+
+def _dense_run(comm, task):
+    """Local U-Nets, the gathered bottlenecks, the coarse correction and the scores of local
+    only and two-level on a tiny 2x2 problem, on `comm` (its ranks take the subdomains in turn)."""
+    import torch
+    from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd.engine import TrainOptions
+    from mpidd.methods import dense
+    from mpidd.methods.context import Context
+    from mpidd.unet import UNetConfig
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(80, 1, 8, 8, generator=g)
+    field = torch.nn.functional.avg_pool2d(x, 5, 1, 2) * 4.0  # reaches across the subdomains' borders
+    target = field if task == "regress" else (field[:, 0] > 1.0).long() + (field[:, 0] > 1.2).long()
+    dec = Decomposition((8, 8), (2, 2))
+    split = {"train": slice(0, 48), "val": slice(48, 64), "test": slice(64, 80)}
+    mine = subdomains_of_rank(comm.rank, comm.size, 4)
+    channel = (slice(None),) if task == "regress" else ()
+    subsets = {i: {s: (x[r][(slice(None), slice(None)) + dec.slices(i)].numpy(),
+                       target[r][(slice(None),) + channel + dec.slices(i)].numpy()) for s, r in split.items()}
+               for i in mine}
+    cfg = dense.DenseConfig(task=task, loss="mse" if task == "regress" else "ce", unet=UNetConfig(width=4, depth=1),
+                            local=TrainOptions(epochs=1, batch_size=16, lr=1e-2),
+                            coarse=TrainOptions(epochs=2, batch_size=16, lr=1e-2), coarse_hidden=8, seed=3)
+    ctx = Context(comm=comm, mine=mine)
+    out_channels = 1 if task == "regress" else 3
+    models, _ = dense.fit_local_unets(ctx, subsets, dec, 1, out_channels, 0.7, cfg)
+    local_scores = dense.dense_scores(ctx, dense.local_predictions(models, subsets, "test", cfg), subsets, "test", cfg)
+    gathered = dense.gather_bottlenecks(ctx, models, subsets, 4)
+    shape = models[mine[0]].bottleneck_shape
+    coarse, history = dense.fit_coarse_correction(ctx, models, subsets, gathered, dec, shape, cfg)
+    step = dense.CoarseStep(ctx, models, coarse, gathered, 4, shape)
+    outputs = dense.two_level_predictions(ctx, step, subsets, "test", cfg)
+    scores = dense.dense_scores(ctx, outputs, subsets, "test", cfg)
+    return {"local": local_scores, "two_level": scores, "outputs": outputs, "history": history,
+            "coarse": None if coarse is None else [p.detach().clone() for p in coarse.parameters()]}
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("task", ["regress", "segment"])
+def test_dense_two_level_is_the_same_on_any_number_of_ranks(comm, task):
+    """Local U-Nets, coarse correction (its gradients through ScatterFromRoot's gather) and the
+    stitched scores: the same numbers on comm's ranks as on one rank holding every subdomain."""
+    import torch
+    if comm.size > 4:
+        pytest.skip("more ranks than subdomains")
+    alone = comm.Split(color=comm.rank, key=0)  # every rank: one process with all 4 subdomains
+    try:
+        ref = _dense_run(alone, task)
+    finally:
+        alone.Free()
+    got = _dense_run(comm, task)
+    for i, out in got["outputs"].items():
+        assert torch.equal(out, ref["outputs"][i]), i
+    if comm.rank == 0:
+        assert got["local"] == ref["local"] and got["two_level"] == ref["two_level"]
+        assert all(torch.equal(p, q) for p, q in zip(got["coarse"], ref["coarse"]))
+        assert got["coarse"][-2].abs().sum() > 0  # its last convolution starts at zero: it learned
+        key = "mse" if task == "regress" else "miou"
+        assert got["two_level"][key] != got["local"][key]  # the corrections changed the stitched outputs
+        assert [h["val_acc"] for h in got["history"]] == [h["val_acc"] for h in ref["history"]]
+    else:
+        assert got["two_level"] is None and got["coarse"] is None

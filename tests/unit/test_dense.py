@@ -150,3 +150,20 @@ def test_stopped_and_resumed_dense_training_is_the_uninterrupted_one(stop_at):
     keys = ("loss", "acc", "val_loss", "val_acc")
     assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in ref_history]
     assert torch.equal(predict_dense(resumed, x), predict_dense(reference, x))
+
+
+@pytest.mark.parametrize("grid,shape", [((2, 2), (3, 4, 4)), ((2, 3, 2), (2, 2, 3, 2)), ((1, 4), (1, 2, 2))])
+def test_the_coarse_map_puts_each_bottleneck_at_its_grid_position(grid, shape):
+    from mpidd.decomposition import Decomposition
+    from mpidd.unet import CoarseCorrection
+    net = CoarseCorrection(grid, shape, hidden=4)
+    dec = Decomposition(tuple(g * h for g, h in zip(grid, shape[1:])), grid)
+    N, F = dec.num_subdomains, int(np.prod(shape))
+    flat = torch.randn(3, N * F)
+    coarse = net.to_map(flat)
+    assert coarse.shape == (3, shape[0]) + dec.shape
+    for i in range(N):  # the decomposition's box of subdomain i holds its bottleneck
+        block = flat[:, i * F:(i + 1) * F].reshape(3, *shape)
+        assert torch.equal(coarse[(slice(None), slice(None)) + dec.slices(i)], block)
+    assert torch.equal(net.from_map(coarse), flat)
+    assert torch.equal(net(flat), torch.zeros_like(flat))  # zero at the start: the local-only model

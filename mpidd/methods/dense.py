@@ -1,0 +1,224 @@
+"""Dense prediction by domain decomposition (--task segment | regress): local U-Nets, the coarse
+exchange of their bottlenecks, the global U-Net; top to bottom as the data flow:
+
+    every rank   fit_local_unets: the local U-Net of each of its subdomains, on its subimages
+                 and the target boxes (no communication)                  -> "local only"
+    gather       gather_bottlenecks: the frozen encoders' bottlenecks to rank 0, (n, N*F) in
+                 subdomain order (as the classifiers' probabilities)
+    every rank   fit_coarse_correction: rank 0's coarse network maps the grid of bottlenecks to
+                 a correction of each; every step the corrections are scattered to the ranks
+                 (parallel.ScatterFromRoot), each rank decodes its subdomains with theirs, and the
+                 loss's gradients come back to rank 0 through the same operator's adjoint (a
+                 gather); the local U-Nets stay frozen                     -> "two-level"
+    rank 0       fit_global_unet: the U-Net on whole images, the baseline
+    scores       dense_scores: each subdomain's additive sums (metrics) gathered to rank 0 and
+                 added in subdomain order: the scores of the stitched fields, the same numbers
+                 at every rank count
+
+Input: `subsets[i][split]` = (subimages (n, C, *box), target boxes) of subdomain i, boxes
+without overlap (the targets a subdomain predicts). Ranks own subdomains in turn (P <= N).
+Every function is collective over ctx.comm where it says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import parallel, rundir
+from ..dense import predict_dense, sample_scores, target_tensor, train_dense
+from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
+from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
+from ..seeds import seed_for
+from ..unet import CoarseCorrection, UNetConfig, build_unet
+from .context import Context
+
+
+@dataclass
+class DenseConfig:
+    """A dense two-level run's shape and training (the command line's defaults)."""
+    task: str = "regress"          # regress | segment
+    loss: str = "mse"              # metrics.REGRESSION_LOSSES or SEGMENTATION_LOSSES
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    local: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=10, batch_size=32, lr=2e-3))
+    coarse: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=5, batch_size=32, lr=1e-3))
+    coarse_hidden: int = 32        # channels of the coarse network's convolutions
+    coarse_layers: int = 3
+    seed: int = 0
+    eval_batch_size: int = 64
+
+
+def initial_local_unet(ctx: Context, i: int, in_channels, out_channels, dec, cfg: DenseConfig, width_factor):
+    """Subdomain i's local U-Net as training starts it: from seed_for(seed, "local", i)."""
+    torch.manual_seed(seed_for(cfg.seed, "local", i))
+    return build_unet(in_channels, out_channels, dec.subimage_shape, cfg.unet, width_factor).to(ctx.device)
+
+
+def fit_local_unets(ctx: Context, subsets: dict, dec, in_channels: int, out_channels: int, width_factor: float,
+                    cfg: DenseConfig):
+    """Train the local U-Net of each subdomain of this rank (or continue from ctx's checkpoint);
+    no communication. Returns ({subdomain: model}, {subdomain: history})."""
+    models, histories = {}, {}
+    for k, (i, split) in enumerate(sorted(subsets.items())):
+        with ctx.timer("local"), ctx.timer(f"subdomain_{i}"):
+            model = initial_local_unet(ctx, i, in_channels, out_channels, dec, cfg, width_factor)
+            control = ctx.checkpoints.control(rundir.local_checkpoint(i), ctx.model_stop(), subdomain=i,
+                                              box=dec.box(i), width_factor=width_factor)
+            histories[i], _ = train_dense(
+                model, split["train"], split["val"], cfg.local, seed_for(cfg.seed, "local", i), cfg.task, cfg.loss,
+                ctx.progress.printer(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
+                control=control, precision=ctx.precision)
+        models[i] = model
+    return models, histories
+
+
+@torch.no_grad()
+def bottlenecks(model, x, batch_size: int = 64) -> np.ndarray:
+    """(n, F) float32: the flattened bottlenecks of a (frozen) U-Net's encoder on x."""
+    model.eval()
+    to_channels_last(model, np.ndim(x) if isinstance(x, np.ndarray) else x.dim())
+    out = [model.encode(to_float(torch.as_tensor(x[a:a + batch_size])))[0].flatten(1).float()
+           for a in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def gather_bottlenecks(ctx: Context, models: dict, subsets: dict, num_subdomains: int, splits=("train", "val", "test"),
+                       batch_size: int = 64) -> dict | None:
+    """Collective: every subdomain's bottlenecks to rank 0, {split: (n, N*F)} in subdomain
+    order there; None elsewhere."""
+    out = {}
+    for s in splits:
+        local = {i: bottlenecks(models[i], subsets[i][s][0], batch_size) for i in sorted(models)}
+        F = next(iter(local.values())).shape[1]
+        n = len(next(iter(subsets.values()))[s][0])
+        out[s] = parallel.gather_probabilities(ctx.comm, local, num_subdomains, n, F)
+    return out if ctx.master_process else None
+
+
+def coarse_network(dec, bottleneck_shape, cfg: DenseConfig) -> CoarseCorrection:
+    torch.manual_seed(seed_for(cfg.seed, "coarse"))
+    return CoarseCorrection(dec.grid, bottleneck_shape, cfg.coarse_hidden, cfg.coarse_layers)
+
+
+class CoarseStep:
+    """One mini-batch of the two-level model, on every rank (collective over the exchange):
+    rank 0's coarse network turns the batch's gathered bottlenecks into corrections, which go to
+    the ranks (ScatterFromRoot); each rank decodes its subdomains with theirs and returns, per
+    its subdomains, outputs and (in training) the loss, whose backward brings the gradients of
+    the corrections back to rank 0 (the operator's adjoint). The local U-Nets are frozen."""
+
+    def __init__(self, ctx: Context, models: dict, coarse, gathered, num_subdomains: int, bottleneck_shape):
+        self.ctx, self.models, self.coarse, self.gathered = ctx, models, coarse, gathered
+        self.N, self.shape = num_subdomains, tuple(bottleneck_shape)
+        F = int(np.prod(bottleneck_shape))
+        self.exchange = parallel.ModelParallelExchange(ctx.comm, sorted(models), num_subdomains, F,
+                                                       poll_interval=getattr(ctx.stops, "wait_interval", None))
+        self.placeholder = torch.zeros(0, requires_grad=True)
+        for m in models.values():
+            m.eval()
+            m.requires_grad_(False)
+
+    def outputs(self, xs: dict, split: str, idx):
+        """{subdomain: outputs (B, C_out, *box)} of this rank's subdomains on samples idx."""
+        root = self.exchange.is_root
+        whole = self.coarse(torch.as_tensor(self.gathered[split][idx])) if root else self.placeholder
+        mine = parallel.ScatterFromRoot.apply(whole, self.exchange, None, None, len(idx))
+        out = {}
+        for k, i in enumerate(sorted(self.models)):
+            with torch.no_grad():
+                b, skips = self.models[i].encode(to_float(torch.as_tensor(xs[i][idx])))
+            correction = mine[:, k * b[0].numel():(k + 1) * b[0].numel()].reshape(b.shape)
+            out[i] = self.models[i].decode(b, skips, correction)
+        return out
+
+
+def fit_coarse_correction(ctx: Context, models: dict, subsets: dict, gathered, dec, bottleneck_shape,
+                          cfg: DenseConfig, control: Control | None = None):
+    """Collective: train rank 0's coarse network with the local U-Nets frozen. The loss is the
+    mean over the N subdomains of each one's dense loss (every box holds as many pixels), the
+    score likewise. Returns (coarse network (rank 0) or None, history)."""
+    N = dec.num_subdomains
+    coarse = coarse_network(dec, bottleneck_shape, cfg) if ctx.master_process else None
+    step_of = CoarseStep(ctx, models, coarse, gathered, N, bottleneck_shape)
+    loss_fn = dense_loss(cfg.task, cfg.loss)
+    xs = {i: subsets[i]["train"][0] for i in models}
+    ts = {i: target_tensor(subsets[i]["train"][1], cfg.task) for i in models}
+    owned = coarse if coarse is not None else torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = make_optimizer(owned, cfg.coarse)
+    everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=step_of.exchange.poll_interval)
+
+    def step(idx):
+        out = step_of.outputs(xs, "train", idx)
+        losses = [loss_fn(out[i].float(), ts[i][idx]) / N for i in sorted(out)]
+        total = torch.stack(losses).sum() if losses else step_of.placeholder.sum()
+        total.backward()
+        score = sum(sample_scores(out[i].detach().float(), ts[i][idx], cfg.task).sum().item() for i in out) / N
+        return total.item() * len(idx), score
+
+    def validate(stop):
+        scores = dense_scores(ctx, two_level_predictions(ctx, step_of, subsets, "val", cfg), subsets, "val", cfg)
+        value = None if scores is None else scores["mae" if cfg.task == "regress" else "pixel_acc"]
+        return float("nan"), parallel.broadcast_from_root(ctx.comm, value)
+
+    n = len(next(iter(subsets.values()))["train"][0])
+    history = run_epochs(owned, optimizer, cfg.coarse, seed_for(cfg.seed, "coarse_order"), n, step, validate=validate,
+                         log=ctx.progress.printer("coarse exchange", cfg.coarse.epochs), control=control,
+                         group=everyone, root=ctx.master_process)
+    return coarse, history
+
+
+@torch.no_grad()
+def two_level_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, split: str, cfg: DenseConfig) -> dict:
+    """Collective: {subdomain: outputs (n, C_out, *box) float32} of this rank's subdomains with
+    the coarse corrections."""
+    if step_of.coarse is not None:
+        step_of.coarse.eval()
+    xs = {i: subsets[i][split][0] for i in step_of.models}
+    n = len(next(iter(subsets.values()))[split][0])
+    parts = {i: [] for i in step_of.models}
+    for a in range(0, n, cfg.eval_batch_size):
+        idx = np.arange(a, min(a + cfg.eval_batch_size, n))
+        for i, o in step_of.outputs(xs, split, idx).items():
+            parts[i].append(o.float())
+    if step_of.coarse is not None:
+        step_of.coarse.train()
+    return {i: torch.cat(p) for i, p in parts.items()}
+
+
+def local_predictions(models: dict, subsets: dict, split: str, cfg: DenseConfig) -> dict:
+    """{subdomain: outputs (n, C_out, *box)} of this rank's local U-Nets alone (local only)."""
+    return {i: predict_dense(models[i], subsets[i][split][0], cfg.eval_batch_size) for i in sorted(models)}
+
+
+def dense_scores(ctx: Context, outputs: dict, subsets: dict, split: str, cfg: DenseConfig) -> dict | None:
+    """Collective: the scores (metrics) of the stitched fields on rank 0 (None elsewhere), from
+    each subdomain's sums, added in subdomain order whatever rank computed them."""
+    sums = {}
+    for i, out in outputs.items():
+        target = subsets[i][split][1]
+        if cfg.task == "regress":
+            sums[i] = regression_sums(out.numpy(), target)
+        else:
+            sums[i] = segmentation_sums(out.argmax(1).numpy(), target, out.shape[1])
+    gathered = parallel.gather_to_root(ctx.comm, sums)
+    if not ctx.master_process:
+        return None
+    by_subdomain = [part[i] for i in range(sum(len(p) for p in gathered)) for part in gathered if i in part]
+    total = by_subdomain[0]
+    for s in by_subdomain[1:]:
+        total = {k: total[k] + s[k] for k in total} if isinstance(total, dict) else total + s
+    return regression_scores(total) if cfg.task == "regress" else segmentation_scores(total)
+
+
+def fit_global_unet(ctx: Context, train, val, in_channels: int, out_channels: int, image_shape, cfg: DenseConfig):
+    """Rank 0: the U-Net on whole images, the baseline (seeded as the global model). Returns
+    (model, history)."""
+    torch.manual_seed(seed_for(cfg.seed, "global"))
+    model = build_unet(in_channels, out_channels, image_shape, cfg.unet).to(ctx.device)
+    control = ctx.checkpoints.control(rundir.GLOBAL_CHECKPOINT, ctx.stops.poll)
+    history, _ = train_dense(model, train, val, cfg.local, seed_for(cfg.seed, "global"), cfg.task, cfg.loss,
+                             ctx.progress.printer("global U-Net", cfg.local.epochs), control=control,
+                             precision=ctx.precision)
+    return model, history
