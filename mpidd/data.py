@@ -243,12 +243,16 @@ def read_box(images, box_slices, block: int = 4096, check_finite: bool = True, n
     return out, out.nbytes
 
 
-def load_split(path: str, split: str, box_slices, block: int = 4096, rows: tuple[int, int] | None = None):
-    """Read one split's images inside `box_slices` and its labels, samples `rows` = (lo, hi)
-    only if given; return (x, y, bytes_read)."""
+def load_split(path: str, split: str, box_slices, block: int = 4096, rows: tuple[int, int] | None = None,
+               labels: bool = True):
+    """Read one split's images inside `box_slices` and its labels (labels=False: None, for files
+    of dense targets that may hold none), samples `rows` = (lo, hi) only if given; return (x, y,
+    bytes_read)."""
     with h5py.File(path, "r") as f:
         grp = f[split]
         x, nbytes = read_box(grp["images"], box_slices, block=block, name=f"{path}:/{split}/images", rows=rows)
+        if not labels:
+            return x, None, nbytes
         y = (grp["labels"][rows[0]:rows[1]] if rows is not None else grp["labels"][...]).astype(np.int64)
     return x, y, nbytes + y.nbytes
 

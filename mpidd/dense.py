@@ -22,6 +22,13 @@ from .metrics import dense_loss
 SCORE_NAMES = {"segment": "pixel accuracy", "regress": "MAE"}  # what a record's "acc" holds, by task
 
 
+def score_text(task: str):
+    """How progress lines write a dense record's acc (methods.context.progress_printer's score)."""
+    if task == "segment":
+        return lambda v: f"pixel acc {100 * v:.2f}%"
+    return lambda v: f"mae {v:.5f}"
+
+
 def target_tensor(t, task: str) -> torch.Tensor:
     """Targets as the loss takes them: int64 masks or float32 fields."""
     t = torch.as_tensor(np.asarray(t))

@@ -14,7 +14,9 @@ import tomllib
 
 from .. import __version__
 from ..coherent_model import OUTPUTS
+from ..data import TASKS
 from ..engine import PRECISIONS
+from ..metrics import REGRESSION_LOSSES, SEGMENTATION_LOSSES
 from ..models import ARCHITECTURES
 from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
@@ -211,6 +213,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--curve-points", type=int, default=4,
                    help="test accuracy measurements per epoch of the recomposed and the random-init "
                         "network, for the time to --target-acc (their CPU time is not counted)")
+    g = p.add_argument_group("dense prediction (--task segment | regress: local U-Nets, a coarse exchange)")
+    g.add_argument("--task", choices=TASKS, default="classify",
+                   help="classify: labels per image (the CNN-DNN). segment: a class per pixel (the data file's "
+                        "targets are integer masks); regress: values per pixel (targets are float fields). "
+                        "Dense tasks train a U-Net per subdomain on its subimages (--mode twolevel: those alone, "
+                        "then with rank 0's coarse network, which takes every subdomain's bottleneck features and "
+                        "returns a correction to each; --mode global: the U-Net on whole images; compare: all)")
+    g.add_argument("--loss", choices=REGRESSION_LOSSES + SEGMENTATION_LOSSES, default=None,
+                   help="dense loss (default: mse for regress, ce for segment; ce+dice adds the soft Dice loss)")
+    g.add_argument("--unet-width", type=int, default=16,
+                   help="channels of the global U-Net's first level (level l: width * 2**l; local U-Nets: "
+                        "scaled by the width factor for about 1/N of its parameters)")
+    g.add_argument("--unet-depth", type=int, default=2, help="U-Net levels (each halves the map while it can)")
+    g.add_argument("--coarse-channels", type=int, default=32, help="channels of the coarse network's convolutions")
+    g.add_argument("--coarse-layers", type=int, default=3, help="3x3 convolutions of the coarse network")
     g = p.add_argument_group("run")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (stopped by SIGTERM/SIGUSR1, killed, or preempted) from "
@@ -343,7 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")
     for name in ("epochs", "batch_size", "coarse_epochs", "coarse_batch_size", "read_block", "shuffle_buffer",
                  "eval_batch_size", "width", "depth", "convs_per_block", "hidden", "head_pool",
-                 "blocks_per_stage", "coherent_epochs", "subnets", "subnet_epochs", "curve_points"):
+                 "blocks_per_stage", "coherent_epochs", "subnets", "subnet_epochs", "curve_points", "unet_width",
+                 "unet_depth", "coarse_channels", "coarse_layers"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.offdiag_noise < 0:
@@ -360,6 +378,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--width-factor must be in (0, 4], got {args.width_factor}")
     if args.from_run is not None and not (args.mode == "coherent" and args.init == "pretrained"):
         raise ConfigError("--from RUN_DIR gives pre-trained local CNNs: use it with --mode coherent --init pretrained")
+    if args.task == "classify" and args.loss is not None:
+        raise ConfigError("--loss is the loss of --task segment or regress (a classifier trains on cross-entropy)")
+    if args.task != "classify":
+        args.loss = args.loss or {"regress": "mse", "segment": "ce"}[args.task]
+        if args.loss not in {"regress": REGRESSION_LOSSES, "segment": SEGMENTATION_LOSSES}[args.task]:
+            raise ConfigError(f"--loss {args.loss} does not fit --task {args.task} (choose "
+                              f"{', '.join(REGRESSION_LOSSES if args.task == 'regress' else SEGMENTATION_LOSSES)})")
     pretrained = args.mode == "compare" or (args.mode == "coherent" and args.init == "pretrained")
     if pretrained and args.dnn_init == "coarse" and args.exchange != "probabilities":
         raise ConfigError("--dnn-init coarse starts from the coarse DNN, which was trained on probabilities: "

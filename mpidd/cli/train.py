@@ -30,6 +30,7 @@ from ..methods.context import Context, PhaseTimer, peak_rss_bytes
 from ..results import assemble_results, assemble_width_results, slurm_job, source_commit
 from ..stream import choose_access
 from .arguments import NOT_RECORDED, ConfigError, parse_args
+from .dense import plan_dense, run_dense
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .dryrun import dry_run
 from .plan import Plan, UsageError, assignment, global_cnn_alone, global_share, plan_run
@@ -46,7 +47,7 @@ def start(comm, argv):
             args = parse_args(argv)
             if args.out is None:
                 args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            return "run", args, plan_run(args, comm)
+            return "run", args, plan_dense(args, comm) if args.task != "classify" else plan_run(args, comm)
         except SystemExit as e:  # --help, or argparse's own usage error (already printed)
             return "exit", e.code or 0, None
         except (ConfigError, UsageError, parallel.StartupError) as e:
@@ -89,6 +90,8 @@ def main(argv=None, comm=None) -> int:
     started = time.perf_counter()
     parallel.install_abort_on_error(comm)
     args, plan = start(comm, argv)
+    if args.task != "classify":
+        return run_dense(comm, args, plan)
     if args.dry_run:
         return dry_run(comm, args, plan)
     run = prepare(comm, args, plan)

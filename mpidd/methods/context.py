@@ -57,18 +57,23 @@ def peak_rss_bytes() -> int:
         return 0
 
 
-def progress_printer(name, epochs, models_after=0, sinks=(print,), suffix=None):
+def accuracy_text(value: float) -> str:
+    return f"acc {100 * value:.2f}%"
+
+
+def progress_printer(name, epochs, models_after=0, sinks=(print,), suffix=None, score=accuracy_text):
     """One progress line per epoch (and per `log_interval` batches) to every sink, e.g. print
     and a logger. The ETA covers `models_after` more models of the same size on this rank;
-    `suffix(eta_s)`, if given, ends the line (the command line's whole-run estimate)."""
+    `suffix(eta_s)`, if given, ends the line (the command line's whole-run estimate);
+    score(value) writes a record's acc and val_acc (a dense task's score: its MAE, say)."""
     def report(r):
         if "seconds" in r:
             r = dict(r, eta_s=r["eta_s"] + models_after * epochs * r["seconds"])
         where = f"batch {r['batch']}/{r['batches']} " if "batch" in r else ""
         # the coherent model's loss is known on rank 0 only (other ranks log NaN: leave it out)
-        scores = "" if r["loss"] != r["loss"] else f"loss {r['loss']:.4f} acc {100 * r['acc']:.2f}% "
+        scores = "" if r["loss"] != r["loss"] else f"loss {r['loss']:.4f} {score(r['acc'])} "
         if "batch" not in r and r["val_acc"] == r["val_acc"]:
-            scores += f"val {100 * r['val_acc']:.2f}% "
+            scores += f"val {100 * r['val_acc']:.2f}% " if score is accuracy_text else f"val {score(r['val_acc'])} "
         text = (f"{name}: epoch {r['epoch']}/{epochs} {where}{scores}{r['images_per_s']:.0f} img/s "
                 f"ETA {datetime.timedelta(seconds=round(r['eta_s']))}")
         if suffix is not None:
@@ -119,10 +124,10 @@ class Progress:
     sinks: tuple = ()
     suffix: object = None
 
-    def printer(self, name: str, epochs: int, models_after: int = 0):
+    def printer(self, name: str, epochs: int, models_after: int = 0, score=accuracy_text):
         """The progress callback of a training loop (None when silent); the ETA counts
-        `models_after` more models of the same size on this rank."""
-        return progress_printer(name, epochs, models_after, self.sinks, self.suffix) if self.sinks else None
+        `models_after` more models of the same size on this rank; score(value): see progress_printer."""
+        return progress_printer(name, epochs, models_after, self.sinks, self.suffix, score) if self.sinks else None
 
 
 def print_flushed(text):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import parallel, rundir
-from ..dense import predict_dense, sample_scores, target_tensor, train_dense
+from ..dense import predict_dense, sample_scores, score_text, target_tensor, train_dense
 from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
 from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
 from ..seeds import seed_for
@@ -68,7 +68,8 @@ def fit_local_unets(ctx: Context, subsets: dict, dec, in_channels: int, out_chan
                                               box=dec.box(i), width_factor=width_factor)
             histories[i], _ = train_dense(
                 model, split["train"], split["val"], cfg.local, seed_for(cfg.seed, "local", i), cfg.task, cfg.loss,
-                ctx.progress.printer(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
+                ctx.progress.printer(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1,
+                                     score_text(cfg.task)),
                 control=control, precision=ctx.precision)
         models[i] = model
     return models, histories
@@ -164,7 +165,8 @@ def fit_coarse_correction(ctx: Context, models: dict, subsets: dict, gathered, d
 
     n = len(next(iter(subsets.values()))["train"][0])
     history = run_epochs(owned, optimizer, cfg.coarse, seed_for(cfg.seed, "coarse_order"), n, step, validate=validate,
-                         log=ctx.progress.printer("coarse exchange", cfg.coarse.epochs), control=control,
+                         log=ctx.progress.printer("coarse exchange", cfg.coarse.epochs, score=score_text(cfg.task)),
+                         control=control,
                          group=everyone, root=ctx.master_process)
     return coarse, history
 
@@ -219,6 +221,7 @@ def fit_global_unet(ctx: Context, train, val, in_channels: int, out_channels: in
     model = build_unet(in_channels, out_channels, image_shape, cfg.unet).to(ctx.device)
     control = ctx.checkpoints.control(rundir.GLOBAL_CHECKPOINT, ctx.stops.poll)
     history, _ = train_dense(model, train, val, cfg.local, seed_for(cfg.seed, "global"), cfg.task, cfg.loss,
-                             ctx.progress.printer("global U-Net", cfg.local.epochs), control=control,
+                             ctx.progress.printer("global U-Net", cfg.local.epochs, score=score_text(cfg.task)),
+                             control=control,
                              precision=ctx.precision)
     return model, history

@@ -1,0 +1,141 @@
+"""End to end: mpidd.train --task regress | segment under mpirun, on tiny fields (in subprocesses)."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from mpidd.metrics import regression_scores, regression_sums, ssim
+from mpidd.writer import write_dataset
+
+from test_e2e import run
+
+FAST = ["--epochs", "2", "--coarse-epochs", "2", "--batch-size", "32", "--coarse-batch-size", "32",
+        "--unet-width", "8", "--threads", "1", "--log-interval", "0"]
+
+
+def fields(n, seed):
+    """Sources (n, 1, 16, 16) and the fields a wide blur makes of them (reaching across 8x8 boxes)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 1, 16, 16, generator=g) > 0.9).float() * torch.rand(n, 1, 16, 16, generator=g)
+    u = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (4, 4, 4, 4)), 9, 1) * 9
+    return x.numpy(), u.numpy()
+
+
+@pytest.fixture(scope="module")
+def dense_files(tmp_path_factory):
+    """A regression file (sources -> fields) and a segmentation file (its fields' level sets)."""
+    d = tmp_path_factory.mktemp("dense")
+    regress, segment = {}, {}
+    for k, (split, n) in enumerate((("train", 96), ("val", 32), ("test", 32))):
+        x, u = fields(n, k)
+        regress[split] = (x, None, u)
+        segment[split] = (x, np.zeros(n, np.int64), np.digitize(u[:, 0], [0.3, 0.8]).astype(np.uint8))
+    return (write_dataset(str(d / "regress.h5"), regress),
+            write_dataset(str(d / "segment.h5"), segment, classes=["a", "b"], target_classes=["low", "mid", "high"]))
+
+
+def results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def regress_runs(dense_files, tmp_path_factory):
+    outs = {}
+    for np_ in (1, 2, 4):
+        out = str(tmp_path_factory.mktemp("runs") / f"np{np_}")
+        proc = run(["--task", "regress", "--data", dense_files[0], "--grid", "2x2", "--out", out, *FAST], np=np_)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        outs[np_] = (out, proc)
+    return outs
+
+
+def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
+    """Local U-Nets, two-level and the global U-Net: every score (SSIM too) and every predicted
+    value the same at every rank count; the scores are those of the written predictions."""
+    r = {np_: results(out) for np_, (out, _) in regress_runs.items()}
+    names = ["local U-Nets (no exchange)", "two-level (coarse exchange)", "global U-Net"]
+    assert list(r[1]["metrics"]) == names
+    assert r[1]["metrics"] == r[2]["metrics"] == r[4]["metrics"]
+    assert r[4]["decomposition"]["rank_of_subdomain"] == [0, 1, 2, 3] and r[2]["world_size"] == 2
+    with h5py.File(dense_files[0]) as f:
+        target = f["test/targets"][...]
+    preds = {}
+    for np_, (out, proc) in regress_runs.items():
+        with h5py.File(os.path.join(out, "predictions.h5")) as f:
+            preds[np_] = {k: f["test"][k][...] for k in ("local_only", "two_level", "global")}
+        assert "two-level (coarse exchange)" in proc.stdout and "critical path" in proc.stdout
+    for k in preds[1]:
+        assert np.array_equal(preds[1][k], preds[2][k]) and np.array_equal(preds[1][k], preds[4][k]), k
+    for key, name in zip(("local_only", "two_level", "global"), names):
+        want = regression_scores(regression_sums(preds[1][key], target))
+        got = r[1]["metrics"][name]["test"]
+        assert got["mae"] == pytest.approx(want["mae"], rel=1e-5) and got["rel_l2"] == pytest.approx(
+            want["rel_l2"], rel=1e-5)
+        want_ssim = ssim(preds[1][key], target, target.max() - target.min()).mean()
+        assert got["ssim"] == pytest.approx(want_ssim, rel=1e-6)
+    assert not np.array_equal(preds[1]["local_only"], preds[1]["two_level"])  # the corrections reached the fields
+    timing = r[4]["timing"]
+    assert timing["critical_path"]["cpu_s"] > 0 and timing["global_train_cpu_s"] > 0
+    out = regress_runs[2][0]
+    assert os.path.exists(os.path.join(out, "logs", "rank1.log")) and os.path.exists(os.path.join(out, "metrics.csv"))
+
+
+def test_a_segmentation_run_scores_every_class(dense_files, tmp_path):
+    out = str(tmp_path / "seg")
+    proc = run(["--task", "segment", "--loss", "ce+dice", "--mode", "twolevel", "--data", dense_files[1],
+                "--out", out, *FAST], np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = results(out)
+    assert r["task"] == "segment" and r["targets"]["classes"] == ["low", "mid", "high"]
+    assert list(r["metrics"]) == ["local U-Nets (no exchange)", "two-level (coarse exchange)"]
+    for m in r["metrics"].values():
+        assert len(m["test"]["iou"]) == 3 and 0 < m["test"]["miou"] <= 1 and 0 < m["test"]["pixel_acc"] <= 1
+    assert "test miou" in proc.stdout and "pixel acc" in proc.stdout  # the table, the progress lines
+    with h5py.File(os.path.join(out, "predictions.h5")) as f:
+        masks = f["test/two_level"][...]
+    assert masks.shape == (32, 16, 16) and set(np.unique(masks).tolist()) <= {0, 1, 2}
+
+
+def broken(path, tmp_path, edit):
+    """A copy of `path` changed by edit(h5py.File)."""
+    import shutil
+    copy = str(tmp_path / f"{edit.__name__}.h5")
+    shutil.copy(path, copy)
+    with h5py.File(copy, "r+") as f:
+        edit(f)
+    return copy
+
+
+def nan_in_last_box(f):
+    f["val/targets"][5, 0, 12, 12] = np.nan  # subdomain 3 (bottom right): rank 1 of 2 reads it
+
+
+def mask_out_of_range(f):
+    f["train/targets"][7, 2, 3] = 9
+
+
+@pytest.mark.parametrize("case", ["nan", "mask", "kind", "ranks", "overlap", "mode"])
+def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
+    regress, segment = dense_files
+    args, np_, message = {
+        "nan": (["--task", "regress", "--data", broken(regress, tmp_path, nan_in_last_box)], 2,
+                "target 5 holds NaN or inf values; clean the data file (found by rank 1)"),
+        "mask": (["--task", "segment", "--data", broken(segment, tmp_path, mask_out_of_range)], 2,
+                 "mask 7 holds class 9, outside 0..2"),
+        "kind": (["--task", "segment", "--data", regress], 1, "--task segment needs masks"),
+        "ranks": (["--task", "regress", "--data", regress, "--grid", "1x2"], 3, "3 ranks but only 2 subdomains"),
+        "overlap": (["--task", "regress", "--data", regress, "--overlap", "1"], 1, "use --overlap 0"),
+        "mode": (["--task", "regress", "--data", regress, "--mode", "coherent"], 1,
+                 "trains --mode twolevel, global or compare"),
+    }[case]
+    out = str(tmp_path / "run")
+    grid = [] if "--grid" in args else ["--grid", "2x2"]
+    proc = run([*args, *grid, "--out", out, *FAST], np=np_)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not os.path.exists(out)
