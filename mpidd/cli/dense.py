@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -26,7 +27,7 @@ from .. import __version__, data, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, format_grid, parse_grid, subdomains_of_rank
 from ..engine import TrainOptions
 from ..methods import dense
-from ..methods.context import Context
+from ..methods.context import Context, Stops
 from ..metrics import regression_scores, regression_sums, segmentation_scores, segmentation_sums, ssim
 from ..models import count_parameters
 from ..unet import CoarseCorrection, UNetConfig, build_unet, matching_width_factor
@@ -36,6 +37,7 @@ from .run import EXIT_USAGE, log, progress_to_log, refuse, setup_logging
 
 # model key in results.json -> its name in tables
 MODELS = {"local_only": "local U-Nets (no exchange)", "two_level": "two-level (coarse exchange)",
+          "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
           "global": "global U-Net"}
 PREDICTIONS_FILE = "predictions.h5"
 
@@ -75,7 +77,7 @@ def plan_dense(args, comm) -> DensePlan:
     args.normalization = ({"mean": list(info.mean), "std": list(info.std), "source": "data file"}
                           if args.normalize == "file" and info.mean is not None else None)
     for flag, bad in (("--resume", args.resume), ("--from", args.from_run), ("--dry-run", args.dry_run),
-                      ("--mode " + args.mode, args.mode in ("coherent", "width"))):
+                      ("--mode " + args.mode, args.mode == "width")):
         if bad:
             raise UsageError(f"--task {args.task} trains --mode twolevel, global or compare, without {flag}")
     if args.overlap:
@@ -99,7 +101,9 @@ def plan_dense(args, comm) -> DensePlan:
     wf = args.width_factor or matching_width_factor(C, out, dec.shape, dec.subimage_shape, dec.num_subdomains,
                                                     cfg.unet)
     local = build_unet(C, out, dec.subimage_shape, cfg.unet, wf)
-    models = {"twolevel": ("local_only", "two_level"), "global": ("global",)}.get(args.mode, tuple(MODELS))
+    models = {"twolevel": ("local_only", "two_level"), "global": ("global",),
+              "coherent": ("coherent_random",) if args.init == "random" else
+              ("local_only", "two_level", "coherent_pretrained")}.get(args.mode, tuple(MODELS))
     return DensePlan(info=info, decomposition=dec, width_factor=wf, models=models,
                      local_params=count_parameters(local),
                      global_params=count_parameters(build_unet(C, out, dec.shape, cfg.unet)),
@@ -189,7 +193,9 @@ def run_dense(comm, args, plan: DensePlan) -> int:
     N, C, out_channels = dec.num_subdomains, info.channels, info.targets.channels
     boxes = args.mode != "global"
     mine = subdomains_of_rank(rank, size, N) if boxes else []
-    ctx = Context(comm=comm, mine=mine, progress=progress_to_log(master_process))
+    stops = Stops()  # (no stop and --resume with a dense task); ranks sharing cores sleep in the exchanges
+    stops.wait_interval = 1e-4 if parallel.oversubscribed(comm, threads) else None
+    ctx = Context(comm=comm, mine=mine, stops=stops, progress=progress_to_log(master_process))
     with ctx.timer("load"):
         subsets, nbytes = agreed(comm, lambda: read_boxes(args, info, dec, mine)) if boxes else ({}, 0)
     if master_process:
@@ -211,7 +217,9 @@ def run_dense(comm, args, plan: DensePlan) -> int:
     metrics, rows = {}, []
     predictions = os.path.join(args.out, PREDICTIONS_FILE)
     n_test = info.sizes["test"]
-    if boxes:
+    shape = build_unet(C, out_channels, dec.subimage_shape, cfg.unet, plan.width_factor).bottleneck_shape
+    models = coarse = None
+    if "local_only" in plan.models:
         models, histories = dense.fit_local_unets(ctx, subsets, dec, C, out_channels, plan.width_factor, cfg)
         rows += [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h]
         with ctx.timer("local_eval"):
@@ -223,17 +231,35 @@ def run_dense(comm, args, plan: DensePlan) -> int:
         parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
         with ctx.timer("gather"):
             gathered = dense.gather_bottlenecks(ctx, models, subsets, N, batch_size=cfg.eval_batch_size)
-        shape = next(iter(models.values())).bottleneck_shape
         with ctx.timer("coarse"):
             coarse, history = dense.fit_coarse_correction(ctx, models, subsets, gathered, dec, shape, cfg)
         rows += [dict(r, model="coarse") for r in history] if master_process else []
         with ctx.timer("two_level_eval"):
-            step = dense.CoarseStep(ctx, models, coarse, gathered, N, shape)
-            outputs = {s: dense.two_level_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")}
+            step = dense.CoarseStep(ctx, models, coarse, N, shape, gathered)
+            outputs = {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")}
             metrics["two_level"] = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
             write_predictions(comm, predictions, outputs["test"], dec, args.task, "two_level", n_test,
                               info.targets.shape)
-        subsets = gathered = outputs = None
+        gathered = outputs = None
+    for init in ("random", "pretrained"):
+        name = f"coherent_{init}"
+        if name not in plan.models:
+            continue
+        parallel.sleepy_barrier(comm)
+        local, net = dense.coherent_start(ctx, init, dec, C, out_channels, plan.width_factor, cfg, shape, models,
+                                          coarse)
+        opts = dataclasses.replace(cfg.local, epochs=args.coherent_epochs,
+                                   lr=args.coherent_lr if init == "random" else args.transfer_lr)
+        with ctx.timer(name):
+            history = dense.fit_coherent_dense(ctx, local, net, subsets, dec, shape, cfg, opts, MODELS[name])
+        rows += [dict(r, model=name) for r in history] if master_process else []
+        with ctx.timer(f"{name}_eval"):
+            step = dense.CoarseStep(ctx, local, net, N, shape, coherent=True)
+            outputs = {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")}
+            metrics[name] = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
+            write_predictions(comm, predictions, outputs["test"], dec, args.task, name, n_test, info.targets.shape)
+        outputs = None
+    subsets = None
     if "global" in plan.models:
         parallel.sleepy_barrier(comm)
         if master_process:
@@ -294,6 +320,11 @@ def dense_results(args, plan: DensePlan, metrics, stats, size, threads, wall_s) 
         timing["critical_path"] = critical_path(stats)
     if "global" in plan.models:
         timing["global_train_cpu_s"] = stats[0]["phases"]["global_train"]["cpu_s"]
+    for name in (m for m in plan.models if m.startswith("coherent")):
+        timing[name] = {"wall_s": stats[0]["phases"][name]["wall_s"],
+                        "cpu_s_max": max(st["phases"][name]["cpu_s"] for st in stats),
+                        "definition": "every rank in every step: the phase's wall time on rank 0, and the most "
+                                      "CPU seconds of a rank"}
     return {"mpidd_version": __version__, "task": args.task, "loss": args.loss, "mode": args.mode,
             "data": os.path.abspath(args.data), "sizes": plan.info.sizes, "world_size": size,
             "threads_per_rank": threads, "targets": {"kind": plan.info.targets.kind, "shape": plan.info.targets.shape,

@@ -22,6 +22,7 @@ Every function is collective over ctx.comm where it says so.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,78 +106,149 @@ def coarse_network(dec, bottleneck_shape, cfg: DenseConfig) -> CoarseCorrection:
 
 class CoarseStep:
     """One mini-batch of the two-level model, on every rank (collective over the exchange):
-    rank 0's coarse network turns the batch's gathered bottlenecks into corrections, which go to
-    the ranks (ScatterFromRoot); each rank decodes its subdomains with theirs and returns, per
-    its subdomains, outputs and (in training) the loss, whose backward brings the gradients of
-    the corrections back to rank 0 (the operator's adjoint). The local U-Nets are frozen."""
+    rank 0's coarse network turns the batch's bottlenecks into corrections, which go to the ranks
+    (ScatterFromRoot); each rank decodes its subdomains with theirs; backward() brings the
+    gradients of the corrections back to rank 0 (the operator's adjoint, a gather).
 
-    def __init__(self, ctx: Context, models: dict, coarse, gathered, num_subdomains: int, bottleneck_shape):
+    Two-level (coherent False; `gathered`: on rank 0, the bottlenecks of the frozen local U-Nets,
+    gathered once): the local U-Nets stay frozen. Coherent: every step each rank encodes its
+    subdomains and their bottlenecks are gathered to rank 0 (GatherToRoot), so the gradients
+    reach every local U-Net too (its encoder both directly and through the coarse network)."""
+
+    def __init__(self, ctx: Context, models: dict, coarse, num_subdomains: int, bottleneck_shape, gathered=None,
+                 coherent: bool = False):
         self.ctx, self.models, self.coarse, self.gathered = ctx, models, coarse, gathered
+        self.coherent = coherent
         self.N, self.shape = num_subdomains, tuple(bottleneck_shape)
         F = int(np.prod(bottleneck_shape))
         self.exchange = parallel.ModelParallelExchange(ctx.comm, sorted(models), num_subdomains, F,
                                                        poll_interval=getattr(ctx.stops, "wait_interval", None))
         self.placeholder = torch.zeros(0, requires_grad=True)
-        for m in models.values():
-            m.eval()
-            m.requires_grad_(False)
+        self.gathered_here = None  # coherent: this step's GatherToRoot output (its graph)
+        if not coherent:
+            for m in models.values():
+                m.eval()
+                m.requires_grad_(False)
 
     def outputs(self, xs: dict, split: str, idx):
         """{subdomain: outputs (B, C_out, *box)} of this rank's subdomains on samples idx."""
         root = self.exchange.is_root
-        whole = self.coarse(torch.as_tensor(self.gathered[split][idx])) if root else self.placeholder
+        order = sorted(self.models)
+        frozen = contextlib.nullcontext() if self.coherent else torch.no_grad()
+        with frozen:
+            encoded = {i: self.models[i].encode(to_float(torch.as_tensor(xs[i][idx]))) for i in order}
+        if not self.coherent:
+            z = torch.as_tensor(self.gathered[split][idx]) if root else None
+        else:  # the gathered path gets its own backward pass (see backward): a leaf in between
+            self.sent = torch.cat([encoded[i][0].flatten(1) for i in order], 1)
+            self.sent_leaf = self.sent.detach().requires_grad_(True)
+            z = self.gathered_here = self.exchange(self.sent_leaf)
+        whole = self.coarse(z) if root else self.placeholder
         mine = parallel.ScatterFromRoot.apply(whole, self.exchange, None, None, len(idx))
-        out = {}
-        for k, i in enumerate(sorted(self.models)):
-            with torch.no_grad():
-                b, skips = self.models[i].encode(to_float(torch.as_tensor(xs[i][idx])))
-            correction = mine[:, k * b[0].numel():(k + 1) * b[0].numel()].reshape(b.shape)
-            out[i] = self.models[i].decode(b, skips, correction)
-        return out
+        F = int(np.prod(self.shape))
+        return {i: self.models[i].decode(encoded[i][0], encoded[i][1],
+                                         mine[:, k * F:(k + 1) * F].reshape(encoded[i][0].shape))
+                for k, i in enumerate(order)}
+
+    def backward(self, total):
+        """The loss's backward through both exchanges, in the order every rank makes them: the
+        corrections' gradients gathered (ScatterFromRoot's adjoint), then, coherent, the
+        bottlenecks' scattered (GatherToRoot's; on ranks but rank 0 from their empty share of
+        the gathered bottlenecks), then those into the encoders in a pass of their own, so that
+        every rank adds a bottleneck's two gradients (its decoder's, the coarse network's) in the
+        same order whatever the number of ranks: the same numbers at every rank count."""
+        if not self.coherent:
+            total.backward()
+            return
+        total.backward(retain_graph=True)
+        if not self.exchange.is_root:
+            torch.autograd.backward(self.gathered_here, torch.zeros_like(self.gathered_here))
+        torch.autograd.backward(self.sent, self.sent_leaf.grad)
+        self.gathered_here = self.sent = self.sent_leaf = None
 
 
 def fit_coarse_correction(ctx: Context, models: dict, subsets: dict, gathered, dec, bottleneck_shape,
                           cfg: DenseConfig, control: Control | None = None):
-    """Collective: train rank 0's coarse network with the local U-Nets frozen. The loss is the
-    mean over the N subdomains of each one's dense loss (every box holds as many pixels), the
-    score likewise. Returns (coarse network (rank 0) or None, history)."""
-    N = dec.num_subdomains
+    """Collective: train rank 0's coarse network with the local U-Nets frozen (two-level).
+    Returns (coarse network (rank 0) or None, history)."""
     coarse = coarse_network(dec, bottleneck_shape, cfg) if ctx.master_process else None
-    step_of = CoarseStep(ctx, models, coarse, gathered, N, bottleneck_shape)
+    step_of = CoarseStep(ctx, models, coarse, dec.num_subdomains, bottleneck_shape, gathered)
+    history = train_exchanged(ctx, step_of, subsets, cfg, cfg.coarse, seed_for(cfg.seed, "coarse_order"),
+                              "coarse exchange", control)
+    return coarse, history
+
+
+def coherent_start(ctx: Context, init: str, dec, in_channels, out_channels, width_factor, cfg: DenseConfig,
+                   bottleneck_shape, trained: dict | None = None, coarse=None):
+    """(this rank's local U-Nets, rank 0's coarse network or None) a coherent model starts from:
+    "random" (its own seed streams) or "pretrained" (copies of the two-level model's: transfer
+    learning)."""
+    import copy
+    if init == "pretrained":
+        models = {i: copy.deepcopy(m).requires_grad_(True).train() for i, m in trained.items()}
+        return models, copy.deepcopy(coarse).train() if coarse is not None else None
+    models = {}
+    for i in sorted(trained if trained is not None else ctx.mine):
+        torch.manual_seed(seed_for(cfg.seed, "coherent_local", i))
+        models[i] = build_unet(in_channels, out_channels, dec.subimage_shape, cfg.unet, width_factor).to(ctx.device)
+    if not ctx.master_process:
+        return models, None
+    torch.manual_seed(seed_for(cfg.seed, "coherent_dnn"))
+    return models, CoarseCorrection(dec.grid, bottleneck_shape, cfg.coarse_hidden, cfg.coarse_layers)
+
+
+def fit_coherent_dense(ctx: Context, models: dict, coarse, subsets: dict, dec, bottleneck_shape, cfg: DenseConfig,
+                       opts: TrainOptions, name: str, control: Control | None = None):
+    """Collective: the local U-Nets and rank 0's coarse network trained as one model, end to
+    end (model parallel: bottlenecks gathered, corrections scattered, both exchanges in
+    autograd), from the weights they hold (random, or the two-level result: transfer learning).
+    Returns the history."""
+    step_of = CoarseStep(ctx, models, coarse, dec.num_subdomains, bottleneck_shape, coherent=True)
+    return train_exchanged(ctx, step_of, subsets, cfg, opts, seed_for(cfg.seed, "coherent_order"), name, control)
+
+
+def train_exchanged(ctx: Context, step_of: CoarseStep, subsets: dict, cfg: DenseConfig, opts: TrainOptions,
+                    seed: int, name: str, control: Control | None):
+    """The epoch loop of a model whose steps go through the exchange (two-level or coherent),
+    on every rank. The loss is the mean over the N subdomains of each one's dense loss (every
+    box holds as many pixels), the score likewise; every rank steps what it owns (its local
+    U-Nets if they train, rank 0 the coarse network)."""
+    N, models, coarse = step_of.N, step_of.models, step_of.coarse
     loss_fn = dense_loss(cfg.task, cfg.loss)
     xs = {i: subsets[i]["train"][0] for i in models}
     ts = {i: target_tensor(subsets[i]["train"][1], cfg.task) for i in models}
-    owned = coarse if coarse is not None else torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1))])
-    optimizer = make_optimizer(owned, cfg.coarse)
+    trains = [*(models.values() if step_of.coherent else ()), *([coarse] if coarse is not None else [])]
+    owned = torch.nn.ModuleList(trains) if trains else torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = make_optimizer(owned, opts)
     everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=step_of.exchange.poll_interval)
 
     def step(idx):
         out = step_of.outputs(xs, "train", idx)
         losses = [loss_fn(out[i].float(), ts[i][idx]) / N for i in sorted(out)]
-        total = torch.stack(losses).sum() if losses else step_of.placeholder.sum()
-        total.backward()
+        total = torch.stack(losses).sum()
+        step_of.backward(total)
         score = sum(sample_scores(out[i].detach().float(), ts[i][idx], cfg.task).sum().item() for i in out) / N
         return total.item() * len(idx), score
 
     def validate(stop):
-        scores = dense_scores(ctx, two_level_predictions(ctx, step_of, subsets, "val", cfg), subsets, "val", cfg)
+        scores = dense_scores(ctx, exchanged_predictions(ctx, step_of, subsets, "val", cfg), subsets, "val", cfg)
         value = None if scores is None else scores["mae" if cfg.task == "regress" else "pixel_acc"]
         return float("nan"), parallel.broadcast_from_root(ctx.comm, value)
 
     n = len(next(iter(subsets.values()))["train"][0])
-    history = run_epochs(owned, optimizer, cfg.coarse, seed_for(cfg.seed, "coarse_order"), n, step, validate=validate,
-                         log=ctx.progress.printer("coarse exchange", cfg.coarse.epochs, score=score_text(cfg.task)),
-                         control=control,
-                         group=everyone, root=ctx.master_process)
-    return coarse, history
+    return run_epochs(owned, optimizer, opts, seed, n, step, validate=validate,
+                      log=ctx.progress.printer(name, opts.epochs, score=score_text(cfg.task)), control=control,
+                      group=everyone, root=ctx.master_process)
 
 
 @torch.no_grad()
-def two_level_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, split: str, cfg: DenseConfig) -> dict:
+def exchanged_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, split: str, cfg: DenseConfig) -> dict:
     """Collective: {subdomain: outputs (n, C_out, *box) float32} of this rank's subdomains with
-    the coarse corrections."""
-    if step_of.coarse is not None:
-        step_of.coarse.eval()
+    the coarse corrections (two-level or coherent), every network in eval mode."""
+    nets = [*step_of.models.values(), *([step_of.coarse] if step_of.coarse is not None else [])]
+    modes = [m.training for m in nets]
+    for m in nets:
+        m.eval()
     xs = {i: subsets[i][split][0] for i in step_of.models}
     n = len(next(iter(subsets.values()))[split][0])
     parts = {i: [] for i in step_of.models}
@@ -184,8 +256,8 @@ def two_level_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, spli
         idx = np.arange(a, min(a + cfg.eval_batch_size, n))
         for i, o in step_of.outputs(xs, split, idx).items():
             parts[i].append(o.float())
-    if step_of.coarse is not None:
-        step_of.coarse.train()
+    for m, mode in zip(nets, modes):
+        m.train(mode)
     return {i: torch.cat(p) for i, p in parts.items()}
 
 

@@ -12,8 +12,8 @@ from mpidd.writer import write_dataset
 
 from test_e2e import run
 
-FAST = ["--epochs", "2", "--coarse-epochs", "2", "--batch-size", "32", "--coarse-batch-size", "32",
-        "--unet-width", "8", "--threads", "1", "--log-interval", "0"]
+FAST = ["--epochs", "2", "--coarse-epochs", "2", "--coherent-epochs", "1", "--batch-size", "32",
+        "--coarse-batch-size", "32", "--unet-width", "8", "--threads", "1", "--log-interval", "0"]
 
 
 def fields(n, seed):
@@ -55,10 +55,13 @@ def regress_runs(dense_files, tmp_path_factory):
 
 
 def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
-    """Local U-Nets, two-level and the global U-Net: every score (SSIM too) and every predicted
-    value the same at every rank count; the scores are those of the written predictions."""
+    """Local U-Nets, two-level, coherent (from random weights, and from the two-level model) and the
+    global U-Net: every score (SSIM too) and every predicted value the same at every rank count;
+    the scores are those of the written predictions."""
     r = {np_: results(out) for np_, (out, _) in regress_runs.items()}
-    names = ["local U-Nets (no exchange)", "two-level (coarse exchange)", "global U-Net"]
+    keys = ("local_only", "two_level", "coherent_random", "coherent_pretrained", "global")
+    names = ["local U-Nets (no exchange)", "two-level (coarse exchange)", "coherent (random init)",
+             "coherent (transfer learning)", "global U-Net"]
     assert list(r[1]["metrics"]) == names
     assert r[1]["metrics"] == r[2]["metrics"] == r[4]["metrics"]
     assert r[4]["decomposition"]["rank_of_subdomain"] == [0, 1, 2, 3] and r[2]["world_size"] == 2
@@ -67,11 +70,11 @@ def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
     preds = {}
     for np_, (out, proc) in regress_runs.items():
         with h5py.File(os.path.join(out, "predictions.h5")) as f:
-            preds[np_] = {k: f["test"][k][...] for k in ("local_only", "two_level", "global")}
+            preds[np_] = {k: f["test"][k][...] for k in keys}
         assert "two-level (coarse exchange)" in proc.stdout and "critical path" in proc.stdout
     for k in preds[1]:
         assert np.array_equal(preds[1][k], preds[2][k]) and np.array_equal(preds[1][k], preds[4][k]), k
-    for key, name in zip(("local_only", "two_level", "global"), names):
+    for key, name in zip(keys, names):
         want = regression_scores(regression_sums(preds[1][key], target))
         got = r[1]["metrics"][name]["test"]
         assert got["mae"] == pytest.approx(want["mae"], rel=1e-5) and got["rel_l2"] == pytest.approx(
@@ -79,8 +82,10 @@ def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
         want_ssim = ssim(preds[1][key], target, target.max() - target.min()).mean()
         assert got["ssim"] == pytest.approx(want_ssim, rel=1e-6)
     assert not np.array_equal(preds[1]["local_only"], preds[1]["two_level"])  # the corrections reached the fields
+    assert not np.array_equal(preds[1]["two_level"], preds[1]["coherent_pretrained"])  # it trained on
     timing = r[4]["timing"]
     assert timing["critical_path"]["cpu_s"] > 0 and timing["global_train_cpu_s"] > 0
+    assert timing["coherent_pretrained"]["cpu_s_max"] > 0
     out = regress_runs[2][0]
     assert os.path.exists(os.path.join(out, "logs", "rank1.log")) and os.path.exists(os.path.join(out, "metrics.csv"))
 
@@ -130,7 +135,7 @@ def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
         "kind": (["--task", "segment", "--data", regress], 1, "--task segment needs masks"),
         "ranks": (["--task", "regress", "--data", regress, "--grid", "1x2"], 3, "3 ranks but only 2 subdomains"),
         "overlap": (["--task", "regress", "--data", regress, "--overlap", "1"], 1, "use --overlap 0"),
-        "mode": (["--task", "regress", "--data", regress, "--mode", "coherent"], 1,
+        "mode": (["--task", "regress", "--data", regress, "--mode", "width"], 1,
                  "trains --mode twolevel, global or compare"),
     }[case]
     out = str(tmp_path / "run")

@@ -775,15 +775,28 @@ def _dense_run(comm, task):
     ctx = Context(comm=comm, mine=mine)
     out_channels = 1 if task == "regress" else 3
     models, _ = dense.fit_local_unets(ctx, subsets, dec, 1, out_channels, 0.7, cfg)
+    trained_first_weights = {i: next(m.parameters()).detach().clone() for i, m in models.items()}
     local_scores = dense.dense_scores(ctx, dense.local_predictions(models, subsets, "test", cfg), subsets, "test", cfg)
     gathered = dense.gather_bottlenecks(ctx, models, subsets, 4)
     shape = models[mine[0]].bottleneck_shape
     coarse, history = dense.fit_coarse_correction(ctx, models, subsets, gathered, dec, shape, cfg)
-    step = dense.CoarseStep(ctx, models, coarse, gathered, 4, shape)
-    outputs = dense.two_level_predictions(ctx, step, subsets, "test", cfg)
+    step = dense.CoarseStep(ctx, models, coarse, 4, shape, gathered)
+    outputs = dense.exchanged_predictions(ctx, step, subsets, "test", cfg)
     scores = dense.dense_scores(ctx, outputs, subsets, "test", cfg)
-    return {"local": local_scores, "two_level": scores, "outputs": outputs, "history": history,
-            "coarse": None if coarse is None else [p.detach().clone() for p in coarse.parameters()]}
+    result = {"local": local_scores, "two_level": scores, "outputs": outputs, "history": history,
+              "outputs_local_weights": trained_first_weights,
+              "coarse": None if coarse is None else [p.detach().clone() for p in coarse.parameters()]}
+    # coherent, end to end: from the two-level model (transfer learning) and from random weights
+    opts = TrainOptions(epochs=1, batch_size=16, lr=5e-3)
+    for init in ("pretrained", "random"):
+        local, net = dense.coherent_start(ctx, init, dec, 1, out_channels, 0.7, cfg, shape, models, coarse)
+        hist = dense.fit_coherent_dense(ctx, local, net, subsets, dec, shape, cfg, opts, f"coherent {init}")
+        step = dense.CoarseStep(ctx, local, net, 4, shape, coherent=True)
+        result[init] = {"outputs": dense.exchanged_predictions(ctx, step, subsets, "test", cfg),
+                        "local": {i: [p.detach().clone() for p in m.parameters()] for i, m in local.items()},
+                        "coarse": None if net is None else [p.detach().clone() for p in net.parameters()],
+                        "history": hist}
+    return result
 
 
 @pytest.mark.mpi(min_size=1)
@@ -811,3 +824,71 @@ def test_dense_two_level_is_the_same_on_any_number_of_ranks(comm, task):
         assert [h["val_acc"] for h in got["history"]] == [h["val_acc"] for h in ref["history"]]
     else:
         assert got["two_level"] is None and got["coarse"] is None
+    for init in ("pretrained", "random"):  # coherent: every local U-Net and the coarse network end alike
+        g, r = got[init], ref[init]
+        for i in g["local"]:
+            assert all(torch.equal(p, q) for p, q in zip(g["local"][i], r["local"][i])), (init, i)
+            assert torch.equal(g["outputs"][i], r["outputs"][i]), (init, i)
+        if comm.rank == 0:
+            assert all(torch.equal(p, q) for p, q in zip(g["coarse"], r["coarse"])), init
+            assert [h["val_acc"] for h in g["history"]] == [h["val_acc"] for h in r["history"]]
+    if comm.rank == 0:  # transfer learning moved the local U-Nets (their gradients came through the exchange)
+        first = sorted(got["pretrained"]["local"])[0]
+        assert not torch.equal(got["pretrained"]["local"][first][0], got["outputs_local_weights"][first])
+
+
+@pytest.mark.mpi(min_size=1)
+def test_coherent_dense_step_has_the_gradients_of_the_single_process_model(comm):
+    """The coherent dense step (bottlenecks gathered, corrections scattered, both in autograd)
+    gives every local U-Net and the coarse network the gradients that plain autograd gives the
+    same model held whole in one process, with no exchange at all."""
+    import torch
+    from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd.methods import dense
+    from mpidd.methods.context import Context
+    from mpidd.unet import CoarseCorrection, UNetConfig, build_unet
+    if comm.size > 4:
+        pytest.skip("more ranks than subdomains")
+    torch.set_num_threads(1)
+    dec, cfg = Decomposition((8, 8), (2, 2)), UNetConfig(width=4, depth=1)
+
+    def unet(i):
+        torch.manual_seed(10 + i)
+        return build_unet(1, 2, (4, 4), cfg)
+
+    def coarse_net(shape):
+        torch.manual_seed(99)
+        net = CoarseCorrection(dec.grid, shape, hidden=6)
+        torch.nn.init.normal_(net.body[-1].weight, std=0.1)  # not zero: gradients reach the encoders through it
+        return net
+
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.rand(6, 1, 8, 8, generator=g), torch.rand(6, 2, 8, 8, generator=g)
+    xs = {i: x[(slice(None), slice(None)) + dec.slices(i)].numpy() for i in range(4)}
+    ts = {i: t[(slice(None), slice(None)) + dec.slices(i)] for i in range(4)}
+    idx = np.arange(6)
+
+    ref = {i: unet(i) for i in range(4)}
+    shape = ref[0].bottleneck_shape
+    ref_coarse = coarse_net(shape)
+    encoded = {i: ref[i].encode(torch.as_tensor(xs[i])) for i in range(4)}
+    c = ref_coarse(torch.cat([encoded[i][0].flatten(1) for i in range(4)], 1))
+    F = int(np.prod(shape))
+    loss = sum(torch.nn.functional.mse_loss(ref[i].decode(encoded[i][0], encoded[i][1],
+                                                          c[:, i * F:(i + 1) * F].reshape(encoded[i][0].shape)),
+                                            ts[i]) / 4 for i in range(4))
+    loss.backward()
+
+    mine = subdomains_of_rank(comm.rank, comm.size, 4)
+    models = {i: unet(i) for i in mine}
+    coarse = coarse_net(shape) if comm.rank == 0 else None
+    step = dense.CoarseStep(Context(comm=comm, mine=mine), models, coarse, 4, shape, coherent=True)
+    out = step.outputs(xs, "train", idx)
+    step.backward(torch.stack([torch.nn.functional.mse_loss(out[i], ts[i]) / 4 for i in sorted(out)]).sum())
+    for i in mine:
+        for (name, p), q in zip(models[i].named_parameters(), ref[i].parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{i} {name}: {m}")
+        assert models[i].encoders[0][0].weight.grad.abs().sum() > 0
+    if comm.rank == 0:
+        for p, q in zip(coarse.parameters(), ref_coarse.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
