@@ -28,6 +28,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL, TWO, GLOBAL = "local U-Nets (no exchange)", "two-level (coarse exchange)", "global U-Net"
+RANDOM, TL = "coherent (random init)", "coherent (transfer learning)"
 
 
 def launcher(np_):
@@ -36,12 +37,21 @@ def launcher(np_):
     return [mpiexec, "-n", str(np_), *os.environ.get("MPIEXEC_PREFLAGS", "").split(), python]
 
 
-def one_local_cpu(r) -> float:
-    """CPU seconds of the slowest single subdomain's local U-Net (training): what one rank per
-    subdomain would spend, plus the gather and the coarse network on rank 0."""
+def critical_paths(r) -> dict:
+    """CPU seconds of each decomposed model's critical path with one rank per subdomain: the
+    slowest subdomain's local U-Net (training), the gather and rank 0's coarse training
+    (two-level); transfer learning adds its coherent phase (the most CPU seconds of a rank,
+    which with P < N runs several subdomains: an upper bound), the coherent model from random
+    weights is its phase alone."""
     per_subdomain = [v["cpu_s"] for st in r["per_rank"] for k, v in st["phases"].items() if k.startswith("subdomain_")]
-    cp = r["timing"]["critical_path"]
-    return max(per_subdomain) + cp["gather_cpu_s"] + cp["coarse_cpu_s"]
+    t = r["timing"]
+    two = max(per_subdomain) + t["critical_path"]["gather_cpu_s"] + t["critical_path"]["coarse_cpu_s"]
+    out = {TWO: two}
+    if "coherent_pretrained" in t:
+        out[TL] = two + t["coherent_pretrained"]["cpu_s_max"]
+    if "coherent_random" in t:
+        out[RANDOM] = t["coherent_random"]["cpu_s_max"]
+    return out
 
 
 def main(argv=None):
@@ -86,21 +96,23 @@ def main(argv=None):
         subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         with open(os.path.join(out, "results.json")) as f:
             r = json.load(f)
-        m = {k: v["test"] for k, v in r["metrics"].items()}
-        rows.append((grid, m, one_local_cpu(r), r["timing"]["global_train_cpu_s"], r["parameters"]))
+        rows.append((grid, {k: v["test"] for k, v in r["metrics"].items()}, critical_paths(r),
+                     r["timing"]["global_train_cpu_s"], r["world_size"]))
     print(f"\n{args.dim}D heat, {args.size} points per axis, screening {args.screening:g}; "
           f"{args.train}/{args.val}/{args.test} samples; {args.epochs} epochs (coarse {args.coarse_epochs})")
-    print(f"{'grid':<7}{'local MAE':>11}{'two-level':>11}{'global':>10}{'exchange':>10}{'vs global':>11}"
-          f"{'SSIM 2L/G':>13}{'crit. CPU s':>13}{'global CPU s':>14}{'speed-up':>10}")
-    for grid, m, crit, glob, params in rows:
-        gain = 1 - m[TWO]["mae"] / m[LOCAL]["mae"]
-        vs = m[TWO]["mae"] / m[GLOBAL]["mae"] - 1
-        print(f"{grid:<7}{m[LOCAL]['mae']:>11.5f}{m[TWO]['mae']:>11.5f}{m[GLOBAL]['mae']:>10.5f}{-gain:>+10.1%}"
-              f"{vs:>+11.1%}{m[TWO]['ssim']:>7.3f}/{m[GLOBAL]['ssim']:.3f}{crit:>13.1f}{glob:>14.1f}"
-              f"{glob / crit:>9.1f}x")
-    print("exchange: two-level MAE against local only; vs global: two-level MAE against the global U-Net's; "
-          "critical path: the slowest subdomain's local U-Net + gather + coarse network (CPU s, one rank per "
-          "subdomain)")
+    print(f"{'grid':<6}{'ranks':>6}  {'model':<30}{'test MAE':>10}{'rel L2':>9}{'SSIM':>7}{'vs global':>11}"
+          f"{'crit. CPU s':>13}{'speed-up':>10}")
+    for grid, m, crit, glob, ranks in rows:
+        for name in (n for n in (LOCAL, TWO, RANDOM, TL, GLOBAL) if n in m):
+            cpu = glob if name == GLOBAL else crit.get(name)
+            print(f"{grid:<6}{ranks:>6}  {name:<30}{m[name]['mae']:>10.5f}{m[name]['rel_l2']:>9.4f}"
+                  f"{m[name]['ssim']:>7.3f}{m[name]['mae'] / m[GLOBAL]['mae'] - 1:>+11.1%}"
+                  + (f"{cpu:>13.1f}{glob / cpu:>9.1f}x" if cpu else ""))
+        print(f"{grid:<6}{'':>6}  the coarse exchange lowers the local-only test MAE by "
+              f"{1 - m[TWO]['mae'] / m[LOCAL]['mae']:.1%} (two-level), "
+              f"{1 - m[TL]['mae'] / m[LOCAL]['mae']:.1%} (transfer learning)" if TL in m else "")
+    print("vs global: test MAE against the global U-Net's; crit. CPU s: the critical path with one rank per "
+          "subdomain (see critical_paths), the global U-Net's training for it; speed-up: global / critical path")
 
 
 if __name__ == "__main__":
