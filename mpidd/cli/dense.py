@@ -79,7 +79,13 @@ def plan_dense(args, comm) -> DensePlan:
     for flag, bad in (("--resume", args.resume), ("--from", args.from_run), ("--dry-run", args.dry_run),
                       ("--mode " + args.mode, args.mode == "width")):
         if bad:
-            raise UsageError(f"--task {args.task} trains --mode twolevel, global or compare, without {flag}")
+            raise UsageError(f"--task {args.task} trains --mode twolevel, coherent, global or compare, without "
+                             f"--resume, --from and --dry-run: drop {flag}")
+    for flag, bad in (("--data-access stream", args.data_access == "stream"), ("--device cuda", args.device == "cuda"),
+                      ("--precision " + args.precision, args.precision != "32")):
+        if bad:
+            raise UsageError(f"--task {args.task} reads each rank's boxes into memory and trains in float32 on the "
+                             f"CPU: drop {flag}")
     if args.overlap:
         raise UsageError(f"--task {args.task} needs subdomains that tile the image: use --overlap 0")
     try:

@@ -124,7 +124,7 @@ def mask_out_of_range(f):
     f["train/targets"][7, 2, 3] = 9
 
 
-@pytest.mark.parametrize("case", ["nan", "mask", "kind", "ranks", "overlap", "mode"])
+@pytest.mark.parametrize("case", ["nan", "mask", "kind", "ranks", "overlap", "mode", "stream"])
 def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
     regress, segment = dense_files
     args, np_, message = {
@@ -136,7 +136,10 @@ def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
         "ranks": (["--task", "regress", "--data", regress, "--grid", "1x2"], 3, "3 ranks but only 2 subdomains"),
         "overlap": (["--task", "regress", "--data", regress, "--overlap", "1"], 1, "use --overlap 0"),
         "mode": (["--task", "regress", "--data", regress, "--mode", "width"], 1,
-                 "trains --mode twolevel, global or compare"),
+                 "trains --mode twolevel, coherent, global or compare, without --resume, --from and --dry-run: "
+                 "drop --mode width"),
+        "stream": (["--task", "regress", "--data", regress, "--data-access", "stream"], 1,
+                   "drop --data-access stream"),
     }[case]
     out = str(tmp_path / "run")
     grid = [] if "--grid" in args else ["--grid", "2x2"]
