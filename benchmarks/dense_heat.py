@@ -10,29 +10,33 @@ temperatures u of the screened heat equation, heat travelling about 1/S grid spa
 once per (--dim, --size, sizes, S) under --out. Each grid is one `mpirun -n NP python -m
 mpidd.train --task regress --mode compare` run with NP = min(--np, N) ranks (a rank trains N/NP
 local U-Nets in turn; the critical path counts the slowest rank's subdomains as one rank per
-subdomain would: results.json's per-subdomain CPU seconds), launched with the MPIEXEC and PYTHON
-of jobs/local.sh. One thread per rank. The runs stay under --out/GRID. Printed per grid: test
-MAE of the local U-Nets alone, of the two-level model (the coarse exchange) and of the global
-U-Net; how much the exchange lowers the local-only error; the two-level error against the global
-U-Net's; SSIM; the critical path (one local U-Net, gather, coarse training) against the global
-U-Net's training, in CPU seconds.
+subdomain would: results.json's per-subdomain CPU seconds), launched by jobs/local.sh (MPIEXEC,
+PYTHON, MPIEXEC_PREFLAGS as there; the solver likewise). One thread per rank. The runs stay
+under --out/GRID. Printed per grid, one row per model (local U-Nets alone, two-level, coherent
+from random weights and with transfer learning, global U-Net): test MAE, relative L2 error and
+SSIM, the MAE against the global U-Net's, the critical path's CPU seconds (critical_paths) and
+the global U-Net's training over it; and how much the exchange lowers the local-only MAE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mpidd.decomposition import parse_grid  # noqa: E402
 LOCAL, TWO, GLOBAL = "local U-Nets (no exchange)", "two-level (coarse exchange)", "global U-Net"
 RANDOM, TL = "coherent (random init)", "coherent (transfer learning)"
 
 
 def launcher(np_):
-    mpiexec = os.environ.get("MPIEXEC", os.path.join(ROOT, ".venv", "bin", "mpiexec"))
+    """mpirun -n np_ python, as jobs/local.sh would (MPIEXEC, PYTHON, MPIEXEC_PREFLAGS)."""
+    mpiexec = os.environ.get("MPIEXEC", os.path.join(ROOT, ".venv", "bin", "mpirun"))
     python = os.environ.get("PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
     return [mpiexec, "-n", str(np_), *os.environ.get("MPIEXEC_PREFLAGS", "").split(), python]
 
@@ -84,14 +88,11 @@ def main(argv=None):
         subprocess.run(cmd, check=True)
     rows = []
     for grid in args.grids.split(","):
-        n = 1
-        for g in grid.split("x"):
-            n *= int(g)
         out = os.path.join(args.out, grid)
-        cmd = launcher(min(args.np, n)) + [
-            "-m", "mpidd.train", "--task", "regress", "--data", data, "--grid", grid, "--out", out, "--overwrite",
-            "--epochs", str(args.epochs), "--coarse-epochs", str(args.coarse_epochs), "--batch-size", "32",
-            "--coarse-batch-size", "32", "--threads", "1", "--log-interval", "0", *args.extra]
+        cmd = ["bash", "jobs/local.sh", str(min(args.np, math.prod(parse_grid(grid)))), "--task", "regress",
+               "--data", data, "--grid", grid, "--out", out, "--overwrite", "--epochs", str(args.epochs),
+               "--coarse-epochs", str(args.coarse_epochs), "--batch-size", "32", "--coarse-batch-size", "32",
+               "--threads", "1", "--log-interval", "0", *args.extra]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         with open(os.path.join(out, "results.json")) as f:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mpidd.decomposition import parse_grid  # noqa: E402
 
 
 def main(argv=None):
@@ -39,9 +42,7 @@ def main(argv=None):
     os.chdir(ROOT)
     rows = []
     for grid in args.grids.split(","):
-        n = 1
-        for g in grid.split("x"):
-            n *= int(g)
+        n = math.prod(parse_grid(grid))
         out = os.path.join(args.out, grid)
         cmd = ["bash", "jobs/local.sh", str(min(args.np, n)), "--data", args.data, "--mode", "twolevel",
                "--grid", grid, "--epochs", str(args.epochs), "--threads", "1", "--no-report", "--overwrite",

@@ -12,6 +12,7 @@ from mpidd.metrics import (dense_loss, regression_scores, regression_sums, segme
                            soft_dice_loss, ssim)
 from mpidd.models import count_parameters
 from mpidd.unet import UNetConfig, build_unet, matching_width_factor
+from test_engine import StopAfter
 
 
 # ---- U-Nets ---------------------------------------------------------------------------------------
@@ -127,15 +128,6 @@ def test_train_dense_learns(task, loss):
         pred = predict_dense(net, x).argmax(1).numpy()
         assert segmentation_scores(segmentation_sums(pred, t, 3))["pixel_acc"] == pytest.approx(last["val_acc"])
     assert evaluate_dense(net, x, t, task, loss) == pytest.approx((last["val_loss"], last["val_acc"]))
-
-
-class StopAfter:
-    def __init__(self, k):
-        self.k, self.calls = k, 0
-
-    def __call__(self):
-        self.calls += 1
-        return self.calls == self.k
 
 
 @pytest.mark.parametrize("stop_at", [2, 5, 11])
