@@ -198,14 +198,16 @@ def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(
     --full (every process of the job): checkpoints, exit 75, requeue, --resume, same result.
     slow_exit (with --batch, one job less than a case of its own): rank 1 lingers after its exit
     75, so srun (--kill-on-bad-exit) kills it once the others' 75 arrive and reports a signal;
-    the marker says the step stopped, and it is requeued."""
+    the marker says the step stopped, and it is requeued. (The lingering is an exec'd sleep: a
+    shell waiting on a sleep would outlive the sleep's SIGTERM and exit 75 itself, which srun
+    reports as an exit, not a signal: that race failed this test once in a fresh-clone run.)"""
     run_dir = str(tmp_path / "run")
     python = sys.executable
     if slow_exit:
         python = str(tmp_path / "python")
         python_wrapper(tmp_path / "python", f'trap : USR1  # for mpidd.train: this shell lives on\n'
                        f'{sys.executable} -m mpidd.train "$@"; code=$?\n'
-                       f'if [[ $code == 75 && $SLURM_PROCID == 1 ]]; then sleep 30; fi\nexit $code')
+                       f'if [[ $code == 75 && $SLURM_PROCID == 1 ]]; then exec sleep 30; fi\nexit $code')
     job_id = slurm.submit(config, run_dir, python=python)
     slurm.wait_for_log(job_id, "local 0 (0, 0): epoch 2/60")
     slurm.cmd("scancel", "--signal=USR1", how, job_id)
