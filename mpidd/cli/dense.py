@@ -32,7 +32,7 @@ from ..metrics import regression_scores, regression_sums, segmentation_scores, s
 from ..models import count_parameters
 from ..unet import CoarseCorrection, UNetConfig, build_unet, matching_width_factor
 from .arguments import NOT_RECORDED
-from .plan import UsageError, check_out, resolve_auto_grid
+from .plan import UsageError, check_out, resolve_auto_grid, resolve_normalization
 from .run import EXIT_USAGE, log, progress_to_log, refuse, setup_logging
 
 # model key in results.json -> its name in tables
@@ -74,8 +74,7 @@ def plan_dense(args, comm) -> DensePlan:
         info = data.inspect(args.data, task=args.task)
     except data.DataError as e:
         raise UsageError(str(e)) from None
-    args.normalization = ({"mean": list(info.mean), "std": list(info.std), "source": "data file"}
-                          if args.normalize == "file" and info.mean is not None else None)
+    resolve_normalization(args, info)
     for flag, bad in (("--resume", args.resume), ("--from", args.from_run), ("--dry-run", args.dry_run),
                       ("--mode " + args.mode, args.mode == "width")):
         if bad:
@@ -229,10 +228,10 @@ def run_dense(comm, args, plan: DensePlan) -> int:
         models, histories = dense.fit_local_unets(ctx, subsets, dec, C, out_channels, plan.width_factor, cfg)
         rows += [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h]
         with ctx.timer("local_eval"):
-            scores = {s: dense.dense_scores(ctx, dense.local_predictions(models, subsets, s, cfg), subsets, s, cfg)
-                      for s in ("val", "test")}
-            write_predictions(comm, predictions, dense.local_predictions(models, subsets, "test", cfg), dec,
-                              args.task, "local_only", n_test, info.targets.shape)
+            outputs = {s: dense.local_predictions(models, subsets, s, cfg) for s in ("val", "test")}
+            scores = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
+            write_predictions(comm, predictions, outputs["test"], dec, args.task, "local_only", n_test,
+                              info.targets.shape)
         metrics["local_only"] = scores
         parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
         with ctx.timer("gather"):
