@@ -310,12 +310,18 @@ def load_labels(path: str, splits=SPLITS) -> dict:
         return {s: f[s]["labels"][...].astype(np.int64) for s in splits}
 
 
-def fingerprint(path: str) -> dict:
-    """What identifies a data file for --resume: its size, shapes, and a CRC of its labels."""
+def fingerprint(path: str, task: str = "classify") -> dict:
+    """What identifies a data file for --resume: its size, shapes, a CRC of its labels (where
+    it has them) and, for a dense task, its targets' kind and shape."""
     import zlib
-    info = inspect(path, check_labels=False)
+    info = inspect(path, check_labels=False, task=task)
     crc = 0
-    for labels in load_labels(path).values():
-        crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
-    return {"bytes": os.path.getsize(path), "sizes": info.sizes, "image_shape": list(info.image_shape),
-            "dtype": info.dtype, "labels_crc32": crc}
+    with h5py.File(path, "r") as f:
+        for s in SPLITS:
+            if "labels" in f[s]:
+                crc = zlib.crc32(np.ascontiguousarray(f[s]["labels"][...].astype(np.int64)).tobytes(), crc)
+    out = {"bytes": os.path.getsize(path), "sizes": info.sizes, "image_shape": list(info.image_shape),
+           "dtype": info.dtype, "labels_crc32": crc}
+    if task != "classify":
+        out["targets"] = {"kind": info.targets.kind, "shape": list(info.targets.shape)}
+    return out

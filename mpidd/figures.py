@@ -71,10 +71,17 @@ def read_metrics(run_dir: str) -> dict:
     return dict(rows)
 
 
-def training_curves(run_dir: str, path: str):
-    """Training loss (top) and validation accuracy (bottom) against epochs, one column per phase
-    (local CNNs, coarse DNN, each coherent model, global CNN; width: sub-networks, recomposed),
-    each on its own epoch axis. Beyond 8 local CNNs (or sub-networks) they are thin grey lines."""
+# the validation score of metrics.csv's val_acc column by task: (scale, axis label, log axis)
+SCORES = {"classify": (100, "validation accuracy (%)", False), "regress": (1, "validation MAE", True),
+          "segment": (100, "validation pixel accuracy (%)", False)}
+
+
+def training_curves(run_dir: str, path: str, task: str = "classify"):
+    """Training loss (top) and validation score (bottom: accuracy; dense runs: MAE or pixel
+    accuracy) against epochs, one column per phase (local CNNs or U-Nets, coarse network, each
+    coherent model, global network; width: sub-networks, recomposed), each on its own epoch
+    axis. Beyond 8 local networks (or sub-networks) they are thin grey lines."""
+    scale, score_label, log_score = SCORES[task]
     metrics = read_metrics(run_dir)
     if not metrics:
         return None
@@ -85,7 +92,9 @@ def training_curves(run_dir: str, path: str):
     columns = [g for g in order if g in groups] + sorted(set(groups) - set(order))
     titles = {"local": "local CNNs", "subnet": "sub-networks", "coarse_dnn": "coarse DNN",
               "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
-              "recomposed": "recomposed network", "global": "global CNN"}
+              "recomposed": "recomposed network", "global": "global CNN", "coarse": "coarse network"}
+    if task != "classify":
+        titles.update({"local": "local U-Nets", "global": "global U-Net"})
     fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns) + 1, 5.5), squeeze=False)
     for col, group in enumerate(columns):
         models = sorted(groups[group], key=lambda m: int(m.split("_")[1]) if m.split("_")[-1].isdigit() else 0)
@@ -96,13 +105,14 @@ def training_curves(run_dir: str, path: str):
             style["label"] = (f"{len(models)} models" if k == 0 else None) if many else model
             epochs = [float(r["epoch"]) for r in rows]
             axes[0, col].plot(epochs, [float(r["loss"]) for r in rows], **style)
-            val = [(e, float(r["val_acc"]) * 100) for e, r in zip(epochs, rows) if r.get("val_acc")]
+            val = [(e, float(r["val_acc"]) * scale) for e, r in zip(epochs, rows) if r.get("val_acc")]
             if val:
                 axes[1, col].plot(*zip(*val), **style)
         axes[0, col].set(title=titles.get(group, group), yscale="log", ylabel="training loss" if col == 0 else None)
-        axes[1, col].set(xlabel="epoch", ylabel="validation accuracy (%)" if col == 0 else None)
+        axes[1, col].set(xlabel="epoch", ylabel=score_label if col == 0 else None,
+                         yscale="log" if log_score else "linear")
         if len(models) > 1:
-            axes[1, col].legend(fontsize=6, loc="lower right")
+            axes[1, col].legend(fontsize=6, loc="upper right" if log_score else "lower right")
     return _save(fig, path)
 
 
@@ -305,4 +315,73 @@ def speedup_against_subdomains(named: list, path: str):
     ax.set_xticks(N, [str(n) for n in N])
     ax.set(xlabel="number of subdomains N", ylabel="speed-up, global CNN CPU s / two-level critical path")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dense_panels(run_dir: str, results: dict, dataset: str, samples: int = 3) -> list:
+    """What dense_predictions draws, for the first `samples` test samples of a model's
+    predictions, the `dataset` ("test/<model>") of RUN/predictions.h5: [(index, input, target,
+    prediction, error)], 2D arrays (a volume's middle slice along D; the first input and output
+    channel). Regress: error = |prediction - target|; segment: class masks, error = 1 where
+    they differ. [] when a file is missing."""
+    import h5py
+    path, data = os.path.join(run_dir, "predictions.h5"), results.get("data")
+    if not data or not os.path.exists(path) or not os.path.exists(data):
+        return []
+    with h5py.File(path, "r") as p, h5py.File(data, "r") as d:
+        if dataset not in p:
+            return []
+        k = min(samples, len(p[dataset]))
+        pred, target = p[dataset][:k], d["test"]["targets"][:k]
+        images = d["test"]["images"][:k]
+    if results["task"] == "regress":  # fields (n, C_out, [D,] H, W) -> channel 0
+        pred, target = pred[:, 0], target[:, 0]
+    images = images[:, 0]
+    if images.ndim == 4:  # volumes (n, D, H, W): the middle slice
+        images, target, pred = (a[:, a.shape[1] // 2] for a in (images, target, pred))
+    error = np.abs(pred.astype(np.float64) - target) if results["task"] == "regress" else \
+        (pred != target).astype(np.float64)
+    return [(i, images[i], target[i], pred[i], error[i]) for i in range(k)]
+
+
+def _grid_lines(ax, results: dict):
+    """The subdomain boundaries (the last two axes of the grid) as white lines."""
+    dec = results.get("decomposition") or {}
+    if not dec.get("grid"):
+        return
+    grid, sub = [int(g) for g in dec["grid"].split("x")][-2:], dec["subimage_shape"][-2:]
+    for k in range(1, grid[0]):
+        ax.axhline(k * sub[0] - 0.5, color="white", lw=0.8, ls="--")
+    for k in range(1, grid[1]):
+        ax.axvline(k * sub[1] - 0.5, color="white", lw=0.8, ls="--")
+
+
+def dense_predictions(run_dir: str, results: dict, dataset: str, name: str, path: str, samples: int = 3):
+    """Input, target, prediction and error of a few test samples of a dense run's model (its
+    `dataset` in predictions.h5; `name` its title), with the subdomain grid drawn."""
+    panels = dense_panels(run_dir, results, dataset, samples)
+    if not panels:
+        return None
+    regress = results["task"] == "regress"
+    classes = len((results.get("targets") or {}).get("classes") or [0, 1])  # masks: their class names
+    fig, axes = plt.subplots(len(panels), 4, figsize=(11, 2.7 * len(panels) + 0.6), squeeze=False)
+    for row, (i, image, target, pred, error) in zip(axes, panels):
+        if regress:
+            lo, hi = float(min(target.min(), pred.min())), float(max(target.max(), pred.max()))
+            style = {"cmap": "inferno", "vmin": lo, "vmax": hi}
+            score = f"MAE {error.mean():.4f}"
+        else:
+            style = {"cmap": "viridis", "vmin": 0, "vmax": classes - 1, "interpolation": "nearest"}
+            score = f"{100 * (1 - error.mean()):.2f}% of pixels right"
+        for ax, array, title, kw in ((row[0], image, f"test {i}: input", {"cmap": "gray"}),
+                                     (row[1], target, "target", style), (row[2], pred, "prediction", style),
+                                     (row[3], error, f"error: {score}", {"cmap": "magma" if regress else "Reds"})):
+            shown = ax.imshow(array, **kw)
+            if ax is not row[0]:
+                fig.colorbar(shown, ax=ax, shrink=0.8)
+            _grid_lines(ax, results)
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{name}: grid {results['decomposition']['grid']}"
+                 + (" (middle slice)" if len(results["decomposition"]["subimage_shape"]) == 3 else ""), fontsize=9)
     return _save(fig, path)

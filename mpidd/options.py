@@ -1,9 +1,9 @@
 """Flat options -> typed configs: the one mapping from the command line's options or an
 estimator's keywords to the dataclasses the methods run with (models.CNNConfig,
 engine.TrainOptions, methods.twolevel.TwoLevelConfig, methods.coherent.CoherentConfig,
-methods.width.WidthConfig). cli.plan/cli.phases call it with the parsed arguments, mpidd.api's
-estimators with themselves: `o` is any object whose attributes carry the command line's names
-(an estimator's keywords are its argparse dests).
+methods.width.WidthConfig, methods.dense.DenseConfig). cli.plan/cli.phases/cli.dense call it
+with the parsed arguments, mpidd.api's estimators with themselves: `o` is any object whose
+attributes carry the command line's names (an estimator's keywords are its argparse dests).
 
 Where the two differ:
   OPTIONAL   options only the command line has, read with these defaults where `o` lacks them
@@ -27,6 +27,7 @@ from .models import CNNConfig
 
 if TYPE_CHECKING:
     from .methods.coherent import CoherentConfig
+    from .methods.dense import DenseConfig
     from .methods.twolevel import TwoLevelConfig
     from .methods.width import WidthConfig
 
@@ -97,3 +98,30 @@ def width_config(o) -> WidthConfig:
                        recomposed_opts=dataclasses.replace(local, lr=o.transfer_lr,
                                                            test_points=optional(o, "curve_points")),
                        shard=o.shard, offdiag_noise=o.offdiag_noise, seed=o.seed, eval_batch_size=o.eval_batch_size)
+
+
+# the loss of a dense task when none is named (--loss, loss=)
+DENSE_LOSSES = {"regress": "mse", "segment": "ce"}
+
+
+def dense_config(o) -> DenseConfig:
+    """Dense prediction's (task regress or segment): the U-Nets of width unet_width and depth
+    unet_depth; the local U-Nets' optimisation is also the global U-Net's; the coarse network's
+    epochs, batch, rate and weight decay (Adam, cosine, no best-epoch selection)."""
+    from .methods.dense import DenseConfig
+    from .unet import UNetConfig
+    mean, std = normalization_pair(getattr(o, "normalization", None))
+    coarse = TrainOptions(epochs=o.coarse_epochs, batch_size=o.coarse_batch_size, lr=o.coarse_lr,
+                          weight_decay=o.coarse_weight_decay, log_interval=optional(o, "log_interval"))
+    return DenseConfig(task=o.task, loss=o.loss or DENSE_LOSSES[o.task], local=local_options(o), coarse=coarse,
+                       unet=UNetConfig(width=o.unet_width, depth=o.unet_depth, batchnorm=o.batchnorm,
+                                       input_mean=mean, input_std=std),
+                       coarse_hidden=o.coarse_channels, coarse_layers=o.coarse_layers, seed=o.seed,
+                       eval_batch_size=o.eval_batch_size)
+
+
+def dense_coherent_options(o, init) -> TrainOptions:
+    """A dense coherent model's: the local U-Nets' options for coherent_epochs, at coherent_lr
+    (init "random") or transfer_lr (from the two-level model)."""
+    return dataclasses.replace(local_options(o), epochs=o.coherent_epochs,
+                               lr=o.coherent_lr if init == "random" else o.transfer_lr)

@@ -18,6 +18,7 @@ from ..data import TASKS
 from ..engine import PRECISIONS
 from ..metrics import REGRESSION_LOSSES, SEGMENTATION_LOSSES
 from ..models import ARCHITECTURES
+from ..options import DENSE_LOSSES
 from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
 DEMO_DATA = "data/fashion_mnist.h5"
@@ -381,7 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.task == "classify" and args.loss is not None:
         raise ConfigError("--loss is the loss of --task segment or regress (a classifier trains on cross-entropy)")
     if args.task != "classify":
-        args.loss = args.loss or {"regress": "mse", "segment": "ce"}[args.task]
+        args.loss = args.loss or DENSE_LOSSES[args.task]
         if args.loss not in {"regress": REGRESSION_LOSSES, "segment": SEGMENTATION_LOSSES}[args.task]:
             raise ConfigError(f"--loss {args.loss} does not fit --task {args.task} (choose "
                               f"{', '.join(REGRESSION_LOSSES if args.task == 'regress' else SEGMENTATION_LOSSES)})")

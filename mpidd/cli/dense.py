@@ -4,14 +4,19 @@
                  factor, what --mode trains (twolevel: local U-Nets alone, then with the coarse
                  exchange; global: the U-Net on whole images; compare: all three); refusals
     run_dense    every rank: read its boxes of images and targets (refused in one line on every rank
-                 if one holds NaN or a class out of range), train and score (methods.dense), write its
-                 boxes of the test predictions into RUN/predictions.h5 in turn; rank 0 the global
-                 U-Net, SSIM of the stitched fields, results.json, metrics.csv and the table
+                 if one holds NaN or a class out of range), open the run directory (cli.run), train
+                 and score, then rank 0 the SSIM of the stitched fields, results.json, metrics.csv,
+                 the table and the report; or, on an agreed stop (SIGTERM/SIGUSR1), every rank saves
+                 and the run exits 75 (cli.run.stop_here)
+    train_and_score  every rank, model by model (methods.dense): train, or resuming read back a
+                 finished training from its checkpoint and continue a stopped one; score; write
+                 its boxes of the test predictions into RUN/predictions.h5 in turn; rank 0 the
+                 global U-Net (global_unet)
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import os
 import socket
@@ -23,17 +28,18 @@ import h5py
 import numpy as np
 import torch
 
-from .. import __version__, data, parallel, rundir
+from .. import __version__, data, options, parallel, rundir
 from ..decomposition import Decomposition, DecompositionError, format_grid, parse_grid, subdomains_of_rank
-from ..engine import TrainOptions
 from ..methods import dense
-from ..methods.context import Context, Stops
+from ..engine import Preempted
+from ..methods.context import Context, PhaseTimer
 from ..metrics import regression_scores, regression_sums, segmentation_scores, segmentation_sums, ssim
 from ..models import count_parameters
-from ..unet import CoarseCorrection, UNetConfig, build_unet, matching_width_factor
-from .arguments import NOT_RECORDED
-from .plan import UsageError, check_out, resolve_auto_grid, resolve_normalization
-from .run import EXIT_USAGE, log, progress_to_log, refuse, setup_logging
+from ..unet import CoarseCorrection, build_unet, matching_width_factor
+from .plan import UsageError, check_out, check_resume, resolve_auto_grid, resolve_normalization
+from .report import format_dense, write_run_report
+from .run import (EXIT_USAGE, AgreedStops, Run, RunDirectory, log, progress_to_log, refuse, start_segment,
+                  stop_here)
 
 # model key in results.json -> its name in tables
 MODELS = {"local_only": "local U-Nets (no exchange)", "two_level": "two-level (coarse exchange)",
@@ -51,20 +57,7 @@ class DensePlan:
     local_params: int
     global_params: int
     coarse_params: int
-
-
-def dense_config(args) -> dense.DenseConfig:
-    local = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         log_interval=args.log_interval)
-    coarse = TrainOptions(epochs=args.coarse_epochs, batch_size=args.coarse_batch_size, lr=args.coarse_lr,
-                          weight_decay=args.coarse_weight_decay, log_interval=args.log_interval)
-    unet = UNetConfig(width=args.unet_width, depth=args.unet_depth, batchnorm=args.batchnorm,
-                      input_mean=tuple(args.normalization["mean"]) if args.normalization else (),
-                      input_std=tuple(args.normalization["std"]) if args.normalization else ())
-    return dense.DenseConfig(task=args.task, loss=args.loss, unet=unet, local=local, coarse=coarse,
-                             coarse_hidden=args.coarse_channels, coarse_layers=args.coarse_layers, seed=args.seed,
-                             eval_batch_size=args.eval_batch_size)
+    progress: dict | None = None  # --resume: the run's marker ({"fresh": True}: none yet); None: a new run
 
 
 def plan_dense(args, comm) -> DensePlan:
@@ -75,11 +68,11 @@ def plan_dense(args, comm) -> DensePlan:
     except data.DataError as e:
         raise UsageError(str(e)) from None
     resolve_normalization(args, info)
-    for flag, bad in (("--resume", args.resume), ("--from", args.from_run), ("--dry-run", args.dry_run),
+    for flag, bad in (("--from", args.from_run), ("--dry-run", args.dry_run),
                       ("--mode " + args.mode, args.mode == "width")):
         if bad:
             raise UsageError(f"--task {args.task} trains --mode twolevel, coherent, global or compare, without "
-                             f"--resume, --from and --dry-run: drop {flag}")
+                             f"--from and --dry-run: drop {flag}")
     for flag, bad in (("--data-access stream", args.data_access == "stream"), ("--device cuda", args.device == "cuda"),
                       ("--precision " + args.precision, args.precision != "32")):
         if bad:
@@ -99,17 +92,21 @@ def plan_dense(args, comm) -> DensePlan:
         raise UsageError(f"--task {args.task}: grid {format_grid(dec.grid)} does not divide images of "
                          f"{format_grid(dec.shape)} into equal boxes: choose a grid that divides every axis")
     check_out(args.out)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"output directory {args.out} exists: choose another --out or pass --overwrite")
+    if os.path.exists(args.out) and not args.overwrite and args.resume is None:
+        raise UsageError(f"output directory {args.out} exists: choose another --out, pass --overwrite, or "
+                         f"--resume {args.out} to continue it")
+    progress = check_resume(args, size, info)
+    if progress is not None and progress.get("state") == "finished":
+        raise UsageError(f"--resume {args.out}: that run has finished (results.json is there); nothing to resume")
     C, out = info.channels, info.targets.channels
-    cfg = dense_config(args)
+    cfg = options.dense_config(args)
     wf = args.width_factor or matching_width_factor(C, out, dec.shape, dec.subimage_shape, dec.num_subdomains,
                                                     cfg.unet)
     local = build_unet(C, out, dec.subimage_shape, cfg.unet, wf)
     models = {"twolevel": ("local_only", "two_level"), "global": ("global",),
               "coherent": ("coherent_random",) if args.init == "random" else
               ("local_only", "two_level", "coherent_pretrained")}.get(args.mode, tuple(MODELS))
-    return DensePlan(info=info, decomposition=dec, width_factor=wf, models=models,
+    return DensePlan(info=info, decomposition=dec, width_factor=wf, models=models, progress=progress,
                      local_params=count_parameters(local),
                      global_params=count_parameters(build_unet(C, out, dec.shape, cfg.unet)),
                      coarse_params=count_parameters(CoarseCorrection(dec.grid, local.bottleneck_shape,
@@ -185,8 +182,15 @@ def whole_scores(outputs, targets, task: str) -> dict:
     return segmentation_scores(segmentation_sums(outputs.argmax(1).numpy(), targets, outputs.shape[1]))
 
 
+# the dense phases whose every step involves every rank: each rank saves its part of the loop
+# (RunDirectory.coherent_control), the marker records the position all have saved
+EXCHANGED_PHASES = ("coarse_exchange", "coherent_random", "coherent_pretrained")
+
+
 def run_dense(comm, args, plan: DensePlan) -> int:
-    """A whole dense run on comm; returns 0 (refusals exit 2 on every rank)."""
+    """A whole dense run on comm; returns 0, or EXIT_PREEMPTED after an agreed stop (every
+    rank's state saved; --resume replays the finished trainings from their checkpoints and
+    continues the stopped one); refusals exit 2 on every rank."""
     started = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
     master_process = rank == 0
@@ -194,116 +198,147 @@ def run_dense(comm, args, plan: DensePlan) -> int:
     torch.set_num_threads(threads)
     parallel.tune_malloc()
     parallel.warm_up_torch()
-    info, dec, cfg = plan.info, plan.decomposition, dense_config(args)
-    N, C, out_channels = dec.num_subdomains, info.channels, info.targets.channels
-    boxes = args.mode != "global"
-    mine = subdomains_of_rank(rank, size, N) if boxes else []
-    stops = Stops()  # (no stop and --resume with a dense task); ranks sharing cores sleep in the exchanges
-    stops.wait_interval = 1e-4 if parallel.oversubscribed(comm, threads) else None
-    ctx = Context(comm=comm, mine=mine, stops=stops, progress=progress_to_log(master_process))
-    with ctx.timer("load"):
-        subsets, nbytes = agreed(comm, lambda: read_boxes(args, info, dec, mine)) if boxes else ({}, 0)
+    dec = plan.decomposition
+    mine = subdomains_of_rank(rank, size, dec.num_subdomains) if args.mode != "global" else []
+    resuming = plan.progress is not None and not plan.progress.get("fresh")
+    stopper = parallel.StopAgreement(comm)
+    directory = RunDirectory(args.out, rank, args, stopper, resuming, plan.progress if resuming else None)
+    timer = PhaseTimer(rundir.read_json(directory.path(rundir.phases_file(rank)), {}) if resuming else None)
+    # ranks sharing cores sleep in the exchanges and stop agreements instead of spinning
+    stops = AgreedStops(stopper, timer, wait_interval=1e-4 if parallel.oversubscribed(comm, threads) else None)
+    ctx = Context(comm=comm, mine=mine, stops=stops, checkpoints=directory, timer=timer,
+                  progress=progress_to_log(master_process))
+    with ctx.timer("load"):  # before the run directory exists: bad data leaves nothing behind
+        subsets, nbytes = agreed(comm, lambda: read_boxes(args, plan.info, dec, mine)) if mine else ({}, 0)
+    start_segment(comm, directory, args, threads)
     if master_process:
-        rundir.prepare(args.out)
-        rundir.write_json(os.path.join(args.out, "config.json"),
-                          {k: v for k, v in vars(args).items() if k not in NOT_RECORDED})
-        with h5py.File(os.path.join(args.out, PREDICTIONS_FILE), "w") as f:
+        with h5py.File(os.path.join(args.out, PREDICTIONS_FILE), "w") as f:  # (resuming: written again)
             f.attrs["task"], f.attrs["data"] = args.task, os.path.abspath(args.data)
-    parallel.sleepy_barrier(comm)
-    setup_logging(args.out, rank)
     log.info("mpidd %s, --task %s, %d ranks, %d threads; subdomains %s, %d bytes read", __version__, args.task,
              size, threads, mine, nbytes)
     if master_process:
+        if resuming:
+            print(f"mpidd: resuming {args.out} (stopped {len(directory.marker.get('stops', []))} time(s) before): "
+                  f"finished trainings are read from their checkpoints", flush=True)
         print(f"mpidd: {size} ranks x {threads} threads, --task {args.task}, mode {args.mode}, grid "
               f"{format_grid(dec.grid)}, subimages {format_grid(dec.subimage_shape)}; U-Nets of width "
               f"{args.unet_width} and depth {args.unet_depth}: local width factor {plan.width_factor:g} "
               f"({plan.local_params:,} vs {plan.global_params:,} global parameters), coarse network "
               f"{plan.coarse_params:,}; loss {args.loss}; run directory {args.out}", flush=True)
+    try:
+        metrics, rows = train_and_score(ctx, args, plan, subsets)
+        subsets = None
+        stops.sync()  # other ranks sleep, not spin, while rank 0 trains the global U-Net
+    except Preempted as e:
+        return stop_here(Run(ctx=ctx, args=args, plan=plan, threads=threads), e)
+    stats = parallel.gather_to_root(comm, {"rank": rank, "host": socket.gethostname(), "subdomains": mine,
+                                           "bytes_read": nbytes, "phases": ctx.timer.seconds})
+    all_rows = parallel.gather_to_root(comm, rows if not master_process else [])
+    if master_process:
+        rows += [r for part in all_rows[1:] for r in part]
+        predictions = os.path.join(args.out, PREDICTIONS_FILE)
+        if args.task == "regress":
+            with ctx.timer("ssim"):
+                for name in plan.models:
+                    metrics[name]["test"]["ssim"] = stitched_ssim(predictions, name, args.data)
+        results = dense_results(args, plan, metrics, stats, size, threads, time.perf_counter() - started)
+        results["restarts"] = {"segments": directory.marker["segments"], "stops": directory.marker.get("stops", [])}
+        rundir.write_json(os.path.join(args.out, "results.json"), results)
+        rundir.write_metrics(os.path.join(args.out, "metrics.csv"), rows)
+        directory.mark(state="finished")
+        print(format_dense(results), flush=True)
+        print(f"results: {os.path.join(args.out, 'results.json')}; test predictions: {predictions}", flush=True)
+        if args.report and write_run_report(args.out):
+            print(f"report: {os.path.join(args.out, 'report', 'report.md')}", flush=True)
+    parallel.sleepy_barrier(comm)  # the marker says finished: the resume states are no longer needed
+    for name in EXCHANGED_PHASES:
+        for file in rundir.coherent_state_checkpoints(name, rank):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(directory.path(file))
+    return 0
+
+
+def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple[dict, list]:
+    """Every rank: the models of plan.models in turn, each trained (or, resuming, read back from
+    its checkpoint) and scored, its test predictions written into RUN/predictions.h5. Returns
+    (metrics: model key -> split -> scores, on rank 0; this rank's metrics.csv rows). Raises
+    Preempted on an agreed stop; ctx.stops.sync() at each phase boundary is where ranks that
+    wait learn of a stop elsewhere."""
+    comm, master_process, stops, directory = ctx.comm, ctx.master_process, ctx.stops, ctx.checkpoints
+    info, dec, cfg = plan.info, plan.decomposition, options.dense_config(args)
+    N, C, out_channels = dec.num_subdomains, info.channels, info.targets.channels
     metrics, rows = {}, []
     predictions = os.path.join(args.out, PREDICTIONS_FILE)
     n_test = info.sizes["test"]
     shape = build_unet(C, out_channels, dec.subimage_shape, cfg.unet, plan.width_factor).bottleneck_shape
+
+    def score_and_write(name, outputs):
+        metrics[name] = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
+        write_predictions(comm, predictions, outputs["test"], dec, args.task, name, n_test, info.targets.shape)
+
     models = coarse = None
     if "local_only" in plan.models:
         models, histories = dense.fit_local_unets(ctx, subsets, dec, C, out_channels, plan.width_factor, cfg)
         rows += [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h]
+        stops.sync()  # every rank has its local U-Nets (or every rank stops here)
         with ctx.timer("local_eval"):
-            outputs = {s: dense.local_predictions(models, subsets, s, cfg) for s in ("val", "test")}
-            scores = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
-            write_predictions(comm, predictions, outputs["test"], dec, args.task, "local_only", n_test,
-                              info.targets.shape)
-        metrics["local_only"] = scores
+            score_and_write("local_only", {s: dense.local_predictions(models, subsets, s, cfg)
+                                           for s in ("val", "test")})
         parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
         with ctx.timer("gather"):
             gathered = dense.gather_bottlenecks(ctx, models, subsets, N, batch_size=cfg.eval_batch_size)
         with ctx.timer("coarse"):
-            coarse, history = dense.fit_coarse_correction(ctx, models, subsets, gathered, dec, shape, cfg)
+            coarse, history = dense.fit_coarse_correction(
+                ctx, models, subsets, gathered, dec, shape, cfg,
+                control=directory.coherent_control("coarse_exchange", stops.poll_world))
         rows += [dict(r, model="coarse") for r in history] if master_process else []
         with ctx.timer("two_level_eval"):
             step = dense.CoarseStep(ctx, models, coarse, N, shape, gathered)
-            outputs = {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")}
-            metrics["two_level"] = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
-            write_predictions(comm, predictions, outputs["test"], dec, args.task, "two_level", n_test,
-                              info.targets.shape)
-        gathered = outputs = None
+            score_and_write("two_level", {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg)
+                                          for s in ("val", "test")})
+        gathered = None
     for init in ("random", "pretrained"):
         name = f"coherent_{init}"
         if name not in plan.models:
             continue
-        parallel.sleepy_barrier(comm)
+        stops.sync()
         local, net = dense.coherent_start(ctx, init, dec, C, out_channels, plan.width_factor, cfg, shape, models,
                                           coarse)
-        opts = dataclasses.replace(cfg.local, epochs=args.coherent_epochs,
-                                   lr=args.coherent_lr if init == "random" else args.transfer_lr)
         with ctx.timer(name):
-            history = dense.fit_coherent_dense(ctx, local, net, subsets, dec, shape, cfg, opts, MODELS[name])
+            history = dense.fit_coherent_dense(ctx, local, net, subsets, dec, shape, cfg,
+                                               options.dense_coherent_options(args, init), MODELS[name],
+                                               control=directory.coherent_control(name, stops.poll_world))
         rows += [dict(r, model=name) for r in history] if master_process else []
         with ctx.timer(f"{name}_eval"):
             step = dense.CoarseStep(ctx, local, net, N, shape, coherent=True)
-            outputs = {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")}
-            metrics[name] = {s: dense.dense_scores(ctx, outputs[s], subsets, s, cfg) for s in outputs}
-            write_predictions(comm, predictions, outputs["test"], dec, args.task, name, n_test, info.targets.shape)
-        outputs = None
-    subsets = None
+            score_and_write(name, {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")})
     if "global" in plan.models:
-        parallel.sleepy_barrier(comm)
+        stops.sync()
         if master_process:
-            whole = tuple(slice(0, s) for s in dec.shape)
-            split = {}
-            with ctx.timer("global_load"):
-                for s in data.SPLITS:
-                    x, _, _ = data.load_split(args.data, s, whole, block=args.read_block, labels=False)
-                    split[s] = (x, data.load_targets(args.data, s, whole, block=args.read_block)[0])
-            with ctx.timer("global_train"):
-                model, history = dense.fit_global_unet(ctx, split["train"], split["val"], C, out_channels, dec.shape,
-                                                       cfg)
+            metrics["global"], history = global_unet(ctx, args, plan, cfg, predictions)
             rows += [dict(r, model="global") for r in history]
-            with ctx.timer("global_eval"):
-                outs = {s: dense.predict_dense(model, split[s][0], cfg.eval_batch_size) for s in ("val", "test")}
-                metrics["global"] = {s: whole_scores(outs[s], split[s][1], args.task) for s in outs}
-                with h5py.File(predictions, "a") as f:
-                    test = outs["test"]
-                    f.require_group("test").create_dataset(
-                        "global", data=test.numpy() if args.task == "regress" else test.argmax(1).numpy().astype(
-                            np.uint8))
-            split = outs = None
-        parallel.sleepy_barrier(comm)
-    stats = parallel.gather_to_root(comm, {"rank": rank, "host": socket.gethostname(), "subdomains": mine,
-                                           "bytes_read": nbytes, "phases": ctx.timer.seconds})
-    all_rows = parallel.gather_to_root(comm, rows if not master_process else [])
-    if not master_process:
-        return 0
-    rows += [r for part in all_rows[1:] for r in part]
-    if args.task == "regress":
-        with ctx.timer("ssim"):
-            for name in plan.models:
-                metrics[name]["test"]["ssim"] = stitched_ssim(predictions, name, args.data)
-    results = dense_results(args, plan, metrics, stats, size, threads, time.perf_counter() - started)
-    rundir.write_json(os.path.join(args.out, "results.json"), results)
-    rundir.write_metrics(os.path.join(args.out, "metrics.csv"), rows)
-    print(format_dense(results), flush=True)
-    print(f"results: {os.path.join(args.out, 'results.json')}; test predictions: {predictions}", flush=True)
-    return 0
+    return metrics, rows
+
+
+def global_unet(ctx: Context, args, plan: DensePlan, cfg, predictions: str) -> tuple[dict, list]:
+    """Rank 0: the U-Net on whole images (the baseline), its scores and test predictions."""
+    dec, C, out_channels = plan.decomposition, plan.info.channels, plan.info.targets.channels
+    whole = tuple(slice(0, s) for s in dec.shape)
+    split = {}
+    with ctx.timer("global_load"):
+        for s in data.SPLITS:
+            x, _, _ = data.load_split(args.data, s, whole, block=args.read_block, labels=False)
+            split[s] = (x, data.load_targets(args.data, s, whole, block=args.read_block)[0])
+    with ctx.timer("global_train"):
+        model, history = dense.fit_global_unet(ctx, split["train"], split["val"], C, out_channels, dec.shape, cfg)
+    with ctx.timer("global_eval"):
+        outs = {s: dense.predict_dense(model, split[s][0], cfg.eval_batch_size) for s in ("val", "test")}
+        scores = {s: whole_scores(outs[s], split[s][1], args.task) for s in outs}
+        with h5py.File(predictions, "a") as f:
+            test = outs["test"]
+            f.require_group("test").create_dataset(
+                "global", data=test.numpy() if args.task == "regress" else test.argmax(1).numpy().astype(np.uint8))
+    return scores, history
 
 
 def critical_path(stats) -> dict:
@@ -338,22 +373,7 @@ def dense_results(args, plan: DensePlan, metrics, stats, size, threads, wall_s) 
                               "rank_of_subdomain": [i % size for i in range(dec.num_subdomains)]},
             "width_factor": plan.width_factor,
             "parameters": {"local": plan.local_params, "global": plan.global_params, "coarse": plan.coarse_params},
-            "metrics": {MODELS[k]: v for k, v in metrics.items()}, "timing": timing, "per_rank": stats,
+            "metrics": {MODELS[k]: v for k, v in metrics.items()},
+            "predictions": {"file": PREDICTIONS_FILE, "datasets": {MODELS[k]: f"test/{k}" for k in metrics}},
+            "timing": timing, "per_rank": stats,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def format_dense(results) -> str:
-    """The table a dense run prints: each model's test scores (and val's main one)."""
-    regress = results["task"] == "regress"
-    keys = ("mae", "rel_l2", "ssim") if regress else ("miou", "mean_dice", "pixel_acc")
-    lines = [f"{'model':<30}{'val ' + keys[0]:>12}" + "".join(f"{'test ' + k:>16}" for k in keys)]
-    for name, m in results["metrics"].items():
-        lines.append(f"{name:<30}{m['val'][keys[0]]:>12.5f}" + "".join(f"{m['test'].get(k, float('nan')):>16.5f}"
-                                                                       for k in keys))
-    t = results["timing"]
-    if "critical_path" in t:
-        cp = t["critical_path"]
-        lines.append(f"critical path {cp['cpu_s']:.1f} CPU s (slowest rank's local U-Nets {cp['local_cpu_s']:.1f} + "
-                     f"gather + coarse {cp['coarse_cpu_s']:.1f})"
-                     + (f"; global U-Net {t['global_train_cpu_s']:.1f} CPU s" if "global_train_cpu_s" in t else ""))
-    return "\n".join(lines)

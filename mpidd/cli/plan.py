@@ -252,7 +252,7 @@ def check_resume(args, size: int, info) -> dict | None:
     if progress["world_size"] != size:
         raise UsageError(f"--resume {args.out}: that run used {progress['world_size']} ranks, this one has {size}: "
                          f"resume with mpirun -n {progress['world_size']} (its per-rank state depends on it)")
-    now = data.fingerprint(args.data)
+    now = data.fingerprint(args.data, args.task)
     if progress["data"] != now:
         changed = [k for k in now if progress["data"].get(k) != now[k]]
         raise UsageError(f"--resume {args.out}: the data file {args.data} is not the one that run trained on "

@@ -8,6 +8,9 @@ boxes, training curves, the accuracies of every model and combiner, per-rank pha
 CNN-DNN's test confusion matrix and, for --mode width, time-to-accuracy curves;
 given several runs, first the papers' table across them (one row per run: decomposition, local
 CNNs min/max, average, vote, CNN-DNN, coherent from random weights, transfer learning, global).
+Dense runs (--task regress or segment): each model's scores, and for each model the input,
+target, prediction and error of a few test samples with the subdomain grid; given several, a
+table of each model's test MAE or mean IoU across them.
 """
 
 from __future__ import annotations
@@ -119,7 +122,52 @@ def format_width_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+DENSE_TASKS = ("regress", "segment")
+# the test scores a dense run's tables show, by task (the first is also shown for val)
+DENSE_SCORES = {"regress": ("mae", "rel_l2", "ssim"), "segment": ("miou", "mean_dice", "pixel_acc")}
+
+
+def format_dense(results) -> str:
+    """The table a dense run prints: each model's test scores (and val's main one)."""
+    keys = DENSE_SCORES[results["task"]]
+    lines = [f"{'model':<30}{'val ' + keys[0]:>12}" + "".join(f"{'test ' + k:>16}" for k in keys)]
+    for name, m in results["metrics"].items():
+        lines.append(f"{name:<30}{m['val'][keys[0]]:>12.5f}" + "".join(f"{m['test'].get(k, float('nan')):>16.5f}"
+                                                                       for k in keys))
+    t = results["timing"]
+    if "critical_path" in t:
+        cp = t["critical_path"]
+        lines.append(f"critical path {cp['cpu_s']:.1f} CPU s (slowest rank's local U-Nets {cp['local_cpu_s']:.1f} + "
+                     f"gather + coarse {cp['coarse_cpu_s']:.1f})"
+                     + (f"; global U-Net {t['global_train_cpu_s']:.1f} CPU s" if "global_train_cpu_s" in t else ""))
+    return "\n".join(lines)
+
+
+def dense_models_table(r: dict) -> str:
+    """A dense run's scores per model as markdown (val: the main score; test: each)."""
+    keys = DENSE_SCORES[r["task"]]
+    lines = [f"| model | val {keys[0]} | " + " | ".join(f"test {k}" for k in keys) + " |",
+             "|" + " --- |" * (2 + len(keys))]
+    for name, m in r["metrics"].items():
+        lines.append(f"| {name} | {m['val'][keys[0]]:.5f} | " + " | ".join(
+            f"{m['test'][k]:.5f}" if k in m["test"] else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def dense_comparison_table(named: list) -> str:
+    """Dense runs side by side: each model's main test score (MAE or mean IoU) per run."""
+    names = list(dict.fromkeys(m for _, r in named for m in r["metrics"]))
+    lines = ["| run | task | grid | " + " | ".join(names) + " |", "|" + " --- |" * (3 + len(names))]
+    for run, r in named:
+        key = DENSE_SCORES[r["task"]][0]
+        cells = [f"{r['metrics'][m]['test'][key]:.5f}" if m in r["metrics"] else "-" for m in names]
+        lines.append(f"| {run} | {r['task']} (test {key}) | {r['decomposition']['grid']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_any(results: dict) -> str:
+    if results.get("task") in DENSE_TASKS:
+        return format_dense(results)
     return format_width_table(results) if results.get("mode") == "width" else format_table(results)
 
 
@@ -182,28 +230,26 @@ def write_report(runs: list, out: str) -> str:
     from .. import figures
     os.makedirs(out, exist_ok=True)
     named = [(os.path.basename(os.path.normpath(run_dir)), load_results(run_dir)) for run_dir in runs]
+    classify = [(name, r) for name, r in named if r.get("task") not in DENSE_TASKS]
+    dense = [(name, r) for name, r in named if r.get("task") in DENSE_TASKS]
     parts = ["# mpidd report", ""]
-    if len(named) > 1:
-        parts += ["## Test accuracy across runs (%)", "", comparison_table(named), ""]
+    if len(classify) > 1:
+        parts += ["## Test accuracy across runs (%)", "", comparison_table(classify), ""]
         for kind, title, draw in (
                 ("accuracy_against_N", "Test accuracy against the number of subdomains",
-                 lambda p: figures.accuracy_against_subdomains(named, p)),
+                 lambda p: figures.accuracy_against_subdomains(classify, p)),
                 ("speedup_against_N", "Two-level critical path against the global CNN, with the FLOP limit",
-                 lambda p: figures.speedup_against_subdomains(named, p))):
+                 lambda p: figures.speedup_against_subdomains(classify, p))):
             if draw(os.path.join(out, f"runs_{kind}.png")):
                 parts += [f"![{title}](runs_{kind}.png)", ""]
+    if len(dense) > 1:
+        parts += ["## Dense prediction across runs", "", dense_comparison_table(dense), ""]
     for (name, r), run_dir in zip(named, runs):
         parts += [f"## {name}", "", f"`{os.path.abspath(run_dir)}`: mode {r.get('mode')}, {r.get('world_size')} ranks, "
-                                    f"data `{r.get('data')}`", "", models_table(r), ""]
-        for kind, title, draw in (
-                ("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
-                ("subdomain_accuracy", "Test accuracy of each subdomain's local CNN",
-                 lambda p: figures.subdomain_heat_map(r, p)),
-                ("curves", "Training curves", lambda p: figures.training_curves(run_dir, p)),
-                ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
-                ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),
-                ("confusion", "Confusion matrix of the CNN-DNN (test)", lambda p: figures.confusion(r, p)),
-                ("time_to_accuracy", "Time to accuracy", lambda p: figures.time_to_accuracy(r, p))):
+                                    f"data `{r.get('data')}`", ""]
+        parts += ([f"--task {r['task']}, loss {r.get('loss')}", "", dense_models_table(r), ""]
+                  if r.get("task") in DENSE_TASKS else [models_table(r), ""])
+        for kind, title, draw in figure_list(r, run_dir):
             file = f"{name}_{kind}.png"
             if draw(os.path.join(out, file)):
                 parts += [f"![{title}]({file})", ""]
@@ -214,6 +260,25 @@ def write_report(runs: list, out: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def figure_list(r: dict, run_dir: str) -> list:
+    """[(file kind, title, draw(path) -> path or None)] of one run's figures."""
+    from .. import figures
+    if r.get("task") in DENSE_TASKS:
+        return [(f"predictions_{dataset.split('/')[-1]}", f"{model}: test input, target, prediction and error",
+                 lambda p, dataset=dataset, model=model: figures.dense_predictions(run_dir, r, dataset, model, p))
+                for model, dataset in r.get("predictions", {}).get("datasets", {}).items()] + [
+            ("curves", "Training curves", lambda p: figures.training_curves(run_dir, p, r["task"])),
+            ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p))]
+    return [("decomposition", "Subdomains", lambda p: figures.sample_image(r, p)),
+            ("subdomain_accuracy", "Test accuracy of each subdomain's local CNN",
+             lambda p: figures.subdomain_heat_map(r, p)),
+            ("curves", "Training curves", lambda p: figures.training_curves(run_dir, p)),
+            ("accuracy", "Accuracy of every model", lambda p: figures.accuracies(r, p)),
+            ("phases", "Phase times per rank", lambda p: figures.phase_times(r, p)),
+            ("confusion", "Confusion matrix of the CNN-DNN (test)", lambda p: figures.confusion(r, p)),
+            ("time_to_accuracy", "Time to accuracy", lambda p: figures.time_to_accuracy(r, p))]
 
 
 def write_run_report(run_dir: str):

@@ -5,13 +5,14 @@ rank 0's progress lines; and Run, one rank's state in mpidd.train."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
 
-from .. import parallel, rundir
+from .. import data, parallel, rundir
 from ..engine import Control, Preempted
 from ..methods.context import Checkpoints, Context, PhaseTimer, Progress, Stops, print_flushed
 from ..stream import StreamStats
@@ -218,3 +219,50 @@ def setup_logging(out, rank, append=False):
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def start_segment(comm, directory: RunDirectory, args, threads: int):
+    """Collective: rank 0 makes the run directory, config.json and the marker (resuming: records
+    a new segment in the marker); every rank then holds the marker as written and logs to
+    RUN/logs/rank<r>.log."""
+    from ..results import slurm_job, source_commit
+    from .arguments import NOT_RECORDED
+    if comm.Get_rank() == 0:
+        segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
+                   "device": args.device, "slurm": slurm_job(), "source": source_commit()}
+        if directory.resuming:
+            directory.marker["segments"].append(segment)
+            directory.mark(state="running")
+        else:
+            rundir.prepare(args.out)
+            rundir.write_json(os.path.join(args.out, "config.json"),
+                              {k: v for k, v in vars(args).items() if k not in NOT_RECORDED})
+            directory.marker = {"world_size": comm.Get_size(), "mode": args.mode,
+                                "data": data.fingerprint(args.data, args.task), "state": "running", "stops": [],
+                                "segments": [segment]}
+            directory.mark()
+    directory.marker = parallel.root_decides(comm, lambda: directory.marker)  # the marker as rank 0 wrote it
+    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
+    setup_logging(args.out, comm.Get_rank(), append=directory.resuming)
+
+
+def stop_here(run: Run, error: Preempted) -> int:
+    """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
+    ctx = run.ctx
+    if not isinstance(error, SyncedStop):
+        run.stops.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
+    rundir.write_json(run.directory.path(rundir.phases_file(ctx.rank)), ctx.timer.seconds)
+    run.stops.stopper.barrier()  # every rank has written its part
+    reason = run.stops.stopper.reason or "a stop"
+    log.info("stopped (%s); state saved", reason)
+    if ctx.master_process:
+        stops = run.directory.marker.get("stops", []) + [
+            {"time": datetime.datetime.now().isoformat(timespec="seconds"), "reason": reason}]
+        run.directory.mark(state="stopped", stops=stops)
+        size = ctx.comm.Get_size()
+        print(f"mpidd: stopped ({reason}); every rank saved its state in {run.args.out}. Continue with:\n"
+              f"  mpirun -n {size} python -m mpidd.train --resume {run.args.out}", flush=True)
+    run.stops.stopper.barrier()  # the marker is written before any rank exits
+    return EXIT_PREEMPTED
+
+

@@ -6,7 +6,7 @@
     prepare             devices, threads, the Run, this rank's subdomains
     open_run_directory  (after the data is read) the run directory, config.json, marker, logs, header
     finish              (after the phases, cli.phases) rank 0's results.json, metrics.csv, model.pt, report
-    stop_here           an agreed stop instead: every rank saves, rank 0 records it (exit 75)
+    stop_here           (cli.run) an agreed stop instead: every rank saves, rank 0 records it (exit 75)
 """
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ import h5py
 import numpy as np
 import torch
 
-from .. import __version__, data, parallel, rundir
+from .. import __version__, parallel, rundir
 from ..decomposition import format_grid
 from ..engine import Preempted, precision_error
 from ..methods.context import Context, PhaseTimer, peak_rss_bytes
-from ..results import assemble_results, assemble_width_results, slurm_job, source_commit
+from ..results import assemble_results, assemble_width_results
 from ..stream import choose_access
-from .arguments import NOT_RECORDED, ConfigError, parse_args
+from .arguments import ConfigError, parse_args
 from .dense import plan_dense, run_dense
 from .phases import load_local_data, load_or_refuse, load_whole_images, every_phase, share_bytes, write_model_file
 from .dryrun import dry_run
 from .plan import Plan, UsageError, assignment, global_cnn_alone, global_share, plan_run
 from .progress import RunProgress, calibrated_rates, model_flops, phases_of
 from .report import format_any, write_run_report
-from .run import (EXIT_PREEMPTED, EXIT_USAGE, AgreedStops, Run, RunDirectory, SyncedStop, log, print_error,
-                  progress_to_log, refuse, setup_logging)
+from .run import (EXIT_USAGE, AgreedStops, Run, RunDirectory, log, print_error, progress_to_log, refuse,
+                  start_segment, stop_here)
 
 
 def start(comm, argv):
@@ -58,26 +58,6 @@ def start(comm, argv):
     if kind == "exit":
         sys.exit(args)
     return args, plan
-
-
-def stop_here(run: Run, error: Preempted) -> int:
-    """Every rank stops here after saving (see StopAgreement); rank 0 records the stop last."""
-    ctx = run.ctx
-    if not isinstance(error, SyncedStop):
-        run.stops.stopper.sync(stopping=True)  # in place of the phase boundary this rank did not reach
-    rundir.write_json(run.directory.path(rundir.phases_file(ctx.rank)), ctx.timer.seconds)
-    run.stops.stopper.barrier()  # every rank has written its part
-    reason = run.stops.stopper.reason or "a stop"
-    log.info("stopped (%s); state saved", reason)
-    if ctx.master_process:
-        stops = run.directory.marker.get("stops", []) + [
-            {"time": datetime.datetime.now().isoformat(timespec="seconds"), "reason": reason}]
-        run.directory.mark(state="stopped", stops=stops)
-        size = ctx.comm.Get_size()
-        print(f"mpidd: stopped ({reason}); every rank saved its state in {run.args.out}. Continue with:\n"
-              f"  mpirun -n {size} python -m mpidd.train --resume {run.args.out}", flush=True)
-    run.stops.stopper.barrier()  # the marker is written before any rank exits
-    return EXIT_PREEMPTED
 
 
 def main(argv=None, comm=None) -> int:
@@ -189,25 +169,9 @@ def open_run_directory(run: Run, bytes_read: int):
     segment); every rank then logs to RUN/logs/rank<r>.log, and rank 0 prints the header.
     Returns every rank's host:device on rank 0 (None on the others)."""
     ctx = run.ctx
-    args, comm, rank, size, threads = run.args, ctx.comm, ctx.rank, ctx.comm.Get_size(), run.threads
+    args, comm, size, threads = run.args, ctx.comm, ctx.comm.Get_size(), run.threads
     dec, work = run.plan.decomposition, run.plan.work
-    directory = run.directory
-    if ctx.master_process:
-        segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
-                   "device": args.device, "slurm": slurm_job(), "source": source_commit()}
-        if directory.resuming:
-            directory.marker["segments"].append(segment)
-            directory.mark(state="running")
-        else:
-            rundir.prepare(args.out)
-            rundir.write_json(os.path.join(args.out, "config.json"),
-                              {k: v for k, v in vars(args).items() if k not in NOT_RECORDED})
-            directory.marker = {"world_size": size, "mode": args.mode, "data": data.fingerprint(args.data),
-                                "state": "running", "stops": [], "segments": [segment]}
-            directory.mark()
-    directory.marker = parallel.root_decides(comm, lambda: directory.marker)  # the marker as rank 0 wrote it
-    parallel.sleepy_barrier(comm)  # the run directory exists before any rank writes into it
-    setup_logging(args.out, rank, append=directory.resuming)
+    start_segment(comm, run.directory, args, threads)
     where = parallel.device_name(ctx.device)
     log.info("mpidd %s, torch %s, %s; %d ranks, %d threads, device %s; subdomains %s (boxes %s)%s, %d bytes read",
              __version__, torch.__version__, parallel.library_version(), size, threads, where, ctx.mine,

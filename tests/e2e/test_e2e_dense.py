@@ -13,7 +13,7 @@ from mpidd.writer import write_dataset
 from test_e2e import run
 
 FAST = ["--epochs", "2", "--coarse-epochs", "2", "--coherent-epochs", "1", "--batch-size", "32",
-        "--coarse-batch-size", "32", "--unet-width", "8", "--threads", "1", "--log-interval", "0"]
+        "--coarse-batch-size", "32", "--unet-width", "8", "--threads", "1", "--log-interval", "0", "--no-report"]
 
 
 def fields(n, seed):
@@ -48,7 +48,9 @@ def regress_runs(dense_files, tmp_path_factory):
     outs = {}
     for np_ in (1, 2, 4):
         out = str(tmp_path_factory.mktemp("runs") / f"np{np_}")
-        proc = run(["--task", "regress", "--data", dense_files[0], "--grid", "2x2", "--out", out, *FAST], np=np_)
+        report = ["--report"] if np_ == 2 else []  # after FAST's --no-report
+        proc = run(["--task", "regress", "--data", dense_files[0], "--grid", "2x2", "--out", out, *FAST, *report],
+                   np=np_)
         assert proc.returncode == 0, proc.stderr + proc.stdout
         outs[np_] = (out, proc)
     return outs
@@ -90,6 +92,32 @@ def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
     assert os.path.exists(os.path.join(out, "logs", "rank1.log")) and os.path.exists(os.path.join(out, "metrics.csv"))
 
 
+def test_a_dense_run_reports_its_scores_and_draws_its_predictions(regress_runs, dense_files):
+    """RUN/report/report.md: every model's scores and a figure of each model's test predictions,
+    which show the predictions.h5 and data file's values; mpidd.report prints the run's table."""
+    import subprocess
+    import sys
+    from mpidd.figures import dense_panels
+    out, proc = regress_runs[2]
+    r = results(out)
+    with open(os.path.join(out, "report", "report.md")) as f:
+        report = f.read()
+    for name, dataset in r["predictions"]["datasets"].items():
+        figure = f"np2_predictions_{dataset.split('/')[-1]}.png"
+        assert f"| {name} | " in report and f"]({figure})" in report
+        assert os.path.getsize(os.path.join(out, "report", figure)) > 10_000
+    assert "np2_curves.png" in report and "np2_phases.png" in report
+    panels = dense_panels(out, r, "test/two_level", samples=2)
+    with h5py.File(os.path.join(out, "predictions.h5")) as p, h5py.File(dense_files[0]) as d:
+        for k, (i, image, target, pred, error) in enumerate(panels):
+            assert i == k and np.array_equal(image, d["test/images"][k, 0])
+            assert np.array_equal(target, d["test/targets"][k, 0]) and np.array_equal(pred, p["test/two_level"][k, 0])
+            assert np.allclose(error, np.abs(p["test/two_level"][k, 0] - d["test/targets"][k, 0]))
+    table = subprocess.run([sys.executable, "-m", "mpidd.report", out], capture_output=True, text=True)
+    assert table.returncode == 0 and table.stdout.strip() in proc.stdout, table.stderr + table.stdout
+    assert "two-level (coarse exchange)" in table.stdout
+
+
 def test_a_segmentation_run_scores_every_class(dense_files, tmp_path):
     out = str(tmp_path / "seg")
     proc = run(["--task", "segment", "--loss", "ce+dice", "--mode", "twolevel", "--data", dense_files[1],
@@ -104,6 +132,47 @@ def test_a_segmentation_run_scores_every_class(dense_files, tmp_path):
     with h5py.File(os.path.join(out, "predictions.h5")) as f:
         masks = f["test/two_level"][...]
     assert masks.shape == (32, 16, 16) and set(np.unique(masks).tolist()) <= {0, 1, 2}
+    from mpidd.figures import dense_panels, dense_predictions
+    with h5py.File(dense_files[1]) as d:
+        truth = d["test/targets"][:2]
+    for k, (_, _, target, pred, error) in enumerate(dense_panels(out, r, "test/two_level", samples=2)):
+        assert np.array_equal(target, truth[k]) and np.array_equal(error, masks[k] != truth[k])
+    assert dense_predictions(out, r, "test/two_level", "two-level", str(tmp_path / "masks.png")) is not None
+
+
+@pytest.mark.parametrize("phase,rank,polls,sig", [("local", 1, 5, "USR1"), ("coarse", 1, 3, "TERM"),
+                                                  ("coherent_dense", 0, 4, "USR1"), ("global", 0, 4, "TERM")])
+def test_a_stopped_dense_run_resumes_to_the_uninterrupted_results(phase, rank, polls, sig, regress_runs, dense_files,
+                                                                  tmp_path):
+    """A signal on one rank in each phase stops every rank (exit 75, state saved); --resume
+    ends with the scores, predictions and metrics.csv of the run that was never stopped."""
+    import csv
+    signal_helper = os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers", "signal_on_rank.py")
+    whole, _ = regress_runs[2]
+    out = str(tmp_path / "run")
+    proc = run([str(rank), phase, str(polls), sig, "--task", "regress", "--data", dense_files[0], "--grid", "2x2",
+                "--out", out, *FAST], np=2, script=(signal_helper,))
+    assert proc.returncode == 75, proc.stderr + proc.stdout
+    assert f"--resume {out}" in proc.stdout and not os.path.exists(os.path.join(out, "results.json"))
+    proc = run(["--resume", out], np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "resuming" in proc.stdout
+    done_before = {"local": [], "coarse": ["local 0 (0, 0): epoch"],  # trainings read back: no step, no line
+                   "coherent_dense": ["local 0 (0, 0): epoch", "coarse exchange: epoch"],
+                   "global": ["local 0 (0, 0): epoch", "coarse exchange: epoch", "coherent (transfer learning): epoch"]}
+    assert not [line for line in done_before[phase] if line in proc.stdout], proc.stdout
+    got, want = results(out), results(whole)
+    assert got["metrics"] == want["metrics"] and len(got["restarts"]["segments"]) == 2
+    with h5py.File(os.path.join(out, "predictions.h5")) as f, h5py.File(os.path.join(whole, "predictions.h5")) as g:
+        assert sorted(f["test"]) == sorted(g["test"])
+        for k in f["test"]:
+            assert np.array_equal(f["test"][k][...], g["test"][k][...]), k
+
+    def scores(run_dir):
+        with open(os.path.join(run_dir, "metrics.csv")) as f:
+            return sorted((r["model"], r["epoch"], r["loss"], r["val_acc"]) for r in csv.DictReader(f))
+    assert scores(out) == scores(whole)
+    assert not [f for f in os.listdir(os.path.join(out, "checkpoints")) if "state" in f]  # resume states removed
 
 
 def broken(path, tmp_path, edit):
@@ -136,7 +205,7 @@ def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
         "ranks": (["--task", "regress", "--data", regress, "--grid", "1x2"], 3, "3 ranks but only 2 subdomains"),
         "overlap": (["--task", "regress", "--data", regress, "--overlap", "1"], 1, "use --overlap 0"),
         "mode": (["--task", "regress", "--data", regress, "--mode", "width"], 1,
-                 "trains --mode twolevel, coherent, global or compare, without --resume, --from and --dry-run: "
+                 "trains --mode twolevel, coherent, global or compare, without --from and --dry-run: "
                  "drop --mode width"),
         "stream": (["--task", "regress", "--data", regress, "--data-access", "stream"], 1,
                    "drop --data-access stream"),

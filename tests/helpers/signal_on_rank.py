@@ -2,7 +2,8 @@
 
     mpirun -n 4 python tests/helpers/signal_on_rank.py RANK PHASE POLLS [SIGNAL] [mpidd.train arguments...]
 
-PHASE is local, coarse, coherent_random, coherent_pretrained, global or subnets: once rank
+PHASE is local, coarse, coherent_random, coherent_pretrained, global or subnets (a dense task:
+local, coarse, coherent_dense or global): once rank
 RANK has polled for a stop POLLS times inside that phase (about once a training step or
 evaluation batch), it signals itself, as Slurm or a user would (SIGNAL: USR1, TERM or KILL;
 default USR1). The stop itself then runs the real path: the signal handler, the agreement
@@ -17,7 +18,7 @@ from mpi4py import MPI
 
 import mpidd.parallel as parallel
 import mpidd.train as train
-from mpidd.methods import coherent, global_cnn, twolevel, width
+from mpidd.methods import coherent, dense, global_cnn, twolevel, width
 
 rank, phase, polls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 argv = sys.argv[4:]
@@ -43,6 +44,10 @@ twolevel.fit_coarse = in_phase("coarse", twolevel.fit_coarse)
 coherent.fit_coherent = in_phase("coherent", coherent.fit_coherent)
 global_cnn.fit_global = in_phase("global", global_cnn.fit_global)
 width.fit_subnets = in_phase("subnets", width.fit_subnets)
+dense.fit_local_unets = in_phase("local", dense.fit_local_unets)
+dense.fit_coarse_correction = in_phase("coarse", dense.fit_coarse_correction)
+dense.fit_coherent_dense = in_phase("coherent_dense", dense.fit_coherent_dense)
+dense.fit_global_unet = in_phase("global", dense.fit_global_unet)
 original_poll = parallel.StopAgreement.poll
 
 

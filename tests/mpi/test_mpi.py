@@ -892,3 +892,58 @@ def test_coherent_dense_step_has_the_gradients_of_the_single_process_model(comm)
     if comm.rank == 0:
         for p, q in zip(coarse.parameters(), ref_coarse.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+def _dense_api_problem(task):
+    """Sources (n, 1, 8, 8) and the blurred fields (or their level sets) they make."""
+    import torch
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(60, 1, 8, 8, generator=g)
+    field = torch.nn.functional.avg_pool2d(x, 5, 1, 2) * 4.0
+    t = field if task == "regress" else (field[:, 0] > 1.0).long() + (field[:, 0] > 1.2).long()
+    return x.numpy(), t.numpy()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("task", ["regress", "segment"])
+def test_dense_estimator_on_a_communicator_equals_one_process(comm, task, tmp_path_factory):
+    """TwoLevelUNet on `comm` predicts, bit for bit, what the same fit in one process (COMM_SELF)
+    predicts, for every model; arrays and a data file (each rank reads its boxes) agree."""
+    import mpidd
+    from mpi4py import MPI
+    if comm.size > 4:
+        pytest.skip("more ranks than subdomains")
+    x, t = _dense_api_problem(task)
+    opts = dict(task=task, grid="2x2", epochs=1, batch_size=16, unet_width=4, unet_depth=1, coarse_channels=8,
+                coarse_epochs=2, coarse_batch_size=16, coherent_epochs=1, threads=1, seed=2)
+    nets = {}
+    for name, c in (("comm", comm), ("alone", MPI.COMM_SELF)):
+        net = mpidd.TwoLevelUNet(**opts, comm=c).fit(x[:40], t[:40], x[40:50], t[40:50])
+        net.fit_coherent(x[:40], t[:40], x[40:50], t[40:50], init="pretrained")
+        nets[name] = net
+    test = x[50:]
+    for model in ("local-only", "two-level", "coherent-pretrained"):
+        got, want = nets["comm"].predict(test, model), nets["alone"].predict(test, model)
+        assert np.array_equal(got, want), model
+        assert got.shape == ((10, 1, 8, 8) if task == "regress" else (10, 8, 8))
+    assert nets["comm"].scores_ == nets["alone"].scores_
+    two, local = (nets["comm"].scores(test, t[50:], m) for m in ("two-level", "local-only"))
+    assert set(two) == ({"mae", "mse", "rel_l2", "ssim"} if task == "regress" else
+                        {"iou", "dice", "miou", "mean_dice", "pixel_acc"})
+    if task == "regress":  # (a step of the coarse network changes fields, not always a mask's argmax)
+        assert two["mae"] != local["mae"]  # the coarse corrections reached the outputs
+    # a data file: each rank reads only its boxes; the same predictions as from arrays
+    from mpidd.writer import write_dataset
+    path = None
+    if comm.rank == 0:
+        d = tmp_path_factory.mktemp("dense_api")
+        splits = {"train": (x[:40], None, t[:40]), "val": (x[40:50], None, t[40:50]), "test": (x[50:], None, t[50:])}
+        if task == "segment":
+            splits = {s: (a, np.zeros(len(a), np.int64), m.astype(np.uint8)) for s, (a, _, m) in splits.items()}
+        path = write_dataset(str(d / "f.h5"), splits, **({"classes": ["a", "b"], "target_classes": ["0", "1", "2"]}
+                                                          if task == "segment" else {}))
+    path = comm.bcast(path, root=0)
+    from_file = mpidd.TwoLevelUNet(**opts, comm=comm).fit(path)
+    assert np.array_equal(from_file.predict(path), nets["alone"].predict(test))
+    assert from_file.scores(path) == nets["alone"].scores(test, t[50:])
+    comm.Barrier()

@@ -159,3 +159,56 @@ def test_the_coarse_map_puts_each_bottleneck_at_its_grid_position(grid, shape):
         assert torch.equal(coarse[(slice(None), slice(None)) + dec.slices(i)], block)
     assert torch.equal(net.from_map(coarse), flat)
     assert torch.equal(net(flat), torch.zeros_like(flat))  # zero at the start: the local-only model
+
+
+# ---- the estimator (one process) ------------------------------------------------------------------
+TINY = dict(grid="2x2", epochs=1, batch_size=16, unet_width=4, unet_depth=1, coarse_channels=8, coarse_epochs=1,
+            coarse_batch_size=16, coherent_epochs=1, threads=1)
+
+
+def test_the_dense_estimator_fits_predicts_and_follows_scikit_learn():
+    """On one process: fit holds out a validation share, predict gives whole fields, score is
+    R^2 (1 - MSE / variance); clone keeps the hyperparameters; fit_coherent from random weights."""
+    import sklearn.base
+    from mpi4py import MPI
+
+    import mpidd
+    x, field, _ = blobs(96)
+    net = mpidd.TwoLevelUNet(task="regress", comm=MPI.COMM_SELF, **TINY).fit(x[:64], field[:64])
+    assert sorted(net.scores_) == ["local-only", "two-level"] and net.n_subdomains_ == 4
+    assert len(net.history_["local_0"]) == 1 and net.out_channels_ == 1
+    pred = net.predict(x[64:])
+    assert pred.shape == (32, 1, 8, 8) and pred.dtype == np.float32
+    s = net.scores(x[64:], field[64:])
+    assert s["mae"] == pytest.approx(np.abs(pred - field[64:]).mean(), rel=1e-5)
+    assert net.score(x[64:], field[64:]) == pytest.approx(1 - s["mse"] / field[64:].var(), rel=1e-6)
+    twin = sklearn.base.clone(net)
+    assert twin.get_params()["unet_width"] == 4 and not hasattr(twin, "scores_")
+    net.fit_coherent(x[:64], field[:64], init="random")
+    assert "coherent-random" in net.scores_ and not np.array_equal(net.predict(x[64:], "coherent-random"), pred)
+
+
+def test_the_dense_estimator_refuses_bad_input_in_one_line():
+    from mpi4py import MPI
+
+    import mpidd
+    x, field, mask = blobs(48)
+    nan = field.copy()
+    nan[3, 0, 6, 6] = np.nan
+    cases = [(dict(task="regress"), (x, field[:, :, :4]), "task regress needs fields t (n, C_out, 8, 8)"),
+             (dict(task="regress"), (x, nan), "targets hold NaN or inf values in subdomain 3"),
+             (dict(task="segment", num_classes=2), (x, mask), "masks hold classes outside 0..1"),
+             (dict(task="segment"), (x, field), "task segment needs masks t (48, 8, 8)"),
+             (dict(task="regress", loss="dice"), (x, field), "--loss dice does not fit --task regress"),
+             (dict(task="classify"), (x, field), "task must be regress or segment"),
+             (dict(task="regress", grid="3x3"), (x, field), "does not divide images"),
+             (dict(task="regress", device="cuda"), (x, field), "trains on the CPU: device must be None or 'cpu'")]
+    for kw, args, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            mpidd.TwoLevelUNet(comm=MPI.COMM_SELF, **{**TINY, **kw}).fit(*args)
+    net = mpidd.TwoLevelUNet(task="regress", comm=MPI.COMM_SELF, **TINY)
+    with pytest.raises(ValueError, match="starts from the two-level model: call fit first"):
+        net.fit_coherent(x, field)
+    net.fit(x, field)
+    with pytest.raises(ValueError, match="model 'coherent-random' is not fitted"):
+        net.predict(x, "coherent-random")

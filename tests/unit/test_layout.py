@@ -39,7 +39,8 @@ def test_no_folder_is_named_like_build_output():
 
 # the public API and the entry points use MPI (through mpidd.parallel); every other top-level
 # module, and methods.context, is the pure core
-USES_MPI = ("mpidd.api", "mpidd.estimator", "mpidd.online_estimator", "mpidd.train", "mpidd.predict", "mpidd.report")
+USES_MPI = ("mpidd.api", "mpidd.dense_estimator", "mpidd.estimator", "mpidd.online_estimator", "mpidd.train",
+            "mpidd.predict", "mpidd.report")
 
 
 def test_only_the_parallel_package_imports_mpi4py():
