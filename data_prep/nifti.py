@@ -2,6 +2,7 @@
 
     python -m data_prep.nifti ROOT --out FILE.h5 --shape 64x64x64
     python -m data_prep.nifti ROOT --out FILE.h5 --shape 96x96x96 --window -1000,400 --dtype uint8
+    python -m data_prep.nifti IMAGES --masks LABELS --mask-classes background,liver,lesion --out F.h5 --shape 64x64x64
 
 ROOT/<class>/**/*.nii[.gz] or ROOT/{train,val,test}/<class>/..., with the classes, the split
 folders and the seeded --val/--test split exactly as in data_prep.image_folder.
@@ -15,6 +16,13 @@ for CT in Hounsfield units) clips to [LO, HI] and maps linearly to [0, 1]; witho
 are. Each volume is then resampled to --shape DxHxW by trilinear interpolation (torch,
 align_corners=False; the same shape leaves it unchanged). --dtype uint8 (needs --window) stores
 round(255 * windowed value). One volume at a time is read.
+
+Segmentation (--masks LABEL_ROOT): every volume below ROOT (or its split folders) is a sample,
+class folders or not, without labels; its label volume is LABEL_ROOT/<the same path>.nii or
+.nii.gz, integer class indices, reoriented alike and resampled to --shape by nearest neighbour:
+the file's `targets` (n, D, H, W) uint8, classes named by --mask-classes (default 0..the largest
+label found). Refused besides: a missing or fractional label volume (named), a label outside
+--mask-classes.
 
 Refused with one line, exit code 2 and nothing written: a missing ROOT or one without class
 folders, fewer than 2 classes, an empty class folder, an unreadable or truncated file (named), a
@@ -30,7 +38,7 @@ import sys
 import numpy as np
 
 from data_prep.common import ConvertError, main_of, parse_shape
-from data_prep.image_folder import find_samples, first_line, write_samples
+from data_prep.image_folder import Masks, find_samples, first_line, write_samples
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -78,6 +86,11 @@ def add_arguments(p):
     p.add_argument("--test", type=float, default=0.1, help="fraction for the test split when ROOT has no test/")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the shuffles that draw missing splits and order the samples in the file")
+    p.add_argument("--masks", metavar="LABEL_ROOT",
+                   help="segmentation: the label volume of ROOT/PATH/NAME.nii[.gz] is LABEL_ROOT/PATH/NAME.nii[.gz], "
+                        "integer class indices; ROOT then needs no class folders")
+    p.add_argument("--mask-classes", metavar="NAMES", help="with --masks: the class names, comma-separated "
+                   "(default 0..the largest label in any volume)")
 
 
 def convert(args) -> dict:
@@ -85,9 +98,19 @@ def convert(args) -> dict:
     window = parse_window(args.window) if args.window is not None else None
     if args.dtype == "uint8" and window is None:
         raise ConvertError("--dtype uint8 needs --window LO,HI (it stores round(255 * windowed value))")
-    classes, samples = find_samples(args.root, NIFTI_SUFFIXES, args.val, args.test, args.seed)
+    if args.mask_classes and not args.masks:
+        raise ConvertError("--mask-classes names the classes of --masks: pass --masks LABEL_ROOT too")
+    classes, samples = find_samples(args.root, NIFTI_SUFFIXES, args.val, args.test, args.seed,
+                                    labelled=args.masks is None)
     import torch
     import torch.nn.functional as F
+
+    def read_labels(path):
+        x = read_volume(path)
+        if not np.array_equal(x, np.rint(x)):
+            raise ConvertError(f"{path}: a label volume holds integer class indices, this one fractions")
+        return F.interpolate(torch.from_numpy(np.ascontiguousarray(x))[None, None], size=shape,
+                             mode="nearest")[0, 0].numpy().astype(np.int64)  # classes are not averaged
 
     def load(path):
         x = read_volume(path)
@@ -102,9 +125,13 @@ def convert(args) -> dict:
 
     attrs = {"source": os.path.abspath(args.root), "orientation": "RAS+ canonical, (D, H, W) = (x, y, z)",
              "window": list(window) if window else "none", "resample": "trilinear, align_corners=False"}
+    masks = None
+    if args.masks:
+        masks = Masks(args.root, args.masks, samples, NIFTI_SUFFIXES, read_labels, shape, args.mask_classes)
+        attrs["masks"] = os.path.abspath(args.masks)
     # uint8 blocks are filled from float arrays of integers 0..255: the assignment casts them exactly
     return write_samples(args.out, samples, classes, (1,) + shape, args.dtype, load, "volumes", attrs,
-                         tile=args.tile)
+                         tile=args.tile, masks=masks)
 
 
 _main = main_of("data_prep.nifti", __doc__, add_arguments, convert)

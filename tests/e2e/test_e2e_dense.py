@@ -175,6 +175,39 @@ def test_a_stopped_dense_run_resumes_to_the_uninterrupted_results(phase, rank, p
     assert not [f for f in os.listdir(os.path.join(out, "checkpoints")) if "state" in f]  # resume states removed
 
 
+def test_image_files_and_masks_convert_and_train(tmp_path):
+    """data_prep.image_folder --masks on PNG files written here, then mpidd.train --task segment
+    on 2 ranks: the converter's masks are what the run scores."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from conftest import ROOT
+    x, u = fields(40, 7)
+    for k in range(40):
+        image = (255 * x[k, 0] / max(x[k, 0].max(), 1e-6)).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"img{k:02d}.png")
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray((u[k, 0] > 0.3).astype(np.uint8)).save(tmp_path / "masks" / f"img{k:02d}.png")
+    (tmp_path / "images").mkdir()
+    for f in tmp_path.glob("img*.png"):
+        f.rename(tmp_path / "images" / f.name)
+    data = str(tmp_path / "seg.h5")
+    conv = subprocess.run([sys.executable, "-m", "data_prep.image_folder", str(tmp_path / "images"), "--masks",
+                           str(tmp_path / "masks"), "--mask-classes", "cold,warm", "--color", "gray", "--out", data,
+                           "--val", "0.2", "--test", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    out = str(tmp_path / "run")
+    proc = run(["--task", "segment", "--mode", "twolevel", "--data", data, "--grid", "2x2", "--out", out, *FAST],
+               np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = results(out)
+    assert r["targets"]["classes"] == ["cold", "warm"] and r["sizes"] == {"train": 24, "val": 8, "test": 8}
+    with h5py.File(data) as f:
+        assert np.isin(f["test/targets"][...], [0, 1]).all() and f["test/targets"][...].any()
+    assert all(len(m["test"]["iou"]) == 2 for m in r["metrics"].values())
+
+
 def broken(path, tmp_path, edit):
     """A copy of `path` changed by edit(h5py.File)."""
     import shutil

@@ -443,3 +443,97 @@ def test_ct_phantom_volumes(tmp_path, capsys):
     assert ct_phantom.windowed(np.array([-2000.0, -1000.0, 400.0, 3000.0])).tolist() == [0, 0, 255, 255]
     assert ct_phantom.main(["--out", str(tmp_path / "bad.h5"), "--shape", "4x32x32"]) == 2
     assert "at least 8 voxels" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()
+
+
+# ---------------------------------------------------------------- segmentation masks
+
+def mask_tree(root, masks, n=6, h=5, w=6, seed=7):
+    """n RGB images in ROOT (some in a subfolder, one JPEG) and their palette PNG masks of
+    classes 0..2 at the same paths below MASKS; {image bytes (C, H, W): mask}."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for k in range(n):
+        rel = os.path.join("sub" if k % 2 else "", f"{k}.{'jpg' if k == 5 else 'png'}")
+        image = random_rgb(rng, h, w)
+        save_image(str(root / rel), image)
+        mask = rng.integers(0, 3, (h, w), dtype=np.uint8)
+        os.makedirs(os.path.dirname(str(masks / rel)), exist_ok=True)
+        im = Image.fromarray(mask, mode="P")
+        im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)  # colours: the values stay indices
+        im.save(str(masks / os.path.splitext(rel)[0]) + ".png")
+        with Image.open(str(root / rel)) as stored:  # (the JPEG's decoded pixels)
+            expected[chw(np.asarray(stored.convert("RGB"))).tobytes()] = mask
+    return expected
+
+
+def test_folder_masks_become_the_targets(tmp_path):
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    expected = mask_tree(root, masks)
+    out = str(tmp_path / "seg.h5")
+    assert image_folder.main([str(root), "--masks", str(masks), "--mask-classes", "bg,red,green", "--out", out,
+                              "--val", "0.2", "--test", "0.2"]) == 0
+    info = inspect(out, task="segment")
+    assert info.targets.kind == "mask" and info.targets.classes == ["bg", "red", "green"]
+    seen = 0
+    with h5py.File(out) as f:
+        assert all("labels" not in f[s] for s in SPLITS)
+        for s in SPLITS:
+            for x, t in zip(f[s]["images"][...], f[s]["targets"][...]):
+                np.testing.assert_array_equal(t, expected[x.tobytes()])  # each mask beside its own image
+                seen += 1
+    assert seen == 6
+    # --size resizes the masks by nearest neighbour: still classes, never blends of them
+    small = str(tmp_path / "small.h5")
+    assert image_folder.main([str(root), "--masks", str(masks), "--out", small, "--size", "3x3"]) == 0
+    with h5py.File(small) as f:
+        t = f["train"]["targets"][...]
+        assert t.shape[1:] == (3, 3) and set(np.unique(t)) <= {0, 1, 2}
+    assert inspect(small, task="segment").targets.classes == ["0", "1", "2"]  # 0..the largest value
+
+
+MASK_REFUSALS = {
+    "missing mask": (lambda m: os.remove(m / "sub" / "3.png"), [], "no mask for"),
+    "rgb mask": (lambda m: save_image(str(m / "0.png"), np.zeros((5, 6, 3), np.uint8)), [], "a RGB image"),
+    "mask size": (lambda m: save_image(str(m / "0.png"), np.zeros((4, 6), np.uint8)), [], "a mask of 4x6"),
+    "class outside": (lambda m: None, ["--mask-classes", "bg,red"], "is outside 0..1"),
+    "classes without masks": (lambda m: None, ["NO_MASKS", "--mask-classes", "a,b"], "pass --masks"),
+}
+
+
+@pytest.mark.parametrize("case", MASK_REFUSALS)
+def test_folder_mask_refusals(tmp_path, capsys, case):
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    mask_tree(root, masks)
+    edit, extra, phrase = MASK_REFUSALS[case]
+    edit(masks)
+    out = str(tmp_path / "out.h5")
+    flags = ["--masks", str(masks)] if "NO_MASKS" not in extra else []
+    check_refused(capsys, image_folder.main, [str(root), "--out", out, *flags, *[e for e in extra if e != "NO_MASKS"]],
+                  out, phrase)
+
+
+def test_nifti_label_volumes_become_the_targets(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    root, labels, expected = tmp_path / "vols", tmp_path / "labels", {}
+    for k in range(5):
+        data = rng.normal(size=(4, 4, 6)).astype(np.float32)
+        label = rng.integers(0, 4, (4, 4, 6)).astype(np.float32)
+        suffix = ".nii.gz" if k % 2 else ".nii"
+        path = save_nifti(str(root / f"{k}{suffix}"), data, FLIP_X)
+        lpath = save_nifti(str(labels / f"{k}{'.nii' if k % 2 else '.nii.gz'}"), label, FLIP_X)  # either suffix
+        expected[canonical(path).reshape(1, 4, 4, 6).tobytes()] = canonical(lpath)
+    out = str(tmp_path / "v.h5")
+    assert nifti.main([str(root), "--masks", str(labels), "--out", out, "--shape", "4x4x6", "--val", "0.2",
+                       "--test", "0.2"]) == 0
+    assert inspect(out, task="segment").targets.classes == ["0", "1", "2", "3"]
+    with h5py.File(out) as f:
+        for s in SPLITS:
+            for x, t in zip(f[s]["images"][...], f[s]["targets"][...]):
+                np.testing.assert_array_equal(t, expected[x.tobytes()])  # reoriented as its volume
+    # resampled by nearest neighbour: classes only
+    assert nifti.main([str(root), "--masks", str(labels), "--out", str(tmp_path / "w.h5"), "--shape", "3x5x5"]) == 0
+    with h5py.File(str(tmp_path / "w.h5")) as f:
+        assert set(np.unique(f["train"]["targets"][...])) <= {0, 1, 2, 3}
+    save_nifti(str(labels / "2.nii.gz"), np.full((4, 4, 6), 0.5, np.float32))
+    check_refused(capsys, nifti.main, [str(root), "--masks", str(labels), "--out", str(tmp_path / "x.h5"),
+                                       "--shape", "4x4x6"], str(tmp_path / "x.h5"), "this one fractions")
