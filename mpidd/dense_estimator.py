@@ -9,6 +9,7 @@ communicator, for fields (task="regress") and masks (task="segment").
     net.fit_coherent(x_train, t_train, x_val, t_val)   # collective: end to end (transfer learning)
     u = net.predict(x_test, model="coherent-pretrained")   # collective: whole fields on every rank
     net.scores(x_test, t_test)                     # {"mae": ..., "rel_l2": ..., "ssim": ...}
+    net.save("heat.pt"); net = mpidd.TwoLevelUNet.load("heat.pt", comm=comm)   # any rank count 1..N
 
 Inputs: x whole images (n, C, H, W) or (n, C, D, H, W), the same on every rank (each rank uses
 only its subdomains' boxes), or the path of an mpidd data file with targets (fit: its train
@@ -21,18 +22,22 @@ the image (no overlap), P <= N ranks, float32 on the CPU.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from . import data, options, parallel
+from . import data, options, parallel, rundir, saved
+from .engine import to_channels_last
 from .decomposition import Decomposition, DecompositionError, choose_grid, parse_grid, subdomains_of_rank
-from .estimator import CollectiveEstimator
+from .estimator import CollectiveEstimator, agree_on_file
 from .methods import dense
 from .metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums, ssim
 from .sklearn_conventions import hyperparameters
 from .unet import build_unet, matching_width_factor
 
 MODELS = ("local-only", "two-level", "coherent-random", "coherent-pretrained")
+FORMAT, FORMAT_VERSION = "mpidd-dense-model", 1
 
 
 class TwoLevelUNet(CollectiveEstimator):
@@ -293,3 +298,78 @@ class TwoLevelUNet(CollectiveEstimator):
         t = self._targets(x, t)
         s = self._scores(self.predict(x, model), t)
         return s["miou"] if self.task == "segment" else 1.0 - s["mse"] / float(np.var(t))
+
+    # --- save and load ---------------------------------------------------------------------------
+
+    def save(self, path) -> str:
+        """Write every fitted model (each subdomain's U-Net, rank 0's coarse networks) and what
+        rebuilds them to one file, atomically, from rank 0. Collective. Returns the path."""
+        if not self._models:
+            raise ValueError("nothing to save: call fit first")
+        mine = {name: {i: saved.cpu_state(m) for i, m in models.items()} for name, (models, _) in self._models.items()}
+        parts = parallel.gather_to_root(self._comm, mine)
+
+        def contents():
+            local = {name: {i: w for part in parts for i, w in part[name].items()} for name in self._models}
+            return ({"format": FORMAT, "format_version": FORMAT_VERSION, "hyperparameters": self.hyperparameters(),
+                     "image_shape": list(self.image_shape_), "out_channels": self._out,
+                     "width_factor": self.width_factor_, "grid": list(self._dec.grid),
+                     "scores": self.scores_, "history": self.history_,
+                     "models": {name: {"local": local[name], "coarse": saved.cpu_state(coarse)}
+                                for name, (_, coarse) in self._models.items()}},)
+
+        def write(path, state):
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            rundir.atomic_write(str(path), lambda f: torch.save(state, f))
+            return str(path)
+        return self._write_on_root(path, contents, write)
+
+    @classmethod
+    def load(cls, path, comm=None, threads=None, verbose=False) -> "TwoLevelUNet":
+        """A saved TwoLevelUNet on `comm`, any rank count up to its N subdomains. Collective;
+        every rank reads the file. saved.ModelFileError (one line) for a missing, corrupt or
+        foreign file."""
+        error = state = None
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                error = f"{path} is not a TwoLevelUNet model file"
+            elif state.get("format_version") != FORMAT_VERSION:
+                error = f"{path} has format version {state.get('format_version')}, this mpidd reads {FORMAT_VERSION}"
+        except FileNotFoundError:
+            error = f"no saved model at {path}"
+        except Exception as e:  # truncated or foreign file: torch raises pickle, zip or EOF errors
+            error = f"cannot read {path}: {type(e).__name__} (corrupt, or not a model file)"
+        agree_on_file(comm if comm is not None else parallel.shared_world(), error)
+        params = dict(state["hyperparameters"], grid="x".join(map(str, state["grid"])),
+                      width_factor=state["width_factor"])
+        net = cls(**params, comm=comm, threads=threads, verbose=verbose)
+        image_shape, out = tuple(state["image_shape"]), state["out_channels"]
+        net.image_shape_, net.width_factor_ = image_shape, state["width_factor"]
+        net.num_classes_ = out if net.task == "segment" else None
+        if net.task == "regress":
+            net.out_channels_ = out
+        net._dec = dec = net._agreed(lambda: net.decomposition(image_shape))
+        net.n_subdomains_ = dec.num_subdomains
+        net._cfg, net._out = net.config(), out
+        net._bottleneck = build_unet(image_shape[0], out, dec.subimage_shape, net._cfg.unet,
+                                     net.width_factor_).bottleneck_shape
+        mine = subdomains_of_rank(net._comm.Get_rank(), net._comm.Get_size(), dec.num_subdomains)
+        net._ctx = net._context_of(mine)
+        net._ctx.stops.wait_interval = 1e-4 if parallel.oversubscribed(net._comm, torch.get_num_threads()) else None
+        for name, part in state["models"].items():
+            models = {}
+            for i in mine:
+                models[i] = build_unet(image_shape[0], out, dec.subimage_shape, net._cfg.unet, net.width_factor_)
+                models[i].load_state_dict(part["local"][i])
+                # the saved weights' memory layout (channels-last where they trained so) picks the
+                # convolution kernels: the same layout computes the same numbers
+                if any(w.dim() in (4, 5) and not w.is_contiguous() for w in part["local"][i].values()):
+                    to_channels_last(models[i], len(image_shape) + 1)
+            coarse = None
+            if part["coarse"] is not None and net._ctx.master_process:
+                coarse = dense.coarse_network(dec, net._bottleneck, net._cfg)
+                coarse.load_state_dict(part["coarse"])
+            net._models[name] = (models, coarse)
+        net.scores_, net.history_ = state["scores"], state["history"]
+        return net

@@ -208,13 +208,14 @@ class CollectiveEstimator(SklearnConventions):
             result = (probs, probs.argmax(1))
         return self._from_root(result)
 
-    def _write_on_root(self, path, contents) -> str:
-        """Rank 0 writes the model file of contents() = (manifest, models), atomically; every
-        rank returns its path or raises the same OSError. Collective."""
+    def _write_on_root(self, path, contents, write=saved.save_model) -> str:
+        """Rank 0 writes the model file of contents() = (manifest, models), atomically (with
+        write(path, *contents), which returns the path written); every rank returns its path or
+        raises the same OSError. Collective."""
         error, written = None, None
         if self._comm.Get_rank() == 0:
             try:
-                written = saved.save_model(path, *contents())
+                written = write(path, *contents())
             except OSError as e:
                 error = f"cannot write {path}: {e}"
         error, written = parallel.broadcast_from_root(self._comm, (error, written))

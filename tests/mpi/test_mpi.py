@@ -946,4 +946,13 @@ def test_dense_estimator_on_a_communicator_equals_one_process(comm, task, tmp_pa
     from_file = mpidd.TwoLevelUNet(**opts, comm=comm).fit(path)
     assert np.array_equal(from_file.predict(path), nets["alone"].predict(test))
     assert from_file.scores(path) == nets["alone"].scores(test, t[50:])
+    # save on comm (rank 0 gathers every U-Net), load on one process and on comm: the same predictions
+    saved = nets["comm"].save(path + ".pt")
+    for c in (MPI.COMM_SELF, comm):
+        again = mpidd.TwoLevelUNet.load(saved, comm=c)
+        for model in ("local-only", "two-level", "coherent-pretrained"):
+            assert np.array_equal(again.predict(test, model), nets["alone"].predict(test, model)), (c.size, model)
+        assert again.scores_ == nets["alone"].scores_
+    with pytest.raises(mpidd.ModelFileError, match="corrupt, or not a model file"):
+        mpidd.TwoLevelUNet.load(path, comm=comm)  # the data file
     comm.Barrier()
