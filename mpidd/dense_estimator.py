@@ -38,6 +38,7 @@ from .unet import build_unet, matching_width_factor
 
 MODELS = ("local-only", "two-level", "coherent-random", "coherent-pretrained")
 FORMAT, FORMAT_VERSION = "mpidd-dense-model", 1
+MODEL_FILE = "model.pt"  # in a run directory
 
 
 class TwoLevelUNet(CollectiveEstimator):
@@ -283,9 +284,10 @@ class TwoLevelUNet(CollectiveEstimator):
         """Collective: regress: mae, mse, rel_l2, ssim (data range: the targets' max - min);
         segment: per-class iou and dice, miou, mean_dice, pixel_acc. t: the targets of x (a data
         file's are read when x is one)."""
-        return self._scores(self.predict(x, model), self._targets(x, t))
+        return self.score_predictions(self.predict(x, model), self._targets(x, t))
 
-    def _scores(self, pred, t) -> dict:
+    def score_predictions(self, pred, t) -> dict:
+        """The scores of predictions `pred` (predict's) against targets t (not collective)."""
         if self.task == "regress":
             out = regression_scores(regression_sums(pred, t))
             out["ssim"] = float(ssim(pred, t, float(t.max() - t.min())).mean())
@@ -296,7 +298,7 @@ class TwoLevelUNet(CollectiveEstimator):
         """Collective; higher is better (scikit-learn's rule): regress: R^2 = 1 - MSE / the
         targets' variance; segment: mean IoU."""
         t = self._targets(x, t)
-        s = self._scores(self.predict(x, model), t)
+        s = self.score_predictions(self.predict(x, model), t)
         return s["miou"] if self.task == "segment" else 1.0 - s["mse"] / float(np.var(t))
 
     # --- save and load ---------------------------------------------------------------------------
@@ -306,23 +308,11 @@ class TwoLevelUNet(CollectiveEstimator):
         rebuilds them to one file, atomically, from rank 0. Collective. Returns the path."""
         if not self._models:
             raise ValueError("nothing to save: call fit first")
-        mine = {name: {i: saved.cpu_state(m) for i, m in models.items()} for name, (models, _) in self._models.items()}
-        parts = parallel.gather_to_root(self._comm, mine)
-
-        def contents():
-            local = {name: {i: w for part in parts for i, w in part[name].items()} for name in self._models}
-            return ({"format": FORMAT, "format_version": FORMAT_VERSION, "hyperparameters": self.hyperparameters(),
-                     "image_shape": list(self.image_shape_), "out_channels": self._out,
-                     "width_factor": self.width_factor_, "grid": list(self._dec.grid),
-                     "scores": self.scores_, "history": self.history_,
-                     "models": {name: {"local": local[name], "coarse": saved.cpu_state(coarse)}
-                                for name, (_, coarse) in self._models.items()}},)
-
-        def write(path, state):
-            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-            rundir.atomic_write(str(path), lambda f: torch.save(state, f))
-            return str(path)
-        return self._write_on_root(path, contents, write)
+        state = gathered_state(self._comm, self._models, {
+            "hyperparameters": self.hyperparameters(), "image_shape": list(self.image_shape_),
+            "out_channels": self._out, "width_factor": self.width_factor_, "grid": list(self._dec.grid),
+            "scores": self.scores_, "history": self.history_})
+        return self._write_on_root(path, lambda: (state,), write_state)
 
     @classmethod
     def load(cls, path, comm=None, threads=None, verbose=False) -> "TwoLevelUNet":
@@ -330,6 +320,7 @@ class TwoLevelUNet(CollectiveEstimator):
         every rank reads the file. saved.ModelFileError (one line) for a missing, corrupt or
         foreign file."""
         error = state = None
+        path = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path  # a run directory
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -373,3 +364,23 @@ class TwoLevelUNet(CollectiveEstimator):
             net._models[name] = (models, coarse)
         net.scores_, net.history_ = state["scores"], state["history"]
         return net
+
+
+def gathered_state(comm, fitted: dict, header: dict) -> dict | None:
+    """Collective: on rank 0 a model file's contents, `header` (hyperparameters, image_shape,
+    out_channels, width_factor, grid, scores, history) and every model of `fitted` ({name:
+    ({subdomain: U-Net}, rank 0's coarse network or None)}) with every rank's U-Nets; None elsewhere."""
+    mine = {name: {i: saved.cpu_state(m) for i, m in models.items()} for name, (models, _) in fitted.items()}
+    parts = parallel.gather_to_root(comm, mine)
+    if comm.Get_rank() != 0:
+        return None
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **header,
+            "models": {name: {"local": {i: w for part in parts for i, w in part[name].items()},
+                              "coarse": saved.cpu_state(coarse)} for name, (_, coarse) in fitted.items()}}
+
+
+def write_state(path, state) -> str:
+    """Write a model file's contents atomically; returns its path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    rundir.atomic_write(str(path), lambda f: torch.save(state, f))
+    return str(path)

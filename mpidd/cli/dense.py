@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__, data, options, parallel, rundir
+from ..dense_estimator import MODEL_FILE, TwoLevelUNet, gathered_state, write_state
 from ..decomposition import Decomposition, DecompositionError, format_grid, parse_grid, subdomains_of_rank
 from ..methods import dense
 from ..engine import Preempted
@@ -226,11 +227,12 @@ def run_dense(comm, args, plan: DensePlan) -> int:
               f"({plan.local_params:,} vs {plan.global_params:,} global parameters), coarse network "
               f"{plan.coarse_params:,}; loss {args.loss}; run directory {args.out}", flush=True)
     try:
-        metrics, rows = train_and_score(ctx, args, plan, subsets)
+        metrics, rows, fitted = train_and_score(ctx, args, plan, subsets)
         subsets = None
         stops.sync()  # other ranks sleep, not spin, while rank 0 trains the global U-Net
     except Preempted as e:
         return stop_here(Run(ctx=ctx, args=args, plan=plan, threads=threads), e)
+    model_state = gathered_state(comm, fitted, model_header(args, plan, metrics)) if fitted else None
     stats = parallel.gather_to_root(comm, {"rank": rank, "host": socket.gethostname(), "subdomains": mine,
                                            "bytes_read": nbytes, "phases": ctx.timer.seconds})
     all_rows = parallel.gather_to_root(comm, rows if not master_process else [])
@@ -245,6 +247,8 @@ def run_dense(comm, args, plan: DensePlan) -> int:
         results["restarts"] = {"segments": directory.marker["segments"], "stops": directory.marker.get("stops", [])}
         rundir.write_json(os.path.join(args.out, "results.json"), results)
         rundir.write_metrics(os.path.join(args.out, "metrics.csv"), rows)
+        if model_state is not None:  # the decomposed models, for mpidd.predict and TwoLevelUNet.load
+            write_state(os.path.join(args.out, MODEL_FILE), model_state)
         directory.mark(state="finished")
         print(format_dense(results), flush=True)
         print(f"results: {os.path.join(args.out, 'results.json')}; test predictions: {predictions}", flush=True)
@@ -258,10 +262,11 @@ def run_dense(comm, args, plan: DensePlan) -> int:
     return 0
 
 
-def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple[dict, list]:
+def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple[dict, list, dict]:
     """Every rank: the models of plan.models in turn, each trained (or, resuming, read back from
     its checkpoint) and scored, its test predictions written into RUN/predictions.h5. Returns
-    (metrics: model key -> split -> scores, on rank 0; this rank's metrics.csv rows). Raises
+    (metrics: model key -> split -> scores, on rank 0; this rank's metrics.csv rows; the
+    decomposed models as TwoLevelUNet holds them: {name: ({subdomain: U-Net}, coarse)}). Raises
     Preempted on an agreed stop; ctx.stops.sync() at each phase boundary is where ranks that
     wait learn of a stop elsewhere."""
     comm, master_process, stops, directory = ctx.comm, ctx.master_process, ctx.stops, ctx.checkpoints
@@ -277,6 +282,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
         write_predictions(comm, predictions, outputs["test"], dec, args.task, name, n_test, info.targets.shape)
 
     models = coarse = None
+    fitted = {}
     if "local_only" in plan.models:
         models, histories = dense.fit_local_unets(ctx, subsets, dec, C, out_channels, plan.width_factor, cfg)
         rows += [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h]
@@ -284,6 +290,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
         with ctx.timer("local_eval"):
             score_and_write("local_only", {s: dense.local_predictions(models, subsets, s, cfg)
                                            for s in ("val", "test")})
+        fitted["local-only"] = (models, None)
         parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
         with ctx.timer("gather"):
             gathered = dense.gather_bottlenecks(ctx, models, subsets, N, batch_size=cfg.eval_batch_size)
@@ -296,6 +303,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
             step = dense.CoarseStep(ctx, models, coarse, N, shape, gathered)
             score_and_write("two_level", {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg)
                                           for s in ("val", "test")})
+        fitted["two-level"] = (models, coarse)
         gathered = None
     for init in ("random", "pretrained"):
         name = f"coherent_{init}"
@@ -312,12 +320,24 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
         with ctx.timer(f"{name}_eval"):
             step = dense.CoarseStep(ctx, local, net, N, shape, coherent=True)
             score_and_write(name, {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")})
+        fitted[f"coherent-{init}"] = (local, net)
     if "global" in plan.models:
         stops.sync()
         if master_process:
             metrics["global"], history = global_unet(ctx, args, plan, cfg, predictions)
             rows += [dict(r, model="global") for r in history]
-    return metrics, rows
+    return metrics, rows, fitted
+
+
+def model_header(args, plan: DensePlan, metrics: dict) -> dict:
+    """What RUN/model.pt says besides the weights: the run's options as TwoLevelUNet's keywords
+    (with the same names), the shapes and the validation scores (rank 0's)."""
+    dec = plan.decomposition
+    return {"hyperparameters": {k: getattr(args, k) for k in TwoLevelUNet.HYPERPARAMETERS if hasattr(args, k)},
+            "image_shape": list(plan.info.image_shape), "out_channels": plan.info.targets.channels,
+            "width_factor": plan.width_factor, "grid": list(dec.grid),
+            "scores": {k.replace("_", "-"): {"val": v["val"]} for k, v in metrics.items() if k != "global" and v},
+            "history": {}}
 
 
 def global_unet(ctx: Context, args, plan: DensePlan, cfg, predictions: str) -> tuple[dict, list]:

@@ -12,12 +12,17 @@ Rank 0 writes, per image, the predicted class, its name and the K probabilities 
 with --format h5), atomically, and prints the accuracy when the input has labels. Bad input
 (a model of another image size or channel count, a missing or corrupt model, an image of the
 wrong size, an empty folder) is refused with one line and exit code 2, and nothing is written.
+
+A dense run (--task regress or segment) or a TwoLevelUNet.save file: the whole fields or masks
+of --data (an HDF5 file or a .npy/.npz array), written by rank 0 to the HDF5 file --out
+(/predictions), with the scores where the split holds targets (predict_fields).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import os
 import sys
@@ -25,6 +30,7 @@ import sys
 import numpy as np
 
 from .. import data, parallel, saved, stream
+from ..dense_estimator import FORMAT as DENSE_FORMAT, MODEL_FILE, MODELS as DENSE_MODELS
 from ..engine import PRECISIONS
 from ..rundir import atomic_write
 from .arguments import ArgumentParser, add_version, prog
@@ -50,11 +56,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="output file (written by rank 0, atomically)")
     p.add_argument("--format", choices=("csv", "h5"), default=None,
                    help="csv or h5 (default: from the --out suffix, else csv)")
-    p.add_argument("--model", dest="kind", default="cnn-dnn",
-                   choices=saved.MODELS,
-                   help="which model of the run classifies: the coarse DNN, the average or vote of the local "
-                        "CNNs, the coherent CNN-DNN (transfer learning if the run has it), the global CNN, "
-                        "the recomposed network of --mode width")
+    p.add_argument("--model", dest="kind", default=None,
+                   choices=saved.MODELS + DENSE_MODELS,
+                   help="which model of the run classifies: the coarse DNN (default), the average or vote of the "
+                        "local CNNs, the coherent CNN-DNN (transfer learning if the run has it), the global CNN, "
+                        "the recomposed network of --mode width; a dense run's (--task regress or segment): "
+                        "local-only, two-level, coherent-random, coherent-pretrained (default: the last the "
+                        "run trained)")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch size")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores on the node / ranks on the node)")
@@ -221,6 +229,67 @@ def agree_or_refuse(comm, step):
     return result
 
 
+def is_dense_model(path) -> bool:
+    """Is `path` (a run directory or a model file) a dense model (TwoLevelUNet's format)?"""
+    import torch
+    file = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not there, or another format: the classifier's load says why
+        return False
+    return isinstance(state, dict) and state.get("format") == DENSE_FORMAT
+
+
+def has_targets(path, split) -> bool:
+    import h5py
+    with h5py.File(path, "r") as f:
+        return split in f and "targets" in f[split]
+
+
+def predict_fields(comm, args, fmt) -> int:
+    """A dense model (--task regress or segment, or TwoLevelUNet.save): the fields or masks of
+    every image of --data, whole, written by rank 0 to an HDF5 file (/predictions), with the
+    scores printed where the file holds targets."""
+    import h5py
+
+    from ..dense_estimator import TwoLevelUNet
+    if fmt != "h5":
+        if args.out != "predictions.csv":
+            refuse(comm, (0, f"a dense model predicts fields or masks, written to HDF5: use --out FILE.h5, not "
+                             f"{args.out}"))
+        args.out = "predictions.h5"
+    net = agree_or_refuse(comm, lambda: TwoLevelUNet.load(args.model, comm=comm))
+    net._cfg = dataclasses.replace(net._cfg, eval_batch_size=args.batch_size)
+    fitted = [m for m in DENSE_MODELS if m in net._models]
+    model = args.kind or fitted[-1]
+    if model not in fitted:
+        refuse(comm, (0, f"{args.model} has no {model!r} model (it has: {', '.join(fitted)})"))
+    if args.data.endswith((".npy", ".npz")):
+        x = agree_or_refuse(comm, lambda: np.asarray(read_array(args.data, net.image_shape_)[0]))
+    elif os.path.isfile(args.data) and h5py.is_hdf5(args.data):
+        x = f"{args.data}:{args.split}"
+    else:
+        refuse(comm, (0, f"--data {args.data}: a dense model predicts from an mpidd HDF5 file or a .npy/.npz array"))
+    pred = agree_or_refuse(comm, lambda: net.predict(x, model))
+    scores = None
+    if isinstance(x, str) and agree_or_refuse(comm, lambda: has_targets(args.data, args.split)):
+        scores = net.score_predictions(pred, net._targets(x, None))
+    if comm.Get_rank() == 0:
+        def write_h5(f):
+            with h5py.File(f, "w") as h:
+                h["predictions"] = pred.astype(np.float32 if net.task == "regress" else np.uint8)
+                h.attrs["model"], h.attrs["task"] = model, net.task
+        atomic_write(args.out, write_h5)
+        line = f"mpidd.predict: {len(pred)} {'fields' if net.task == 'regress' else 'masks'}, model {model}, " \
+               f"{comm.Get_size()} ranks"
+        if scores is not None:
+            keys = ("mae", "rel_l2", "ssim") if net.task == "regress" else ("miou", "pixel_acc")
+            line += "; " + ", ".join(f"{k} {scores[k]:.5f}" for k in keys)
+        print(line, flush=True)
+        print(f"predictions: {args.out}", flush=True)
+    return 0
+
+
 def main(argv=None):
     comm = parallel.world()
     parallel.install_abort_on_error(comm)
@@ -237,6 +306,9 @@ def main(argv=None):
     fmt = args.format or ("h5" if args.out.endswith((".h5", ".hdf5")) else "csv")
     import torch
     torch.set_num_threads(args.threads or parallel.default_threads(comm))
+    if parallel.root_decides(comm, lambda: is_dense_model(args.model)):
+        return predict_fields(comm, args, fmt)
+    args.kind = args.kind or "cnn-dnn"
     from ..api import TwoLevelClassifier
 
     def load():

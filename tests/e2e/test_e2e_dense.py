@@ -118,6 +118,34 @@ def test_a_dense_run_reports_its_scores_and_draws_its_predictions(regress_runs, 
     assert "two-level (coarse exchange)" in table.stdout
 
 
+def test_a_dense_run_is_predicted_again_from_its_model_file(regress_runs, dense_files, tmp_path):
+    """RUN/model.pt: mpidd.predict (1 and 2 ranks) and TwoLevelUNet.load give the run's own test
+    predictions, model by model, and the scores of results.json."""
+    from mpi4py import MPI
+
+    import mpidd
+    out, _ = regress_runs[2]
+    with h5py.File(os.path.join(out, "predictions.h5")) as f:
+        written = {k: f["test"][k][...] for k in f["test"]}
+    for np_, model, key in ((2, None, "coherent_pretrained"), (1, "two-level", "two_level")):
+        path = str(tmp_path / f"p{np_}.h5")
+        proc = run([os.path.join(out), "--data", dense_files[0], "--out", path, *(["--model", model] if model else [])],
+                   np=np_, script=("-m", "mpidd.predict"))
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        with h5py.File(path) as f:
+            assert np.array_equal(f["predictions"][...], written[key]), key
+        mae = results(out)["metrics"][{"coherent_pretrained": "coherent (transfer learning)",
+                                       "two_level": "two-level (coarse exchange)"}[key]]["test"]["mae"]
+        assert f"mae {mae:.5f}" in proc.stdout, proc.stdout
+    net = mpidd.TwoLevelUNet.load(out, comm=MPI.COMM_SELF)
+    with h5py.File(dense_files[0]) as f:
+        x = f["test/images"][...]
+    assert np.array_equal(net.predict(x, "local-only"), written["local_only"])
+    assert sorted(net.scores_) == ["coherent-pretrained", "coherent-random", "local-only", "two-level"]
+    bad = run([out, "--data", dense_files[0], "--out", str(tmp_path / "p.csv")], np=1, script=("-m", "mpidd.predict"))
+    assert bad.returncode == 2 and "use --out FILE.h5" in bad.stderr
+
+
 def test_a_segmentation_run_scores_every_class(dense_files, tmp_path):
     out = str(tmp_path / "seg")
     proc = run(["--task", "segment", "--loss", "ce+dice", "--mode", "twolevel", "--data", dense_files[1],
