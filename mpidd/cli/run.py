@@ -1,6 +1,8 @@
 """What the command line gives its methods (methods.context's interfaces): stops agreed by every
 rank (SIGTERM/SIGUSR1, exit 75), the run directory's checkpoints and marker, per-rank logs and
-rank 0's progress lines; and Run, one rank's state in mpidd.train."""
+rank 0's progress lines; Run, one rank's state in mpidd.train; and what both kinds of run
+(classify, dense) do at their ends: start_segment (the run directory, config.json, the marker)
+and stop_here (an agreed stop: every rank saves, rank 0 records it)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field
 from .. import data, parallel, rundir
 from ..engine import Control, Preempted
 from ..methods.context import Checkpoints, Context, PhaseTimer, Progress, Stops, print_flushed
+from ..results import slurm_job, source_commit
 from ..stream import StreamStats
+from .arguments import NOT_RECORDED
 from .plan import Plan
 from .progress import RunProgress
 
@@ -225,8 +229,6 @@ def start_segment(comm, directory: RunDirectory, args, threads: int):
     """Collective: rank 0 makes the run directory, config.json and the marker (resuming: records
     a new segment in the marker); every rank then holds the marker as written and logs to
     RUN/logs/rank<r>.log."""
-    from ..results import slurm_job, source_commit
-    from .arguments import NOT_RECORDED
     if comm.Get_rank() == 0:
         segment = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "threads": threads,
                    "device": args.device, "slurm": slurm_job(), "source": source_commit()}
