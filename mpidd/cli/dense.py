@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import socket
@@ -37,6 +38,7 @@ from ..methods.context import Context, PhaseTimer
 from ..metrics import regression_scores, regression_sums, segmentation_scores, segmentation_sums, ssim
 from ..models import count_parameters
 from ..unet import CoarseCorrection, build_unet, matching_width_factor
+from .progress import RunProgress, dense_phases
 from .plan import UsageError, check_out, check_resume, resolve_auto_grid, resolve_normalization
 from .report import format_dense, write_run_report
 from .run import (EXIT_USAGE, AgreedStops, Run, RunDirectory, log, progress_to_log, refuse, start_segment,
@@ -226,8 +228,12 @@ def run_dense(comm, args, plan: DensePlan) -> int:
               f"{args.unet_width} and depth {args.unet_depth}: local width factor {plan.width_factor:g} "
               f"({plan.local_params:,} vs {plan.global_params:,} global parameters), coarse network "
               f"{plan.coarse_params:,}; loss {args.loss}; run directory {args.out}", flush=True)
+    # phase lines and the whole run's time left, in every progress line of this rank
+    run_progress = RunProgress(dense_phases(args, plan, mine, master_process), ctx.progress.sinks, started=started)
+    ctx.progress = dataclasses.replace(ctx.progress, suffix=run_progress.suffix)
     try:
-        metrics, rows, fitted = train_and_score(ctx, args, plan, subsets)
+        metrics, rows, fitted = train_and_score(ctx, args, plan, subsets, run_progress.start)
+        run_progress.finish()
         subsets = None
         stops.sync()  # other ranks sleep, not spin, while rank 0 trains the global U-Net
     except Preempted as e:
@@ -262,7 +268,8 @@ def run_dense(comm, args, plan: DensePlan) -> int:
     return 0
 
 
-def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple[dict, list, dict]:
+def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict, begin=lambda phase: None
+                    ) -> tuple[dict, list, dict]:
     """Every rank: the models of plan.models in turn, each trained (or, resuming, read back from
     its checkpoint) and scored, its test predictions written into RUN/predictions.h5. Returns
     (metrics: model key -> split -> scores, on rank 0; this rank's metrics.csv rows; the
@@ -284,6 +291,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
     models = coarse = None
     fitted = {}
     if "local_only" in plan.models:
+        begin("local")
         models, histories = dense.fit_local_unets(ctx, subsets, dec, C, out_channels, plan.width_factor, cfg)
         rows += [dict(r, model=f"local_{i}") for i, h in histories.items() for r in h]
         stops.sync()  # every rank has its local U-Nets (or every rank stops here)
@@ -292,6 +300,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
                                            for s in ("val", "test")})
         fitted["local-only"] = (models, None)
         parallel.sleepy_barrier(comm)  # so that "gather" times the exchange, not the slowest rank
+        begin("coarse")
         with ctx.timer("gather"):
             gathered = dense.gather_bottlenecks(ctx, models, subsets, N, batch_size=cfg.eval_batch_size)
         with ctx.timer("coarse"):
@@ -310,6 +319,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
         if name not in plan.models:
             continue
         stops.sync()
+        begin(name)
         local, net = dense.coherent_start(ctx, init, dec, C, out_channels, plan.width_factor, cfg, shape, models,
                                           coarse)
         with ctx.timer(name):
@@ -323,6 +333,7 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict) -> tuple
         fitted[f"coherent-{init}"] = (local, net)
     if "global" in plan.models:
         stops.sync()
+        begin("global")
         if master_process:
             metrics["global"], history = global_unet(ctx, args, plan, cfg, predictions)
             rows += [dict(r, model="global") for r in history]

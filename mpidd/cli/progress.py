@@ -1,5 +1,6 @@
 """A run's progress as a whole: a line as each phase starts ("phase 3 of 6: coarse DNN"), and an
-estimate of the whole run's time left, added to every progress line of a training loop. Every
+estimate of the whole run's time left, added to every progress line of a training loop (a
+classifier's phases: cli.phases; a dense run's: dense_phases). Every
 rank keeps its own (its log); rank 0's is printed. Plain lines only: a Slurm output file reads
 like a terminal.
 
@@ -263,4 +264,39 @@ def phases_of(run) -> list[PhaseWork]:
                  f"global CNN on rank 0 with {run.global_threads} thread{'s' if run.global_threads > 1 else ''}")
         phases.append(PhaseWork("global", title, flops if run.global_ranks is not None else 0.0, ranks > 1,
                                 run.global_threads / run.threads, model="global"))
+    return phases
+
+
+def dense_phases(args, plan, mine: list, master_process: bool) -> list[PhaseWork]:
+    """This rank's phases for RunProgress, with their training FLOPs (a U-Net's forward FLOPs x3
+    a training sample, x1 an evaluated one): the local U-Nets (each rank its own), the gather and
+    coarse network (every rank decodes its subdomains each step), each coherent model, the
+    global U-Net (rank 0 alone; the other ranks wait)."""
+    from ..options import dense_config
+    from ..unet import build_unet
+    info, dec, cfg = plan.info, plan.decomposition, dense_config(args)
+    C, out = info.channels, info.targets.channels
+    n = info.sizes
+    local = forward_flops(build_unet(C, out, dec.subimage_shape, cfg.unet, plan.width_factor),
+                          (C,) + dec.subimage_shape)
+    mine_flops = local * len(mine)
+    evaluated = n["val"] + n["test"]
+    titles = {"local": f"local U-Nets {mine} of {dec.num_subdomains}", "coarse": "gather and coarse network",
+              "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
+              "global": "global U-Net on rank 0"}
+    phases = []
+    if "local_only" in plan.models:
+        phases += [PhaseWork("local", titles["local"], training_flops(mine_flops, args.epochs, n["train"], n["val"],
+                                                                     evaluated), True, model="local"),
+                   PhaseWork("coarse", titles["coarse"], training_flops(mine_flops, args.coarse_epochs, n["train"],
+                                                                        n["val"], evaluated), True, model="coarse")]
+    for name in ("coherent_random", "coherent_pretrained"):
+        if name in plan.models:
+            phases.append(PhaseWork(name, titles[name], training_flops(mine_flops, args.coherent_epochs, n["train"],
+                                                                       n["val"], evaluated), True, model="coherent"))
+    if "global" in plan.models:
+        whole = forward_flops(build_unet(C, out, dec.shape, cfg.unet), (C,) + dec.shape) if master_process else 0
+        phases.append(PhaseWork("global", titles["global"],
+                                training_flops(whole, args.epochs, n["train"], n["val"], evaluated), False,
+                                model="global"))
     return phases

@@ -74,6 +74,8 @@ def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
         with h5py.File(os.path.join(out, "predictions.h5")) as f:
             preds[np_] = {k: f["test"][k][...] for k in keys}
         assert "two-level (coarse exchange)" in proc.stdout and "critical path" in proc.stdout
+        assert "phase 1 of 5: local U-Nets" in proc.stdout and "phase 5 of 5: global U-Net on rank 0" in proc.stdout
+        assert " left" in next(line for line in proc.stdout.splitlines() if line.startswith("coherent (random init)"))
     for k in preds[1]:
         assert np.array_equal(preds[1][k], preds[2][k]) and np.array_equal(preds[1][k], preds[4][k]), k
     for key, name in zip(keys, names):
