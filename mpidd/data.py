@@ -296,6 +296,16 @@ def load_targets(path: str, split: str, box_slices, block: int = 4096, rows: tup
                                num_classes=len(classes) if classes is not None else None)
 
 
+def load_dense_box(path: str, split: str, box_slices, block: int = 4096, targets: bool = True):
+    """A subdomain's images of one split (no labels) and, with `targets`, its target box, both
+    inside `box_slices`, checked; returns (images, targets or None, bytes_read)."""
+    x, _, nbytes = load_split(path, split, box_slices, block=block, labels=False)
+    if not targets:
+        return x, None, nbytes
+    t, more = load_targets(path, split, box_slices, block=block)
+    return x, t, nbytes + more
+
+
 def load_split_labels(path: str, split: str, rows: tuple[int, int] | None = None) -> np.ndarray:
     """One split's labels, samples `rows` = (lo, hi) only if given, as int64."""
     with h5py.File(path, "r") as f:

@@ -31,6 +31,7 @@ from . import data, options, parallel, rundir, saved
 from .engine import to_channels_last
 from .decomposition import Decomposition, DecompositionError, choose_grid, parse_grid, subdomains_of_rank
 from .estimator import CollectiveEstimator, agree_on_file
+from .inputs import hold_out
 from .methods import dense
 from .metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums, ssim
 from .sklearn_conventions import hyperparameters
@@ -102,11 +103,7 @@ class TwoLevelUNet(CollectiveEstimator):
         if isinstance(x, str):
             path, _, named = x.partition(":")
             split = named or split
-            boxes = {}
-            for i in mine:
-                images = data.load_split(path, split, dec.slices(i), labels=False)[0]
-                target = data.load_targets(path, split, dec.slices(i))[0] if t is not False else None
-                boxes[i] = (images, target)
+            boxes = {i: data.load_dense_box(path, split, dec.slices(i), targets=t is not False)[:2] for i in mine}
             return boxes, len(next(iter(boxes.values()))[0])
         x = np.asarray(x)
         boxes = {}
@@ -164,12 +161,11 @@ class TwoLevelUNet(CollectiveEstimator):
             dec = self.decomposition(image_shape)
             mine = subdomains_of_rank(self._comm.Get_rank(), self._comm.Get_size(), dec.num_subdomains)
             if isinstance(x, str) or x_val is not None:
-                train, n = self._read(x, t, "train", dec, mine)
+                train = self._read(x, t, "train", dec, mine)[0]
                 val = self._read(x if x_val is None else x_val, t_val, "val", dec, mine)[0]
             else:  # a seeded share of the training samples for validation
-                from .inputs import hold_out
                 xt, tt, xv, tv = hold_out(np.asarray(x), np.asarray(t), len(x), self.validation_fraction, self.seed)
-                train, n = self._read(xt, tt, "train", dec, mine)
+                train = self._read(xt, tt, "train", dec, mine)[0]
                 val = self._read(xv, tv, "val", dec, mine)[0]
             subsets = {i: {"train": train[i], "val": val[i]} for i in mine}
             return image_shape, out, dec, mine, subsets
@@ -214,7 +210,6 @@ class TwoLevelUNet(CollectiveEstimator):
         all_histories = self._allgathered(histories)
         self.history_ = {**{f"local_{i}": all_histories[i] for i in sorted(all_histories)},
                          "coarse": self._from_root(coarse_history)}
-        self._subsets = None
         return self
 
     def fit_coherent(self, x, t=None, x_val=None, t_val=None, *, init="pretrained"):
@@ -248,7 +243,7 @@ class TwoLevelUNet(CollectiveEstimator):
         if model not in self._models:
             fitted = ", ".join(self._models) or "none (call fit first)"
             raise ValueError(f"model {model!r} is not fitted ({', '.join(MODELS)}): fitted are {fitted}")
-        ctx, dec, cfg = self._ctx, self._dec, self._cfg
+        ctx, dec, cfg = self._ctx, self._dec, self.config()  # (eval_batch_size as set now)
         boxes, n = self._agreed(lambda: self._read(x, False, "test", dec, ctx.mine))
         subsets = {i: {"x": (images, None)} for i, (images, _) in boxes.items()}
         models, coarse = self._models[model]
@@ -273,7 +268,11 @@ class TwoLevelUNet(CollectiveEstimator):
         out = self._outputs(x, model)
         return out if self.task == "regress" else out.argmax(1)
 
-    def _targets(self, x, t) -> np.ndarray:
+    def available_models(self) -> list:
+        """The fitted models, in MODELS' order."""
+        return [m for m in MODELS if m in self._models]
+
+    def read_targets(self, x, t=None) -> np.ndarray:
         """t, or a data file's targets of the split x names (test by default)."""
         if not isinstance(x, str):
             return np.asarray(t)
@@ -284,7 +283,7 @@ class TwoLevelUNet(CollectiveEstimator):
         """Collective: regress: mae, mse, rel_l2, ssim (data range: the targets' max - min);
         segment: per-class iou and dice, miou, mean_dice, pixel_acc. t: the targets of x (a data
         file's are read when x is one)."""
-        return self.score_predictions(self.predict(x, model), self._targets(x, t))
+        return self.score_predictions(self.predict(x, model), self.read_targets(x, t))
 
     def score_predictions(self, pred, t) -> dict:
         """The scores of predictions `pred` (predict's) against targets t (not collective)."""
@@ -297,7 +296,7 @@ class TwoLevelUNet(CollectiveEstimator):
     def score(self, x, t=None, model="two-level") -> float:
         """Collective; higher is better (scikit-learn's rule): regress: R^2 = 1 - MSE / the
         targets' variance; segment: mean IoU."""
-        t = self._targets(x, t)
+        t = self.read_targets(x, t)
         s = self.score_predictions(self.predict(x, model), t)
         return s["miou"] if self.task == "segment" else 1.0 - s["mse"] / float(np.var(t))
 

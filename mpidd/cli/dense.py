@@ -122,10 +122,9 @@ def read_boxes(args, info, dec, mine) -> tuple[dict, int]:
     for i in mine:
         subsets[i] = {}
         for s in data.SPLITS:
-            x, y, n1 = data.load_split(args.data, s, dec.slices(i), block=args.read_block, labels=False)
-            t, n2 = data.load_targets(args.data, s, dec.slices(i), block=args.read_block)
+            x, t, n = data.load_dense_box(args.data, s, dec.slices(i), block=args.read_block)
             subsets[i][s] = (x, t)
-            nbytes += n1 + n2
+            nbytes += n
     return subsets, nbytes
 
 

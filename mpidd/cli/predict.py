@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import os
 import sys
@@ -259,8 +258,8 @@ def predict_fields(comm, args, fmt) -> int:
                              f"{args.out}"))
         args.out = "predictions.h5"
     net = agree_or_refuse(comm, lambda: TwoLevelUNet.load(args.model, comm=comm))
-    net._cfg = dataclasses.replace(net._cfg, eval_batch_size=args.batch_size)
-    fitted = [m for m in DENSE_MODELS if m in net._models]
+    net.eval_batch_size = args.batch_size
+    fitted = net.available_models()
     model = args.kind or fitted[-1]
     if model not in fitted:
         refuse(comm, (0, f"{args.model} has no {model!r} model (it has: {', '.join(fitted)})"))
@@ -271,10 +270,9 @@ def predict_fields(comm, args, fmt) -> int:
     else:
         refuse(comm, (0, f"--data {args.data}: a dense model predicts from an mpidd HDF5 file or a .npy/.npz array"))
     pred = agree_or_refuse(comm, lambda: net.predict(x, model))
-    scores = None
-    if isinstance(x, str) and agree_or_refuse(comm, lambda: has_targets(args.data, args.split)):
-        scores = net.score_predictions(pred, net._targets(x, None))
-    if comm.Get_rank() == 0:
+    if comm.Get_rank() == 0:  # (the scores are rank 0's to print: only it reads the targets)
+        scores = net.score_predictions(pred, net.read_targets(x)) \
+            if isinstance(x, str) and has_targets(args.data, args.split) else None
         def write_h5(f):
             with h5py.File(f, "w") as h:
                 h["predictions"] = pred.astype(np.float32 if net.task == "regress" else np.uint8)
