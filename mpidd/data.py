@@ -296,13 +296,14 @@ def load_targets(path: str, split: str, box_slices, block: int = 4096, rows: tup
                                num_classes=len(classes) if classes is not None else None)
 
 
-def load_dense_box(path: str, split: str, box_slices, block: int = 4096, targets: bool = True):
-    """A subdomain's images of one split (no labels) and, with `targets`, its target box, both
-    inside `box_slices`, checked; returns (images, targets or None, bytes_read)."""
+def load_dense_box(path: str, split: str, box_slices, tile_slices=None, block: int = 4096, targets: bool = True):
+    """A subdomain's images of one split (no labels) inside `box_slices` and, with `targets`,
+    its targets inside `tile_slices` (default: the same box), checked; returns (images, targets
+    or None, bytes_read)."""
     x, _, nbytes = load_split(path, split, box_slices, block=block, labels=False)
     if not targets:
         return x, None, nbytes
-    t, more = load_targets(path, split, box_slices, block=block)
+    t, more = load_targets(path, split, box_slices if tile_slices is None else tile_slices, block=block)
     return x, t, nbytes + more
 
 

@@ -95,6 +95,26 @@ class Decomposition:
     def boxes(self) -> list[tuple[tuple[int, int], ...]]:
         return [self.box(i) for i in range(self.num_subdomains)]
 
+    # A subdomain's tile is its box without the overlap (the box of overlap 0): the pixels it
+    # predicts in a dense task, while its network sees the whole box. Where the grid divides
+    # the image, the tiles partition it.
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        return tuple(_box_length(L, A, 0) for L, A in zip(self.shape, self.grid))
+
+    def tile(self, index: int) -> tuple[tuple[int, int], ...]:
+        """Half-open pixel ranges of subdomain `index`'s tile."""
+        return tuple(_box_range(L, A, a, 0) for L, A, a in zip(self.shape, self.grid, self.coords(index)))
+
+    def tile_slices(self, index: int) -> tuple[slice, ...]:
+        return tuple(slice(lo, hi) for lo, hi in self.tile(index))
+
+    def crop(self, index: int) -> tuple[slice, ...]:
+        """Where subdomain `index`'s tile lies inside its box (slices of the box's axes; border
+        boxes are shifted inwards, so the offset differs from subdomain to subdomain)."""
+        return tuple(slice(t0 - b0, t1 - b0) for (b0, _), (t0, t1) in zip(self.box(index), self.tile(index)))
+
 
 def _box_length(length: int, parts: int, delta: int) -> int:
     return length if parts == 1 else math.ceil(length / parts) + 2 * delta

@@ -16,8 +16,9 @@ only its subdomains' boxes), or the path of an mpidd data file with targets (fit
 split, and its val split unless x_val is given; predict and scores: its test split;
 "FILE.h5:val" names another), of which each rank reads only its boxes. Targets t: regress,
 float fields (n, C_out, *spatial); segment, integer masks (n, *spatial) of classes
-0..num_classes-1 (default: the largest class in t and t_val, plus one). The subdomains tile
-the image (no overlap), P <= N ranks, float32 on the CPU.
+0..num_classes-1 (default: the largest class in t and t_val, plus one). The grid divides the
+image into equal tiles; with overlap each subdomain's U-Net sees its tile widened by `overlap`
+pixels of its neighbours' (a halo) and predicts its tile. P <= N ranks, float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class TwoLevelUNet(CollectiveEstimator):
     def _torch_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def __init__(self, task="regress", grid="auto", *, loss=None, unet_width=16, unet_depth=2, batchnorm=True,
-                 width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9,
+    def __init__(self, task="regress", grid="auto", *, overlap=0, loss=None, unet_width=16, unet_depth=2,
+                 batchnorm=True, width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9,
                  weight_decay=0.0, schedule="cosine", eval_batch_size=256, coarse_channels=32, coarse_layers=3,
                  coarse_epochs=5, coarse_lr=3e-3, coarse_weight_decay=1e-4, coarse_batch_size=128, coherent_epochs=2,
                  coherent_lr=2e-3, transfer_lr=5e-4, seed=0, validation_fraction=0.1, num_classes=None,
@@ -84,26 +85,28 @@ class TwoLevelUNet(CollectiveEstimator):
         return options.dense_config(self)
 
     def decomposition(self, image_shape) -> Decomposition:
-        """Boxes that tile images of shape (C, H, W) or (C, D, H, W); grid "auto": from comm's size."""
+        """Boxes (tiles widened by the overlap) of images of shape (C, H, W) or (C, D, H, W); grid
+        "auto": from comm's size."""
         try:
             spatial = tuple(image_shape)[1:]
             grid = choose_grid(self._comm.Get_size(), spatial)[0] if self.grid == "auto" else parse_grid(self.grid)
-            dec = Decomposition(spatial, grid, 0)
+            dec = Decomposition(spatial, grid, self.overlap)
             subdomains_of_rank(0, self._comm.Get_size(), dec.num_subdomains)
         except DecompositionError as e:
             raise ValueError(str(e)) from None
-        if any(g * s != n for g, s, n in zip(dec.grid, dec.subimage_shape, dec.shape)):
-            raise ValueError(f"grid {self.grid} does not divide images of {spatial} into equal boxes")
+        if any(g * s != n for g, s, n in zip(dec.grid, dec.tile_shape, dec.shape)):
+            raise ValueError(f"grid {self.grid} does not divide images of {spatial} into equal tiles")
         return dec
 
     # --- inputs ----------------------------------------------------------------------------------
 
     def _read(self, x, t, split, dec, mine) -> tuple:
-        """({subdomain: (subimages, target boxes or None)}, n) of this rank, from arrays or a data file."""
+        """({subdomain: (subimages, target tiles or None)}, n) of this rank, from arrays or a data file."""
         if isinstance(x, str):
             path, _, named = x.partition(":")
             split = named or split
-            boxes = {i: data.load_dense_box(path, split, dec.slices(i), targets=t is not False)[:2] for i in mine}
+            boxes = {i: data.load_dense_box(path, split, dec.slices(i), dec.tile_slices(i), targets=t is not False)[:2]
+                     for i in mine}
             return boxes, len(next(iter(boxes.values()))[0])
         x = np.asarray(x)
         boxes = {}
@@ -112,7 +115,7 @@ class TwoLevelUNet(CollectiveEstimator):
             images = np.ascontiguousarray(x[(slice(None), slice(None)) + box])
             if images.dtype != np.uint8 and not np.isfinite(images).all():
                 raise ValueError(f"images hold NaN or inf values in subdomain {i}")
-            boxes[i] = (images, None if t is None or t is False else self._target_box(t, box, i))
+            boxes[i] = (images, None if t is None or t is False else self._target_box(t, dec.tile_slices(i), i))
         return boxes, len(x)
 
     def _target_box(self, t, box, i):
@@ -259,7 +262,7 @@ class TwoLevelUNet(CollectiveEstimator):
         whole = np.zeros((n, self._out) + dec.shape, np.float32)
         for part in parallel.allgather(ctx.comm, {i: o.numpy() for i, o in mine.items()}):
             for i, o in part.items():
-                whole[(slice(None), slice(None)) + dec.slices(i)] = o
+                whole[(slice(None), slice(None)) + dec.tile_slices(i)] = o
         return whole
 
     def predict(self, x, model="two-level") -> np.ndarray:
@@ -350,7 +353,7 @@ class TwoLevelUNet(CollectiveEstimator):
         for name, part in state["models"].items():
             models = {}
             for i in mine:
-                models[i] = build_unet(image_shape[0], out, dec.subimage_shape, net._cfg.unet, net.width_factor_)
+                models[i] = dense.local_unet(image_shape[0], out, dec, i, net._cfg.unet, net.width_factor_)
                 models[i].load_state_dict(part["local"][i])
                 # the saved weights' memory layout (channels-last where they trained so) picks the
                 # convolution kernels: the same layout computes the same numbers

@@ -349,7 +349,8 @@ def _grid_lines(ax, results: dict):
     dec = results.get("decomposition") or {}
     if not dec.get("grid"):
         return
-    grid, sub = [int(g) for g in dec["grid"].split("x")][-2:], dec["subimage_shape"][-2:]
+    # the tiles (a dense run's boxes without their overlap; runs before tiles were recorded had none)
+    grid, sub = [int(g) for g in dec["grid"].split("x")][-2:], dec.get("tile_shape", dec["subimage_shape"])[-2:]
     for k in range(1, grid[0]):
         ax.axhline(k * sub[0] - 0.5, color="white", lw=0.8, ls="--")
     for k in range(1, grid[1]):

@@ -10,7 +10,8 @@ Every level is `convs_per_level` x (conv3x3 + BatchNorm + ReLU) with width * 2**
 at least 2 (a level that cannot pool keeps the size: small subimages lose depth, not shape), and
 the decoder upsamples with a stride-2 transposed convolution, so the output has the input's
 spatial shape exactly. The head is a 1x1 convolution to `out_channels` (class scores for masks,
-values for fields).
+values for fields). With `crop` (slices of the spatial axes) the output is cut to that part of
+the input: a subdomain's network sees its box with the overlap and predicts its tile.
 
 The bottleneck is where the subdomains meet in the two-level and coherent methods: `encode`
 returns it, `decode(bottleneck, skips, correction)` adds a correction of the bottleneck's shape
@@ -53,8 +54,9 @@ class UNet(nn.Module):
     (2 or 3 axes); see the module docstring."""
 
     def __init__(self, in_channels: int, out_channels: int, input_shape, cfg: UNetConfig,
-                 width_factor: float = 1.0):
+                 width_factor: float = 1.0, crop=None):
         super().__init__()
+        self.crop = None if crop is None else (slice(None), slice(None), *crop)
         ndim = len(input_shape)
         if ndim not in (2, 3):
             raise ValueError(f"a U-Net needs 2 or 3 spatial axes, not {ndim}")
@@ -98,14 +100,14 @@ class UNet(nn.Module):
         x = bottleneck if correction is None else bottleneck + correction
         for lvl in reversed(range(len(self.decoders))):
             x = self.decoders[lvl](torch.cat([self.ups[lvl](x), skips[lvl]], 1))
-        return self.head(x)
+        return self.head(x) if self.crop is None else self.head(x)[self.crop]
 
     def forward(self, x, correction=None):
         return self.decode(*self.encode(x), correction)
 
 
-def build_unet(in_channels, out_channels, input_shape, cfg: UNetConfig, width_factor=1.0) -> UNet:
-    return UNet(in_channels, out_channels, tuple(input_shape), cfg, width_factor)
+def build_unet(in_channels, out_channels, input_shape, cfg: UNetConfig, width_factor=1.0, crop=None) -> UNet:
+    return UNet(in_channels, out_channels, tuple(input_shape), cfg, width_factor, crop)
 
 
 def matching_width_factor(in_channels, out_channels, image_shape, subimage_shape, num_subdomains,

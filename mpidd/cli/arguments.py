@@ -78,7 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "subdomain per rank where P factors into a grid of subimages at most twice as long as "
                         "wide (16 -> 4x4, 8 -> 2x4, 8 -> 2x2x2 on volumes), else the smallest square grid with "
                         "at least P subdomains (5 -> 3x3; 1 -> 2x2), printed first and stored in config.json")
-    g.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring subimages in pixels")
+    g.add_argument("--overlap", type=int, default=0,
+                   help="overlap of neighbouring subimages in pixels (--task segment | regress: a halo the local "
+                        "U-Nets see around the tile they predict)")
     g.add_argument("--read-block", type=int, default=4096, help="samples per HDF5 hyperslab read")
     g.add_argument("--data-access", choices=ACCESS_MODES, default="auto",
                    help="memory: each rank reads its share of the data (its subimage boxes of every split) "

@@ -81,17 +81,15 @@ def plan_dense(args, comm) -> DensePlan:
         if bad:
             raise UsageError(f"--task {args.task} reads each rank's boxes into memory and trains in float32 on the "
                              f"CPU: drop {flag}")
-    if args.overlap:
-        raise UsageError(f"--task {args.task} needs subdomains that tile the image: use --overlap 0")
     try:
         if args.grid == "auto":
             resolve_auto_grid(args, size, info.spatial_shape)
-        dec = Decomposition(info.spatial_shape, parse_grid(args.grid), 0)
+        dec = Decomposition(info.spatial_shape, parse_grid(args.grid), args.overlap)
         if args.mode != "global":
             subdomains_of_rank(0, size, dec.num_subdomains)  # DecompositionError when P > N
     except DecompositionError as e:
         raise UsageError(str(e)) from None
-    if any(g * s != n for g, s, n in zip(dec.grid, dec.subimage_shape, dec.shape)):
+    if any(g * s != n for g, s, n in zip(dec.grid, dec.tile_shape, dec.shape)):
         raise UsageError(f"--task {args.task}: grid {format_grid(dec.grid)} does not divide images of "
                          f"{format_grid(dec.shape)} into equal boxes: choose a grid that divides every axis")
     check_out(args.out)
@@ -117,12 +115,12 @@ def plan_dense(args, comm) -> DensePlan:
 
 
 def read_boxes(args, info, dec, mine) -> tuple[dict, int]:
-    """{subdomain: {split: (subimages, target boxes)}} of this rank, and the bytes read."""
+    """{subdomain: {split: (subimages, target tiles)}} of this rank, and the bytes read."""
     subsets, nbytes = {}, 0
     for i in mine:
         subsets[i] = {}
         for s in data.SPLITS:
-            x, t, n = data.load_dense_box(args.data, s, dec.slices(i), block=args.read_block)
+            x, t, n = data.load_dense_box(args.data, s, dec.slices(i), dec.tile_slices(i), block=args.read_block)
             subsets[i][s] = (x, t)
             nbytes += n
     return subsets, nbytes
@@ -144,7 +142,7 @@ def agreed(comm, load):
 
 
 def write_predictions(comm, path, outputs: dict, dec, task: str, name: str, n: int, shape):
-    """Every rank writes its subdomains' boxes of the test predictions into /test/<name> of
+    """Every rank writes its subdomains' tiles of the test predictions into /test/<name> of
     `path`, in rank order (no parallel HDF5 needed): fields (n, C_out, ...) float32, or masks
     (n, ...) of class indices."""
     rank = comm.Get_rank()
@@ -158,7 +156,7 @@ def write_predictions(comm, path, outputs: dict, dec, task: str, name: str, n: i
             continue
         with h5py.File(path, "a") as f:
             for i, out in outputs.items():
-                box = dec.slices(i)
+                box = dec.tile_slices(i)
                 if task == "regress":
                     f["test"][name][(slice(None), slice(None)) + box] = out.numpy()
                 else:
@@ -223,7 +221,8 @@ def run_dense(comm, args, plan: DensePlan) -> int:
             print(f"mpidd: resuming {args.out} (stopped {len(directory.marker.get('stops', []))} time(s) before): "
                   f"finished trainings are read from their checkpoints", flush=True)
         print(f"mpidd: {size} ranks x {threads} threads, --task {args.task}, mode {args.mode}, grid "
-              f"{format_grid(dec.grid)}, subimages {format_grid(dec.subimage_shape)}; U-Nets of width "
+              f"{format_grid(dec.grid)}, subimages {format_grid(dec.subimage_shape)} (overlap {dec.overlap}) "
+              f"predicting tiles {format_grid(dec.tile_shape)}; U-Nets of width "
               f"{args.unet_width} and depth {args.unet_depth}: local width factor {plan.width_factor:g} "
               f"({plan.local_params:,} vs {plan.global_params:,} global parameters), coarse network "
               f"{plan.coarse_params:,}; loss {args.loss}; run directory {args.out}", flush=True)
@@ -399,7 +398,8 @@ def dense_results(args, plan: DensePlan, metrics, stats, size, threads, wall_s) 
             "data": os.path.abspath(args.data), "sizes": plan.info.sizes, "world_size": size,
             "threads_per_rank": threads, "targets": {"kind": plan.info.targets.kind, "shape": plan.info.targets.shape,
                                                      "classes": plan.info.targets.classes},
-            "decomposition": {"grid": format_grid(dec.grid), "overlap": 0, "subimage_shape": dec.subimage_shape,
+            "decomposition": {"grid": format_grid(dec.grid), "overlap": dec.overlap,
+                              "subimage_shape": dec.subimage_shape, "tile_shape": dec.tile_shape,
                               "rank_of_subdomain": [i % size for i in range(dec.num_subdomains)]},
             "width_factor": plan.width_factor,
             "parameters": {"local": plan.local_params, "global": plan.global_params, "coarse": plan.coarse_params},

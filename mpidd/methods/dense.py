@@ -15,8 +15,9 @@ exchange of their bottlenecks, the global U-Net; top to bottom as the data flow:
                  added in subdomain order: the scores of the stitched fields, the same numbers
                  at every rank count
 
-Input: `subsets[i][split]` = (subimages (n, C, *box), target boxes) of subdomain i, boxes
-without overlap (the targets a subdomain predicts). Ranks own subdomains in turn (P <= N).
+Input: `subsets[i][split]` = (subimages (n, C, *box), target tiles) of subdomain i: the box
+with its overlap (what its U-Net sees), the tile without (what it predicts: Decomposition.tile;
+the local U-Nets crop their outputs to it). Ranks own subdomains in turn (P <= N).
 Every function is collective over ctx.comm where it says so.
 """
 
@@ -51,10 +52,16 @@ class DenseConfig:
     eval_batch_size: int = 64
 
 
+def local_unet(in_channels, out_channels, dec, i: int, unet: UNetConfig, width_factor):
+    """Subdomain i's U-Net: on its box, predicting its tile (torch's current seed)."""
+    return build_unet(in_channels, out_channels, dec.subimage_shape, unet, width_factor,
+                      crop=dec.crop(i) if dec.overlap else None)
+
+
 def initial_local_unet(ctx: Context, i: int, in_channels, out_channels, dec, cfg: DenseConfig, width_factor):
     """Subdomain i's local U-Net as training starts it: from seed_for(seed, "local", i)."""
     torch.manual_seed(seed_for(cfg.seed, "local", i))
-    return build_unet(in_channels, out_channels, dec.subimage_shape, cfg.unet, width_factor).to(ctx.device)
+    return local_unet(in_channels, out_channels, dec, i, cfg.unet, width_factor).to(ctx.device)
 
 
 def fit_local_unets(ctx: Context, subsets: dict, dec, in_channels: int, out_channels: int, width_factor: float,
@@ -131,7 +138,7 @@ class CoarseStep:
                 m.requires_grad_(False)
 
     def outputs(self, xs: dict, split: str, idx):
-        """{subdomain: outputs (B, C_out, *box)} of this rank's subdomains on samples idx."""
+        """{subdomain: outputs (B, C_out, *tile)} of this rank's subdomains on samples idx."""
         root = self.exchange.is_root
         order = sorted(self.models)
         frozen = contextlib.nullcontext() if self.coherent else torch.no_grad()
@@ -190,7 +197,7 @@ def coherent_start(ctx: Context, init: str, dec, in_channels, out_channels, widt
     models = {}
     for i in sorted(trained if trained is not None else ctx.mine):
         torch.manual_seed(seed_for(cfg.seed, "coherent_local", i))
-        models[i] = build_unet(in_channels, out_channels, dec.subimage_shape, cfg.unet, width_factor).to(ctx.device)
+        models[i] = local_unet(in_channels, out_channels, dec, i, cfg.unet, width_factor).to(ctx.device)
     if not ctx.master_process:
         return models, None
     torch.manual_seed(seed_for(cfg.seed, "coherent_dnn"))
@@ -211,7 +218,7 @@ def train_exchanged(ctx: Context, step_of: CoarseStep, subsets: dict, cfg: Dense
                     seed: int, name: str, control: Control | None):
     """The epoch loop of a model whose steps go through the exchange (two-level or coherent),
     on every rank. The loss is the mean over the N subdomains of each one's dense loss (every
-    box holds as many pixels), the score likewise; every rank steps what it owns (its local
+    tile holds as many pixels), the score likewise; every rank steps what it owns (its local
     U-Nets if they train, rank 0 the coarse network)."""
     N, models, coarse = step_of.N, step_of.models, step_of.coarse
     loss_fn = dense_loss(cfg.task, cfg.loss)
@@ -243,7 +250,7 @@ def train_exchanged(ctx: Context, step_of: CoarseStep, subsets: dict, cfg: Dense
 
 @torch.no_grad()
 def exchanged_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, split: str, cfg: DenseConfig) -> dict:
-    """Collective: {subdomain: outputs (n, C_out, *box) float32} of this rank's subdomains with
+    """Collective: {subdomain: outputs (n, C_out, *tile) float32} of this rank's subdomains with
     the coarse corrections (two-level or coherent), every network in eval mode."""
     nets = [*step_of.models.values(), *([step_of.coarse] if step_of.coarse is not None else [])]
     modes = [m.training for m in nets]
@@ -262,7 +269,7 @@ def exchanged_predictions(ctx: Context, step_of: CoarseStep, subsets: dict, spli
 
 
 def local_predictions(models: dict, subsets: dict, split: str, cfg: DenseConfig) -> dict:
-    """{subdomain: outputs (n, C_out, *box)} of this rank's local U-Nets alone (local only)."""
+    """{subdomain: outputs (n, C_out, *tile)} of this rank's local U-Nets alone (local only)."""
     return {i: predict_dense(models[i], subsets[i][split][0], cfg.eval_batch_size) for i in sorted(models)}
 
 

@@ -170,6 +170,27 @@ def test_a_segmentation_run_scores_every_class(dense_files, tmp_path):
     assert dense_predictions(out, r, "test/two_level", "two-level", str(tmp_path / "masks.png")) is not None
 
 
+def test_a_dense_run_with_overlap_sees_a_halo_and_predicts_its_tiles(dense_files, tmp_path):
+    """--overlap 2: each local U-Net reads its 8x8 tile with 2 pixels of its neighbours' (12x12
+    boxes, shifted inwards at the border) and predicts its tile; mpidd.predict on one rank
+    rebuilds the same models from RUN/model.pt and predicts the run's fields again."""
+    out = str(tmp_path / "halo")
+    proc = run(["--task", "regress", "--mode", "twolevel", "--overlap", "2", "--data", dense_files[0], "--grid", "2x2",
+                "--out", out, *FAST], np=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    d = results(out)["decomposition"]
+    assert (d["overlap"], d["subimage_shape"], d["tile_shape"]) == (2, [12, 12], [8, 8])
+    assert "subimages 12x12 (overlap 2) predicting tiles 8x8" in proc.stdout
+    with h5py.File(os.path.join(out, "predictions.h5")) as f:
+        written = {k: f["test"][k][...] for k in f["test"]}
+    assert written["two_level"].shape == (32, 1, 16, 16)
+    path = str(tmp_path / "again.h5")
+    again = run([out, "--data", dense_files[0], "--out", path], np=1, script=("-m", "mpidd.predict"))
+    assert again.returncode == 0, again.stderr + again.stdout
+    with h5py.File(path) as f:
+        assert np.array_equal(f["predictions"][...], written["two_level"])
+
+
 @pytest.mark.parametrize("phase,rank,polls,sig", [("local", 1, 5, "USR1"), ("coarse", 1, 3, "TERM"),
                                                   ("coherent_dense", 0, 4, "USR1"), ("global", 0, 4, "TERM")])
 def test_a_stopped_dense_run_resumes_to_the_uninterrupted_results(phase, rank, polls, sig, regress_runs, dense_files,
@@ -266,7 +287,8 @@ def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
                  "mask 7 holds class 9, outside 0..2"),
         "kind": (["--task", "segment", "--data", regress], 1, "--task segment needs masks"),
         "ranks": (["--task", "regress", "--data", regress, "--grid", "1x2"], 3, "3 ranks but only 2 subdomains"),
-        "overlap": (["--task", "regress", "--data", regress, "--overlap", "1"], 1, "use --overlap 0"),
+        "overlap": (["--task", "regress", "--data", regress, "--overlap", "5"], 1,
+                    "overlap 5 too large for grid 2x2 on images 16x16: at most 4 along axis 0"),
         "mode": (["--task", "regress", "--data", regress, "--mode", "width"], 1,
                  "trains --mode twolevel, coherent, global or compare, without --from and --dry-run: "
                  "drop --mode width"),

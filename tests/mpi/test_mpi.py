@@ -905,17 +905,18 @@ def _dense_api_problem(task):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("task", ["regress", "segment"])
-def test_dense_estimator_on_a_communicator_equals_one_process(comm, task, tmp_path_factory):
+@pytest.mark.parametrize("task,overlap", [("regress", 0), ("segment", 0), ("regress", 1)])
+def test_dense_estimator_on_a_communicator_equals_one_process(comm, task, overlap, tmp_path_factory):
     """TwoLevelUNet on `comm` predicts, bit for bit, what the same fit in one process (COMM_SELF)
-    predicts, for every model; arrays and a data file (each rank reads its boxes) agree."""
+    predicts, for every model; arrays and a data file (each rank reads its boxes) agree; with an
+    overlap too (each U-Net sees a halo of its neighbours' pixels and predicts its tile)."""
     import mpidd
     from mpi4py import MPI
     if comm.size > 4:
         pytest.skip("more ranks than subdomains")
     x, t = _dense_api_problem(task)
     opts = dict(task=task, grid="2x2", epochs=1, batch_size=16, unet_width=4, unet_depth=1, coarse_channels=8,
-                coarse_epochs=2, coarse_batch_size=16, coherent_epochs=1, threads=1, seed=2)
+                coarse_epochs=2, coarse_batch_size=16, coherent_epochs=1, threads=1, seed=2, overlap=overlap)
     nets = {}
     for name, c in (("comm", comm), ("alone", MPI.COMM_SELF)):
         net = mpidd.TwoLevelUNet(**opts, comm=c).fit(x[:40], t[:40], x[40:50], t[40:50])

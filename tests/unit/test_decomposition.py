@@ -48,6 +48,26 @@ def test_overlap_extends_interior_boxes():
     assert dec.box(3) == ((10, 28), (10, 28))
 
 
+@pytest.mark.parametrize("shape,grid,overlap", [((16, 16), (2, 2), 3), ((64, 64), (4, 4), 8),
+                                                ((8, 12, 16), (2, 1, 4), 2)])
+def test_tiles_partition_the_image_and_sit_inside_their_boxes(shape, grid, overlap):
+    """A dense subdomain predicts its tile (the box of overlap 0) from its box: the tiles cover
+    every pixel once, and crop(i) cuts the tile out of the box, border boxes shifted inwards."""
+    import numpy as np
+    dec, tiles = Decomposition(shape, grid, overlap), Decomposition(shape, grid, 0)
+    image = np.arange(np.prod(shape)).reshape(shape)
+    count = np.zeros(shape, int)
+    for i in range(dec.num_subdomains):
+        assert dec.tile(i) == tiles.box(i) and dec.tile_slices(i) == tiles.slices(i)
+        count[dec.tile_slices(i)] += 1
+        assert np.array_equal(image[dec.slices(i)][dec.crop(i)], image[dec.tile_slices(i)])
+        assert image[dec.tile_slices(i)].shape == dec.tile_shape == tiles.subimage_shape
+    assert (count == 1).all()
+    if shape == (64, 64):  # 16-pixel tiles in 32-pixel boxes: the first box starts at the border
+        assert dec.crop(0) == (slice(0, 16), slice(0, 16)) and dec.crop(5) == (slice(8, 24), slice(8, 24))
+        assert dec.crop(15) == (slice(16, 32), slice(16, 32))
+
+
 def test_axis_with_one_part_gets_no_overlap():
     dec = Decomposition((28, 28), (1, 4), 1)
     assert dec.subimage_shape == (28, 9)

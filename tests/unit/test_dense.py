@@ -161,6 +161,17 @@ def test_the_coarse_map_puts_each_bottleneck_at_its_grid_position(grid, shape):
     assert torch.equal(net(flat), torch.zeros_like(flat))  # zero at the start: the local-only model
 
 
+def test_a_cropped_unet_predicts_its_tile_of_the_box():
+    """With crop, the output is the uncropped output's tile: the halo is seen, not predicted."""
+    torch.manual_seed(0)
+    full = build_unet(2, 3, (12, 12), UNetConfig(width=4, depth=2))
+    cropped = build_unet(2, 3, (12, 12), UNetConfig(width=4, depth=2), crop=(slice(2, 10), slice(4, 12)))
+    cropped.load_state_dict(full.state_dict())
+    x = torch.rand(5, 2, 12, 12)
+    full.eval(), cropped.eval()
+    assert cropped(x).shape == (5, 3, 8, 8) and torch.equal(cropped(x), full(x)[:, :, 2:10, 4:12])
+
+
 # ---- the estimator (one process) ------------------------------------------------------------------
 TINY = dict(grid="2x2", epochs=1, batch_size=16, unet_width=4, unet_depth=1, coarse_channels=8, coarse_epochs=1,
             coarse_batch_size=16, coherent_epochs=1, threads=1)
@@ -186,6 +197,47 @@ def test_the_dense_estimator_fits_predicts_and_follows_scikit_learn():
     assert twin.get_params()["unet_width"] == 4 and not hasattr(twin, "scores_")
     net.fit_coherent(x[:64], field[:64], init="random")
     assert "coherent-random" in net.scores_ and not np.array_equal(net.predict(x[64:], "coherent-random"), pred)
+
+
+def spread(n, seed):
+    """Sparse sources (n, 1, 16, 16) and the fields a 9x9 box blur makes of them: reaching 4
+    pixels into the neighbouring 8x8 tiles."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 1, 16, 16, generator=g) > 0.9).float() * torch.rand(n, 1, 16, 16, generator=g)
+    u = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (4, 4, 4, 4)), 9, 1) * 9
+    return x.numpy(), u.numpy()
+
+
+def test_the_dense_estimator_sees_a_halo_and_predicts_its_tiles():
+    """overlap=2: each local U-Net sees its tile with 2 pixels of its neighbours' and predicts
+    its tile (stitched at the tile's place); on fields that reach across the tiles the halo
+    lowers the local-only error (measured 0.112 -> 0.078 on an AMD EPYC)."""
+    from mpi4py import MPI
+
+    import mpidd
+    x, u = spread(160, 0)
+    test_x, test_u = spread(64, 1)
+    opts = dict(TINY, epochs=15, lr=1e-2, coarse_epochs=1)
+    mae, nets = {}, {}
+    for overlap in (0, 2):
+        nets[overlap] = mpidd.TwoLevelUNet(task="regress", overlap=overlap, comm=MPI.COMM_SELF, **opts).fit(
+            x[:128], u[:128], x[128:], u[128:])
+        mae[overlap] = nets[overlap].scores(test_x, test_u, "local-only")["mae"]
+    assert mae[2] < 0.85 * mae[0], mae
+    net, dec = nets[2], nets[2].decomposition((1, 16, 16))
+    assert dec.subimage_shape == (12, 12) and dec.tile_shape == (8, 8)
+    pred = net.predict(test_x, "local-only")
+    local = net._models["local-only"][0]  # {subdomain: U-Net}: each one's own output, by hand
+    with torch.no_grad():
+        for i, model in local.items():
+            box = torch.as_tensor(test_x[(slice(None), slice(None)) + dec.slices(i)])
+            full = build_unet(1, 1, (12, 12), net.config().unet, net.width_factor_)
+            full.load_state_dict(model.state_dict())
+            want = full.eval()(box)[(slice(None), slice(None)) + dec.crop(i)]
+            assert np.allclose(pred[(slice(None), slice(None)) + dec.tile_slices(i)], want.numpy(), atol=1e-6), i
+    with pytest.raises(ValueError, match="overlap 3 too large"):
+        mpidd.TwoLevelUNet(task="regress", overlap=3, comm=MPI.COMM_SELF, **TINY).fit(x[:64, :, :8, :8],
+                                                                                     u[:64, :, :8, :8])
 
 
 def test_the_dense_estimator_refuses_bad_input_in_one_line():
