@@ -70,7 +70,7 @@ class TwoLevelUNet(CollectiveEstimator):
     def __init__(self, task="regress", grid="auto", *, overlap=0, loss=None, unet_width=16, unet_depth=2,
                  batchnorm=True, width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9,
                  weight_decay=0.0, schedule="cosine", eval_batch_size=256, coarse_channels=32, coarse_layers=3,
-                 coarse_epochs=5, coarse_lr=3e-3, coarse_weight_decay=1e-4, coarse_batch_size=128, coherent_epochs=2,
+                 coarse_epochs=5, coarse_lr=3e-3, coarse_weight_decay=0.0, coarse_batch_size=128, coherent_epochs=2,
                  coherent_lr=2e-3, transfer_lr=5e-4, seed=0, validation_fraction=0.1, num_classes=None,
                  normalization=None, comm=None, device=None, threads=None, verbose=False):
         for k, v in locals().items():  # as given (scikit-learn's rule)

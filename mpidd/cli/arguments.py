@@ -18,7 +18,7 @@ from ..data import TASKS
 from ..engine import PRECISIONS
 from ..metrics import REGRESSION_LOSSES, SEGMENTATION_LOSSES
 from ..models import ARCHITECTURES
-from ..options import DENSE_LOSSES
+from ..options import COARSE_WEIGHT_DECAY, DENSE_LOSSES
 from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
 DEMO_DATA = "data/fashion_mnist.h5"
@@ -178,7 +178,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="optimizer steps, at least: small training sets get more epochs (2,000 images at "
                         "batch 128: 125 epochs); 0: --coarse-epochs alone")
     g.add_argument("--coarse-lr", type=float, default=3e-3, help="peak learning rate (Adam, cosine)")
-    g.add_argument("--coarse-weight-decay", type=float, default=1e-4, help="Adam's L2 weight decay")
+    g.add_argument("--coarse-weight-decay", type=float, default=None,
+                   help="Adam's L2 weight decay (default 1e-4; 0 with --task segment | regress, whose small "
+                        "field losses it would outweigh)")
     g.add_argument("--coarse-batch-size", type=int, default=128, help="mini-batch size")
     g = p.add_argument_group("coherent CNN-DNN (model parallel)")
     g.add_argument("--init", choices=("random", "pretrained"), default="pretrained",
@@ -358,6 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("lr", "coarse_lr", "coherent_lr", "transfer_lr"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.coarse_weight_decay is None:
+        args.coarse_weight_decay = COARSE_WEIGHT_DECAY[args.task]
     for name in ("dropout", "coarse_dropout", "weight_decay", "coarse_weight_decay", "momentum"):
         if not 0 <= getattr(args, name) < 1 + (name.endswith("weight_decay")) * 1e9:
             raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(args, name)}")

@@ -229,3 +229,17 @@ def test_options_reads_only_declared_names():
     assert wide.names - set(options.OPTIONAL) <= set(mpidd.WidthClassifier.HYPERPARAMETERS)
     keywords = mpidd.TwoLevelClassifier.HYPERPARAMETERS + mpidd.WidthClassifier.HYPERPARAMETERS
     assert not set(options.OPTIONAL) & set(keywords)
+
+
+def test_the_coarse_weight_decay_defaults_to_the_tasks():
+    """1e-4 for the classifiers' coarse DNN, 0 for the dense coarse network (whose tiny field
+    losses Adam's L2 term would outweigh); a value given is kept, in dense_config too."""
+    from mpidd import options
+    assert parse_args(["--data", "f.h5"]).coarse_weight_decay == 1e-4
+    for task in ("regress", "segment"):
+        args = parse_args(["--data", "f.h5", "--task", task])
+        assert args.coarse_weight_decay == 0.0 and options.dense_config(args).coarse.weight_decay == 0.0
+    args = parse_args(["--data", "f.h5", "--task", "regress", "--coarse-weight-decay", "1e-3"])
+    assert options.dense_config(args).coarse.weight_decay == 1e-3
+    import mpidd
+    assert mpidd.TwoLevelUNet().coarse_weight_decay == 0.0 and mpidd.TwoLevelClassifier().coarse_weight_decay == 1e-4
