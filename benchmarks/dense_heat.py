@@ -10,7 +10,9 @@ temperatures u of the screened heat equation, heat travelling about 1/S grid spa
 once per (--dim, --size, sizes, S) under --out. Each grid is one `mpirun -n NP python -m
 mpidd.train --task regress --mode compare` run with NP = min(--np, N) ranks (a rank trains N/NP
 local U-Nets in turn; the critical path counts the slowest rank's subdomains as one rank per
-subdomain would: results.json's per-subdomain CPU seconds), launched by jobs/local.sh (MPIEXEC,
+subdomain would: results.json's per-subdomain CPU seconds; the coherent phases' are a rank's,
+so with NP < N an upper bound: --np 16 runs 4x4 one subdomain a rank, oversubscribed on a small
+machine, where each rank's CPU seconds still count its own work), launched by jobs/local.sh (MPIEXEC,
 PYTHON, MPIEXEC_PREFLAGS as there; the solver likewise). One thread per rank. The runs stay
 under --out/GRID. Printed per grid, one row per model (local U-Nets alone, two-level, coherent
 from random weights and with transfer learning, global U-Net): test MAE, relative L2 error and
