@@ -103,6 +103,11 @@ class Decomposition:
     def tile_shape(self) -> tuple[int, ...]:
         return tuple(_box_length(L, A, 0) for L, A in zip(self.shape, self.grid))
 
+    @property
+    def tiles_are_equal(self) -> bool:
+        """Whether the grid divides every axis, so that the tiles are equal and partition the image."""
+        return all(g * t == n for g, t, n in zip(self.grid, self.tile_shape, self.shape))
+
     def tile(self, index: int) -> tuple[tuple[int, int], ...]:
         """Half-open pixel ranges of subdomain `index`'s tile."""
         return tuple(_box_range(L, A, a, 0) for L, A, a in zip(self.shape, self.grid, self.coords(index)))

@@ -94,7 +94,7 @@ class TwoLevelUNet(CollectiveEstimator):
             subdomains_of_rank(0, self._comm.Get_size(), dec.num_subdomains)
         except DecompositionError as e:
             raise ValueError(str(e)) from None
-        if any(g * s != n for g, s, n in zip(dec.grid, dec.tile_shape, dec.shape)):
+        if not dec.tiles_are_equal:
             raise ValueError(f"grid {self.grid} does not divide images of {spatial} into equal tiles")
         return dec
 
@@ -118,14 +118,14 @@ class TwoLevelUNet(CollectiveEstimator):
             boxes[i] = (images, None if t is None or t is False else self._target_box(t, dec.tile_slices(i), i))
         return boxes, len(x)
 
-    def _target_box(self, t, box, i):
+    def _target_box(self, t, tile, i):
         t = np.asarray(t)
         if self.task == "regress":
-            part = np.ascontiguousarray(t[(slice(None), slice(None)) + box], dtype=np.float32)
+            part = np.ascontiguousarray(t[(slice(None), slice(None)) + tile], dtype=np.float32)
             if not np.isfinite(part).all():
                 raise ValueError(f"targets hold NaN or inf values in subdomain {i}")
             return part
-        part = np.ascontiguousarray(t[(slice(None),) + box])
+        part = np.ascontiguousarray(t[(slice(None),) + tile])
         if not np.issubdtype(part.dtype, np.integer):
             raise ValueError(f"task segment needs integer masks (n, *spatial), got {part.dtype}")
         if part.size and (part.min() < 0 or part.max() >= self.num_classes_):

@@ -89,9 +89,9 @@ def plan_dense(args, comm) -> DensePlan:
             subdomains_of_rank(0, size, dec.num_subdomains)  # DecompositionError when P > N
     except DecompositionError as e:
         raise UsageError(str(e)) from None
-    if any(g * s != n for g, s, n in zip(dec.grid, dec.tile_shape, dec.shape)):
+    if not dec.tiles_are_equal:
         raise UsageError(f"--task {args.task}: grid {format_grid(dec.grid)} does not divide images of "
-                         f"{format_grid(dec.shape)} into equal boxes: choose a grid that divides every axis")
+                         f"{format_grid(dec.shape)} into equal tiles: choose a grid that divides every axis")
     check_out(args.out)
     if os.path.exists(args.out) and not args.overwrite and args.resume is None:
         raise UsageError(f"output directory {args.out} exists: choose another --out, pass --overwrite, or "
