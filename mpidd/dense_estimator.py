@@ -52,7 +52,8 @@ class TwoLevelUNet(CollectiveEstimator):
     of ranks P <= N.
 
     Every keyword is the command line's option of the same name (mpidd.train --help), with the
-    same default; `loss` None is the task's default (mse, ce). API-only: `validation_fraction`
+    same default; `loss` and `transfer_lr` None are the task's defaults (mse and 2e-3 for regress, ce
+    and 5e-4 for segment). API-only: `validation_fraction`
     (held out of the training samples when fit gets no x_val), `num_classes` (segment),
     `comm` (None: the process's shared duplicate of MPI_COMM_WORLD), `device` (None or "cpu":
     the networks run on the CPU), `threads` (None: torch's setting is left alone) and `verbose`
@@ -71,7 +72,7 @@ class TwoLevelUNet(CollectiveEstimator):
                  batchnorm=True, width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9,
                  weight_decay=0.0, schedule="cosine", eval_batch_size=256, coarse_channels=32, coarse_layers=3,
                  coarse_epochs=5, coarse_lr=3e-3, coarse_weight_decay=0.0, coarse_batch_size=128, coherent_epochs=2,
-                 coherent_lr=2e-3, transfer_lr=5e-4, seed=0, validation_fraction=0.1, num_classes=None,
+                 coherent_lr=2e-3, transfer_lr=None, seed=0, validation_fraction=0.1, num_classes=None,
                  normalization=None, comm=None, device=None, threads=None, verbose=False):
         for k, v in locals().items():  # as given (scikit-learn's rule)
             if k in self.HYPERPARAMETERS:

@@ -18,7 +18,7 @@ from ..data import TASKS
 from ..engine import PRECISIONS
 from ..metrics import REGRESSION_LOSSES, SEGMENTATION_LOSSES
 from ..models import ARCHITECTURES
-from ..options import COARSE_WEIGHT_DECAY, DENSE_LOSSES
+from ..options import COARSE_WEIGHT_DECAY, DENSE_LOSSES, TRANSFER_LR
 from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
 DEMO_DATA = "data/fashion_mnist.h5"
@@ -196,9 +196,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the paper) or logits")
     g.add_argument("--coherent-epochs", type=int, default=2, help="epochs of coherent training")
     g.add_argument("--coherent-lr", type=float, default=2e-3, help="peak learning rate from random init")
-    g.add_argument("--transfer-lr", type=float, default=5e-4,
+    g.add_argument("--transfer-lr", type=float, default=None,
                    help="peak learning rate from pre-trained weights (--init pretrained, and the "
-                        "recomposed network of --mode width)")
+                        "recomposed network of --mode width) (default 5e-4; 2e-3 with --task regress)")
     g = p.add_argument_group("width decomposition (--mode width; Gu, Zhang, Liu & Cai 2022)")
     g.add_argument("--subnets", type=int, default=4,
                    help="M: sub-networks of width --width/M and the same depth, one per rank (P < M: "
@@ -357,6 +357,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--coarse-hidden must be comma-separated integers, got {args.coarse_hidden!r}") from None
     if any(h < 1 for h in args.coarse_hidden):
         raise ConfigError(f"--coarse-hidden widths must be >= 1, got {args.coarse_hidden}")
+    if args.transfer_lr is None:
+        args.transfer_lr = TRANSFER_LR[args.task]
     for name in ("lr", "coarse_lr", "coherent_lr", "transfer_lr"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")

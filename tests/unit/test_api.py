@@ -56,7 +56,7 @@ def test_every_keyword_has_the_command_lines_default():
 
     import mpidd
     from mpidd.cli.arguments import get_args_parser, hidden_sizes
-    from mpidd.options import COARSE_WEIGHT_DECAY
+    from mpidd.options import COARSE_WEIGHT_DECAY, TRANSFER_LR
     from mpidd.sklearn_conventions import RUNTIME
     cli = vars(get_args_parser().parse_args([]))
     for estimator, least in ((mpidd.TwoLevelClassifier, 30), (mpidd.WidthClassifier, 20)):
@@ -65,8 +65,8 @@ def test_every_keyword_has_the_command_lines_default():
         assert len(shared) >= least
         for k in shared:
             expected = hidden_sizes(cli[k]) if k in ("coarse_hidden", "dense_layers") else cli[k]
-            if k == "coarse_weight_decay":  # the command line's is the task's (classify here)
-                expected = COARSE_WEIGHT_DECAY["classify"]
+            if k in ("coarse_weight_decay", "transfer_lr"):  # the command line's is the task's (classify here)
+                expected = {"coarse_weight_decay": COARSE_WEIGHT_DECAY, "transfer_lr": TRANSFER_LR}[k]["classify"]
             assert params[k].default == expected, (estimator, k)
         # the hyperparameters are the signature's keywords (in order: get_params, the model file) but RUNTIME's
         assert estimator.HYPERPARAMETERS == tuple(k for k in params if k not in RUNTIME)
