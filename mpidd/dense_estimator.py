@@ -52,8 +52,8 @@ class TwoLevelUNet(CollectiveEstimator):
     of ranks P <= N.
 
     Every keyword is the command line's option of the same name (mpidd.train --help), with the
-    same default; `loss` and `transfer_lr` None are the task's defaults (mse and 2e-3 for regress,
-    ce and 5e-4 for segment). API-only: `validation_fraction` (held out of the training samples
+    same default; `loss` None is the task's default (mse, ce), `transfer_lr` None 2e-3 (the
+    command line's for dense tasks). API-only: `validation_fraction` (held out of the training samples
     when fit gets no x_val), `num_classes` (segment), `comm` (None: the process's shared duplicate
     of MPI_COMM_WORLD), `device` (None or "cpu": the networks run on the CPU), `threads` (None:
     torch's setting is left alone) and `verbose` (rank 0 prints progress).

@@ -198,7 +198,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--coherent-lr", type=float, default=2e-3, help="peak learning rate from random init")
     g.add_argument("--transfer-lr", type=float, default=None,
                    help="peak learning rate from pre-trained weights (--init pretrained, and the "
-                        "recomposed network of --mode width) (default 5e-4; 2e-3 with --task regress)")
+                        "recomposed network of --mode width) (default 5e-4; 2e-3 with --task segment | regress)")
     g = p.add_argument_group("width decomposition (--mode width; Gu, Zhang, Liu & Cai 2022)")
     g.add_argument("--subnets", type=int, default=4,
                    help="M: sub-networks of width --width/M and the same depth, one per rank (P < M: "

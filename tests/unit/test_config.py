@@ -246,18 +246,19 @@ def test_the_coarse_weight_decay_defaults_to_the_tasks():
 
 
 def test_the_transfer_lr_defaults_to_the_tasks():
-    """5e-4 for the classifiers and segment, 2e-3 for regress (the dense coherent model from the
+    """5e-4 for the classifiers, 2e-3 for segment and regress (the dense coherent model from the
     two-level one learns faster at it); the same in the API; a value given is kept."""
     from mpidd import options
     assert parse_args(["--data", "f.h5"]).transfer_lr == 5e-4
-    for task, lr in (("regress", 2e-3), ("segment", 5e-4)):
+    for task, lr in (("regress", 2e-3), ("segment", 2e-3)):
         args = parse_args(["--data", "f.h5", "--task", task])
         assert args.transfer_lr == lr and options.dense_coherent_options(args, "pretrained").lr == lr
         assert options.dense_coherent_options(args, "random").lr == args.coherent_lr
     args = parse_args(["--data", "f.h5", "--task", "regress", "--transfer-lr", "1e-4"])
     assert options.dense_coherent_options(args, "pretrained").lr == 1e-4
+    assert options.dense_coherent_options(args, "random").lr == args.coherent_lr == 2e-3
     import mpidd
-    for task, lr in (("regress", 2e-3), ("segment", 5e-4)):
+    for task, lr in (("regress", 2e-3), ("segment", 2e-3)):
         assert options.dense_coherent_options(mpidd.TwoLevelUNet(task=task), "pretrained").lr == lr
     assert options.dense_coherent_options(mpidd.TwoLevelUNet(transfer_lr=3e-3), "pretrained").lr == 3e-3
     assert mpidd.TwoLevelClassifier().transfer_lr == 5e-4
