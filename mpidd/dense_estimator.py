@@ -52,11 +52,11 @@ class TwoLevelUNet(CollectiveEstimator):
     of ranks P <= N.
 
     Every keyword is the command line's option of the same name (mpidd.train --help), with the
-    same default; `loss` None is the task's default (mse, ce), `transfer_lr` None 2e-3 (the
-    command line's for dense tasks). API-only: `validation_fraction` (held out of the training samples
-    when fit gets no x_val), `num_classes` (segment), `comm` (None: the process's shared duplicate
-    of MPI_COMM_WORLD), `device` (None or "cpu": the networks run on the CPU), `threads` (None:
-    torch's setting is left alone) and `verbose` (rank 0 prints progress).
+    same default for dense tasks; `loss` None is the task's default (mse, ce). API-only:
+    `validation_fraction` (held out of the training samples when fit gets no x_val),
+    `num_classes` (segment), `comm` (None: the process's shared duplicate of MPI_COMM_WORLD),
+    `device` (None or "cpu": the networks run on the CPU), `threads` (None: torch's setting is
+    left alone) and `verbose` (rank 0 prints progress).
 
     After fit, on every rank: n_subdomains_, image_shape_, out_channels_ (regress) or
     num_classes_ (segment), width_factor_, scores_ ({model: {"val": scores}}), history_."""
@@ -71,7 +71,7 @@ class TwoLevelUNet(CollectiveEstimator):
                  batchnorm=True, width_factor=None, epochs=3, batch_size=128, lr=2e-3, optimizer="adam", momentum=0.9,
                  weight_decay=0.0, schedule="cosine", eval_batch_size=256, coarse_channels=32, coarse_layers=3,
                  coarse_epochs=5, coarse_lr=3e-3, coarse_weight_decay=0.0, coarse_batch_size=128, coherent_epochs=2,
-                 coherent_lr=2e-3, transfer_lr=None, seed=0, validation_fraction=0.1, num_classes=None,
+                 coherent_lr=2e-3, transfer_lr=2e-3, seed=0, validation_fraction=0.1, num_classes=None,
                  normalization=None, comm=None, device=None, threads=None, verbose=False):
         for k, v in locals().items():  # as given (scikit-learn's rule)
             if k in self.HYPERPARAMETERS:

@@ -136,7 +136,6 @@ def dense_config(o) -> DenseConfig:
 
 def dense_coherent_options(o, init) -> TrainOptions:
     """A dense coherent model's: the local U-Nets' options for coherent_epochs, at coherent_lr
-    (init "random") or transfer_lr (from the two-level model; None: the task's)."""
-    transfer = TRANSFER_LR[o.task] if o.transfer_lr is None else o.transfer_lr
+    (init "random") or transfer_lr (from the two-level model)."""
     return dataclasses.replace(local_options(o), epochs=o.coherent_epochs,
-                               lr=o.coherent_lr if init == "random" else transfer)
+                               lr=o.coherent_lr if init == "random" else o.transfer_lr)
