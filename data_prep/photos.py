@@ -39,12 +39,20 @@ def photographs() -> dict:
     return photos
 
 
-def patches(photo, band, count, size, rng):
-    """`count` size x size patches at random positions inside the band (fractions of the width)."""
+def band_columns(photo, band, size):
+    """(first, end) columns of the band (fractions of the width); refused where a patch of
+    `size` does not fit it."""
     h, w, _ = photo.shape
     lo, hi = int(band[0] * w), int(band[1] * w)
     if hi - lo < size or h < size:
         raise ConvertError(f"--size {size} does not fit a band {hi - lo} pixels wide of a {h}x{w} photo")
+    return lo, hi
+
+
+def patches(photo, band, count, size, rng):
+    """`count` size x size patches at random positions inside the band (fractions of the width)."""
+    h = photo.shape[0]
+    lo, hi = band_columns(photo, band, size)
     top = rng.integers(0, h - size + 1, count)
     left = rng.integers(lo, hi - size + 1, count)
     return np.stack([photo[t:t + size, x:x + size].transpose(2, 0, 1) for t, x in zip(top, left)])
@@ -63,6 +71,9 @@ def convert(args) -> dict:
     if min(counts.values()) < 1 or args.size < 4:
         raise ConvertError("--train, --val and --test must be >= 1 and --size >= 4")
     photos = photographs()
+    for photo in photos.values():  # before anything is written
+        for band in BANDS.values():
+            band_columns(photo, band, args.size)
     rng = np.random.default_rng(args.seed)
     sizes = {s: n * len(photos) for s, n in counts.items()}
     with DatasetWriter(args.out, (3, args.size, args.size), "uint8", sizes, list(photos), tile=args.tile,
