@@ -61,7 +61,8 @@ def test_insitu_heat_online_trains_while_the_solver_runs_and_continues_from_its_
     training draws saves its checkpoint after every call; started again with 1,500 it continues
     after the 1,000 samples it had seen (nothing solved twice) and ends with 1,500 seen. A run of
     1,500 straight through prints the online and offline test accuracies, close at this size
-    (CNN-DNN 0.708 online against 0.738 offline when written)."""
+    (CNN-DNN 0.708 online against 0.738 offline on an AMD EPYC, 0.700 against 0.757 on an Intel
+    Xeon with AMX: the numbers move with the CPU model, hence the 0.08)."""
     checkpoint = str(tmp_path / "online.pt")
     first = run(["--tiny", "--online", "--train", "1000", "--checkpoint", checkpoint, "--no-offline-check"], np=4,
                 timeout=180, script=(HEAT,))
@@ -80,7 +81,7 @@ def test_insitu_heat_online_trains_while_the_solver_runs_and_continues_from_its_
     scores = {m: (float(a), float(b)) for m, a, b in
               re.findall(r"^(cnn-dnn|average|vote)\s+([\d.]+)\s+([\d.]+)$", straight.stdout, re.M)}
     assert set(scores) == {"cnn-dnn", "average", "vote"}
-    assert scores["cnn-dnn"][0] > 0.4 and abs(scores["cnn-dnn"][0] - scores["cnn-dnn"][1]) <= 0.05
+    assert scores["cnn-dnn"][0] > 0.4 and abs(scores["cnn-dnn"][0] - scores["cnn-dnn"][1]) <= 0.08
     assert re.search(r"partial_fit [\d.]+ s for 3 calls \([\d.]+ s per solver step", straight.stdout)
 
 
