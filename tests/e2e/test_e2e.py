@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -227,7 +228,7 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny, case, np_, message
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "mpidd.train: error:" in errors[0], proc.stderr
-    assert any(__import__("re").search(message, e) for e in errors), proc.stderr
+    assert any(re.search(message, e) for e in errors), proc.stderr
     assert "epoch" not in proc.stdout
     if case not in ("exists", "below_a_file"):
         assert not out.exists()  # refused before the run directory is made
@@ -549,11 +550,11 @@ FAST = ["--epochs", "1", "--coarse-epochs", "1", "--coarse-steps", "0", "--coher
         "--hidden", "16", "--batch-size", "64", "--threads", "1"]
 
 
-@pytest.mark.parametrize("np_,grid", [(1, "2x2"), (2, "1x2"), (3, "2x2"), (4, "2x2"), (5, "3x3"), (6, "2x3"),
-                                      (8, "2x4"), (9, "3x3"), (16, "4x4")])
+@pytest.mark.parametrize("np_,grid", [(1, "2x2"), (2, "1x2"), (3, "2x2"), (4, "2x2")])
 def test_grid_auto_follows_the_rank_count(tiny, tmp_path, np_, grid):
     """No --grid: the default --mode compare runs to the end at every rank count, on a grid chosen
-    from it (one subdomain per rank where it factors, else several per rank), said first."""
+    from it (one subdomain per rank where it factors, else several per rank), said first. (Larger
+    rank counts: the dry runs below, and decomposition.choose_grid's unit test up to 16.)"""
     out = str(tmp_path / "auto")
     proc = run(["--data", tiny, "--out", out, *FAST], np=np_)
     assert proc.returncode == 0, proc.stderr
@@ -564,18 +565,30 @@ def test_grid_auto_follows_the_rank_count(tiny, tmp_path, np_, grid):
                                                      "coherent_pretrained", "global"]
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["grid"] == grid and config["grid_choice"].startswith(f"grid auto: {grid}")
-    if np_ == 5:  # the run's config.json reproduces it, grid included, as an explicit choice
+    if np_ == 3:  # the run's config.json reproduces it, grid included, as an explicit choice
         again = str(tmp_path / "again")
         proc = run(["--config", os.path.join(out, "config.json"), "--data", tiny, "--out", again], np=np_)
         assert proc.returncode == 0, proc.stderr
         assert "grid auto" not in proc.stdout and results(again)["accuracy"] == r["accuracy"]
 
 
+@pytest.mark.parametrize("np_,grid,rank_0", [(5, "3x3", "0,5"), (6, "2x3", "0")])
+def test_grid_auto_beyond_four_ranks_in_a_dry_run(tiny, tmp_path, np_, grid, rank_0):
+    """--dry-run at 5 ranks (9 subdomains, up to 2 per rank) and 6 (2x3, one each): the grid
+    that rank count gets and each rank's subdomains, without training (routine tests train on
+    at most 4 ranks)."""
+    proc = run(["--data", tiny, "--out", str(tmp_path / "auto"), "--dry-run", *FAST], np=np_)
+    assert proc.returncode == 0, proc.stderr
+    assert f"mode compare: grid {grid} (grid auto: {grid} for {np_} ranks" in proc.stdout, proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert [r[0] for r in rows] == [str(r) for r in range(np_)] and rows[0][2] == rank_0, proc.stdout
+    assert not (tmp_path / "auto").exists()
+
+
 def test_report_with_figures_of_two_runs(two_rank_run, width_run, tiny, tmp_path):
     """python -m mpidd.report RUN RUN RUN --out DIR (2x2, 4x4 and a width run): report.md's tables
     hold results.json's numbers, every figure it links is a PNG with content, and the heat maps
     and across-runs plots draw results.json's numbers."""
-    import re
     from PIL import Image
     from mpidd import figures as drawn
     four = str(tmp_path / "grid4x4")
