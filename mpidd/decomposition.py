@@ -121,6 +121,14 @@ class Decomposition:
         return tuple(slice(t0 - b0, t1 - b0) for (b0, _), (t0, t1) in zip(self.box(index), self.tile(index)))
 
 
+def grid_neighbour(grid, index: int, axis: int, step: int) -> int | None:
+    """The subdomain `step` (+1 or -1) cells from subdomain `index` along `axis` of `grid` (C
+    order, as Decomposition.coords), or None where the grid ends."""
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    coord = index // strides[axis] % grid[axis] + step
+    return index + step * strides[axis] if 0 <= coord < grid[axis] else None
+
+
 def _box_length(length: int, parts: int, delta: int) -> int:
     return length if parts == 1 else math.ceil(length / parts) + 2 * delta
 

@@ -5,6 +5,8 @@
     exchange     ModelParallelExchange and its autograd operators GatherToRoot (coherent CNN-DNN)
                  and ScatterFromRoot (dense two-level coarse corrections)
     groups       DataParallelGroup and its autograd operator AllSum (P = G*N ranks)
+    halo         HaloExchange and its autograd operator HaloPad: neighbours' boundary layers
+                 around each subdomain's feature map (convolutions across the tiles' faces)
     stop         StopAgreement: SIGTERM/SIGUSR1 on any rank stops every rank (exit 75)
     launch       what only the command lines install or choose: the abort hook, devices,
                  threads, the Slurm task check
@@ -20,6 +22,7 @@ from .collectives import (agree, allgather, broadcast_from_root, gather_probabil
                           sleepy_barrier, sleepy_wait)
 from .exchange import GatherToRoot, ModelParallelExchange, ScatterFromRoot
 from .groups import AllSum, DataParallelGroup, cached_group, free_groups
+from .halo import HaloExchange, HaloPad
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
                      library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, node_leaders,
                      oversubscribed,
@@ -54,7 +57,7 @@ __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", 
            "sleepy_barrier", "sleepy_wait",
            "GatherToRoot", "ModelParallelExchange", "ScatterFromRoot", "AllSum", "DataParallelGroup", "cached_group",
            "free_groups",
-           "StartupError",
+           "HaloExchange", "HaloPad", "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "node_leaders",
            "oversubscribed",

@@ -472,6 +472,78 @@ def test_group_sum_is_adjoint_to_its_backward(comm):
     group.comm.Free()
 
 
+def _tiles(whole, grid, mine, width=0):
+    """(S, B, C, *tile) of the subdomains `mine` of `whole` (B, C, *shape) zero-padded by `width`:
+    each tile's box grown by width on every side."""
+    from mpidd.decomposition import Decomposition
+    dec = Decomposition(whole.shape[2:], grid, 0)
+    padded = np.pad(whole, [(0, 0), (0, 0)] + [(width, width)] * len(grid))
+    return np.stack([padded[(slice(None), slice(None), *(slice(a, b + 2 * width) for a, b in dec.tile(i)))]
+                     for i in mine])
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("grid,shape,width", [((2, 3), (8, 9), 1), ((2, 3), (8, 9), 2), ((2, 2, 2), (4, 6, 4), 1)])
+def test_halo_exchange_pads_each_tile_with_its_neighbours_and_is_adjoint(comm, grid, shape, width):
+    """F: each subdomain's tile -> the tile grown by `width` layers of its neighbours' values
+    (zeros where the image ends), what cutting the zero-padded whole image gives; its backward
+    must be F*: sum over ranks <F x, y> = sum over ranks <x, F* y>."""
+    import torch
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.parallel import HaloExchange
+    N = int(np.prod(grid))
+    mine = subdomains_of_rank(comm.rank, comm.size, N)
+    whole = np.random.default_rng(3).standard_normal((2, 3, *shape)).astype(np.float32)
+    halo = HaloExchange(comm, grid, mine, width)
+    x = torch.tensor(_tiles(whole, grid, mine), requires_grad=True)
+    fx = halo(x)
+    assert torch.equal(fx.detach(), torch.from_numpy(_tiles(whole, grid, mine, width)))
+    y = torch.randn(fx.shape, generator=torch.Generator().manual_seed(10 + comm.rank))
+    torch.autograd.backward(fx, y)
+    lhs = comm.allreduce(float((fx.detach().double() * y.double()).sum()))
+    rhs = comm.allreduce(float((x.detach().double() * x.grad.double()).sum()))
+    assert lhs == pytest.approx(rhs, rel=1e-6) and abs(lhs) > 1e-3
+    assert (halo.bytes > 0) == (len(mine) < N)  # messages only to other ranks' subdomains
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("grid,shape", [((2, 2), (8, 10)), ((2, 2, 2), (6, 4, 8))])
+def test_convolutions_across_the_halo_equal_one_process_and_their_gradients(comm, grid, shape):
+    """Two 3x3 convolutions (ReLU between), each after a halo exchange of one layer and with no
+    padding, on the ranks' tiles: the outputs and the input's gradient of the same convolutions
+    with zero padding on the whole image in one process, cut to the tiles; the weights'
+    gradients summed over the ranks equal its."""
+    import torch
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.parallel import HaloExchange
+    torch.set_num_threads(1)
+    conv = torch.nn.Conv2d if len(grid) == 2 else torch.nn.Conv3d
+    torch.manual_seed(0)
+    whole_net = torch.nn.Sequential(conv(2, 4, 3, padding=1), torch.nn.ReLU(), conv(4, 3, 3, padding=1)).double()
+    mine = subdomains_of_rank(comm.rank, comm.size, int(np.prod(grid)))
+    whole = torch.tensor(np.random.default_rng(4).standard_normal((3, 2, *shape)), requires_grad=True)
+    out = whole_net(whole)
+    out.square().sum().backward()
+    halo = HaloExchange(comm, grid, mine, 1)
+    layers = [conv(2, 4, 3), conv(4, 3, 3)]
+    for layer, reference in zip(layers, (whole_net[0], whole_net[2])):
+        layer.double().load_state_dict(reference.state_dict())
+
+    def tiled(x, layer):  # (S, B, C, *tile) -> (S, B, C', *tile)
+        padded = halo(x)
+        return layer(padded.flatten(0, 1)).unflatten(0, padded.shape[:2])
+
+    x = torch.tensor(_tiles(whole.detach().numpy(), grid, mine), requires_grad=True)
+    y = tiled(torch.relu(tiled(x, layers[0])), layers[1])
+    assert torch.allclose(y.detach(), torch.from_numpy(_tiles(out.detach().numpy(), grid, mine)), atol=1e-12)
+    y.square().sum().backward()
+    assert torch.allclose(x.grad, torch.from_numpy(_tiles(whole.grad.numpy(), grid, mine)), atol=1e-10)
+    for layer, reference in zip(layers, (whole_net[0], whole_net[2])):
+        for p, q in zip(layer.parameters(), reference.parameters()):
+            summed = comm.allreduce(p.grad.numpy())
+            assert np.allclose(summed, q.grad.numpy(), atol=1e-9)
+
+
 # --- the Python API on a communicator ------------------------------------------------------------
 
 def _api_problem():

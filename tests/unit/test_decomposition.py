@@ -121,3 +121,16 @@ def test_choose_grid_follows_the_rank_count():
     assert choose_grid(4, (64, 16))[0] == (4, 1)  # the long axis is cut
     with pytest.raises(DecompositionError, match="give --grid"):
         choose_grid(10, (3, 3))
+
+
+def test_grid_neighbour_steps_along_one_axis_in_c_order():
+    from mpidd.decomposition import grid_neighbour
+    dec = Decomposition((12, 12, 12), (2, 3, 2), 0)
+    for i in range(dec.num_subdomains):
+        for axis in range(3):
+            for step in (-1, 1):
+                j = grid_neighbour(dec.grid, i, axis, step)
+                moved = list(dec.coords(i))
+                moved[axis] += step
+                inside = 0 <= moved[axis] < dec.grid[axis]
+                assert (j is None) != inside and (j is None or dec.coords(j) == tuple(moved)), (i, axis, step)

@@ -1,0 +1,164 @@
+"""The halo exchange of a domain-decomposed feature map, as an autograd operator (after DistDL's
+HaloExchange): each subdomain's map (B, C, *tile) gets `width` layers of its grid neighbours'
+boundary values on every side, and zeros where the image ends. A convolution of kernel
+2*width+1 with no padding then computes on the padded tile exactly what the same convolution
+with zero padding computes on the whole image, cut to the tile. The adjoint adds each halo's
+gradient back onto the boundary layers of the neighbour it came from.
+
+    halo = HaloExchange(comm, grid=(2, 2), mine=[0, 3], width=1)   # this rank's subdomains
+    padded = halo(x)        # x (S, B, C, h, w), S = len(mine) -> (S, B, C, h + 2, w + 2)
+
+Axis by axis: the slabs sent along axis a already carry the halos of the axes before it, so
+corners (and in 3D edges) arrive without diagonal messages. Neighbours on the same rank are
+copied; the others get point-to-point messages tagged with the receiving subdomain and side.
+Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
+call returns only when all its messages have arrived.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ..decomposition import grid_neighbour
+
+LOW, HIGH = 0, 1  # a subdomain's halo sides along an axis; tag = 2 * receiving subdomain + side
+
+
+class HaloExchange:
+    """The exchange of `width` boundary layers between the subdomains of `grid`, this rank owning
+    `mine` (every subdomain owned by exactly one rank of comm). `poll_interval`: seconds to sleep
+    between tests of pending messages (ranks that outnumber cores), None for MPI's busy Waitall.
+    `seconds` and `bytes` count the wall time in the exchange and the bytes this rank sent."""
+
+    def __init__(self, comm, grid, mine, width: int = 1, poll_interval: float | None = 1e-4):
+        self.comm, self.grid, self.width = comm, tuple(grid), int(width)
+        self.mine = sorted(mine)
+        self.rank = comm.Get_rank()
+        owners = comm.allgather(self.mine)
+        self.rank_of = {i: r for r, owned in enumerate(owners) for i in owned}
+        if sorted(self.rank_of) != list(range(int(np.prod(self.grid)))) or sum(map(len, owners)) != len(self.rank_of):
+            raise ValueError(f"halo exchange: the ranks' subdomains {owners} must cover the "
+                             f"{int(np.prod(self.grid))} subdomains of grid {self.grid} once each")
+        self.poll_interval = poll_interval
+        self.seconds, self.bytes = 0.0, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (S, B, C, *tile): this rank's subdomains in ascending order -> (S, B, C, *(tile + 2 width))."""
+        return HaloPad.apply(x, self)
+
+    def _slab(self, axis: int, side: int, length: int, halo: bool) -> tuple:
+        """Index of the `width` layers at `side` of one tile (B, C, ...) along spatial `axis`
+        (`length` long, halo included): the tile's own outermost layers (halo False: what is
+        sent) or its halo (halo True)."""
+        w = self.width
+        if halo:
+            cut = slice(0, w) if side == LOW else slice(length - w, length)
+        else:
+            cut = slice(w, 2 * w) if side == LOW else slice(length - 2 * w, length - w)
+        return (slice(None),) * (2 + axis) + (cut,)
+
+    def _transfer(self, sends: list, receives: list):
+        """sends [(subdomain to, side, array)], receives [(subdomain from, tag, array to fill)]:
+        copies between this rank's subdomains, messages to and from the others; returns when all
+        are done."""
+        requests, local = [], {}
+        for to, side, array in sends:
+            tag = 2 * to + side
+            if self.rank_of[to] == self.rank:
+                local[tag] = array
+            else:
+                array = np.ascontiguousarray(array)
+                requests.append(self.comm.Isend(array, dest=self.rank_of[to], tag=tag))
+                self.bytes += array.nbytes
+        for source, tag, out in receives:
+            if self.rank_of[source] == self.rank:
+                out[...] = local[tag]
+            else:
+                requests.append(self.comm.Irecv(out, source=self.rank_of[source], tag=tag))
+        if self.poll_interval is None:
+            MPI.Request.Waitall(requests)
+        else:
+            while not MPI.Request.Testall(requests):
+                time.sleep(self.poll_interval)
+
+    def pad(self, x: np.ndarray) -> np.ndarray:
+        """The forward exchange on arrays (S, B, C, *tile) (float32 or float64, as every rank's)."""
+        start, w = time.perf_counter(), self.width
+        if x.shape[0] != len(self.mine):
+            raise ValueError(f"halo exchange: rank {self.rank} owns {len(self.mine)} subdomains, "
+                             f"not {x.shape[0]}")
+        if any(n < w for n in x.shape[3:]):
+            raise ValueError(f"halo exchange: tiles {x.shape[3:]} are thinner than the halo width {w}")
+        y = x
+        for axis in range(len(self.grid)):
+            n = y.shape[3 + axis]
+            padded = np.zeros(y.shape[:3 + axis] + (n + 2 * w,) + y.shape[4 + axis:], y.dtype)
+            padded[(slice(None),) * (3 + axis) + (slice(w, n + w),)] = y
+            sends, receives = [], []
+            for k, i in enumerate(self.mine):
+                tile = padded[k]
+                for side, step in ((LOW, -1), (HIGH, 1)):
+                    j = grid_neighbour(self.grid, i, axis, step)
+                    if j is None:
+                        continue  # the image ends: the halo stays zero
+                    # my low layers fill j's high halo, and the other way round
+                    sends.append((j, 1 - side, tile[self._slab(axis, side, n + 2 * w, halo=False)]))
+                    halo = tile[self._slab(axis, side, n + 2 * w, halo=True)]
+                    receives.append((j, 2 * i + side, np.empty(halo.shape, y.dtype), halo))
+            self._transfer(sends, [r[:3] for r in receives])
+            for _, _, buffer, halo in receives:
+                halo[...] = buffer
+            y = padded
+        self.seconds += time.perf_counter() - start
+        return y
+
+    def unpad(self, grad: np.ndarray) -> np.ndarray:
+        """The adjoint on arrays (S, B, C, *(tile + 2 width)): each halo's gradient
+        added onto the boundary layers of the neighbour it came from, halos cut off."""
+        start, w = time.perf_counter(), self.width
+        g = grad
+        for axis in reversed(range(len(self.grid))):
+            n = g.shape[3 + axis]
+            inner = np.array(g[(slice(None),) * (3 + axis) + (slice(w, n - w),)])
+            sends, receives = [], []
+            for k, i in enumerate(self.mine):
+                for side, step in ((LOW, -1), (HIGH, 1)):
+                    j = grid_neighbour(self.grid, i, axis, step)
+                    if j is None:
+                        continue  # the zeros of the image's border carry no gradient back
+                    # my low halo came from j's high layers: its gradient goes back there
+                    halo = g[k][self._slab(axis, side, n, halo=True)]
+                    sends.append((j, 1 - side, halo))
+                    receives.append((j, 2 * i + side, np.empty(halo.shape, g.dtype), k, side))
+            self._transfer(sends, [r[:3] for r in receives])
+            for _, _, buffer, k, side in receives:
+                cut = slice(0, w) if side == LOW else slice(n - 3 * w, n - 2 * w)
+                inner[k][(slice(None),) * (2 + axis) + (cut,)] += buffer
+            g = inner
+        self.seconds += time.perf_counter() - start
+        return g
+
+
+def _array(tensor):
+    """A float64 tensor as it is, any other (float32, bfloat16, ...) as float32, on the host."""
+    t = tensor.detach().cpu()
+    return np.ascontiguousarray((t if t.dtype == torch.float64 else t.float()).numpy())
+
+
+class HaloPad(torch.autograd.Function):
+    """forward: HaloExchange.pad (neighbours' boundary layers around each tile); backward (its
+    adjoint): HaloExchange.unpad. Sent as float64 or float32 (bfloat16 maps widened)."""
+
+    @staticmethod
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        return torch.from_numpy(exchange.pad(_array(x))).to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inner = ctx.exchange.unpad(_array(grad))
+        return torch.from_numpy(inner).to(device=grad.device, dtype=grad.dtype), None
