@@ -110,6 +110,20 @@ def build_unet(in_channels, out_channels, input_shape, cfg: UNetConfig, width_fa
     return UNet(in_channels, out_channels, tuple(input_shape), cfg, width_factor, crop)
 
 
+def halo_convolutions(model: UNet, pad, tiles: int) -> UNet:
+    """In place: every 3x3 convolution of `model` pads its input with `pad` instead of zeros, so
+    a U-Net built for a tile computes its part of the U-Net on the whole image (with BatchNorm
+    over every tile: models.group_batchnorm). pad: (S, B, C, *tile) -> (S, B, C, *(tile + 2)),
+    the neighbouring tiles' layers (mpidd.parallel.HaloExchange of width 1); the model's batch
+    holds the `tiles` = S subdomains of this rank one after the other (S*B samples). Pooling and
+    the stride-2 upsampling need no halo where every level's tile is even (UNet.pooled)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.kernel_size[0] == 3:
+            m.padding = (0,) * len(m.kernel_size)
+            m.register_forward_pre_hook(lambda _, args: (pad(args[0].unflatten(0, (tiles, -1))).flatten(0, 1),))
+    return model
+
+
 def matching_width_factor(in_channels, out_channels, image_shape, subimage_shape, num_subdomains,
                           cfg: UNetConfig) -> float:
     """Width factor that gives a local U-Net about 1/N of the global U-Net's parameters."""

@@ -544,6 +544,45 @@ def test_convolutions_across_the_halo_equal_one_process_and_their_gradients(comm
             assert np.allclose(summed, q.grad.numpy(), atol=1e-9)
 
 
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("grid,shape", [((2, 2), (16, 24)), ((2, 2, 2), (8, 8, 16))])
+def test_a_domain_parallel_unet_is_the_unet_on_whole_images(comm, grid, shape):
+    """A U-Net built for the tile, its 3x3 convolutions padded by the halo exchange and its
+    BatchNorm over every tile of every rank, from the global U-Net's weights: in training and
+    in eval mode the outputs of the U-Net on whole images in one process cut into tiles, its
+    running statistics, and (summed over the ranks) its weights' gradients."""
+    import torch
+    from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd.models import group_batchnorm
+    from mpidd.parallel import AllSum, HaloExchange
+    from mpidd.unet import UNetConfig, build_unet, halo_convolutions
+    torch.set_num_threads(1)
+    dec = Decomposition(shape, grid, 0)
+    mine = subdomains_of_rank(comm.rank, comm.size, dec.num_subdomains)
+    cfg = UNetConfig(width=4, depth=2, input_mean=(0.5,), input_std=(0.25,))
+    torch.manual_seed(0)
+    whole_net = build_unet(1, 2, shape, cfg).double()
+    tiled = group_batchnorm(build_unet(1, 2, dec.tile_shape, cfg), lambda v: AllSum.apply(v, comm, None)).double()
+    tiled.load_state_dict(whole_net.state_dict())
+    assert tiled.pooled == whole_net.pooled == [True, True]
+    halo_convolutions(tiled, HaloExchange(comm, grid, mine, 1), len(mine))
+    x = torch.tensor(np.random.default_rng(5).random((3, 1, *shape)))
+    out = whole_net(x)
+    out.square().mean().backward()
+    mine_out = tiled(torch.from_numpy(_tiles(x.numpy(), grid, mine)).flatten(0, 1))
+    assert torch.allclose(mine_out.detach().unflatten(0, (len(mine), 3)),
+                          torch.from_numpy(_tiles(out.detach().numpy(), grid, mine)), atol=1e-10)
+    (mine_out.square().sum() / out.numel()).backward()
+    for (name, p), q in zip(tiled.named_parameters(), whole_net.parameters()):
+        assert np.allclose(comm.allreduce(p.grad.numpy()), q.grad.numpy(), atol=1e-9), name
+    for (name, b), c in zip(tiled.named_buffers(), whole_net.buffers()):
+        assert torch.allclose(b.double(), c.double(), atol=1e-10), name
+    tiled.eval(), whole_net.eval()
+    with torch.no_grad():
+        assert torch.allclose(tiled(torch.from_numpy(_tiles(x.numpy(), grid, mine)).flatten(0, 1)),
+                              torch.from_numpy(_tiles(whole_net(x).numpy(), grid, mine)).flatten(0, 1), atol=1e-10)
+
+
 # --- the Python API on a communicator ------------------------------------------------------------
 
 def _api_problem():
