@@ -10,6 +10,9 @@ exchange of their bottlenecks, the global U-Net; top to bottom as the data flow:
                  (parallel.ScatterFromRoot), each rank decodes its subdomains with theirs, and the
                  loss's gradients come back to rank 0 through the same operator's adjoint (a
                  gather); the local U-Nets stay frozen                     -> "two-level"
+    every rank   fit_domain_parallel_unet: the global U-Net itself, each rank computing its
+                 subdomains' tiles (a halo exchange before every 3x3 convolution, BatchNorm over
+                 every tile, gradients summed over the ranks)          -> "domain parallel"
     rank 0       fit_global_unet: the U-Net on whole images, the baseline
     scores       dense_scores: each subdomain's additive sums (metrics) gathered to rank 0 and
                  added in subdomain order: the scores of the stitched fields, the same numbers
@@ -33,8 +36,9 @@ from .. import parallel, rundir
 from ..dense import predict_dense, sample_scores, score_text, target_tensor, train_dense
 from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
 from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
+from ..models import group_batchnorm
 from ..seeds import seed_for
-from ..unet import CoarseCorrection, UNetConfig, build_unet
+from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions
 from .context import Context
 
 
@@ -291,6 +295,86 @@ def dense_scores(ctx: Context, outputs: dict, subsets: dict, split: str, cfg: De
     for s in by_subdomain[1:]:
         total = {k: total[k] + s[k] for k in total} if isinstance(total, dict) else total + s
     return regression_scores(total) if cfg.task == "regress" else segmentation_scores(total)
+
+
+def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int, cfg: DenseConfig, group):
+    """This rank's copy of the global U-Net computed domain parallel (unet.halo_convolutions over
+    parallel.HaloExchange, BatchNorm over every tile through `group`), seeded as fit_global_unet
+    seeds the global U-Net: the same initial weights, module for module. Refused (ValueError)
+    where a tile cannot pool at the levels the whole image does."""
+    torch.manual_seed(seed_for(cfg.seed, "global"))
+    model = build_unet(in_channels, out_channels, dec.tile_shape, cfg.unet)
+    whole = build_unet(in_channels, out_channels, dec.shape, cfg.unet)
+    if model.pooled != whole.pooled:
+        raise ValueError(f"the U-Net pools tiles {dec.tile_shape} at levels {model.pooled} but whole images "
+                         f"{dec.shape} at {whole.pooled}: every tile axis must be divisible by 2**depth")
+    group_batchnorm(model.to(ctx.device), group.allreduce)
+    halo = parallel.HaloExchange(ctx.comm, dec.grid, ctx.mine, 1, poll_interval=group.wait_interval)
+    return halo_convolutions(model, halo, len(ctx.mine))
+
+
+def _tiles_of(subsets: dict, dec, split: str, idx=None) -> list:
+    """[(inputs cut to the tile, targets)] of this rank's subdomains in order (rows idx)."""
+    out = []
+    for i in sorted(subsets):
+        x, t = subsets[i][split]
+        x = x[(slice(None), slice(None)) + dec.crop(i)] if dec.overlap else x
+        out.append((x, t) if idx is None else (x[idx], t[idx]))
+    return out
+
+
+def fit_domain_parallel_unet(ctx: Context, subsets: dict, dec, in_channels: int, out_channels: int,
+                             cfg: DenseConfig, control: Control | None = None):
+    """Collective: the global U-Net trained domain parallel, every rank its subdomains' tiles
+    of every sample (no overlap needed: the halo exchange brings the neighbours' layers), the
+    same batches, learning rates and epochs as fit_global_unet. Each step's loss is the whole
+    fields' mean (each rank's tiles' part), the gradients summed over the ranks, so every rank
+    steps the same weights: the global U-Net's training up to the order of floating-point sums.
+    Returns (this rank's copy of the model, history)."""
+    everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=getattr(ctx.stops, "wait_interval", None))
+    model = domain_parallel_unet(ctx, dec, in_channels, out_channels, cfg, everyone)
+    train = _tiles_of(subsets, dec, "train")
+    targets = torch.cat([target_tensor(t, cfg.task) for _, t in train])  # (S*n, ...): tile by tile
+    n, S, N = len(train[0][1]), len(train), dec.num_subdomains
+    loss_fn = dense_loss(cfg.task, cfg.loss)
+    optimizer = make_optimizer(model, cfg.local)
+    to_channels_last(model, train[0][0].ndim)
+
+    def step(idx):
+        x = to_float(torch.cat([torch.as_tensor(xt[idx]) for xt, _ in train]))
+        t = targets[torch.cat([torch.as_tensor(idx) + k * n for k in range(S)])]
+        out = model(x)
+        loss = loss_fn(out.float(), t) * S / N  # summed over the ranks: the mean over every tile
+        loss.backward()
+        everyone.sum_gradients(model)
+        return loss.item() * len(idx), sample_scores(out.detach().float(), t, cfg.task).sum().item() / N
+
+    def validate(stop):
+        scores = dense_scores(ctx, domain_parallel_predictions(model, subsets, dec, "val", cfg), subsets, "val", cfg)
+        value = None if scores is None else scores["mae" if cfg.task == "regress" else "pixel_acc"]
+        return float("nan"), parallel.broadcast_from_root(ctx.comm, value)
+
+    history = run_epochs(model, optimizer, cfg.local, seed_for(cfg.seed, "global"), n, step, validate=validate,
+                         log=ctx.progress.printer("global U-Net, domain parallel", cfg.local.epochs,
+                                                  score=score_text(cfg.task)),
+                         control=control, group=everyone, root=ctx.master_process)
+    return model, history
+
+
+@torch.no_grad()
+def domain_parallel_predictions(model, subsets: dict, dec, split: str, cfg: DenseConfig) -> dict:
+    """Collective (the halo exchange): {subdomain: outputs (n, C_out, *tile) float32} of this
+    rank's subdomains, in eval mode."""
+    mode, tiles = model.training, _tiles_of(subsets, dec, split)
+    model.eval()
+    n, S = len(tiles[0][1]), len(tiles)
+    parts = []
+    for a in range(0, n, cfg.eval_batch_size):
+        x = to_float(torch.cat([torch.as_tensor(xt[a:a + cfg.eval_batch_size]) for xt, _ in tiles]))
+        parts.append(model(x).float().unflatten(0, (S, -1)))
+    model.train(mode)
+    out = torch.cat(parts, 1)
+    return {i: out[k] for k, i in enumerate(sorted(subsets))}
 
 
 def fit_global_unet(ctx: Context, train, val, in_channels: int, out_channels: int, image_shape, cfg: DenseConfig):

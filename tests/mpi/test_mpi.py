@@ -911,6 +911,54 @@ def _dense_run(comm, task):
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("task,overlap", [("regress", 0), ("segment", 1)])
+def test_the_domain_parallel_unet_trains_as_the_global_unet(comm, task, overlap):
+    """fit_domain_parallel_unet on comm's ranks (the subdomains in turn; with an overlap, each
+    box cut to its tile) against fit_global_unet on whole images in one process: the same
+    weights, validation scores and test outputs after an epoch of 3 steps, up to the order of
+    float32 sums."""
+    import torch
+    from mpidd.decomposition import Decomposition, subdomains_of_rank
+    from mpidd.dense import predict_dense
+    from mpidd.engine import TrainOptions
+    from mpidd.methods import dense
+    from mpidd.methods.context import Context
+    from mpidd.unet import UNetConfig
+    torch.set_num_threads(1)
+    x = torch.rand(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    field = torch.nn.functional.avg_pool2d(x, 5, 1, 2) * 4.0
+    target = field if task == "regress" else (field[:, 0] > 1.0).long() + (field[:, 0] > 1.2).long()
+    channel = (slice(None),) if task == "regress" else ()
+    dec = Decomposition((8, 8), (2, 2), overlap)
+    split = {"train": slice(0, 48), "val": slice(48, 64), "test": slice(64, 80)}
+    mine = subdomains_of_rank(comm.rank, comm.size, 4)
+    subsets = {i: {s: (x[r][(slice(None), slice(None)) + dec.slices(i)].numpy(),
+                       target[r][(slice(None),) + channel + dec.tile_slices(i)].numpy()) for s, r in split.items()}
+               for i in mine}
+    cfg = dense.DenseConfig(task=task, loss="mse" if task == "regress" else "ce", unet=UNetConfig(width=4, depth=1),
+                            local=TrainOptions(epochs=1, batch_size=16, lr=1e-2), seed=3)
+    out_channels = 1 if task == "regress" else 3
+    ctx = Context(comm=comm, mine=mine)
+    model, history = dense.fit_domain_parallel_unet(ctx, subsets, dec, 1, out_channels, cfg)
+    outputs = dense.domain_parallel_predictions(model, subsets, dec, "test", cfg)
+    val = dense.dense_scores(ctx, dense.domain_parallel_predictions(model, subsets, dec, "val", cfg), subsets,
+                             "val", cfg)
+    whole, whole_history = dense.fit_global_unet(Context(comm=comm, mine=mine), (x[:48].numpy(), target[:48].numpy()),
+                                                 (x[48:64].numpy(), target[48:64].numpy()), 1, out_channels, (8, 8),
+                                                 cfg)
+    for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+    expected = predict_dense(whole, x[64:80].numpy())
+    for i in mine:
+        assert torch.allclose(outputs[i], expected[(slice(None), slice(None)) + dec.tile_slices(i)], atol=1e-4), i
+    assert history[-1]["val_acc"] == pytest.approx(whole_history[-1]["val_acc"], abs=1e-5)
+    if comm.rank == 0:
+        key = "mae" if task == "regress" else "pixel_acc"
+        assert val[key] == pytest.approx(whole_history[-1]["val_acc"], abs=1e-5)
+        assert history[-1]["loss"] == pytest.approx(whole_history[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("task", ["regress", "segment"])
 def test_dense_two_level_is_the_same_on_any_number_of_ranks(comm, task):
     """Local U-Nets, coarse correction (its gradients through ScatterFromRoot's gather) and the
