@@ -22,7 +22,7 @@ from ..options import COARSE_WEIGHT_DECAY, DENSE_LOSSES, TRANSFER_LR
 from ..stream import ACCESS_MODES, MEMORY_FRACTION
 
 DEMO_DATA = "data/fashion_mnist.h5"
-MODES = ("twolevel", "coherent", "global", "compare", "width")
+MODES = ("twolevel", "coherent", "global", "compare", "width", "halo")
 
 
 class ConfigError(ValueError):
@@ -111,7 +111,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "twolevel + coherent from random init + coherent with transfer learning + "
                         "global, in one table; width: the global CNN split along its channels into "
                         "--subnets thin sub-networks, trained in parallel, recomposed and trained "
-                        "further, against the global CNN from random init (Gu et al.)")
+                        "further, against the global CNN from random init (Gu et al.); halo (--task "
+                        "segment or regress): the global U-Net trained domain parallel, each rank its "
+                        "subdomains' tiles with a halo exchange before every convolution (compare "
+                        "trains it too where 2**--unet-depth divides every tile axis)")
     g.add_argument("--global-alone", action="store_true",
                    help="--mode compare: train the global CNN on rank 0 with its own --threads, the "
                         "one-process baseline as the papers ran it, while the other ranks wait. Default: the "
@@ -387,6 +390,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"--width-factor must be in (0, 4], got {args.width_factor}")
     if args.from_run is not None and not (args.mode == "coherent" and args.init == "pretrained"):
         raise ConfigError("--from RUN_DIR gives pre-trained local CNNs: use it with --mode coherent --init pretrained")
+    if args.task == "classify" and args.mode == "halo":
+        raise ConfigError("--mode halo trains a U-Net domain parallel: use it with --task segment or regress")
     if args.task == "classify" and args.loss is not None:
         raise ConfigError("--loss is the loss of --task segment or regress (a classifier trains on cross-entropy)")
     if args.task != "classify":

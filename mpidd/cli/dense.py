@@ -47,7 +47,7 @@ from .run import (EXIT_USAGE, AgreedStops, Run, RunDirectory, log, progress_to_l
 # model key in results.json -> its name in tables
 MODELS = {"local_only": "local U-Nets (no exchange)", "two_level": "two-level (coarse exchange)",
           "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
-          "global": "global U-Net"}
+          "domain_parallel": "global U-Net, domain parallel", "global": "global U-Net"}
 PREDICTIONS_FILE = "predictions.h5"
 
 
@@ -74,7 +74,7 @@ def plan_dense(args, comm) -> DensePlan:
     for flag, bad in (("--from", args.from_run), ("--dry-run", args.dry_run),
                       ("--mode " + args.mode, args.mode == "width")):
         if bad:
-            raise UsageError(f"--task {args.task} trains --mode twolevel, coherent, global or compare, without "
+            raise UsageError(f"--task {args.task} trains --mode twolevel, coherent, halo, global or compare, without "
                              f"--from and --dry-run: drop {flag}")
     for flag, bad in (("--data-access stream", args.data_access == "stream"), ("--device cuda", args.device == "cuda"),
                       ("--precision " + args.precision, args.precision != "32")):
@@ -103,10 +103,18 @@ def plan_dense(args, comm) -> DensePlan:
     cfg = options.dense_config(args)
     wf = args.width_factor or matching_width_factor(C, out, dec.shape, dec.subimage_shape, dec.num_subdomains,
                                                     cfg.unet)
-    local = build_unet(C, out, dec.subimage_shape, cfg.unet, wf)
-    models = {"twolevel": ("local_only", "two_level"), "global": ("global",),
+    models = {"twolevel": ("local_only", "two_level"), "global": ("global",), "halo": ("domain_parallel",),
               "coherent": ("coherent_random",) if args.init == "random" else
               ("local_only", "two_level", "coherent_pretrained")}.get(args.mode, tuple(MODELS))
+    local = build_unet(C, out, dec.subimage_shape, cfg.unet, wf)
+    tile, whole = (build_unet(C, out, shape, cfg.unet).pooled for shape in (dec.tile_shape, dec.shape))
+    if tile != whole and args.mode == "compare":  # the comparison goes on without it
+        models = tuple(m for m in models if m != "domain_parallel")
+    elif tile != whole and "domain_parallel" in models:
+        raise UsageError(f"--mode {args.mode}: the domain-parallel U-Net needs tiles that pool as the whole "
+                             f"image does ({2 ** args.unet_depth} divides every tile axis); tiles "
+                             f"{format_grid(dec.tile_shape)} of {format_grid(dec.shape)} do not: choose another "
+                             f"--grid or --unet-depth")
     return DensePlan(info=info, decomposition=dec, width_factor=wf, models=models, progress=progress,
                      local_params=count_parameters(local),
                      global_params=count_parameters(build_unet(C, out, dec.shape, cfg.unet)),
@@ -184,7 +192,7 @@ def whole_scores(outputs, targets, task: str) -> dict:
 
 # the dense phases whose every step involves every rank: each rank saves its part of the loop
 # (RunDirectory.coherent_control), the marker records the position all have saved
-EXCHANGED_PHASES = ("coarse_exchange", "coherent_random", "coherent_pretrained")
+EXCHANGED_PHASES = ("coarse_exchange", "coherent_random", "coherent_pretrained", "domain_parallel")
 
 
 def run_dense(comm, args, plan: DensePlan) -> int:
@@ -329,6 +337,17 @@ def train_and_score(ctx: Context, args, plan: DensePlan, subsets: dict, begin=la
             step = dense.CoarseStep(ctx, local, net, N, shape, coherent=True)
             score_and_write(name, {s: dense.exchanged_predictions(ctx, step, subsets, s, cfg) for s in ("val", "test")})
         fitted[f"coherent-{init}"] = (local, net)
+    if "domain_parallel" in plan.models:
+        stops.sync()
+        begin("domain_parallel")
+        with ctx.timer("domain_parallel"):
+            model, history = dense.fit_domain_parallel_unet(
+                ctx, subsets, dec, C, out_channels, cfg,
+                control=directory.coherent_control("domain_parallel", stops.poll_world))
+        rows += [dict(r, model="domain_parallel") for r in history] if master_process else []
+        with ctx.timer("domain_parallel_eval"):
+            score_and_write("domain_parallel", {s: dense.domain_parallel_predictions(model, subsets, dec, s, cfg)
+                                                for s in ("val", "test")})
     if "global" in plan.models:
         stops.sync()
         begin("global")
@@ -345,7 +364,8 @@ def model_header(args, plan: DensePlan, metrics: dict) -> dict:
     return {"hyperparameters": {k: getattr(args, k) for k in TwoLevelUNet.HYPERPARAMETERS if hasattr(args, k)},
             "image_shape": list(plan.info.image_shape), "out_channels": plan.info.targets.channels,
             "width_factor": plan.width_factor, "grid": list(dec.grid),
-            "scores": {k.replace("_", "-"): {"val": v["val"]} for k, v in metrics.items() if k != "global" and v},
+            "scores": {k.replace("_", "-"): {"val": v["val"]} for k, v in metrics.items()
+                       if k not in ("global", "domain_parallel") and v},  # the decomposed models model.pt holds
             "history": {}}
 
 
@@ -389,7 +409,7 @@ def dense_results(args, plan: DensePlan, metrics, stats, size, threads, wall_s) 
         timing["critical_path"] = critical_path(stats)
     if "global" in plan.models:
         timing["global_train_cpu_s"] = stats[0]["phases"]["global_train"]["cpu_s"]
-    for name in (m for m in plan.models if m.startswith("coherent")):
+    for name in (m for m in plan.models if m.startswith("coherent") or m == "domain_parallel"):
         timing[name] = {"wall_s": stats[0]["phases"][name]["wall_s"],
                         "cpu_s_max": max(st["phases"][name]["cpu_s"] for st in stats),
                         "definition": "every rank in every step: the phase's wall time on rank 0, and the most "

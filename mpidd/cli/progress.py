@@ -271,7 +271,8 @@ def dense_phases(args, plan, mine: list, master_process: bool) -> list[PhaseWork
     """This rank's phases for RunProgress, with their training FLOPs (a U-Net's forward FLOPs x3
     a training sample, x1 an evaluated one): the local U-Nets (each rank its own), the gather and
     coarse network (every rank decodes its subdomains each step), each coherent model, the
-    global U-Net (rank 0 alone; the other ranks wait)."""
+    domain-parallel U-Net (each rank its tiles), the global U-Net (rank 0 alone; the other ranks
+    wait)."""
     from ..options import dense_config
     from ..unet import build_unet
     info, dec, cfg = plan.info, plan.decomposition, dense_config(args)
@@ -283,7 +284,7 @@ def dense_phases(args, plan, mine: list, master_process: bool) -> list[PhaseWork
     evaluated = n["val"] + n["test"]
     titles = {"local": f"local U-Nets {mine} of {dec.num_subdomains}", "coarse": "gather and coarse network",
               "coherent_random": "coherent (random init)", "coherent_pretrained": "coherent (transfer learning)",
-              "global": "global U-Net on rank 0"}
+              "domain_parallel": "global U-Net, domain parallel", "global": "global U-Net on rank 0"}
     phases = []
     if "local_only" in plan.models:
         phases += [PhaseWork("local", titles["local"], training_flops(mine_flops, args.epochs, n["train"], n["val"],
@@ -294,6 +295,11 @@ def dense_phases(args, plan, mine: list, master_process: bool) -> list[PhaseWork
         if name in plan.models:
             phases.append(PhaseWork(name, titles[name], training_flops(mine_flops, args.coherent_epochs, n["train"],
                                                                        n["val"], evaluated), True, model="coherent"))
+    if "domain_parallel" in plan.models:  # this rank's tiles of the global U-Net, every step
+        tiles = forward_flops(build_unet(C, out, dec.tile_shape, cfg.unet), (C,) + dec.tile_shape) * len(mine)
+        phases.append(PhaseWork("domain_parallel", titles["domain_parallel"],
+                                training_flops(tiles, args.epochs, n["train"], n["val"], evaluated), True,
+                                model="domain_parallel"))
     if "global" in plan.models:
         whole = forward_flops(build_unet(C, out, dec.shape, cfg.unet), (C,) + dec.shape) if master_process else 0
         phases.append(PhaseWork("global", titles["global"],

@@ -47,6 +47,7 @@ width.fit_subnets = in_phase("subnets", width.fit_subnets)
 dense.fit_local_unets = in_phase("local", dense.fit_local_unets)
 dense.fit_coarse_correction = in_phase("coarse", dense.fit_coarse_correction)
 dense.fit_coherent_dense = in_phase("coherent_dense", dense.fit_coherent_dense)
+dense.fit_domain_parallel_unet = in_phase("domain_parallel", dense.fit_domain_parallel_unet)
 dense.fit_global_unet = in_phase("global", dense.fit_global_unet)
 original_poll = parallel.StopAgreement.poll
 

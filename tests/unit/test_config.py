@@ -51,6 +51,7 @@ def test_bad_config_file_values_are_refused(tmp_path, text, message):
     (["--mode", "coherent", "--init", "random", "--from", "runs/x"], "use it with --mode coherent --init pretrained"),
     (["--exchange", "logits"], "--dnn-init random with --exchange logits"),
     (["--mode", "coherent", "--exchange", "logits"], "--dnn-init random with --exchange logits"),
+    (["--mode", "halo"], "--mode halo trains a U-Net domain parallel: use it with --task segment or regress"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
