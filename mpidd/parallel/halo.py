@@ -52,8 +52,8 @@ class HaloExchange:
 
     def _slab(self, axis: int, side: int, length: int, halo: bool) -> tuple:
         """Index of the `width` layers at `side` of one tile (B, C, ...) along spatial `axis`
-        (`length` long, halo included): the tile's own outermost layers (halo False: what is
-        sent) or its halo (halo True)."""
+        (`length` long, halo included): the tile's own outermost layers (halo False) or its
+        halo (halo True)."""
         w = self.width
         if halo:
             cut = slice(0, w) if side == LOW else slice(length - w, length)
@@ -85,62 +85,63 @@ class HaloExchange:
             while not MPI.Request.Testall(requests):
                 time.sleep(self.poll_interval)
 
+    def _messages(self, y: np.ndarray, axis: int, send_halo: bool) -> tuple[list, list]:
+        """The exchange along `axis` of the padded arrays y (S, B, C, *padded tile): forward
+        (send_halo False), each tile's outermost layers to the neighbour's halo; adjoint (True),
+        each halo back to the layers it came from. Returns (sends, receives (subdomain from, tag,
+        buffer, where it goes in y))."""
+        n = y.shape[3 + axis]
+        sends, receives = [], []
+        for k, i in enumerate(self.mine):
+            for side, step in ((LOW, -1), (HIGH, 1)):
+                j = grid_neighbour(self.grid, i, axis, step)
+                if j is None:
+                    continue  # the image ends: zeros there, and no gradient goes back
+                # my low layers fill j's high halo, and the other way round
+                sends.append((j, 1 - side, y[k][self._slab(axis, side, n, halo=send_halo)]))
+                into = y[k][self._slab(axis, side, n, halo=not send_halo)]
+                receives.append((j, 2 * i + side, np.empty(into.shape, y.dtype), into))
+        return sends, receives
+
+    def _interior(self, ndim: int) -> tuple:
+        w = self.width
+        return (slice(None),) * 3 + (slice(w, -w),) * (ndim - 3)
+
     def pad(self, x: np.ndarray) -> np.ndarray:
-        """The forward exchange on arrays (S, B, C, *tile) (float32 or float64, as every rank's)."""
+        """The forward exchange on arrays (S, B, C, *tile) (float32 or float64, as every rank's):
+        one padded copy, whose halos are filled axis by axis (the slabs sent along an axis carry
+        the halos of the axes before it: corners arrive without diagonal messages)."""
         start, w = time.perf_counter(), self.width
         if x.shape[0] != len(self.mine):
             raise ValueError(f"halo exchange: rank {self.rank} owns {len(self.mine)} subdomains, "
                              f"not {x.shape[0]}")
         if any(n < w for n in x.shape[3:]):
             raise ValueError(f"halo exchange: tiles {x.shape[3:]} are thinner than the halo width {w}")
-        y = x
+        y = np.zeros(x.shape[:3] + tuple(n + 2 * w for n in x.shape[3:]), x.dtype)
+        y[self._interior(y.ndim)] = x
         for axis in range(len(self.grid)):
-            n = y.shape[3 + axis]
-            padded = np.zeros(y.shape[:3 + axis] + (n + 2 * w,) + y.shape[4 + axis:], y.dtype)
-            padded[(slice(None),) * (3 + axis) + (slice(w, n + w),)] = y
-            sends, receives = [], []
-            for k, i in enumerate(self.mine):
-                tile = padded[k]
-                for side, step in ((LOW, -1), (HIGH, 1)):
-                    j = grid_neighbour(self.grid, i, axis, step)
-                    if j is None:
-                        continue  # the image ends: the halo stays zero
-                    # my low layers fill j's high halo, and the other way round
-                    sends.append((j, 1 - side, tile[self._slab(axis, side, n + 2 * w, halo=False)]))
-                    halo = tile[self._slab(axis, side, n + 2 * w, halo=True)]
-                    receives.append((j, 2 * i + side, np.empty(halo.shape, y.dtype), halo))
+            sends, receives = self._messages(y, axis, send_halo=False)
             self._transfer(sends, [r[:3] for r in receives])
-            for _, _, buffer, halo in receives:
-                halo[...] = buffer
-            y = padded
+            for _, _, buffer, into in receives:
+                into[...] = buffer
         self.seconds += time.perf_counter() - start
         return y
 
     def unpad(self, grad: np.ndarray) -> np.ndarray:
-        """The adjoint on arrays (S, B, C, *(tile + 2 width)): each halo's gradient
-        added onto the boundary layers of the neighbour it came from, halos cut off."""
+        """The adjoint on arrays (S, B, C, *(tile + 2 width)): axis by axis in reverse, each
+        halo's gradient added onto the layers it came from, then the halo zeroed (the values it
+        held before, zeros, carry no gradient to the axes exchanged before it); the interior."""
         start, w = time.perf_counter(), self.width
-        g = grad
+        g = np.array(grad)
         for axis in reversed(range(len(self.grid))):
-            n = g.shape[3 + axis]
-            inner = np.array(g[(slice(None),) * (3 + axis) + (slice(w, n - w),)])
-            sends, receives = [], []
-            for k, i in enumerate(self.mine):
-                for side, step in ((LOW, -1), (HIGH, 1)):
-                    j = grid_neighbour(self.grid, i, axis, step)
-                    if j is None:
-                        continue  # the zeros of the image's border carry no gradient back
-                    # my low halo came from j's high layers: its gradient goes back there
-                    halo = g[k][self._slab(axis, side, n, halo=True)]
-                    sends.append((j, 1 - side, halo))
-                    receives.append((j, 2 * i + side, np.empty(halo.shape, g.dtype), k, side))
+            sends, receives = self._messages(g, axis, send_halo=True)
             self._transfer(sends, [r[:3] for r in receives])
-            for _, _, buffer, k, side in receives:
-                cut = slice(0, w) if side == LOW else slice(n - 3 * w, n - 2 * w)
-                inner[k][(slice(None),) * (2 + axis) + (cut,)] += buffer
-            g = inner
+            for _, _, buffer, into in receives:
+                into += buffer
+            g[(slice(None),) * (3 + axis) + (slice(0, w),)] = 0
+            g[(slice(None),) * (3 + axis) + (slice(g.shape[3 + axis] - w, None),)] = 0
         self.seconds += time.perf_counter() - start
-        return g
+        return np.ascontiguousarray(g[self._interior(g.ndim)])
 
 
 def _array(tensor):
