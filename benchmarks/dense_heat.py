@@ -15,7 +15,8 @@ so with NP < N an upper bound: --np 16 runs 4x4 one subdomain a rank, oversubscr
 machine, where each rank's CPU seconds still count its own work), launched by jobs/local.sh (MPIEXEC,
 PYTHON, MPIEXEC_PREFLAGS as there; the solver likewise). One thread per rank. The runs stay
 under --out/GRID. Printed per grid, one row per model (local U-Nets alone, two-level, coherent
-from random weights and with transfer learning, global U-Net): test MAE, relative L2 error and
+from random weights and with transfer learning, the global U-Net trained domain parallel where
+the tiles allow it, the global U-Net): test MAE, relative L2 error and
 SSIM, the MAE against the global U-Net's, the critical path's CPU seconds (critical_paths) and
 the global U-Net's training over it; and how much the exchange lowers the local-only MAE.
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, ROOT)
 from mpidd.decomposition import parse_grid  # noqa: E402
 LOCAL, TWO, GLOBAL = "local U-Nets (no exchange)", "two-level (coarse exchange)", "global U-Net"
 RANDOM, TL = "coherent (random init)", "coherent (transfer learning)"
+DOMAIN = "global U-Net, domain parallel"
 
 
 def launcher(np_):
@@ -48,7 +50,7 @@ def critical_paths(r) -> dict:
     slowest subdomain's local U-Net (training), the gather and rank 0's coarse training
     (two-level); transfer learning adds its coherent phase (the most CPU seconds of a rank,
     which with P < N runs several subdomains: an upper bound), the coherent model from random
-    weights is its phase alone."""
+    weights, and the domain-parallel global U-Net, are their phase alone."""
     per_subdomain = [v["cpu_s"] for st in r["per_rank"] for k, v in st["phases"].items() if k.startswith("subdomain_")]
     t = r["timing"]
     two = max(per_subdomain) + t["critical_path"]["gather_cpu_s"] + t["critical_path"]["coarse_cpu_s"]
@@ -57,6 +59,8 @@ def critical_paths(r) -> dict:
         out[TL] = two + t["coherent_pretrained"]["cpu_s_max"]
     if "coherent_random" in t:
         out[RANDOM] = t["coherent_random"]["cpu_s_max"]
+    if "domain_parallel" in t:
+        out[DOMAIN] = t["domain_parallel"]["cpu_s_max"]
     return out
 
 
@@ -106,7 +110,7 @@ def main(argv=None):
     print(f"{'grid':<6}{'ranks':>6}  {'model':<30}{'test MAE':>10}{'rel L2':>9}{'SSIM':>7}{'vs global':>11}"
           f"{'crit. CPU s':>13}{'speed-up':>10}")
     for grid, m, crit, glob, ranks in rows:
-        for name in (n for n in (LOCAL, TWO, RANDOM, TL, GLOBAL) if n in m):
+        for name in (n for n in (LOCAL, TWO, RANDOM, TL, DOMAIN, GLOBAL) if n in m):
             cpu = glob if name == GLOBAL else crit.get(name)
             print(f"{grid:<6}{ranks:>6}  {name:<30}{m[name]['mae']:>10.5f}{m[name]['rel_l2']:>9.4f}"
                   f"{m[name]['ssim']:>7.3f}{m[name]['mae'] / m[GLOBAL]['mae'] - 1:>+11.1%}"
