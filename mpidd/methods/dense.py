@@ -313,13 +313,12 @@ def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int,
     return halo_convolutions(model, halo, len(ctx.mine))
 
 
-def _tiles_of(subsets: dict, dec, split: str, idx=None) -> list:
-    """[(inputs cut to the tile, targets)] of this rank's subdomains in order (rows idx)."""
+def _tiles_of(subsets: dict, dec, split: str) -> list:
+    """[(inputs cut to the tile, targets)] of this rank's subdomains in order."""
     out = []
     for i in sorted(subsets):
         x, t = subsets[i][split]
-        x = x[(slice(None), slice(None)) + dec.crop(i)] if dec.overlap else x
-        out.append((x, t) if idx is None else (x[idx], t[idx]))
+        out.append((x[(slice(None), slice(None)) + dec.crop(i)] if dec.overlap else x, t))
     return out
 
 
@@ -330,7 +329,10 @@ def fit_domain_parallel_unet(ctx: Context, subsets: dict, dec, in_channels: int,
     same batches, learning rates and epochs as fit_global_unet. Each step's loss is the whole
     fields' mean (each rank's tiles' part), the gradients summed over the ranks, so every rank
     steps the same weights: the global U-Net's training up to the order of floating-point sums.
-    Returns (this rank's copy of the model, history)."""
+    Returns (this rank's copy of the model, history). Losses that are means over pixels only
+    (a Dice over a rank's tiles is not the whole masks' Dice): ValueError for the others."""
+    if "dice" in cfg.loss:
+        raise ValueError(f"the domain-parallel U-Net trains on a mean over pixels (mse, l1 or ce), not {cfg.loss}")
     everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=getattr(ctx.stops, "wait_interval", None))
     model = domain_parallel_unet(ctx, dec, in_channels, out_channels, cfg, everyone)
     train = _tiles_of(subsets, dec, "train")

@@ -293,7 +293,7 @@ def mask_out_of_range(f):
     f["train/targets"][7, 2, 3] = 9
 
 
-@pytest.mark.parametrize("case", ["nan", "mask", "kind", "ranks", "overlap", "mode", "stream", "halo"])
+@pytest.mark.parametrize("case", ["nan", "mask", "kind", "ranks", "overlap", "mode", "stream", "halo", "halo_dice"])
 def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
     regress, segment = dense_files
     args, np_, message = {
@@ -312,6 +312,9 @@ def test_bad_dense_runs_are_refused_in_one_line(dense_files, tmp_path, case):
                    "drop --data-access stream"),
         "halo": (["--task", "regress", "--data", regress, "--mode", "halo", "--unet-depth", "4"], 2,
                  "tiles 8x8 of 16x16 do not: choose another --grid or --unet-depth"),
+        "halo_dice": (["--task", "segment", "--data", segment, "--mode", "halo", "--loss", "ce+dice"], 1,
+                      "the domain-parallel U-Net trains on a mean over pixels (--loss mse, l1 or ce), not on "
+                      "--loss ce+dice"),
     }[case]
     out = str(tmp_path / "run")
     grid = [] if "--grid" in args else ["--grid", "2x2"]
