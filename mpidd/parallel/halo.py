@@ -12,7 +12,9 @@ Axis by axis: the slabs sent along axis a already carry the halos of the axes be
 corners (and in 3D edges) arrive without diagonal messages. Neighbours on the same rank are
 copied; the others get point-to-point messages tagged with the receiving subdomain and side.
 Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
-call returns only when all its messages have arrived.
+call returns only when all its messages have arrived. Tags repeat across axes and calls: since
+every rank posts its messages in the same order and MPI keeps the messages of one (source, tag)
+in order, each receive matches the message meant for it.
 """
 
 from __future__ import annotations
