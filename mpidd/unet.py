@@ -110,10 +110,84 @@ def build_unet(in_channels, out_channels, input_shape, cfg: UNetConfig, width_fa
     return UNet(in_channels, out_channels, tuple(input_shape), cfg, width_factor, crop)
 
 
+class _TileBatchNorm(torch.autograd.Function):
+    """BatchNorm's training step with the statistics of every tile of every rank: forward, each
+    rank's per-channel sums (one var_mean pass) added over the ranks (`module.allreduce`, float64),
+    then torch's fused normalisation with the global mean and variance; backward, the two
+    per-channel sums the input gradient needs added over the ranks too, the rest local."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        dims, C = [0, *range(2, x.dim())], x.shape[1]
+        n = x.numel() // C
+        var, mean = (v.double() for v in torch.var_mean(x, dims, correction=0))
+        total = module.allreduce(torch.cat([mean * n, (var + mean * mean) * n, mean.new_full((1,), n)]))
+        count = total[-1]
+        mean = total[:C] / count
+        var = total[C:2 * C] / count - mean * mean
+        if module.track_running_stats:
+            with torch.no_grad():
+                module.num_batches_tracked += 1
+                m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+                module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
+                module.running_var.mul_(1 - m).add_(m * (var * count / (count - 1)).to(module.running_var.dtype))
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + module.eps))
+        ctx.module, ctx.count = module, float(count)
+        return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, module.eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims, C = [0, *range(2, x.dim())], x.shape[1]
+        shape = [1, C] + [1] * (x.dim() - 2)
+        xmu = x - mean.view(shape)
+        sum_dy, sum_dy_xmu = grad.sum(dims), (grad * xmu).sum(dims)
+        total = ctx.module.allreduce(torch.cat([sum_dy, sum_dy_xmu]).double()).to(x.dtype)
+        scale = invstd if weight is None else weight * invstd
+        dx = (grad - (total[:C] / ctx.count).view(shape)
+              - xmu * (invstd * invstd * total[C:] / ctx.count).view(shape)) * scale.view(shape)
+        return dx, sum_dy_xmu * invstd if weight is not None else None, sum_dy if weight is not None else None, None
+
+
+class TileBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics cover every tile of every rank (the domain-parallel
+    U-Net's), `allreduce(t)` summing a tensor over the ranks (not differentiated: the backward
+    above makes its own sums). As models.GroupBatchNorm, in fewer passes over the maps: torch's
+    fused normalisation forward and a hand-written backward. Parameters and buffers are
+    nn.BatchNorm*d's; in eval mode it is plain BatchNorm with the running statistics."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, allreduce):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.to(bn.weight.device if bn.weight is not None else "cpu")
+        self.allreduce = allreduce
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x):
+        if not self.training:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps)
+        return _TileBatchNorm.apply(x, self.weight, self.bias, self)
+
+
+def tile_batchnorm(model: nn.Module, allreduce) -> nn.Module:
+    """Replace every BatchNorm of `model` by a TileBatchNorm with its parameters (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, TileBatchNorm(child, allreduce))
+        else:
+            tile_batchnorm(child, allreduce)
+    return model
+
+
 def halo_convolutions(model: UNet, pad, tiles: int) -> UNet:
     """In place: every 3x3 convolution of `model` pads its input with `pad` instead of zeros, so
     a U-Net built for a tile computes its part of the U-Net on the whole image (with BatchNorm
-    over every tile: models.group_batchnorm). pad: (S, B, C, *tile) -> (S, B, C, *(tile + 2)),
+    over every tile: tile_batchnorm). pad: (S, B, C, *tile) -> (S, B, C, *(tile + 2)),
     the neighbouring tiles' layers (mpidd.parallel.HaloExchange of width 1); the model's batch
     holds the `tiles` = S subdomains of this rank one after the other (S*B samples). Pooling and
     the stride-2 upsampling need no halo where every level's tile is even (UNet.pooled)."""

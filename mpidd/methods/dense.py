@@ -36,9 +36,8 @@ from .. import parallel, rundir
 from ..dense import predict_dense, sample_scores, score_text, target_tensor, train_dense
 from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
 from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
-from ..models import group_batchnorm
 from ..seeds import seed_for
-from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions
+from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions, tile_batchnorm
 from .context import Context
 
 
@@ -299,7 +298,7 @@ def dense_scores(ctx: Context, outputs: dict, subsets: dict, split: str, cfg: De
 
 def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int, cfg: DenseConfig, group):
     """This rank's copy of the global U-Net computed domain parallel (unet.halo_convolutions over
-    parallel.HaloExchange, BatchNorm over every tile through `group`), seeded as fit_global_unet
+    parallel.HaloExchange, unet.tile_batchnorm over every tile through `group`), seeded as fit_global_unet
     seeds the global U-Net: the same initial weights, module for module. Refused (ValueError)
     where a tile cannot pool at the levels the whole image does."""
     torch.manual_seed(seed_for(cfg.seed, "global"))
@@ -308,7 +307,7 @@ def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int,
     if model.pooled != whole.pooled:
         raise ValueError(f"the U-Net pools tiles {dec.tile_shape} at levels {model.pooled} but whole images "
                          f"{dec.shape} at {whole.pooled}: every tile axis must be divisible by 2**depth")
-    group_batchnorm(model.to(ctx.device), group.allreduce)
+    tile_batchnorm(model.to(ctx.device), group.allreduce)
     halo = parallel.HaloExchange(ctx.comm, dec.grid, ctx.mine, 1, poll_interval=group.wait_interval)
     return halo_convolutions(model, halo, len(ctx.mine))
 

@@ -553,16 +553,15 @@ def test_a_domain_parallel_unet_is_the_unet_on_whole_images(comm, grid, shape):
     running statistics, and (summed over the ranks) its weights' gradients."""
     import torch
     from mpidd.decomposition import Decomposition, subdomains_of_rank
-    from mpidd.models import group_batchnorm
     from mpidd.parallel import AllSum, HaloExchange
-    from mpidd.unet import UNetConfig, build_unet, halo_convolutions
+    from mpidd.unet import UNetConfig, build_unet, halo_convolutions, tile_batchnorm
     torch.set_num_threads(1)
     dec = Decomposition(shape, grid, 0)
     mine = subdomains_of_rank(comm.rank, comm.size, dec.num_subdomains)
     cfg = UNetConfig(width=4, depth=2, input_mean=(0.5,), input_std=(0.25,))
     torch.manual_seed(0)
     whole_net = build_unet(1, 2, shape, cfg).double()
-    tiled = group_batchnorm(build_unet(1, 2, dec.tile_shape, cfg), lambda v: AllSum.apply(v, comm, None)).double()
+    tiled = tile_batchnorm(build_unet(1, 2, dec.tile_shape, cfg), lambda v: AllSum.apply(v, comm, None)).double()
     tiled.load_state_dict(whole_net.state_dict())
     assert tiled.pooled == whole_net.pooled == [True, True]
     halo_convolutions(tiled, HaloExchange(comm, grid, mine, 1), len(mine))

@@ -264,3 +264,33 @@ def test_the_dense_estimator_refuses_bad_input_in_one_line():
     net.fit(x, field)
     with pytest.raises(ValueError, match="model 'coherent-random' is not fitted"):
         net.predict(x, "coherent-random")
+
+
+@pytest.mark.parametrize("shape,affine", [((3, 4, 5, 6), True), ((2, 3, 4, 5, 6), True), ((3, 4, 5, 6), False)])
+def test_tile_batchnorm_alone_is_batchnorm(shape, affine):
+    """TileBatchNorm with a sum over one process: nn.BatchNorm's outputs, input and parameter
+    gradients, running statistics (float64), in training and eval mode."""
+    import copy
+    import torch
+    from mpidd.unet import tile_batchnorm
+    torch.manual_seed(0)
+    bn = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm3d)(shape[1], affine=affine).double()
+    if affine:
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -1, 1)
+    tiled = tile_batchnorm(torch.nn.Sequential(copy.deepcopy(bn).float()), lambda t: t).double()
+    tiled[0].load_state_dict(bn.state_dict())
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(shape, dtype=torch.float64)
+    y, y2 = bn(x), tiled(x2)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.allclose(y, y2, atol=1e-12) and torch.allclose(x.grad, x2.grad, atol=1e-12)
+    for p, q in zip(bn.parameters(), tiled[0].parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-12)
+    for a, b in zip(bn.buffers(), tiled[0].buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12)
+    bn.eval(), tiled.eval()
+    assert torch.allclose(bn(x), tiled(x), atol=1e-12)
+    assert not torch.allclose(y2, tiled(x), atol=1e-3)  # training used the batch's statistics
