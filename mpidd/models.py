@@ -384,6 +384,20 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    def global_statistics(self, total, C: int):
+        """(mean, biased variance) per channel from the summed [sum x (C), sum x^2 (C), count]
+        (float64), the running statistics updated with them as nn.BatchNorm does."""
+        n = total[-1]
+        mean = total[:C] / n
+        var = total[C:2 * C] / n - mean * mean  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+        return mean, var
+
     def forward(self, x):
         if not self.training:
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -395,15 +409,8 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         count = torch.full((1,), x.numel() / max(x.shape[1], 1), dtype=torch.float64, device=x.device)
         total = self.allreduce(torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64),
                                           count]))
-        C, n = x.shape[1], total[-1]
-        mean = total[:C] / n
-        var = total[C:2 * C] / n - mean * mean  # biased, as BatchNorm normalises with
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+        C = x.shape[1]
+        mean, var = self.global_statistics(total, C)
         shape = [1, C] + [1] * (x.dim() - 2)
         scale = torch.rsqrt(var + self.eps).to(x.dtype)
         y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
@@ -412,11 +419,12 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(out_dtype)
 
 
-def group_batchnorm(model: nn.Module, allreduce) -> nn.Module:
-    """Replace every BatchNorm of `model` by a GroupBatchNorm with its parameters (in place)."""
+def group_batchnorm(model: nn.Module, allreduce, kind=GroupBatchNorm) -> nn.Module:
+    """Replace every BatchNorm of `model` by a GroupBatchNorm (or `kind`, a subclass) with its
+    parameters (in place)."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GroupBatchNorm):
-            setattr(model, name, GroupBatchNorm(child, allreduce))
+            setattr(model, name, kind(child, allreduce))
         else:
-            group_batchnorm(child, allreduce)
+            group_batchnorm(child, allreduce, kind)
     return model

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import count_parameters, input_normalization, scaled, width_factor_for
+from .models import GroupBatchNorm, count_parameters, group_batchnorm, input_normalization, scaled, width_factor_for
 
 
 @dataclass
@@ -123,15 +123,7 @@ class _TileBatchNorm(torch.autograd.Function):
         var, mean = (v.double() for v in torch.var_mean(x, dims, correction=0))
         total = module.allreduce(torch.cat([mean * n, (var + mean * mean) * n, mean.new_full((1,), n)]))
         count = total[-1]
-        mean = total[:C] / count
-        var = total[C:2 * C] / count - mean * mean
-        if module.track_running_stats:
-            with torch.no_grad():
-                module.num_batches_tracked += 1
-                m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
-                module.running_mean.mul_(1 - m).add_(m * mean.to(module.running_mean.dtype))
-                module.running_var.mul_(1 - m).add_(m * (var * count / (count - 1)).to(module.running_var.dtype))
-        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        mean, var = (v.to(x.dtype) for v in module.global_statistics(total, C))
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + module.eps))
         ctx.module, ctx.count = module, float(count)
         return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, module.eps)
@@ -150,38 +142,21 @@ class _TileBatchNorm(torch.autograd.Function):
         return dx, sum_dy_xmu * invstd if weight is not None else None, sum_dy if weight is not None else None, None
 
 
-class TileBatchNorm(nn.modules.batchnorm._BatchNorm):
+class TileBatchNorm(GroupBatchNorm):
     """BatchNorm whose batch statistics cover every tile of every rank (the domain-parallel
     U-Net's), `allreduce(t)` summing a tensor over the ranks (not differentiated: the backward
-    above makes its own sums). As models.GroupBatchNorm, in fewer passes over the maps: torch's
-    fused normalisation forward and a hand-written backward. Parameters and buffers are
-    nn.BatchNorm*d's; in eval mode it is plain BatchNorm with the running statistics."""
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, allreduce):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.load_state_dict(bn.state_dict())
-        self.to(bn.weight.device if bn.weight is not None else "cpu")
-        self.allreduce = allreduce
-
-    def _check_input_dim(self, input):
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    above makes its own sums). models.GroupBatchNorm in fewer passes over the maps: torch's fused
+    normalisation forward and a hand-written backward; the same parameters, buffers and eval."""
 
     def forward(self, x):
         if not self.training:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                            False, 0.0, self.eps)
+            return super().forward(x)
         return _TileBatchNorm.apply(x, self.weight, self.bias, self)
 
 
 def tile_batchnorm(model: nn.Module, allreduce) -> nn.Module:
     """Replace every BatchNorm of `model` by a TileBatchNorm with its parameters (in place)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, TileBatchNorm(child, allreduce))
-        else:
-            tile_batchnorm(child, allreduce)
-    return model
+    return group_batchnorm(model, allreduce, TileBatchNorm)
 
 
 def halo_convolutions(model: UNet, pad, tiles: int) -> UNet:
