@@ -49,6 +49,17 @@ def _block(conv, bn, cin, cout, n, batchnorm):
     return nn.Sequential(*layers)
 
 
+def pooled_levels(input_shape, depth: int) -> tuple[list, list]:
+    """([whether level l halves the map, for l < depth], the bottleneck's spatial sizes): a level
+    pools where every axis of its map is even and at least 2."""
+    sizes, pooled = list(input_shape), []
+    for _ in range(depth):
+        can = all(s % 2 == 0 and s >= 2 for s in sizes)
+        pooled.append(can)
+        sizes = [s // 2 for s in sizes] if can else sizes
+    return pooled, sizes
+
+
 class UNet(nn.Module):
     """U-Net of `cfg` from in_channels to out_channels on inputs of spatial shape `input_shape`
     (2 or 3 axes); see the module docstring."""
@@ -66,11 +77,7 @@ class UNet(nn.Module):
         pool = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
         self.normalize = input_normalization(cfg, in_channels, ndim)
         widths = [scaled(cfg.width * 2 ** level, width_factor) for level in range(cfg.depth + 1)]
-        sizes, self.pooled = list(input_shape), []
-        for _ in range(cfg.depth):  # which levels can halve the map exactly
-            can = all(s % 2 == 0 and s >= 2 for s in sizes)
-            self.pooled.append(can)
-            sizes = [s // 2 for s in sizes] if can else sizes
+        self.pooled, sizes = pooled_levels(input_shape, cfg.depth)
         self.bottleneck_shape = (widths[-1], *sizes)
         self.encoders = nn.ModuleList(_block(conv, bn, in_channels if lvl == 0 else widths[lvl - 1], widths[lvl],
                                              cfg.convs_per_level, cfg.batchnorm) for lvl in range(cfg.depth))

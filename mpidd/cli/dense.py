@@ -107,14 +107,7 @@ def plan_dense(args, comm) -> DensePlan:
               "coherent": ("coherent_random",) if args.init == "random" else
               ("local_only", "two_level", "coherent_pretrained")}.get(args.mode, tuple(MODELS))
     local = build_unet(C, out, dec.subimage_shape, cfg.unet, wf)
-    tile, whole = (build_unet(C, out, shape, cfg.unet).pooled for shape in (dec.tile_shape, dec.shape))
-    unfit = None
-    if tile != whole:
-        unfit = (f"needs tiles that pool as the whole image does ({2 ** args.unet_depth} divides every tile "
-                 f"axis); tiles {format_grid(dec.tile_shape)} of {format_grid(dec.shape)} do not: choose another "
-                 f"--grid or --unet-depth")
-    elif "dice" in args.loss:
-        unfit = f"trains on a mean over pixels (--loss mse, l1 or ce), not on --loss {args.loss}"
+    unfit = dense.domain_parallel_unfit(dec, cfg)
     if unfit and args.mode == "compare":  # the comparison goes on without it
         models = tuple(m for m in models if m != "domain_parallel")
     elif unfit and "domain_parallel" in models:

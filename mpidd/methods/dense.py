@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from .. import parallel, rundir
+from ..decomposition import format_grid
 from ..dense import predict_dense, sample_scores, score_text, target_tensor, train_dense
 from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
 from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
 from ..seeds import seed_for
-from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions, tile_batchnorm
+from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions, pooled_levels, tile_batchnorm
 from .context import Context
 
 
@@ -296,17 +297,29 @@ def dense_scores(ctx: Context, outputs: dict, subsets: dict, split: str, cfg: De
     return regression_scores(total) if cfg.task == "regress" else segmentation_scores(total)
 
 
+def domain_parallel_unfit(dec, cfg: DenseConfig) -> str | None:
+    """Why the domain-parallel U-Net cannot run this decomposition and loss, or None: its tiles
+    must pool at the levels the whole image does, and its loss must be a mean over pixels (a
+    Dice over one rank's tiles is not the whole masks' Dice)."""
+    if pooled_levels(dec.tile_shape, cfg.unet.depth)[0] != pooled_levels(dec.shape, cfg.unet.depth)[0]:
+        return (f"needs tiles that pool as the whole image does ({2 ** cfg.unet.depth} divides every tile "
+                f"axis); tiles {format_grid(dec.tile_shape)} of {format_grid(dec.shape)} do not: choose another "
+                f"--grid or --unet-depth")
+    if "dice" in cfg.loss:
+        return f"trains on a mean over pixels (--loss mse, l1 or ce), not on --loss {cfg.loss}"
+    return None
+
+
 def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int, cfg: DenseConfig, group):
     """This rank's copy of the global U-Net computed domain parallel (unet.halo_convolutions over
     parallel.HaloExchange, unet.tile_batchnorm over every tile through `group`), seeded as fit_global_unet
     seeds the global U-Net: the same initial weights, module for module. Refused (ValueError)
-    where a tile cannot pool at the levels the whole image does."""
+    where domain_parallel_unfit says why."""
+    unfit = domain_parallel_unfit(dec, cfg)
+    if unfit:
+        raise ValueError(f"the domain-parallel U-Net {unfit}")
     torch.manual_seed(seed_for(cfg.seed, "global"))
     model = build_unet(in_channels, out_channels, dec.tile_shape, cfg.unet)
-    whole = build_unet(in_channels, out_channels, dec.shape, cfg.unet)
-    if model.pooled != whole.pooled:
-        raise ValueError(f"the U-Net pools tiles {dec.tile_shape} at levels {model.pooled} but whole images "
-                         f"{dec.shape} at {whole.pooled}: every tile axis must be divisible by 2**depth")
     tile_batchnorm(model.to(ctx.device), group.allreduce)
     halo = parallel.HaloExchange(ctx.comm, dec.grid, ctx.mine, 1, poll_interval=group.wait_interval)
     return halo_convolutions(model, halo, len(ctx.mine))
@@ -328,10 +341,8 @@ def fit_domain_parallel_unet(ctx: Context, subsets: dict, dec, in_channels: int,
     same batches, learning rates and epochs as fit_global_unet. Each step's loss is the whole
     fields' mean (each rank's tiles' part), the gradients summed over the ranks, so every rank
     steps the same weights: the global U-Net's training up to the order of floating-point sums.
-    Returns (this rank's copy of the model, history). Losses that are means over pixels only
-    (a Dice over a rank's tiles is not the whole masks' Dice): ValueError for the others."""
-    if "dice" in cfg.loss:
-        raise ValueError(f"the domain-parallel U-Net trains on a mean over pixels (mse, l1 or ce), not {cfg.loss}")
+    Returns (this rank's copy of the model, history); ValueError where domain_parallel_unfit
+    says why it cannot run."""
     everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=getattr(ctx.stops, "wait_interval", None))
     model = domain_parallel_unet(ctx, dec, in_channels, out_channels, cfg, everyone)
     train = _tiles_of(subsets, dec, "train")
