@@ -376,8 +376,10 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, allreduce):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        like = bn.weight if bn.weight is not None else bn.running_mean
+        if like is not None:
+            self.to(device=like.device, dtype=like.dtype)
         self.load_state_dict(bn.state_dict())
-        self.to(bn.weight.device if bn.weight is not None else "cpu")
         self.allreduce = allreduce
 
     def _check_input_dim(self, input):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import GroupBatchNorm, count_parameters, group_batchnorm, input_normalization, scaled, width_factor_for
+from .models import count_parameters, input_normalization, scaled, width_factor_for
 
 
 @dataclass
@@ -115,69 +115,6 @@ class UNet(nn.Module):
 
 def build_unet(in_channels, out_channels, input_shape, cfg: UNetConfig, width_factor=1.0, crop=None) -> UNet:
     return UNet(in_channels, out_channels, tuple(input_shape), cfg, width_factor, crop)
-
-
-class _TileBatchNorm(torch.autograd.Function):
-    """BatchNorm's training step with the statistics of every tile of every rank: forward, each
-    rank's per-channel sums (one var_mean pass) added over the ranks (`module.allreduce`, float64),
-    then torch's fused normalisation with the global mean and variance; backward, the two
-    per-channel sums the input gradient needs added over the ranks too, the rest local."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, module):
-        dims, C = [0, *range(2, x.dim())], x.shape[1]
-        n = x.numel() // C
-        var, mean = (v.double() for v in torch.var_mean(x, dims, correction=0))
-        total = module.allreduce(torch.cat([mean * n, (var + mean * mean) * n, mean.new_full((1,), n)]))
-        count = total[-1]
-        mean, var = (v.to(x.dtype) for v in module.global_statistics(total, C))
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + module.eps))
-        ctx.module, ctx.count = module, float(count)
-        return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, module.eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dims, C = [0, *range(2, x.dim())], x.shape[1]
-        shape = [1, C] + [1] * (x.dim() - 2)
-        xmu = x - mean.view(shape)
-        sum_dy, sum_dy_xmu = grad.sum(dims), (grad * xmu).sum(dims)
-        total = ctx.module.allreduce(torch.cat([sum_dy, sum_dy_xmu]).double()).to(x.dtype)
-        scale = invstd if weight is None else weight * invstd
-        dx = (grad - (total[:C] / ctx.count).view(shape)
-              - xmu * (invstd * invstd * total[C:] / ctx.count).view(shape)) * scale.view(shape)
-        return dx, sum_dy_xmu * invstd if weight is not None else None, sum_dy if weight is not None else None, None
-
-
-class TileBatchNorm(GroupBatchNorm):
-    """BatchNorm whose batch statistics cover every tile of every rank (the domain-parallel
-    U-Net's), `allreduce(t)` summing a tensor over the ranks (not differentiated: the backward
-    above makes its own sums). models.GroupBatchNorm in fewer passes over the maps: torch's fused
-    normalisation forward and a hand-written backward; the same parameters, buffers and eval."""
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        return _TileBatchNorm.apply(x, self.weight, self.bias, self)
-
-
-def tile_batchnorm(model: nn.Module, allreduce) -> nn.Module:
-    """Replace every BatchNorm of `model` by a TileBatchNorm with its parameters (in place)."""
-    return group_batchnorm(model, allreduce, TileBatchNorm)
-
-
-def halo_convolutions(model: UNet, pad, tiles: int) -> UNet:
-    """In place: every 3x3 convolution of `model` pads its input with `pad` instead of zeros, so
-    a U-Net built for a tile computes its part of the U-Net on the whole image (with BatchNorm
-    over every tile: tile_batchnorm). pad: (S, B, C, *tile) -> (S, B, C, *(tile + 2)),
-    the neighbouring tiles' layers (mpidd.parallel.HaloExchange of width 1); the model's batch
-    holds the `tiles` = S subdomains of this rank one after the other (S*B samples). Pooling and
-    the stride-2 upsampling need no halo where every level's tile is even (UNet.pooled)."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.kernel_size[0] == 3:
-            m.padding = (0,) * len(m.kernel_size)
-            m.register_forward_pre_hook(lambda _, args: (pad(args[0].unflatten(0, (tiles, -1))).flatten(0, 1),))
-    return model
 
 
 def matching_width_factor(in_channels, out_channels, image_shape, subimage_shape, num_subdomains,

@@ -38,7 +38,8 @@ from ..dense import predict_dense, sample_scores, score_text, target_tensor, tra
 from ..engine import Control, TrainOptions, make_optimizer, run_epochs, to_channels_last, to_float
 from ..metrics import dense_loss, regression_scores, regression_sums, segmentation_scores, segmentation_sums
 from ..seeds import seed_for
-from ..unet import CoarseCorrection, UNetConfig, build_unet, halo_convolutions, pooled_levels, tile_batchnorm
+from ..tiled_unet import Tiles, tile_wise
+from ..unet import CoarseCorrection, UNetConfig, build_unet, pooled_levels
 from .context import Context
 
 
@@ -310,19 +311,20 @@ def domain_parallel_unfit(dec, cfg: DenseConfig) -> str | None:
     return None
 
 
-def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int, cfg: DenseConfig, group):
-    """This rank's copy of the global U-Net computed domain parallel (unet.halo_convolutions over
-    parallel.HaloExchange, unet.tile_batchnorm over every tile through `group`), seeded as fit_global_unet
-    seeds the global U-Net: the same initial weights, module for module. Refused (ValueError)
-    where domain_parallel_unfit says why."""
+def domain_parallel_unet(ctx: Context, dec, in_channels: int, out_channels: int, cfg: DenseConfig,
+                         wait_interval=None):
+    """(this rank's copy of the global U-Net computed domain parallel, its tiled_unet.Tiles):
+    tiled_unet.tile_wise over parallel.HaloExchange and parallel.SubdomainSum, seeded as
+    fit_global_unet seeds the global U-Net: the same initial weights, module for module.
+    Refused (ValueError) where domain_parallel_unfit says why."""
     unfit = domain_parallel_unfit(dec, cfg)
     if unfit:
         raise ValueError(f"the domain-parallel U-Net {unfit}")
     torch.manual_seed(seed_for(cfg.seed, "global"))
-    model = build_unet(in_channels, out_channels, dec.tile_shape, cfg.unet)
-    tile_batchnorm(model.to(ctx.device), group.allreduce)
-    halo = parallel.HaloExchange(ctx.comm, dec.grid, ctx.mine, 1, poll_interval=group.wait_interval)
-    return halo_convolutions(model, halo, len(ctx.mine))
+    model = build_unet(in_channels, out_channels, dec.tile_shape, cfg.unet).to(ctx.device)
+    tiles = Tiles(len(ctx.mine), parallel.HaloExchange(ctx.comm, dec.grid, ctx.mine, 1, poll_interval=wait_interval),
+                  parallel.SubdomainSum(ctx.comm, ctx.mine, dec.num_subdomains, wait_interval))
+    return tile_wise(model, tiles), tiles
 
 
 def _tiles_of(subsets: dict, dec, split: str) -> list:
@@ -339,12 +341,13 @@ def fit_domain_parallel_unet(ctx: Context, subsets: dict, dec, in_channels: int,
     """Collective: the global U-Net trained domain parallel, every rank its subdomains' tiles
     of every sample (no overlap needed: the halo exchange brings the neighbours' layers), the
     same batches, learning rates and epochs as fit_global_unet. Each step's loss is the whole
-    fields' mean (each rank's tiles' part), the gradients summed over the ranks, so every rank
-    steps the same weights: the global U-Net's training up to the order of floating-point sums.
+    fields' mean, the gradients summed over every subdomain in subdomain order, so every rank
+    steps the same weights, the same bits at every rank count: the global U-Net's training up to
+    the order of floating-point sums.
     Returns (this rank's copy of the model, history); ValueError where domain_parallel_unfit
     says why it cannot run."""
     everyone = parallel.DataParallelGroup(split=ctx.comm, wait_interval=getattr(ctx.stops, "wait_interval", None))
-    model = domain_parallel_unet(ctx, dec, in_channels, out_channels, cfg, everyone)
+    model, tiles = domain_parallel_unet(ctx, dec, in_channels, out_channels, cfg, everyone.wait_interval)
     train = _tiles_of(subsets, dec, "train")
     targets = torch.cat([target_tensor(t, cfg.task) for _, t in train])  # (S*n, ...): tile by tile
     n, S, N = len(train[0][1]), len(train), dec.num_subdomains
@@ -355,11 +358,13 @@ def fit_domain_parallel_unet(ctx: Context, subsets: dict, dec, in_channels: int,
     def step(idx):
         x = to_float(torch.cat([torch.as_tensor(xt[idx]) for xt, _ in train]))
         t = targets[torch.cat([torch.as_tensor(idx) + k * n for k in range(S)])]
-        out = model(x)
-        loss = loss_fn(out.float(), t) * S / N  # summed over the ranks: the mean over every tile
-        loss.backward()
-        everyone.sum_gradients(model)
-        return loss.item() * len(idx), sample_scores(out.detach().float(), t, cfg.task).sum().item() / N
+        out, t = model(x).float().unflatten(0, (S, -1)), t.unflatten(0, (S, -1))
+        losses = torch.stack([loss_fn(out[k], t[k]) for k in range(S)])  # each subdomain's mean
+        (losses.sum() / N).backward()  # the mean over every tile, once summed over the subdomains
+        scores = torch.stack([sample_scores(out[k].detach(), t[k], cfg.task).sum() for k in range(S)])
+        loss, score = tiles.sum_gradients(model, torch.stack([losses.detach(), scores], 1)).tolist()
+        # every rank holds the sums; run_epochs adds the ranks' returns: the leader's alone counts
+        return (loss / N * len(idx), score / N) if everyone.rank == 0 else (0.0, 0.0)
 
     def validate(stop):
         scores = dense_scores(ctx, domain_parallel_predictions(model, subsets, dec, "val", cfg), subsets, "val", cfg)

@@ -4,7 +4,8 @@
                  gather_probabilities
     exchange     ModelParallelExchange and its autograd operators GatherToRoot (coherent CNN-DNN)
                  and ScatterFromRoot (dense two-level coarse corrections)
-    groups       DataParallelGroup and its autograd operator AllSum (P = G*N ranks)
+    groups       DataParallelGroup and its autograd operator AllSum (P = G*N ranks); SubdomainSum
+                 (one row per subdomain added in subdomain order: the domain-parallel U-Net's sums)
     halo         HaloExchange and its autograd operator HaloPad: neighbours' boundary layers
                  around each subdomain's feature map (convolutions across the tiles' faces)
     stop         StopAgreement: SIGTERM/SIGUSR1 on any rank stops every rank (exit 75)
@@ -21,7 +22,7 @@ Invariants the rest of mpidd relies on:
 from .collectives import (agree, allgather, broadcast_from_root, gather_probabilities, gather_to_root, root_decides,
                           sleepy_barrier, sleepy_wait)
 from .exchange import GatherToRoot, ModelParallelExchange, ScatterFromRoot
-from .groups import AllSum, DataParallelGroup, cached_group, free_groups
+from .groups import AllSum, DataParallelGroup, SubdomainSum, cached_group, free_groups
 from .halo import HaloExchange, HaloPad
 from .launch import (StartupError, check_slurm_tasks, default_threads, device_name, install_abort_on_error,
                      library_version, memory_per_rank, mpi4py_version, node_comm, node_cores_and_ranks, node_leaders,
@@ -55,8 +56,8 @@ def world():
 
 __all__ = ["agree", "allgather", "broadcast_from_root", "gather_probabilities", "gather_to_root", "root_decides",
            "sleepy_barrier", "sleepy_wait",
-           "GatherToRoot", "ModelParallelExchange", "ScatterFromRoot", "AllSum", "DataParallelGroup", "cached_group",
-           "free_groups",
+           "GatherToRoot", "ModelParallelExchange", "ScatterFromRoot", "AllSum", "DataParallelGroup", "SubdomainSum",
+           "cached_group", "free_groups",
            "HaloExchange", "HaloPad", "StartupError",
            "check_slurm_tasks", "default_threads", "device_name", "install_abort_on_error", "library_version",
            "memory_per_rank", "mpi4py_version", "node_comm", "node_cores_and_ranks", "node_leaders",

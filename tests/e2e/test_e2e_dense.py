@@ -58,21 +58,15 @@ def regress_runs(dense_files, tmp_path_factory):
 
 def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
     """Local U-Nets, two-level, coherent (from random weights, and from the two-level model) and the
-    global U-Net: every score (SSIM too) and every predicted value the same at every rank count;
-    the domain-parallel global U-Net (gradients and BatchNorm statistics summed over the ranks) to
-    float32 sums, and close to the global U-Net it computes; the scores are those of the written
-    predictions."""
+    global U-Net, the global U-Net domain parallel: every score (SSIM too) and every predicted value
+    the same at every rank count; the domain-parallel U-Net close to the global U-Net it computes;
+    the scores are those of the written predictions."""
     r = {np_: results(out) for np_, (out, _) in regress_runs.items()}
     keys = ("local_only", "two_level", "coherent_random", "coherent_pretrained", "domain_parallel", "global")
     names = ["local U-Nets (no exchange)", "two-level (coarse exchange)", "coherent (random init)",
              "coherent (transfer learning)", "global U-Net, domain parallel", "global U-Net"]
     assert list(r[1]["metrics"]) == names
-    parallel = {np_: r[np_]["metrics"].pop(names[4]) for np_ in r}
     assert r[1]["metrics"] == r[2]["metrics"] == r[4]["metrics"]
-    for np_ in (2, 4):
-        for split in ("val", "test"):
-            for k, v in parallel[1][split].items():
-                assert parallel[np_][split][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (np_, split, k)
     assert r[4]["decomposition"]["rank_of_subdomain"] == [0, 1, 2, 3] and r[2]["world_size"] == 2
     with h5py.File(dense_files[0]) as f:
         target = f["test/targets"][...]
@@ -84,15 +78,14 @@ def test_a_dense_run_is_the_same_on_1_2_and_4_ranks(regress_runs, dense_files):
         assert "phase 1 of 6: local U-Nets" in proc.stdout and "phase 6 of 6: global U-Net on rank 0" in proc.stdout
         assert " left" in next(line for line in proc.stdout.splitlines() if line.startswith("coherent (random init)"))
     for k in preds[1]:
-        same = np.array_equal if k != "domain_parallel" else lambda a, b: np.allclose(a, b, atol=3e-4)  # 6e-5 seen
-        assert same(preds[1][k], preds[2][k]) and same(preds[1][k], preds[4][k]), k
+        assert np.array_equal(preds[1][k], preds[2][k]) and np.array_equal(preds[1][k], preds[4][k]), k
     # the same model and batches as the global U-Net: 1.4e-3 apart at most after 6 Adam steps (fields ~0.25),
     # where another model is 0.67 away
     assert np.allclose(preds[1]["domain_parallel"], preds[1]["global"], atol=5e-3)
     assert not np.allclose(preds[1]["global"], preds[1]["coherent_random"], atol=5e-3)
     for key, name in zip(keys, names):
         want = regression_scores(regression_sums(preds[1][key], target))
-        got = (parallel[1] if key == "domain_parallel" else r[1]["metrics"][name])["test"]
+        got = r[1]["metrics"][name]["test"]
         assert got["mae"] == pytest.approx(want["mae"], rel=1e-5) and got["rel_l2"] == pytest.approx(
             want["rel_l2"], rel=1e-5)
         want_ssim = ssim(preds[1][key], target, target.max() - target.min()).mean()

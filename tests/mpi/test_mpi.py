@@ -483,6 +483,25 @@ def _tiles(whole, grid, mine, width=0):
 
 
 @pytest.mark.mpi(min_size=1)
+def test_the_subdomain_sum_adds_in_subdomain_order_at_every_rank_count(comm):
+    """SubdomainSum over 6 subdomains (round robin, 1 to 6 per rank): on every rank the float32
+    rows of every subdomain added in subdomain order, the bits of ordered_sum in one process
+    (values whose sum depends on the order); rows that do not match the rank's subdomains refused."""
+    import torch
+    from mpidd.decomposition import subdomains_of_rank
+    from mpidd.parallel import SubdomainSum
+    from mpidd.tiled_unet import ordered_sum
+    rows = torch.tensor(np.random.default_rng(4).standard_normal((6, 3, 50)) * 10.0 ** np.arange(6)[:, None, None],
+                        dtype=torch.float32)
+    mine = subdomains_of_rank(comm.rank, comm.size, 6)
+    total = SubdomainSum(comm, mine, 6)(rows[mine])
+    assert total.dtype == torch.float32 and torch.equal(total, ordered_sum(rows))
+    assert not torch.equal(ordered_sum(rows), ordered_sum(rows.flip(0)))  # the order shows in these bits
+    with pytest.raises(ValueError, match=f"{len(mine) + 1} rows for {len(mine)} subdomains"):
+        SubdomainSum(comm, mine, 6)(rows[mine + [0]])  # every rank refuses before the collective
+
+
+@pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("grid,shape,width", [((2, 3), (8, 9), 1), ((2, 3), (8, 9), 2), ((2, 2, 2), (4, 6, 4), 1)])
 def test_halo_exchange_pads_each_tile_with_its_neighbours_and_is_adjoint(comm, grid, shape, width):
     """F: each subdomain's tile -> the tile grown by `width` layers of its neighbours' values
@@ -547,24 +566,26 @@ def test_convolutions_across_the_halo_equal_one_process_and_their_gradients(comm
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("grid,shape", [((2, 2), (16, 24)), ((2, 2, 2), (8, 8, 16))])
 def test_a_domain_parallel_unet_is_the_unet_on_whole_images(comm, grid, shape):
-    """A U-Net built for the tile, its 3x3 convolutions padded by the halo exchange and its
-    BatchNorm over every tile of every rank, from the global U-Net's weights: in training and
+    """A U-Net built for the tile and made tile-wise (3x3 convolutions padded by the halo exchange,
+    BatchNorm over every tile of every rank), from the global U-Net's weights: in training and
     in eval mode the outputs of the U-Net on whole images in one process cut into tiles, its
-    running statistics, and (summed over the ranks) its weights' gradients."""
+    running statistics, and (the subdomains' parts summed) its weights' gradients."""
     import torch
     from mpidd.decomposition import Decomposition, subdomains_of_rank
-    from mpidd.parallel import AllSum, HaloExchange
-    from mpidd.unet import UNetConfig, build_unet, halo_convolutions, tile_batchnorm
+    from mpidd.parallel import HaloExchange, SubdomainSum
+    from mpidd.tiled_unet import Tiles, tile_wise
+    from mpidd.unet import UNetConfig, build_unet
     torch.set_num_threads(1)
     dec = Decomposition(shape, grid, 0)
     mine = subdomains_of_rank(comm.rank, comm.size, dec.num_subdomains)
     cfg = UNetConfig(width=4, depth=2, input_mean=(0.5,), input_std=(0.25,))
     torch.manual_seed(0)
     whole_net = build_unet(1, 2, shape, cfg).double()
-    tiled = tile_batchnorm(build_unet(1, 2, dec.tile_shape, cfg), lambda v: AllSum.apply(v, comm, None)).double()
+    tiled = build_unet(1, 2, dec.tile_shape, cfg).double()
     tiled.load_state_dict(whole_net.state_dict())
     assert tiled.pooled == whole_net.pooled == [True, True]
-    halo_convolutions(tiled, HaloExchange(comm, grid, mine, 1), len(mine))
+    tiles = Tiles(len(mine), HaloExchange(comm, grid, mine, 1), SubdomainSum(comm, mine, dec.num_subdomains))
+    tile_wise(tiled, tiles)
     x = torch.tensor(np.random.default_rng(5).random((3, 1, *shape)))
     out = whole_net(x)
     out.square().mean().backward()
@@ -572,8 +593,9 @@ def test_a_domain_parallel_unet_is_the_unet_on_whole_images(comm, grid, shape):
     assert torch.allclose(mine_out.detach().unflatten(0, (len(mine), 3)),
                           torch.from_numpy(_tiles(out.detach().numpy(), grid, mine)), atol=1e-10)
     (mine_out.square().sum() / out.numel()).backward()
+    tiles.sum_gradients(tiled)
     for (name, p), q in zip(tiled.named_parameters(), whole_net.parameters()):
-        assert np.allclose(comm.allreduce(p.grad.numpy()), q.grad.numpy(), atol=1e-9), name
+        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
     for (name, b), c in zip(tiled.named_buffers(), whole_net.buffers()):
         assert torch.allclose(b.double(), c.double(), atol=1e-10), name
     tiled.eval(), whole_net.eval()
@@ -915,7 +937,8 @@ def test_the_domain_parallel_unet_trains_as_the_global_unet(comm, task, overlap)
     """fit_domain_parallel_unet on comm's ranks (the subdomains in turn; with an overlap, each
     box cut to its tile) against fit_global_unet on whole images in one process: the same
     weights, validation scores and test outputs after an epoch of 3 steps, up to the order of
-    float32 sums."""
+    float32 sums; and the same bits as fit_domain_parallel_unet in one process holding every
+    subdomain (at 3 ranks, ranks of 2 and 1 subdomains)."""
     import torch
     from mpidd.decomposition import Decomposition, subdomains_of_rank
     from mpidd.dense import predict_dense
@@ -942,6 +965,20 @@ def test_the_domain_parallel_unet_trains_as_the_global_unet(comm, task, overlap)
     outputs = dense.domain_parallel_predictions(model, subsets, dec, "test", cfg)
     val = dense.dense_scores(ctx, dense.domain_parallel_predictions(model, subsets, dec, "val", cfg), subsets,
                              "val", cfg)
+    if comm.size > 1:  # the same bits as one process holding every subdomain
+        from mpi4py import MPI
+        every = {i: {s: (x[r][(slice(None), slice(None)) + dec.slices(i)].numpy(),
+                         target[r][(slice(None),) + channel + dec.tile_slices(i)].numpy()) for s, r in split.items()}
+                 for i in range(4)}
+        alone = Context(comm=MPI.COMM_SELF, mine=list(range(4)))
+        one, one_history = dense.fit_domain_parallel_unet(alone, every, dec, 1, out_channels, cfg)
+        for p, q in zip(model.parameters(), one.parameters()):
+            assert torch.equal(p, q)
+        one_outputs = dense.domain_parallel_predictions(one, every, dec, "test", cfg)
+        assert all(torch.equal(outputs[i], one_outputs[i]) for i in mine)
+        assert history[-1]["val_acc"] == one_history[-1]["val_acc"]
+        if comm.rank == 0:
+            assert history[-1]["loss"] == one_history[-1]["loss"]
     whole, whole_history = dense.fit_global_unet(Context(comm=comm, mine=mine), (x[:48].numpy(), target[:48].numpy()),
                                                  (x[48:64].numpy(), target[48:64].numpy()), 1, out_channels, (8, 8),
                                                  cfg)

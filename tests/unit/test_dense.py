@@ -266,19 +266,22 @@ def test_the_dense_estimator_refuses_bad_input_in_one_line():
         net.predict(x, "coherent-random")
 
 
-@pytest.mark.parametrize("shape,affine", [((3, 4, 5, 6), True), ((2, 3, 4, 5, 6), True), ((3, 4, 5, 6), False)])
-def test_tile_batchnorm_alone_is_batchnorm(shape, affine):
-    """TileBatchNorm with a sum over one process: nn.BatchNorm's outputs, input and parameter
-    gradients, running statistics (float64), in training and eval mode."""
+@pytest.mark.parametrize("shape,affine,tiles", [((3, 4, 5, 6), True, 1), ((2, 3, 4, 5, 6), True, 1),
+                                                ((3, 4, 5, 6), False, 1), ((6, 4, 5, 6), True, 3)])
+def test_tile_batchnorm_in_one_process_is_batchnorm(shape, affine, tiles):
+    """TileBatchNorm with every subdomain in one process (1, or 3 of 2 samples each): nn.BatchNorm's
+    outputs, input and parameter gradients (the subdomains' parts added by sum_gradients), running
+    statistics (float64), in training and eval mode."""
     import copy
     import torch
-    from mpidd.unet import tile_batchnorm
+    from mpidd.tiled_unet import Tiles, tile_wise
     torch.manual_seed(0)
     bn = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm3d)(shape[1], affine=affine).double()
     if affine:
         torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
         torch.nn.init.uniform_(bn.bias, -1, 1)
-    tiled = tile_batchnorm(torch.nn.Sequential(copy.deepcopy(bn).float()), lambda t: t).double()
+    parts = Tiles(tiles)
+    tiled = tile_wise(torch.nn.Sequential(copy.deepcopy(bn).float()), parts).double()
     tiled[0].load_state_dict(bn.state_dict())
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
@@ -286,6 +289,9 @@ def test_tile_batchnorm_alone_is_batchnorm(shape, affine):
     y, y2 = bn(x), tiled(x2)
     y.backward(g)
     y2.backward(g)
+    if affine:
+        assert all(p.grad is None for p in tiled.parameters())  # the subdomains' copies hold the parts
+    parts.sum_gradients(tiled)
     assert torch.allclose(y, y2, atol=1e-12) and torch.allclose(x.grad, x2.grad, atol=1e-12)
     for p, q in zip(bn.parameters(), tiled[0].parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-12)
@@ -294,3 +300,31 @@ def test_tile_batchnorm_alone_is_batchnorm(shape, affine):
     bn.eval(), tiled.eval()
     assert torch.allclose(bn(x), tiled(x), atol=1e-12)
     assert not torch.allclose(y2, tiled(x), atol=1e-3)  # training used the batch's statistics
+
+
+def test_tile_convolutions_keep_each_subdomains_gradient_apart():
+    """A tile-wise convolution (no halo) over 3 subdomains in one process: the convolution's output;
+    the copies' gradients are each subdomain's part (a convolution on its samples alone), and
+    sum_gradients adds them in subdomain order (ordered_sum), returning the extra columns' sums."""
+    import torch
+    from mpidd.tiled_unet import Tiles, ordered_sum, tile_wise
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    parts = Tiles(3)
+    tiled = tile_wise(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1)), parts)
+    tiled.load_state_dict({"0." + k: v for k, v in conv.state_dict().items()})
+    assert [n for n, _ in tiled.named_parameters()] == ["0.weight", "0.bias"]
+    x = torch.randn(6, 2, 5, 5)
+    out = tiled(x)
+    assert torch.allclose(out, conv(x), atol=1e-6)
+    out.square().sum().backward()
+    one = []
+    for k in range(3):
+        conv.zero_grad()
+        conv(x[2 * k:2 * k + 2]).square().sum().backward()
+        one.append(conv.weight.grad.clone())
+    weight_copies = parts._copies[tiled[0].weight][1]
+    assert all(torch.equal(c.grad, g) for c, g in zip(weight_copies, one))
+    extra = parts.sum_gradients(tiled, torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    assert torch.equal(tiled[0].weight.grad, ordered_sum(torch.stack(one))) and extra.tolist() == [9.0, 12.0]
+    assert not parts._copies  # dropped: the next step copies the stepped weights
