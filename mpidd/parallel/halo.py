@@ -10,8 +10,11 @@ gradient back onto the boundary layers of the neighbour it came from.
 
 Axis by axis: the slabs sent along axis a already carry the halos of the axes before it, so
 corners (and in 3D edges) arrive without diagonal messages. Neighbours on the same rank are
-copied; the others get point-to-point messages tagged with the receiving subdomain and side.
-Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
+copied; the others get point-to-point messages tagged with the receiving subdomain and side,
+and every received slab is then copied (or, in the adjoint, added) in one fixed order, so the
+results are the same bits whichever neighbours share a rank. The maps stay torch tensors in
+their memory layout (channels-last maps reach the convolution as such); only the slabs sent
+are copied out, as float64 or float32. Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
 call returns only when all its messages have arrived. Tags repeat across axes and calls: since
 every rank posts its messages in the same order and MPI keeps the messages of one (source, tag)
 in order, each receive matches the message meant for it.
@@ -24,6 +27,7 @@ import time
 import numpy as np
 import torch
 from mpi4py import MPI
+from torch import nn
 
 from ..decomposition import grid_neighbour
 
@@ -63,35 +67,45 @@ class HaloExchange:
             cut = slice(w, 2 * w) if side == LOW else slice(length - 2 * w, length - w)
         return (slice(None),) * (2 + axis) + (cut,)
 
-    def _transfer(self, sends: list, receives: list):
-        """sends [(subdomain to, side, array)], receives [(subdomain from, tag, array to fill)]:
-        copies between this rank's subdomains, messages to and from the others; returns when all
-        are done."""
-        requests, local = [], {}
-        for to, side, array in sends:
+    def _transfer(self, sends: list, receives: list, add: bool):
+        """sends [(subdomain to, side, view)], receives [(subdomain from, tag, view)]: the views
+        sent to this rank's own subdomains are read directly, the others travel as messages (as
+        float64 or float32: `wire`); once all have arrived, each received view is copied (add
+        False) or added (add True) onto its destination in the list's order, whichever rank
+        sent it (so the sums are the same at every rank count). Sent and received views of one
+        call do not overlap."""
+        requests, local, sources = [], {}, []
+        for to, side, view in sends:
             tag = 2 * to + side
             if self.rank_of[to] == self.rank:
-                local[tag] = array
+                local[tag] = view
             else:
-                array = np.ascontiguousarray(array)
+                array = view.detach().to("cpu", _wire(view.dtype)).contiguous().numpy()
                 requests.append(self.comm.Isend(array, dest=self.rank_of[to], tag=tag))
                 self.bytes += array.nbytes
-        for source, tag, out in receives:
+        for source, tag, into in receives:
             if self.rank_of[source] == self.rank:
-                out[...] = local[tag]
+                sources.append(local[tag])
             else:
-                requests.append(self.comm.Irecv(out, source=self.rank_of[source], tag=tag))
+                buffer = torch.empty(into.shape, dtype=_wire(into.dtype))
+                requests.append(self.comm.Irecv(buffer.numpy(), source=self.rank_of[source], tag=tag))
+                sources.append(buffer)
         if self.poll_interval is None:
             MPI.Request.Waitall(requests)
         else:
             while not MPI.Request.Testall(requests):
                 time.sleep(self.poll_interval)
+        for (_, _, into), source in zip(receives, sources):
+            if add:
+                into.add_(source.to(into.device, into.dtype))
+            else:
+                into.copy_(source)
 
-    def _messages(self, y: np.ndarray, axis: int, send_halo: bool) -> tuple[list, list]:
-        """The exchange along `axis` of the padded arrays y (S, B, C, *padded tile): forward
+    def _messages(self, y: torch.Tensor, axis: int, send_halo: bool) -> tuple[list, list]:
+        """The exchange along `axis` of the padded maps y (S, B, C, *padded tile): forward
         (send_halo False), each tile's outermost layers to the neighbour's halo; adjoint (True),
         each halo back to the layers it came from. Returns (sends, receives (subdomain from, tag,
-        buffer, where it goes in y))."""
+        where it goes in y))."""
         n = y.shape[3 + axis]
         sends, receives = [], []
         for k, i in enumerate(self.mine):
@@ -101,67 +115,58 @@ class HaloExchange:
                     continue  # the image ends: zeros there, and no gradient goes back
                 # my low layers fill j's high halo, and the other way round
                 sends.append((j, 1 - side, y[k][self._slab(axis, side, n, halo=send_halo)]))
-                into = y[k][self._slab(axis, side, n, halo=not send_halo)]
-                receives.append((j, 2 * i + side, np.empty(into.shape, y.dtype), into))
+                receives.append((j, 2 * i + side, y[k][self._slab(axis, side, n, halo=not send_halo)]))
         return sends, receives
 
     def _interior(self, ndim: int) -> tuple:
         w = self.width
         return (slice(None),) * 3 + (slice(w, -w),) * (ndim - 3)
 
-    def pad(self, x: np.ndarray) -> np.ndarray:
-        """The forward exchange on arrays (S, B, C, *tile) (float32 or float64, as every rank's):
-        one padded copy, whose halos are filled axis by axis (the slabs sent along an axis carry
-        the halos of the axes before it: corners arrive without diagonal messages)."""
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward exchange on maps (S, B, C, *tile): one zero-padded copy in x's memory
+        layout (channels-last maps stay so for the convolution), whose halos are filled axis by
+        axis (the slabs sent along an axis carry the halos of the axes before it: corners arrive
+        without diagonal messages)."""
         start, w = time.perf_counter(), self.width
         if x.shape[0] != len(self.mine):
             raise ValueError(f"halo exchange: rank {self.rank} owns {len(self.mine)} subdomains, "
                              f"not {x.shape[0]}")
         if any(n < w for n in x.shape[3:]):
-            raise ValueError(f"halo exchange: tiles {x.shape[3:]} are thinner than the halo width {w}")
-        y = np.zeros(x.shape[:3] + tuple(n + 2 * w for n in x.shape[3:]), x.dtype)
-        y[self._interior(y.ndim)] = x
+            raise ValueError(f"halo exchange: tiles {tuple(x.shape[3:])} are thinner than the halo width {w}")
+        y = nn.functional.pad(x.flatten(0, 1), [w] * (2 * (x.dim() - 3))).unflatten(0, x.shape[:2])
         for axis in range(len(self.grid)):
-            sends, receives = self._messages(y, axis, send_halo=False)
-            self._transfer(sends, [r[:3] for r in receives])
-            for _, _, buffer, into in receives:
-                into[...] = buffer
+            self._transfer(*self._messages(y, axis, send_halo=False), add=False)
         self.seconds += time.perf_counter() - start
         return y
 
-    def unpad(self, grad: np.ndarray) -> np.ndarray:
-        """The adjoint on arrays (S, B, C, *(tile + 2 width)): axis by axis in reverse, each
+    def unpad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The adjoint on maps (S, B, C, *(tile + 2 width)): axis by axis in reverse, each
         halo's gradient added onto the layers it came from, then the halo zeroed (the values it
         held before, zeros, carry no gradient to the axes exchanged before it); the interior."""
         start, w = time.perf_counter(), self.width
-        g = np.array(grad)
+        g = grad.clone()
         for axis in reversed(range(len(self.grid))):
-            sends, receives = self._messages(g, axis, send_halo=True)
-            self._transfer(sends, [r[:3] for r in receives])
-            for _, _, buffer, into in receives:
-                into += buffer
+            self._transfer(*self._messages(g, axis, send_halo=True), add=True)
             g[(slice(None),) * (3 + axis) + (slice(0, w),)] = 0
             g[(slice(None),) * (3 + axis) + (slice(g.shape[3 + axis] - w, None),)] = 0
         self.seconds += time.perf_counter() - start
-        return np.ascontiguousarray(g[self._interior(g.ndim)])
+        return g[self._interior(g.dim())]
 
 
-def _array(tensor):
-    """A float64 tensor as it is, any other (float32, bfloat16, ...) as float32, on the host."""
-    t = tensor.detach().cpu()
-    return np.ascontiguousarray((t if t.dtype == torch.float64 else t.float()).numpy())
+def _wire(dtype):
+    """What a map of `dtype` travels as: float64 as it is, anything else as float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class HaloPad(torch.autograd.Function):
     """forward: HaloExchange.pad (neighbours' boundary layers around each tile); backward (its
-    adjoint): HaloExchange.unpad. Sent as float64 or float32 (bfloat16 maps widened)."""
+    adjoint): HaloExchange.unpad."""
 
     @staticmethod
     def forward(ctx, x, exchange):
         ctx.exchange = exchange
-        return torch.from_numpy(exchange.pad(_array(x))).to(device=x.device, dtype=x.dtype)
+        return exchange.pad(x)
 
     @staticmethod
     def backward(ctx, grad):
-        inner = ctx.exchange.unpad(_array(grad))
-        return torch.from_numpy(inner).to(device=grad.device, dtype=grad.dtype), None
+        return ctx.exchange.unpad(grad), None
