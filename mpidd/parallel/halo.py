@@ -14,7 +14,9 @@ copied; the others get point-to-point messages tagged with the receiving subdoma
 and every received slab is then copied (or, in the adjoint, added) in one fixed order, so the
 results are the same bits whichever neighbours share a rank. The maps stay torch tensors in
 their memory layout (channels-last maps reach the convolution as such); only the slabs sent
-are copied out, as float64 or float32. Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
+are copied out, as float64 or float32.
+
+Invariant: every rank of comm calls forward and backward alike (same order, same batch); a
 call returns only when all its messages have arrived. Tags repeat across axes and calls: since
 every rank posts its messages in the same order and MPI keeps the messages of one (source, tag)
 in order, each receive matches the message meant for it.
