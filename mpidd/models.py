@@ -421,12 +421,11 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(out_dtype)
 
 
-def group_batchnorm(model: nn.Module, allreduce, kind=GroupBatchNorm) -> nn.Module:
-    """Replace every BatchNorm of `model` by a GroupBatchNorm (or `kind`, a subclass) with its
-    parameters (in place)."""
+def group_batchnorm(model: nn.Module, allreduce) -> nn.Module:
+    """Replace every BatchNorm of `model` by a GroupBatchNorm with its parameters (in place)."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GroupBatchNorm):
-            setattr(model, name, kind(child, allreduce))
+            setattr(model, name, GroupBatchNorm(child, allreduce))
         else:
-            group_batchnorm(child, allreduce, kind)
+            group_batchnorm(child, allreduce)
     return model

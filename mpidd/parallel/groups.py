@@ -118,7 +118,6 @@ class SubdomainSum:
         if len(self.order) != num_subdomains or sorted(np.concatenate(owners).tolist()) != list(range(num_subdomains)):
             raise ValueError(f"subdomain sum: the ranks' subdomains {owners} must cover the {num_subdomains} "
                              f"subdomains once each")
-        self.bytes = 0  # payload this rank sent
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         mine = np.ascontiguousarray(rows.detach().cpu().numpy())
@@ -126,10 +125,5 @@ class SubdomainSum:
             raise ValueError(f"subdomain sum: {mine.shape[0]} rows for {len(self.mine)} subdomains")
         row = int(np.prod(mine.shape[1:]))
         gathered = np.empty((len(self.order),) + mine.shape[1:], mine.dtype)
-        request = self.comm.Iallgatherv(mine, [gathered, [c * row for c in self.counts]])
-        if self.wait_interval is None:
-            request.Wait()
-        else:
-            sleepy_wait(request, self.wait_interval)
-        self.bytes += mine.nbytes
+        sleepy_wait(self.comm.Iallgatherv(mine, [gathered, [c * row for c in self.counts]]), self.wait_interval)
         return ordered_sum(torch.from_numpy(gathered[self.order])).to(rows.device)
