@@ -200,7 +200,9 @@ def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(
     75, so srun (--kill-on-bad-exit) kills it once the others' 75 arrive and reports a signal;
     the marker says the step stopped, and it is requeued. (The lingering is an exec'd sleep: a
     shell waiting on a sleep would outlive the sleep's SIGTERM and exit 75 itself, which srun
-    reports as an exit, not a signal: that race failed this test once in a fresh-clone run.)"""
+    reports as an exit, not a signal: that race failed this test once in a fresh-clone run. How srun
+    words rank 1's end varies, "task 1: Terminated" or not, so the test asks only for the script's
+    line that it read the marker, which it prints only when srun's code was neither 0 nor 75.)"""
     run_dir = str(tmp_path / "run")
     python = sys.executable
     if slow_exit:
@@ -218,7 +220,7 @@ def test_a_signalled_job_stops_requeues_and_resumes_to_the_uninterrupted_result(
     assert "mpidd: stopped (SIGUSR1)" in log and f"requeueing job {job_id}" in log
     assert f"mpidd: resuming {run_dir} (restart 1 of job {job_id})" in log
     if slow_exit:  # (the others may meet the same end without help: the marker is read every time)
-        assert re.search(r"task 1: (Terminated|Killed)", log) and "rank 0 recorded the stop" in log, log
+        assert "rank 0 recorded the stop" in log, log  # srun exited neither 0 nor 75: the marker decided
     stops = json.load(open(os.path.join(run_dir, "results.json")))["restarts"]["stops"]
     assert [s["reason"] for s in stops] == ["SIGUSR1"]
     same_run(run_dir, reference)
