@@ -53,6 +53,17 @@ def initial_coarse_dnn(in_features, num_classes, hidden, dropout, seed: int) -> 
     return CoarseDNN(in_features, num_classes, hidden, dropout)
 
 
+@torch.no_grad()
+def transformed_inputs(model: CoarseDNN, x, rows: int = 8192) -> torch.Tensor:
+    """model.transform(x) as one float32 (n, F) tensor, computed in blocks of `rows` rows: the
+    temporaries are a block's (the training split's probabilities can be large on rank 0)."""
+    x = torch.as_tensor(x)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for a in range(0, len(x), rows):
+        out[a:a + rows] = model.transform(x[a:a + rows])
+    return out
+
+
 def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOptions, seed: int, log=None,
                      control=None, inputs: str = "logprob", min_steps: int = 0):
     """Train the coarse DNN on flattened (n, N*K) probabilities for coarse_epochs(...) epochs;
@@ -66,5 +77,8 @@ def train_coarse_dnn(train, val, num_classes, hidden, dropout, opts: TrainOption
     if inputs == "logprob":
         model.use_log_probabilities(x)
     opts = dataclasses.replace(opts, epochs=coarse_epochs(len(y), opts, min_steps))
-    history, _ = train_classifier(model, (x, y), val, opts, seed_for(seed, "coarse_order"), log, control=control)
+    x = transformed_inputs(model, x)  # once, not every batch of every epoch
+    val = val if val is None else (transformed_inputs(model, val[0]), val[1])
+    with model.transformed_inputs():
+        history, _ = train_classifier(model, (x, y), val, opts, seed_for(seed, "coarse_order"), log, control=control)
     return model, history

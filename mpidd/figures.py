@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 # the phases of results.json's per-rank timings, in the order they run (subdomain_i are inside local)
 PHASES = ("load", "local", "wait", "gather", "coarse", "coherent_random", "coherent_pretrained",
           "global_load", "global_train", "global_eval", "subnets", "recompose", "recomposed", "random_init")
+NESTED_PHASES = ("probabilities",)  # parts of "local", timed apart; like subdomain_<i>, not stacked again
 
 
 def _save(fig, path):
@@ -138,7 +139,7 @@ def phase_times(results: dict, path: str):
     if not ranks:
         return None
     phases = [p for p in PHASES if any(p in r.get("phases", {}) for r in ranks)]
-    phases += sorted({p for r in ranks for p in r.get("phases", {})} - set(phases) -
+    phases += sorted({p for r in ranks for p in r.get("phases", {})} - set(phases) - set(NESTED_PHASES) -
                      {p for r in ranks for p in r.get("phases", {}) if p.startswith("subdomain_")})
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(ranks) + 2.2))
     left = np.zeros(len(ranks))

@@ -12,6 +12,7 @@ any configuration of either family.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -339,6 +340,7 @@ class CoarseDNN(nn.Module):
         self.register_buffer("log_inputs", torch.tensor(False))
         self.register_buffer("input_mean", torch.zeros(in_features))
         self.register_buffer("input_std", torch.ones(in_features))
+        self.inputs_transformed = False  # see transformed_inputs
 
     def use_log_probabilities(self, train) -> "CoarseDNN":
         """Standardised log-probabilities, with the mean and std of `train` (n, N*K) per feature
@@ -350,10 +352,24 @@ class CoarseDNN(nn.Module):
         self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
         return self
 
-    def forward(self, x):
+    def transform(self, x):
+        """The network's inputs for probabilities x (n, in_features), as forward computes them."""
         # where, not `if self.log_inputs`: no device-to-host sync per step on a GPU
         x = torch.where(self.log_inputs, torch.log(x.clamp_min(PROBABILITY_FLOOR)), x)
-        return self.net((x - self.input_mean) / self.input_std)
+        return (x - self.input_mean) / self.input_std
+
+    def forward(self, x):
+        return self.net(x if self.inputs_transformed else self.transform(x))
+
+    @contextlib.contextmanager
+    def transformed_inputs(self):
+        """Inside, forward takes transform(x) instead of x: a training loop transforms its
+        data once instead of every batch in every epoch."""
+        self.inputs_transformed = True
+        try:
+            yield self
+        finally:
+            self.inputs_transformed = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         identity = {"log_inputs": torch.tensor(False), "input_mean": torch.zeros_like(self.input_mean),

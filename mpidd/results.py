@@ -55,8 +55,11 @@ def assemble_results(args, plan, all_stats, acc, size, threads, versions) -> dic
                       + max(seconds(st, "wall_s", "gather") for st in all_stats)
                       + seconds(all_stats[0], "wall_s", "coarse"),
             "slowest_rank": slowest, "local_cpu_s": local_cpu[slowest],
+            "probabilities_cpu_s": seconds(all_stats[slowest], "cpu_s", "probabilities"),
             "gather_cpu_s": gather_cpu, "coarse_cpu_s": coarse_cpu,
-            "definition": "max over ranks of (load + local) + gather + coarse; CPU = process time"}
+            "definition": "max over ranks of (load + local) + gather + coarse; CPU = process time; "
+                          "probabilities: the part of that rank's local phase spent on its local CNNs' class "
+                          "probabilities of every split (what the coarse DNN needs)"}
         timing["total_cpu_s_twolevel"] = total("load", "local", "gather") + coarse_cpu
         models.append({"name": "CNN-DNN", "kind": "cnn_dnn", "params": composite_params,
                        "dnn_params": plan.dnn_params, "cpu_s": timing["critical_path"]["cpu_s"],

@@ -59,7 +59,8 @@ def format_table(results: dict) -> str:
     cp = t.get("critical_path")
     if cp:
         lines.append(f"two-level critical path: {cp['cpu_s']:.1f} CPU s = slowest rank {cp['slowest_rank']} "
-                     f"load+local {cp['local_cpu_s']:.1f} + gather {cp['gather_cpu_s']:.2f} "
+                     f"load+local {cp['local_cpu_s']:.1f} (probabilities {cp.get('probabilities_cpu_s', 0.0):.1f}) "
+                     f"+ gather {cp['gather_cpu_s']:.2f} "
                      f"+ coarse {cp['coarse_cpu_s']:.1f}  (wall {cp['wall_s']:.1f} s)")
     g = t.get("global_train_cpu_s")
     if g is not None:

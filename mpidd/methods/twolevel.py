@@ -74,7 +74,8 @@ def fit_local_models(ctx: Context, subsets: dict, dec, channels: int, num_classe
                 model, split["train"], split["val"], cfg.local, seed,
                 ctx.progress.printer(f"local {i} {dec.coords(i)}", cfg.local.epochs, len(subsets) - k - 1),
                 control=control, group=ctx.group, precision=ctx.precision)
-            probs[i] = local_probabilities(ctx, {i: model}, {i: split}, splits, cfg.eval_batch_size)[i]
+            with ctx.timer("probabilities"):
+                probs[i] = local_probabilities(ctx, {i: model}, {i: split}, splits, cfg.eval_batch_size)[i]
         models[i] = model
     return probs, models, histories
 

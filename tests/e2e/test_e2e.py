@@ -82,8 +82,10 @@ def test_two_rank_run_writes_everything(two_rank_run):
         assert s["bytes_read_boxes"] == box_bytes
         assert s["peak_rss_bytes"] > 10 * 2 ** 20
         assert {"load", "local", "gather", "coherent_random", "coherent_pretrained"} <= set(s["phases"])
+        assert 0 < s["phases"]["probabilities"]["cpu_s"] < s["phases"]["local"]["cpu_s"]  # a part of it
     cp = r["timing"]["critical_path"]
     assert cp["cpu_s"] > 0 and r["timing"]["global_train_cpu_s"] > 0
+    assert cp["probabilities_cpu_s"] == r["per_rank"][cp["slowest_rank"]]["phases"]["probabilities"]["cpu_s"]
     assert "MPICH" in r["versions"]["mpi_library"] or "Open MPI" in r["versions"]["mpi_library"]
     assert r["versions"]["torch"].startswith("2.")
     coherent = [f"coherent_{init}_{f}" for init in ("pretrained", "random")

@@ -114,6 +114,28 @@ def test_coarse_dnn_input_transform_is_part_of_the_model():
     assert torch.equal(again(torch.as_tensor(x)), plain)
 
 
+def test_coarse_dnn_trains_on_inputs_transformed_once_as_on_each_batch():
+    """train_coarse_dnn transforms the inputs once (CoarseDNN.transformed_inputs): the same
+    model as a loop that transforms every batch in forward, and forward transforms again after."""
+    import torch
+    from mpidd.combine import initial_coarse_dnn, train_coarse_dnn
+    from mpidd.engine import TrainOptions, train_classifier
+    from mpidd.seeds import seed_for
+    x, y = weak_local_probabilities(600)
+    xv, yv = weak_local_probabilities(200, seed=1)
+    x[0, 0] = 0.0
+    opts = TrainOptions(epochs=2, batch_size=64, lr=3e-3, weight_decay=1e-4, select_best=True)
+    dnn, history = train_coarse_dnn((x, y), (xv, yv), 4, (8, 8), 0.0, opts, seed=3, min_steps=0)
+    per_batch = initial_coarse_dnn(16, 4, (8, 8), 0.0, seed=3).use_log_probabilities(x)
+    reference, _ = train_classifier(per_batch, (x, y), (xv, yv), opts, seed_for(3, "coarse_order"))
+    assert not dnn.inputs_transformed and [h["val_acc"] for h in history] == [h["val_acc"] for h in reference]
+    for name, value in per_batch.state_dict().items():
+        assert torch.allclose(dnn.state_dict()[name], value, rtol=1e-5, atol=1e-6), name
+    with torch.no_grad(), dnn.transformed_inputs():
+        once = dnn(dnn.transform(torch.as_tensor(xv)))
+    assert torch.equal(once, dnn(torch.as_tensor(xv)).detach())
+
+
 def test_log_moments_in_blocks_equal_the_whole_array():
     from mpidd.models import PROBABILITY_FLOOR, log_moments
     x, _ = weak_local_probabilities(1001)
