@@ -123,3 +123,19 @@ def test_docs_figures_blocks_hold_what_a_benchmark_printed():
     assert docs.replace_block(text, "new", "T", "tta") == text.replace("old", "new")
     with pytest.raises(SystemExit):
         docs.replace_block(text, "new", "T", "scaling")
+
+
+def test_critical_path_benchmark_adds_up_the_phases(tiny, tmp_path):
+    """2 ranks, 2x2 (P < N): the path with one rank per subdomain is the sum of its phases and no
+    longer than the run's own (each rank trains two local CNNs one after another)."""
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "critical_path.py"), "--data", tiny,
+                           "--grids", "2x2", "--precisions", "32", "--epochs", "1", "--np", "2", "--out", str(out),
+                           "--", "--batch-size", "32", "--width", "8", "--hidden", "16", "--coarse-steps", "50"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    row = re.search(r"^\s*2x2\s+32\s+8x8\s+" + r"([\d.]+)\s+" * 7 + r"([\d.]+)/2\s", proc.stdout, re.M)
+    assert row, proc.stdout
+    *parts, path, run_path = map(float, row.groups())
+    assert all(p >= 0 for p in parts) and parts[1] > 0 and parts[5] > 0  # training steps, coarse DNN
+    assert path == pytest.approx(sum(parts), abs=0.03) and path <= run_path + 0.01
