@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mpidd.decomposition import parse_grid  # noqa: E402
+from mpidd.results import seconds  # noqa: E402
 from precision import cpu_name  # noqa: E402  (benchmarks/precision.py: the CPU and its bf16 instructions)
 
 PHASES = ("load", "train", "probs", "val", "gather", "coarse")
@@ -56,7 +57,7 @@ def breakdown(out: str) -> dict:
                 train[i] = train.get(i, 0.0) + float(row["cpu_seconds"])
 
     def cpu(st, name):
-        return st["phases"].get(name, {}).get("cpu_s", 0.0)
+        return seconds(st, "cpu_s", name)
     subdomain = {}  # i: (its local phase CPU s, its share of its rank's probabilities)
     for st in r["per_rank"]:
         for i in st["subdomains"]:
